@@ -1,0 +1,274 @@
+/*
+ * mixprec._kernels: the CPU fast path of mixprec.quantize.
+ *
+ * One pass over a contiguous float32 or float64 buffer, rounding every element to a target
+ * floating-point format given by parameters (not constants), so one compiled kernel serves every
+ * format and rounding mode. Pure integer arithmetic on the bit patterns: exact whatever the
+ * FPU's flush-to-zero / denormals-are-zero flags are (torch.set_flush_denormal sets them).
+ *
+ * The algorithm (mirrored in _quantize_torch.py, the device-agnostic reference):
+ *   |x| = m * 2^ulp_in                  m: significand with the implicit bit, ulp_in: its unit
+ *   e   = floor(log2 |x|)               from the exponent of (float)m, exact since m < 2^(P+1)
+ *   qe  = max(e, emin) - M              the target's quantum at |x| (subnormals: fixed quantum)
+ *   k   = round(m / 2^(qe - ulp_in))    integer rounding in the requested mode
+ *   |q| = k * 2^qe                      rebuilt into bits, then overflow / flush / sign rules.
+ *
+ * Builds with the Python headers only (no torch, no numpy). The GIL is released while working so
+ * callers can split a buffer over threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { R_NEAREST = 0, R_STOCHASTIC = 1, R_TOWARD_ZERO = 2, R_UP = 3, R_DOWN = 4, R_ODD = 5 };
+enum { F_FLUSH = 1, F_NO_NEGZERO = 2, F_NEG_NAN = 4 };
+
+typedef struct {
+    int64_t M;            /* target mantissa bits */
+    int64_t emin;         /* target exponent of the smallest normal binade (rounding grid) */
+    uint64_t max_bits;    /* |largest finite| in the buffer's float type */
+    uint64_t ovf_bits;    /* what a non-saturated overflow becomes: inf, NaN or max */
+    uint64_t minnorm_bits;/* flush threshold when F_FLUSH */
+    uint64_t zero_bits;   /* what a zero result becomes (e8m0 has no zero: 2^-127) */
+    uint64_t flags;
+    uint64_t seed;
+    uint64_t offset;      /* global index of the first element (stochastic streams) */
+} qparams;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MP_CLONES
+#endif
+#define MP_INLINE static inline __attribute__((always_inline))
+
+MP_INLINE uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU;
+    x ^= x >> 15; x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+MP_INLINE uint64_t mix64(uint64_t x) {
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* float32                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+MP_INLINE uint32_t f32_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t idx) {
+    const uint32_t sign = u & 0x80000000u;
+    const uint32_t a = u & 0x7fffffffu;
+    const int32_t ef = (int32_t)(a >> 23);
+    const uint32_t m = ef ? ((a & 0x7fffffu) | 0x800000u) : (a & 0x7fffffu);
+    const int32_t ulp_in = (ef ? ef : 1) - 150;
+    const int32_t lg = (int32_t)(f32_bits((float)(int32_t)m) >> 23) - 127;
+    const int32_t e = lg + ulp_in;
+    const int32_t emin = (int32_t)p->emin;
+    const int32_t qe = (e > emin ? e : emin) - (int32_t)p->M;
+    const int32_t d = qe - ulp_in;
+    const int32_t dc = d < 1 ? 1 : (d > 25 ? 25 : d);
+    uint32_t k = m >> dc;
+    const uint32_t rem = m & ((1u << dc) - 1u);
+    const uint32_t half = 1u << (dc - 1);
+    const uint32_t inexact = rem != 0;
+    if (mode == R_NEAREST) {
+        k += (rem > half) | ((rem == half) & (k & 1u));
+    } else if (mode == R_STOCHASTIC) {
+        /* round up with probability rem / 2^d: 32 random bits against the scaled remainder */
+        const uint32_t lo = (uint32_t)(idx + p->offset), hi = (uint32_t)((idx + p->offset) >> 32);
+        const uint64_t rnd = mix32(mix32(lo ^ (uint32_t)p->seed) + hi + (uint32_t)(p->seed >> 32));
+        const int32_t dd = d < 1 ? 1 : (d > 63 ? 63 : d);
+        const uint64_t thr = dd <= 32 ? ((uint64_t)rem << (32 - dd)) : ((uint64_t)m >> (dd - 32));
+        k += rnd < thr;
+    } else if (mode == R_UP) {
+        k += inexact & (sign == 0);
+    } else if (mode == R_DOWN) {
+        k += inexact & (sign != 0);
+    } else if (mode == R_ODD) {
+        k |= inexact;
+    }
+    /* rebuild k * 2^qe: (float)k is exact (k <= 2^24) and already normalised */
+    const uint32_t kb = f32_bits((float)(int32_t)k);
+    const int32_t E = (int32_t)(kb >> 23) - 127 + qe;
+    int32_t sh = qe + 149;
+    sh = sh < 0 ? 0 : (sh > 31 ? 31 : sh);
+    uint32_t r = E >= -126 ? (((uint32_t)(E + 127) << 23) | (kb & 0x7fffffu)) : (k << sh);
+    r = E > 127 ? 0x7f800000u : r;
+    r = k == 0 ? 0u : r;
+    r = d <= 0 ? a : r;
+
+    const uint32_t is_inf = a == 0x7f800000u;
+    const uint32_t maxb = (uint32_t)p->max_bits, ovfb = (uint32_t)p->ovf_bits;
+    uint32_t ov;
+    if (mode == R_NEAREST || mode == R_STOCHASTIC) ov = ovfb;
+    else if (mode == R_UP) ov = (is_inf | (sign == 0)) ? ovfb : maxb;
+    else if (mode == R_DOWN) ov = (is_inf | (sign != 0)) ? ovfb : maxb;
+    else ov = is_inf ? ovfb : maxb;
+    r = r > maxb ? ov : r;
+    if (p->flags & F_FLUSH) r = r < (uint32_t)p->minnorm_bits ? 0u : r;
+    r = r == 0 ? (uint32_t)p->zero_bits : r;
+    uint32_t out;
+    if (p->flags & F_NEG_NAN) {
+        out = (sign && a) ? 0x7fc00000u : r;
+    } else {
+        uint32_t s = sign;
+        if (p->flags & F_NO_NEGZERO) s = r == 0 ? 0u : s;
+        out = r | s;
+    }
+    return a > 0x7f800000u ? (u | 0x400000u) : out;
+}
+
+#define DEFINE_LOOP32(NAME, MODE)                                                               \
+    MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p) { \
+        const qparams pp = *p;                                                                  \
+        for (int64_t i = 0; i < n; i++) out[i] = q32(in[i], &pp, MODE, (uint64_t)i);           \
+    }
+DEFINE_LOOP32(loop32_nearest, R_NEAREST)
+DEFINE_LOOP32(loop32_stochastic, R_STOCHASTIC)
+DEFINE_LOOP32(loop32_toward_zero, R_TOWARD_ZERO)
+DEFINE_LOOP32(loop32_up, R_UP)
+DEFINE_LOOP32(loop32_down, R_DOWN)
+DEFINE_LOOP32(loop32_odd, R_ODD)
+
+/* ------------------------------------------------------------------------------------------ */
+/* float64                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+MP_INLINE uint64_t f64_bits(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
+
+MP_INLINE uint64_t q64(uint64_t u, const qparams *p, const int mode, uint64_t idx) {
+    const uint64_t sign = u & 0x8000000000000000ULL;
+    const uint64_t a = u & 0x7fffffffffffffffULL;
+    const uint64_t INF = 0x7ff0000000000000ULL, MANT = 0xfffffffffffffULL;
+    const int64_t ef = (int64_t)(a >> 52);
+    const uint64_t m = ef ? ((a & MANT) | (MANT + 1)) : (a & MANT);
+    const int64_t ulp_in = (ef ? ef : 1) - 1075;
+    const int64_t lg = (int64_t)(f64_bits((double)(int64_t)m) >> 52) - 1023;
+    const int64_t e = lg + ulp_in;
+    const int64_t qe = (e > p->emin ? e : p->emin) - p->M;
+    const int64_t d = qe - ulp_in;
+    const int64_t dc = d < 1 ? 1 : (d > 54 ? 54 : d);
+    uint64_t k = m >> dc;
+    const uint64_t rem = m & ((1ULL << dc) - 1ULL);
+    const uint64_t half = 1ULL << (dc - 1);
+    const uint64_t inexact = rem != 0;
+    if (mode == R_NEAREST) {
+        k += (rem > half) | ((rem == half) & (k & 1u));
+    } else if (mode == R_STOCHASTIC) {
+        /* 62 random bits against the scaled remainder */
+        const uint64_t rnd = mix64(mix64(idx + p->offset) ^ p->seed) >> 2;
+        const int64_t dd = d < 1 ? 1 : (d > 126 ? 126 : d);
+        const uint64_t thr = dd <= 62 ? (rem << (62 - dd)) : (dd - 62 > 63 ? 0 : (m >> (dd - 62)));
+        k += rnd < thr;
+    } else if (mode == R_UP) {
+        k += inexact & (sign == 0);
+    } else if (mode == R_DOWN) {
+        k += inexact & (sign != 0);
+    } else if (mode == R_ODD) {
+        k |= inexact;
+    }
+    const uint64_t kb = f64_bits((double)(int64_t)k);
+    const int64_t E = (int64_t)(kb >> 52) - 1023 + qe;
+    int64_t sh = qe + 1074;
+    sh = sh < 0 ? 0 : (sh > 63 ? 63 : sh);
+    uint64_t r = E >= -1022 ? (((uint64_t)(E + 1023) << 52) | (kb & MANT)) : (k << sh);
+    r = E > 1023 ? INF : r;
+    r = k == 0 ? 0ULL : r;
+    r = d <= 0 ? a : r;
+
+    const uint64_t is_inf = a == INF;
+    const uint64_t maxb = p->max_bits, ovfb = p->ovf_bits;
+    uint64_t ov;
+    if (mode == R_NEAREST || mode == R_STOCHASTIC) ov = ovfb;
+    else if (mode == R_UP) ov = (is_inf | (sign == 0)) ? ovfb : maxb;
+    else if (mode == R_DOWN) ov = (is_inf | (sign != 0)) ? ovfb : maxb;
+    else ov = is_inf ? ovfb : maxb;
+    r = r > maxb ? ov : r;
+    if (p->flags & F_FLUSH) r = r < p->minnorm_bits ? 0ULL : r;
+    r = r == 0 ? p->zero_bits : r;
+    uint64_t out;
+    if (p->flags & F_NEG_NAN) {
+        out = (sign && a) ? 0x7ff8000000000000ULL : r;
+    } else {
+        uint64_t s = sign;
+        if (p->flags & F_NO_NEGZERO) s = r == 0 ? 0ULL : s;
+        out = r | s;
+    }
+    return a > INF ? (u | 0x8000000000000ULL) : out;
+}
+
+#define DEFINE_LOOP64(NAME, MODE)                                                               \
+    MP_CLONES static void NAME(const uint64_t *in, uint64_t *out, int64_t n, const qparams *p) { \
+        const qparams pp = *p;                                                                  \
+        for (int64_t i = 0; i < n; i++) out[i] = q64(in[i], &pp, MODE, (uint64_t)i);           \
+    }
+DEFINE_LOOP64(loop64_nearest, R_NEAREST)
+DEFINE_LOOP64(loop64_stochastic, R_STOCHASTIC)
+DEFINE_LOOP64(loop64_toward_zero, R_TOWARD_ZERO)
+DEFINE_LOOP64(loop64_up, R_UP)
+DEFINE_LOOP64(loop64_down, R_DOWN)
+DEFINE_LOOP64(loop64_odd, R_ODD)
+
+/* ------------------------------------------------------------------------------------------ */
+/* Python binding                                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef void (*loop32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *);
+typedef void (*loop64_fn)(const uint64_t *, uint64_t *, int64_t, const qparams *);
+static const loop32_fn LOOPS32[6] = {loop32_nearest, loop32_stochastic, loop32_toward_zero,
+                                     loop32_up, loop32_down, loop32_odd};
+static const loop64_fn LOOPS64[6] = {loop64_nearest, loop64_stochastic, loop64_toward_zero,
+                                     loop64_up, loop64_down, loop64_odd};
+
+/* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
+ *          zero_bits, flags, seed, offset) */
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    int width, mode;
+    unsigned long long in_ptr, out_ptr;
+    long long n, M, emin;
+    unsigned long long max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKLiLLKKKKKKK", &width, &in_ptr, &out_ptr, &n, &mode, &M, &emin,
+                          &max_bits, &ovf_bits, &minnorm_bits, &zero_bits, &flags, &seed,
+                          &offset))
+        return NULL;
+    if (mode < 0 || mode > 5) {
+        PyErr_Format(PyExc_ValueError, "rounding mode code %d out of range", mode);
+        return NULL;
+    }
+    if (width != 32 && width != 64) {
+        PyErr_Format(PyExc_ValueError, "width must be 32 or 64, got %d", width);
+        return NULL;
+    }
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative element count");
+        return NULL;
+    }
+    qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset};
+    Py_BEGIN_ALLOW_THREADS
+    if (width == 32)
+        LOOPS32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
+    else
+        LOOPS64[mode]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS,
+     "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "mixprec CPU quantization kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

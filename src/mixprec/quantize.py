@@ -1,0 +1,457 @@
+"""Rounding tensors into floating-point formats: ``quantize``, ``encode``, ``decode``.
+
+Semantics (DESIGN.md "Quantize semantics"): the result has the input's dtype and shape and every
+value is exactly representable in the target format. Six rounding modes, IEEE 754 overflow rules
+for directed modes, OCP rules for saturation, NaN propagation, ``fnuz`` zero rules, and the e8m0
+scale format.
+
+Fast paths: on CPU a C kernel (``mixprec._kernels``, built at install time from the Python
+headers only) does one read and one write per element and splits large tensors over
+``torch.get_num_threads()`` threads. Elsewhere (CUDA, or no C compiler at install) a torch
+integer-op kernel with identical results runs instead. float16/bfloat16 inputs are widened to
+float32 (exact), rounded, and narrowed back (a second rounding only where the target format is
+not a subset of the input dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import torch
+
+from . import _quantize_torch
+from ._params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
+from .formats import FloatFormat, get_format
+
+try:  # the optional C kernel
+    from . import _kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised only where the build failed
+    _kernels = None
+
+__all__ = [
+    "ROUNDING_MODES",
+    "quantize",
+    "quantize_",
+    "encode",
+    "decode",
+    "fake_quantize",
+    "has_c_kernel",
+    "code_dtype",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
+_BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
+
+
+def has_c_kernel() -> bool:
+    """True when the compiled CPU kernel is available (and not disabled by MIXPREC_BACKEND)."""
+    return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") != "torch"
+
+
+def _check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDING_CODES:
+        raise ValueError(
+            f"unknown rounding mode {rounding!r}; valid modes are {', '.join(ROUNDING_MODES)}"
+        )
+    return rounding
+
+
+def _check_tensor(x: object, what: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {x.dtype}; quantize takes float32, float64, float16 or bfloat16 "
+            "tensors"
+        )
+    return x
+
+
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixprec-quantize")
+
+
+def _seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """Draw a 62-bit seed from the generator (or torch's default one): reproducible streams."""
+    if generator is not None and generator.device.type != "cpu":
+        # draw on the generator's device, read back once (one sync, scalar)
+        return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=device).item())
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+
+
+def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, seed: int) -> None:
+    """Run the C kernel over contiguous CPU buffers src -> dst (which may alias)."""
+    assert _kernels is not None
+    n = src.numel()
+    item = src.element_size()
+    in_ptr, out_ptr = src.data_ptr(), dst.data_ptr()
+
+    def run(start: int, stop: int) -> None:
+        _kernels.quantize(
+            p.width, in_ptr + start * item, out_ptr + start * item, stop - start, mode,
+            p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits,
+            p.flags, seed, start,
+        )  # fmt: skip
+
+    threads = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN))
+    if threads <= 1:
+        run(0, n)
+        return
+    chunk = -(-n // threads)
+    chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    list(_pool(threads).map(lambda b: run(*b), bounds))
+
+
+def _quantize_work(
+    work: torch.Tensor,
+    p: KernelParams,
+    rounding: str,
+    generator: torch.Generator | None,
+    dst: torch.Tensor | None,
+) -> torch.Tensor:
+    """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
+    use_c = (
+        work.device.type == "cpu"
+        and has_c_kernel()
+        and (dst is None or dst.is_contiguous())
+    )
+    if use_c:
+        src = work.contiguous()
+        if dst is None:
+            dst = torch.empty_like(src)
+        seed = _seed(generator, work.device) if rounding == "stochastic" else 0
+        if src.numel():
+            _run_c(src, dst, p, ROUNDING_CODES[rounding], seed)
+        return dst
+    res = _quantize_torch.quantize_bits(work, p, rounding, generator)
+    if dst is not None:
+        dst.copy_(res)
+        return dst
+    return res
+
+
+def _prepare(
+    x: torch.Tensor, fmt: str | FloatFormat | torch.dtype, rounding: str, saturate: bool,
+    subnormals: bool,
+) -> tuple[FloatFormat, torch.Tensor, KernelParams]:  # fmt: skip
+    _check_tensor(x)
+    f = get_format(fmt)
+    _check_rounding(rounding)
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    width = 64 if work.dtype == torch.float64 else 32
+    return f, work, kernel_params(f, width, bool(saturate), bool(subnormals))
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round every element of ``x`` to the nearest value (per ``rounding``) of format ``fmt``.
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor, any shape, any device.
+        fmt: a format name or alias (``"bf16"``, ``"e4m3"``, ``"e6m9"``, ...), a
+            :class:`FloatFormat` or a floating ``torch.dtype``.
+        rounding: ``"nearest"`` (ties to even), ``"stochastic"``, ``"toward_zero"``, ``"up"``
+            (toward +inf), ``"down"`` (toward -inf) or ``"odd"`` (round to odd).
+        saturate: clamp finite overflow and ±inf to ±max (NaN stays NaN). Otherwise overflow
+            gives ±inf where the format has it, else NaN; directed modes never overflow away
+            from their direction (IEEE 754). Formats with neither inf nor NaN always saturate.
+        subnormals: if False, results below the smallest normal flush to signed zero.
+        generator: source of randomness for stochastic rounding (reproducible streams).
+        out: optional tensor of ``x``'s dtype, shape and device to write into (may be ``x``).
+
+    Returns a tensor of ``x``'s dtype and shape (``out`` if given). Cost: one read and one
+    write of ``x`` on the CPU fast path; float16/bfloat16 inputs add a widening copy.
+    Stochastic rounding draws one seed from ``generator`` (a device sync on CUDA).
+    """
+    f, work, p = _prepare(x, fmt, rounding, saturate, subnormals)
+    if out is not None:
+        _check_tensor(out, "out")
+        if out.dtype != x.dtype or out.shape != x.shape or out.device != x.device:
+            raise ValueError(
+                f"out must match x in dtype, shape and device: got {out.dtype} {tuple(out.shape)}"
+                f" {out.device}, expected {x.dtype} {tuple(x.shape)} {x.device}"
+            )
+    del f
+    if work is x:
+        dst = out if out is not None and out.is_contiguous() else None
+        res = _quantize_work(work, p, rounding, generator, dst)
+        if out is not None and res is not out:
+            out.copy_(res)
+            return out
+        return res
+    res = _quantize_work(work, p, rounding, generator, None)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res.to(x.dtype)
+
+
+def quantize_(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """In-place :func:`quantize`: rounds ``x``'s own storage and returns ``x``.
+
+    No allocation on the CPU fast path for contiguous float32/float64 tensors (one read and one
+    write per element), which is what a training loop wants: a fresh out-of-place result costs
+    page faults that exceed the rounding itself.
+    """
+    return quantize(
+        x, fmt, rounding=rounding, saturate=saturate, subnormals=subnormals,
+        generator=generator, out=x,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# encode / decode
+# ----------------------------------------------------------------------------------------------
+
+
+def code_dtype(fmt: str | FloatFormat) -> torch.dtype:
+    """Integer dtype that holds ``fmt``'s codes: uint8 up to 8 bits, then int16/int32/int64."""
+    bits = get_format(fmt).bits
+    if bits <= 8:
+        return torch.uint8
+    if bits <= 16:
+        return torch.int16
+    if bits <= 32:
+        return torch.int32
+    return torch.int64
+
+
+def _nan_code(f: FloatFormat) -> int:
+    m, e = f.mantissa_bits, f.exponent_bits
+    if f.encoding == "ieee":
+        return (((1 << e) - 1) << m) | (1 << (m - 1) if m else 0)
+    if f.encoding == "fn":
+        return (1 << (e + m)) - 1
+    if f.encoding == "fnuz":
+        return 1 << (e + m)
+    if f.encoding == "e8m0":
+        return 0xFF
+    raise ValueError(f"{f.name} has no NaN encoding")
+
+
+def _codes_from_values(q: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    """Codes of values already exactly representable in f (float64 tensor)."""
+    u = q.view(torch.int64)
+    neg = u < 0
+    a = u & ((1 << 63) - 1)
+    e64 = a >> 52
+    m64 = torch.where(e64 > 0, (a & ((1 << 52) - 1)) | (1 << 52), a & ((1 << 52) - 1))
+    ulp_in = e64.clamp(min=1) - 1075
+    e_true = _quantize_torch._ilog2(m64.clamp(min=1)) + ulp_in
+    M = f.mantissa_bits
+    if f.encoding == "e8m0":
+        return (e_true + f.bias).clamp(0, 254)
+    normal = e_true >= f.emin
+    exp_field = torch.where(normal, e_true + f.bias, torch.zeros_like(e_true))
+    # mantissa field: significand in units of the format's quantum at this exponent
+    qe = e_true.clamp(min=f.emin) - M
+    shift = qe - ulp_in
+    mant = torch.where(shift >= 0, m64 >> shift.clamp(0, 63), m64 << (-shift).clamp(0, 63))
+    mant = mant & ((1 << M) - 1)
+    code = (exp_field << M) | mant
+    code = torch.where(a == 0, torch.zeros_like(code), code)
+    inf = a == 0x7FF0000000000000
+    if f.has_infinity:
+        code = torch.where(inf, torch.full_like(code, ((1 << f.exponent_bits) - 1) << M), code)
+    sign_allowed = neg & ((a != 0) | f.has_negative_zero)
+    return code | (sign_allowed.to(torch.int64) << (f.exponent_bits + M))
+
+
+def encode(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    pack: bool = False,
+) -> torch.Tensor:
+    """Quantize ``x`` to ``fmt`` and return the bit patterns (see :func:`code_dtype`).
+
+    NaN encodes to the format's canonical NaN; a format without NaN (fp6, fp4) cannot encode
+    it and raises ``ValueError`` (checking costs one device sync). ``pack=True`` (formats of at
+    most 4 bits) stores two codes per byte along the last dimension, the first element in the
+    low nibble (the OCP MX / ``torch.float4_e2m1fn_x2`` order); the last dimension must be even.
+    """
+    f = get_format(fmt)
+    q = quantize(
+        x, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
+    ).to(torch.float64)
+    nan = torch.isnan(q)
+    if not f.has_nan and bool(nan.any()):
+        raise ValueError(f"x contains NaN, which {f.name} cannot encode (it has no NaN code)")
+    codes = _codes_from_values(torch.where(nan, torch.zeros_like(q), q), f)
+    if f.has_nan:
+        codes = torch.where(nan, torch.full_like(codes, _nan_code(f)), codes)
+    dt = code_dtype(f)
+    if dt == torch.uint8:
+        codes = codes.to(torch.uint8)
+    else:
+        bits = torch.iinfo(dt).bits
+        codes = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes).to(dt)
+    if pack:
+        codes = _pack_nibbles(codes, f)
+    return codes
+
+
+def _pack_nibbles(codes: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    if f.bits > 4:
+        raise ValueError(f"pack=True needs a format of at most 4 bits; {f.name} has {f.bits}")
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(
+            f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}"
+        )
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@lru_cache(maxsize=64)
+def _decode_table(f: FloatFormat) -> torch.Tensor:
+    """float64 value of every code of a format of at most 16 bits (CPU)."""
+    codes = torch.arange(1 << f.bits, dtype=torch.int64)
+    return _values_from_codes(codes, f)
+
+
+def _values_from_codes(codes: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    M, E = f.mantissa_bits, f.exponent_bits
+    codes = codes & ((1 << f.bits) - 1)
+    mag_bits = E + M
+    neg = ((codes >> mag_bits) & 1) == 1 if f.is_signed else torch.zeros_like(codes, dtype=bool)
+    ef = (codes >> M) & ((1 << E) - 1)
+    mant = codes & ((1 << M) - 1)
+    if f.encoding == "e8m0":
+        mag = torch.ldexp(torch.ones_like(codes, dtype=torch.float64), (ef - f.bias).double())
+    else:
+        sig = torch.where(ef > 0, mant + (1 << M), mant).to(torch.float64)
+        exp = ef.clamp(min=1) - f.bias - M
+        mag = sig * torch.exp2((exp // 2).double()) * torch.exp2((exp - exp // 2).double())
+    val = torch.where(neg, -mag, mag)
+    top = ef == (1 << E) - 1
+    if f.encoding == "ieee":
+        val = torch.where(top & (mant == 0), torch.where(neg, -math.inf, math.inf), val)
+        val = torch.where(top & (mant != 0), math.nan, val)
+    elif f.encoding == "fn":
+        val = torch.where(top & (mant == (1 << M) - 1), math.nan, val)
+    elif f.encoding == "fnuz":
+        val = torch.where(codes == 1 << mag_bits, math.nan, val)
+    elif f.encoding == "e8m0":
+        val = torch.where(codes == 0xFF, math.nan, val)
+    return val
+
+
+def decode(
+    codes: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    dtype: torch.dtype = torch.float32,
+    packed: bool = False,
+) -> torch.Tensor:
+    """Inverse of :func:`encode`: bit patterns of ``fmt`` to values of ``dtype``.
+
+    ``decode(encode(x, f), f) == quantize(x, f)`` for every ``x`` (NaN for NaN), when ``dtype``
+    holds the format's values (float64 always does).
+    """
+    f = get_format(fmt)
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    if packed:
+        if f.bits > 4:
+            raise ValueError(f"packed=True needs a format of at most 4 bits; {f.name} has {f.bits}")
+        codes = _unpack_nibbles(codes.to(torch.uint8))
+    c64 = codes.to(torch.int64) & ((1 << f.bits) - 1)
+    if f.bits <= 16:
+        table = _decode_table(f).to(codes.device)
+        return table[c64].to(dtype)
+    return _values_from_codes(c64, f).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake_quantize: quantize with a straight-through gradient
+# ----------------------------------------------------------------------------------------------
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        q: Callable[[torch.Tensor], torch.Tensor],
+        grad_q: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        ctx.grad_q = grad_q  # type: ignore[attr-defined]
+        return q(x)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        grad_q = ctx.grad_q  # type: ignore[attr-defined]
+        return (grad if grad_q is None else grad_q(grad)), None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    grad_format: str | FloatFormat | torch.dtype | None = None,
+    grad_rounding: str = "nearest",
+) -> torch.Tensor:
+    """:func:`quantize` in the forward pass, identity (straight-through) in the backward pass.
+
+    With ``grad_format`` the incoming gradient is itself quantized to that format (with
+    ``grad_rounding``), which is how gradient underflow in fp16/fp8 backward passes is emulated.
+    """
+    _check_tensor(x)
+    f = get_format(fmt)
+    _check_rounding(rounding)
+    gf = None if grad_format is None else get_format(grad_format)
+    _check_rounding(grad_rounding)
+
+    def q(t: torch.Tensor) -> torch.Tensor:
+        return quantize(
+            t, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
+        )
+
+    grad_q = None
+    if gf is not None:
+
+        def grad_q(g: torch.Tensor) -> torch.Tensor:
+            return quantize(g, gf, rounding=grad_rounding)
+
+    return _FakeQuantize.apply(x, q, grad_q)
