@@ -37,7 +37,7 @@ typedef struct {
 } qparams;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MP_CLONES
 #endif
@@ -80,7 +80,8 @@ MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t id
     const uint32_t half = 1u << (dc - 1);
     const uint32_t inexact = rem != 0;
     if (mode == R_NEAREST) {
-        k += (rem > half) | ((rem == half) & (k & 1u));
+        /* ties to even as pure arithmetic (vectorises): add half - 1 + lsb, then truncate */
+        k = (m + (half - 1u) + ((m >> dc) & 1u)) >> dc;
     } else if (mode == R_STOCHASTIC) {
         /* round up with probability rem / 2^d: 32 random bits against the scaled remainder */
         const uint32_t lo = (uint32_t)(idx + p->offset), hi = (uint32_t)((idx + p->offset) >> 32);
@@ -161,7 +162,7 @@ MP_INLINE uint64_t q64(uint64_t u, const qparams *p, const int mode, uint64_t id
     const uint64_t half = 1ULL << (dc - 1);
     const uint64_t inexact = rem != 0;
     if (mode == R_NEAREST) {
-        k += (rem > half) | ((rem == half) & (k & 1u));
+        k = (m + (half - 1u) + ((m >> dc) & 1u)) >> dc;
     } else if (mode == R_STOCHASTIC) {
         /* 62 random bits against the scaled remainder */
         const uint64_t rnd = mix64(mix64(idx + p->offset) ^ p->seed) >> 2;
