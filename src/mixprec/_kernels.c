@@ -57,6 +57,11 @@ MP_INLINE uint64_t mix64(uint64_t x) {
     return x;
 }
 
+MP_INLINE uint32_t rand32(const qparams *p, uint64_t idx) {
+    const uint32_t lo = (uint32_t)(idx + p->offset), hi = (uint32_t)((idx + p->offset) >> 32);
+    return mix32(mix32(lo ^ (uint32_t)p->seed) + hi + (uint32_t)(p->seed >> 32));
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* float32                                                                                     */
 /* ------------------------------------------------------------------------------------------ */
@@ -84,8 +89,7 @@ MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t id
         k = (m + (half - 1u) + ((m >> dc) & 1u)) >> dc;
     } else if (mode == R_STOCHASTIC) {
         /* round up with probability rem / 2^d: 32 random bits against the scaled remainder */
-        const uint32_t lo = (uint32_t)(idx + p->offset), hi = (uint32_t)((idx + p->offset) >> 32);
-        const uint64_t rnd = mix32(mix32(lo ^ (uint32_t)p->seed) + hi + (uint32_t)(p->seed >> 32));
+        const uint64_t rnd = rand32(p, idx);
         const int32_t dd = d < 1 ? 1 : (d > 63 ? 63 : d);
         const uint64_t thr = dd <= 32 ? ((uint64_t)rem << (32 - dd)) : ((uint64_t)m >> (dd - 32));
         k += rnd < thr;
@@ -127,10 +131,50 @@ MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t id
     return a > 0x7f800000u ? (u | 0x400000u) : out;
 }
 
+/* Fast path for the common case: a normal input whose result is a normal number of the target
+ * (|x| >= target min normal, no overflow). There the quantum is 2^(e - M) for every binade, so
+ * rounding is integer arithmetic on the bit pattern itself (a carry into the exponent field is
+ * the correct next binade): about 8 vector ops per element. A block with any other element is
+ * redone with the general q32, so results never depend on which path ran. */
+MP_INLINE uint32_t fast32(uint32_t u, const int mode, const uint32_t d, uint32_t rnd,
+                          uint32_t *flag, uint32_t lo, uint32_t maxb) {
+    const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+    const uint32_t mask = (1u << d) - 1u;
+    uint32_t r;
+    if (mode == R_NEAREST) r = (a + (mask >> 1) + ((a >> d) & 1u)) & ~mask;
+    else if (mode == R_STOCHASTIC) r = (a + (mask ^ (rnd >> (32 - d)))) & ~mask; /* as q32 */
+    else if (mode == R_UP) r = (a + (sign ? 0u : mask)) & ~mask;
+    else if (mode == R_DOWN) r = (a + (sign ? mask : 0u)) & ~mask;
+    else if (mode == R_ODD) r = (a & ~mask) | ((uint32_t)((a & mask) != 0) << d);
+    else r = a & ~mask;
+    *flag |= (a < lo) | (r > maxb);
+    return r | sign;
+}
+
+#define BLOCK 64
 #define DEFINE_LOOP32(NAME, MODE)                                                               \
-    MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p) { \
+    MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,  \
+                               uint32_t lo) {                                                   \
         const qparams pp = *p;                                                                  \
-        for (int64_t i = 0; i < n; i++) out[i] = q32(in[i], &pp, MODE, (uint64_t)i);           \
+        const uint32_t d = (uint32_t)(23 - pp.M), maxb = (uint32_t)pp.max_bits;                 \
+        uint32_t tmp[BLOCK];                                                                    \
+        for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                             \
+            const int64_t len = n - i0 < BLOCK ? n - i0 : BLOCK;                                \
+            uint32_t flag = lo == 0;                                                            \
+            if (!flag) {                                                                        \
+                for (int64_t i = 0; i < len; i++) {                                            \
+                    const uint32_t rnd = MODE == R_STOCHASTIC ? rand32(&pp, (uint64_t)(i0 + i)) \
+                                                              : 0u;                             \
+                    tmp[i] = fast32(in[i0 + i], MODE, d, rnd, &flag, lo, maxb);                 \
+                }                                                                               \
+            }                                                                                   \
+            if (flag) {                                                                         \
+                for (int64_t i = 0; i < len; i++)                                               \
+                    out[i0 + i] = q32(in[i0 + i], &pp, MODE, (uint64_t)(i0 + i));               \
+            } else {                                                                            \
+                memcpy(out + i0, tmp, (size_t)len * sizeof(uint32_t));                          \
+            }                                                                                   \
+        }                                                                                       \
     }
 DEFINE_LOOP32(loop32_nearest, R_NEAREST)
 DEFINE_LOOP32(loop32_stochastic, R_STOCHASTIC)
@@ -222,7 +266,7 @@ DEFINE_LOOP64(loop64_odd, R_ODD)
 /* Python binding                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-typedef void (*loop32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *);
+typedef void (*loop32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *, uint32_t);
 typedef void (*loop64_fn)(const uint64_t *, uint64_t *, int64_t, const qparams *);
 static const loop32_fn LOOPS32[6] = {loop32_nearest, loop32_stochastic, loop32_toward_zero,
                                      loop32_up, loop32_down, loop32_odd};
@@ -230,16 +274,18 @@ static const loop64_fn LOOPS64[6] = {loop64_nearest, loop64_stochastic, loop64_t
                                      loop64_up, loop64_down, loop64_odd};
 
 /* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
- *          zero_bits, flags, seed, offset) */
+ *          zero_bits, flags, seed, offset, fast_lo)
+ * fast_lo: bit pattern of the target's smallest normal when the float32 fast path is valid for
+ * this format (0 disables it). */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int width, mode;
     unsigned long long in_ptr, out_ptr;
     long long n, M, emin;
-    unsigned long long max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset;
+    unsigned long long max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset, fast_lo;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKKLiLLKKKKKKK", &width, &in_ptr, &out_ptr, &n, &mode, &M, &emin,
+    if (!PyArg_ParseTuple(args, "iKKLiLLKKKKKKKK", &width, &in_ptr, &out_ptr, &n, &mode, &M, &emin,
                           &max_bits, &ovf_bits, &minnorm_bits, &zero_bits, &flags, &seed,
-                          &offset))
+                          &offset, &fast_lo))
         return NULL;
     if (mode < 0 || mode > 5) {
         PyErr_Format(PyExc_ValueError, "rounding mode code %d out of range", mode);
@@ -256,7 +302,8 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset};
     Py_BEGIN_ALLOW_THREADS
     if (width == 32)
-        LOOPS32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
+        LOOPS32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p,
+                      (uint32_t)fast_lo);
     else
         LOOPS64[mode]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
     Py_END_ALLOW_THREADS

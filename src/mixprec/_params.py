@@ -87,6 +87,7 @@ class KernelParams:
     minnorm_bits: int
     zero_bits: int
     flags: int
+    fast_lo: int  # float32 fast path: bits of the target's min normal, 0 when not applicable
 
 
 @lru_cache(maxsize=1024)
@@ -122,6 +123,10 @@ def kernel_params(
         mn = two ** fmt.emin
         if mn >= two ** (c.emin - c.mantissa_bits):
             minnorm_bits = c.bits_of(mn)
+    fast_lo = 0
+    if width == 32 and fmt.encoding != "e8m0" and fmt.mantissa_bits < 23 and emin >= c.emin:
+        fast_lo = c.bits_of(two**emin)
     return KernelParams(
-        width, fmt.mantissa_bits, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags
-    )
+        width, fmt.mantissa_bits, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags,
+        fast_lo,
+    )  # fmt: skip

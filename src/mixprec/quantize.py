@@ -87,7 +87,6 @@ def _seed(generator: torch.Generator | None, device: torch.device) -> int:
 
 def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, seed: int) -> None:
     """Run the C kernel over contiguous CPU buffers src -> dst (which may alias)."""
-    assert _kernels is not None
     n = src.numel()
     item = src.element_size()
     in_ptr, out_ptr = src.data_ptr(), dst.data_ptr()
@@ -96,7 +95,7 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
         _kernels.quantize(
             p.width, in_ptr + start * item, out_ptr + start * item, stop - start, mode,
             p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits,
-            p.flags, seed, start,
+            p.flags, seed, start, p.fast_lo,
         )  # fmt: skip
 
     threads = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN))
