@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 import torch
-from _common import best_of, machine, markdown_table, write_result
 
+from _common import best_of, machine, markdown_table, write_result
 from mixprec import get_format, quantize, quantize_
 
 FORMATS = ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float6_e3m2fn",

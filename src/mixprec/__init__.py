@@ -10,7 +10,7 @@ loaded only when used.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,35 @@ _SUBMODULES = {
     "rewrite", "cli", "demo",
 }  # fmt: skip
 
-__all__ = [*_EXPORTS, "stable", "__version__"]
+__all__ = [
+    "FORMATS",
+    "ROUNDING_MODES",
+    "DynamicLossScaler",
+    "FloatFormat",
+    "NoOpLossScaler",
+    "OpLists",
+    "Policy",
+    "Report",
+    "StaticLossScaler",
+    "__version__",
+    "apply_policy",
+    "autocast",
+    "decode",
+    "encode",
+    "fake_quantize",
+    "get_format",
+    "initialize",
+    "master_params",
+    "mx_decode",
+    "mx_encode",
+    "mx_quantize",
+    "quantize",
+    "quantize_",
+    "sanitize",
+    "scale_loss",
+    "stabilize",
+    "stable",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +93,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
 
 
-if TYPE_CHECKING:  # static analysers see the eager imports
-    from .formats import FORMATS, FloatFormat, get_format
-    from .quantize import ROUNDING_MODES, decode, encode, fake_quantize, quantize, quantize_
+# Functions that share their module's name are bound eagerly: importing a submodule sets the
+# package attribute to the module, which would otherwise shadow the function of the same name.
+from .formats import FORMATS, FloatFormat, get_format  # noqa: E402
+from .quantize import ROUNDING_MODES, decode, encode, fake_quantize, quantize, quantize_  # noqa: E402

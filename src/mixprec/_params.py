@@ -91,9 +91,7 @@ class KernelParams:
 
 
 @lru_cache(maxsize=1024)
-def kernel_params(
-    fmt: FloatFormat, width: int, saturate: bool, subnormals: bool
-) -> KernelParams:
+def kernel_params(fmt: FloatFormat, width: int, saturate: bool, subnormals: bool) -> KernelParams:
     c = FLOAT32 if width == 32 else FLOAT64
     two = Fraction(2)
     max_bits = c.bits_of(fmt._max_fraction)
@@ -101,7 +99,7 @@ def kernel_params(
         # ml_dtypes and torch round e8m0 on the grid of an e8m0 with subnormals: the smallest
         # "normal" is 2^-126 and anything that rounds to zero becomes code 0 = 2^-127.
         emin = -126
-        zero_bits = c.bits_of(two ** fmt.emin)
+        zero_bits = c.bits_of(two**fmt.emin)
         flags = F_NEG_NAN
     else:
         emin = fmt.emin
@@ -120,7 +118,7 @@ def kernel_params(
         flags |= F_FLUSH
         # smallest container value >= min_normal: min_normal is a power of two, so it is exact
         # whenever it is inside the container's range; below that nothing can be flushed.
-        mn = two ** fmt.emin
+        mn = two**fmt.emin
         if mn >= two ** (c.emin - c.mantissa_bits):
             minnorm_bits = c.bits_of(mn)
     fast_lo = 0

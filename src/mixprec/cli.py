@@ -1,4 +1,4 @@
-"""The ``mixprec`` command line: ``mixprec formats | explain | demo | sanitize | stabilize | bench``.
+"""The ``mixprec`` command line: formats, explain, demo, sanitize, stabilize, bench.
 
 Each subcommand lives in its own module ``mixprec._cli_NAME`` exposing ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches, so a subcommand's imports (torch, matplotlib)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FloatFormat", "FORMATS", "ALIASES", "get_format", "format_names"]
+__all__ = ["ALIASES", "FORMATS", "FloatFormat", "format_names", "get_format"]
 
 Encoding = Literal["ieee", "fn", "fnuz", "finite", "e8m0"]
 _ENCODINGS = ("ieee", "fn", "fnuz", "finite", "e8m0")

@@ -34,13 +34,13 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 
 __all__ = [
     "ROUNDING_MODES",
-    "quantize",
-    "quantize_",
-    "encode",
+    "code_dtype",
     "decode",
+    "encode",
     "fake_quantize",
     "has_c_kernel",
-    "code_dtype",
+    "quantize",
+    "quantize_",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -116,11 +116,7 @@ def _quantize_work(
     dst: torch.Tensor | None,
 ) -> torch.Tensor:
     """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
-    use_c = (
-        work.device.type == "cpu"
-        and has_c_kernel()
-        and (dst is None or dst.is_contiguous())
-    )
+    use_c = work.device.type == "cpu" and has_c_kernel() and (dst is None or dst.is_contiguous())
     if use_c:
         src = work.contiguous()
         if dst is None:
@@ -321,9 +317,7 @@ def _pack_nibbles(codes: torch.Tensor, f: FloatFormat) -> torch.Tensor:
     if f.bits > 4:
         raise ValueError(f"pack=True needs a format of at most 4 bits; {f.name} has {f.bits}")
     if codes.dim() == 0 or codes.shape[-1] % 2:
-        raise ValueError(
-            f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}"
-        )
+        raise ValueError(f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}")
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
