@@ -91,14 +91,19 @@ class KernelParams:
 
 
 @lru_cache(maxsize=1024)
-def kernel_params(fmt: FloatFormat, width: int, saturate: bool, subnormals: bool) -> KernelParams:
+def kernel_params(
+    fmt: FloatFormat, width: int, saturate: bool, subnormals: bool, rounding: str = "nearest"
+) -> KernelParams:
     c = FLOAT32 if width == 32 else FLOAT64
     two = Fraction(2)
     max_bits = c.bits_of(fmt._max_fraction)
     if fmt.encoding == "e8m0":
-        # ml_dtypes and torch round e8m0 on the grid of an e8m0 with subnormals: the smallest
-        # "normal" is 2^-126 and anything that rounds to zero becomes code 0 = 2^-127.
-        emin = -126
+        # ml_dtypes and torch round e8m0 to nearest on the grid of an e8m0 with subnormals: the
+        # smallest "normal" is 2^-126 and anything that rounds to zero becomes code 0 = 2^-127.
+        # The other modes use e8m0's own grid (2^-127 is a value, not a zero slot): on the other
+        # one "up" and "odd" moved 2^-127 itself to 2^-126 and stochastic rounding was biased
+        # in [2^-127, 2^-126); here everything below 2^-127 gives 2^-127, as DESIGN.md says.
+        emin = -126 if rounding == "nearest" else fmt.emin
         zero_bits = c.bits_of(two**fmt.emin)
         flags = F_NEG_NAN
     else:
@@ -122,7 +127,10 @@ def kernel_params(fmt: FloatFormat, width: int, saturate: bool, subnormals: bool
         if mn >= two ** (c.emin - c.mantissa_bits):
             minnorm_bits = c.bits_of(mn)
     fast_lo = 0
-    if width == 32 and fmt.encoding != "e8m0" and fmt.mantissa_bits < 23 and emin >= c.emin:
+    # No fast path for M = 0 (custom eXm0): its bit trick takes the exponent field's last bit as
+    # the parity for ties-to-even and round-to-odd, while the general path (like e8m0 in torch
+    # and ml_dtypes) treats the one-bit significand as odd: ties go up, odd truncates.
+    if width == 32 and fmt.encoding != "e8m0" and 0 < fmt.mantissa_bits < 23 and emin >= c.emin:
         fast_lo = c.bits_of(two**emin)
     return KernelParams(
         width, fmt.mantissa_bits, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags,

@@ -8,6 +8,7 @@ are paid only when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
 from types import ModuleType
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # `mixprec formats | head`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"mixprec {args.command}: error: {exc}", file=sys.stderr)
         return 2

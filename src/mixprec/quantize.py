@@ -141,7 +141,7 @@ def _prepare(
     _check_rounding(rounding)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     width = 64 if work.dtype == torch.float64 else 32
-    return f, work, kernel_params(f, width, bool(saturate), bool(subnormals))
+    return f, work, kernel_params(f, width, bool(saturate), bool(subnormals), rounding)
 
 
 def quantize(
@@ -293,21 +293,30 @@ def encode(
     low nibble (the OCP MX / ``torch.float4_e2m1fn_x2`` order); the last dimension must be even.
     """
     f = get_format(fmt)
+    _check_tensor(x)
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # exact widening
     q = quantize(
-        x, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
-    ).to(torch.float64)
+        wide, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
+    )
     nan = torch.isnan(q)
     if not f.has_nan and bool(nan.any()):
         raise ValueError(f"x contains NaN, which {f.name} cannot encode (it has no NaN code)")
-    codes = _codes_from_values(torch.where(nan, torch.zeros_like(q), q), f)
-    if f.has_nan:
-        codes = torch.where(nan, torch.full_like(codes, _nan_code(f)), codes)
     dt = code_dtype(f)
-    if dt == torch.uint8:
-        codes = codes.to(torch.uint8)
+    if f.torch_dtype is not None:
+        # q holds values of f only, so torch's cast is exact here: one fast pass
+        codes = q.to(f.torch_dtype).view(dt)
     else:
-        bits = torch.iinfo(dt).bits
-        codes = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes).to(dt)
+        codes = _codes_from_values(torch.where(nan, 0.0, q).to(torch.float64), f)
+        if dt == torch.uint8:
+            codes = codes.to(torch.uint8)
+        elif dt != torch.int64:
+            bits = torch.iinfo(dt).bits
+            codes = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes).to(dt)
+    if f.has_nan:  # one canonical NaN code, whatever the sign or payload
+        nan_code = _nan_code(f)
+        if dt != torch.uint8 and nan_code >= 1 << (torch.iinfo(dt).bits - 1):
+            nan_code -= 1 << torch.iinfo(dt).bits
+        codes = torch.where(nan, torch.tensor(nan_code, dtype=dt, device=codes.device), codes)
     if pack:
         codes = _pack_nibbles(codes, f)
     return codes
