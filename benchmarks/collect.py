@@ -1,0 +1,46 @@
+"""Gather every benchmark's latest table (benchmarks/results/*.md) into benchmarks/README.md.
+
+    python benchmarks/collect.py
+
+Each table was measured in one run of its own script on the machine it names; compare figures
+only within one table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["quantize", "autocast", "amp", "sanitize", "ulp", "stable_speed"]
+
+INTRO = """# Benchmarks
+
+Every table below was produced by the script named in its section, in one run, on the machine
+its header line names (`torch.backends.cpu.get_cpu_capability()` and CPU flags included). Ratios
+are the point: absolute times vary between sessions and machines, and figures from different
+tables were measured at different times. Regenerate a table with its script, then run
+`python benchmarks/collect.py` to rebuild this page. Benchmarks are never asserted in tests.
+
+| script | what it measures |
+|---|---|
+| `benchmarks/quantize.py`, `mixprec bench --slow` | quantize ÷ clone or copy_, torch, ml_dtypes |
+| `benchmarks/autocast.py` | transformer training step: fp32, emulated, torch.autocast |
+| `benchmarks/amp.py` | O0–O3 step times and the loss scaler's overhead |
+| `benchmarks/sanitize.py` | a training step under the float64 shadow sanitizer ÷ plain step |
+| `benchmarks/ulp_audit.py` | ULP errors of the stable functions vs mpmath, and their speed |
+"""
+
+
+def main() -> None:
+    results = HERE / "results"
+    found = {p.stem: p for p in sorted(results.glob("*.md"))}
+    names = [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
+    parts = [INTRO]
+    for name in names:
+        parts.append(f"## {name}\n\n" + found[name].read_text().strip() + "\n")
+    (HERE / "README.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'README.md'} from {len(names)} result files")
+
+
+if __name__ == "__main__":
+    main()
