@@ -36,9 +36,12 @@ def test_threaded_split_matches_single_call() -> None:
     # > 256K elements are split over threads; the stochastic stream is indexed globally
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1 << 19, generator=g)
-    whole = quantize(x, "bf16", rounding="stochastic", generator=torch.Generator().manual_seed(5))
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        whole = quantize(
+            x, "bf16", rounding="stochastic", generator=torch.Generator().manual_seed(5)
+        )
         torch.set_num_threads(1)
         single = quantize(
             x, "bf16", rounding="stochastic", generator=torch.Generator().manual_seed(5)

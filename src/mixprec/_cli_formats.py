@@ -34,6 +34,8 @@ def inf_encoding(f: FloatFormat) -> str:
 
 def nan_encoding(f: FloatFormat) -> str:
     """Bit pattern(s) of NaN, or ``"none"``."""
+    if not f.has_nan:
+        return "none"
     e, m = f.exponent_bits, f.mantissa_bits
     if f.encoding == "ieee":
         mant = "M" if m <= 8 else f"M{{{m}}}"

@@ -79,7 +79,10 @@ class FloatFormat:
 
     @property
     def has_nan(self) -> bool:
-        return self.encoding != "finite"
+        # an IEEE-style eXm0 has no mantissa bits to tell NaN from inf: its top code is inf only
+        return self.encoding != "finite" and not (
+            self.encoding == "ieee" and self.mantissa_bits == 0
+        )
 
     @property
     def has_negative_zero(self) -> bool:
