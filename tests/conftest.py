@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -22,6 +23,11 @@ import torch
 mq = importlib.import_module("mixprec.quantize")
 
 BACKENDS = ("c", "torch")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on a 2-core machine: one torch thread per worker, or the workers' thread
+    # pools fight over the cores and every test runs slower
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=BACKENDS)
