@@ -131,24 +131,70 @@ MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t id
     return a > 0x7f800000u ? (u | 0x400000u) : out;
 }
 
-/* Fast path for the common case: a normal input whose result is a normal number of the target
- * (|x| >= target min normal, no overflow). There the quantum is 2^(e - M) for every binade, so
- * rounding is integer arithmetic on the bit pattern itself (a carry into the exponent field is
- * the correct next binade): about 8 vector ops per element. A block with any other element is
- * redone with the general q32, so results never depend on which path ran. */
-MP_INLINE uint32_t fast32(uint32_t u, const int mode, const uint32_t d, uint32_t rnd,
-                          uint32_t *flag, uint32_t lo, uint32_t maxb) {
-    const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+/* Fast path for finite results: rounding on the bit pattern itself. For |x| >= 2^q (q = emin - M,
+ * the target's smallest subnormal) the target's quantum at x is a fixed number d <= 23 of
+ * trailing pattern bits (d = 23 - M in the normal range, more below it), so rounding is integer
+ * arithmetic on the pattern, and a carry into the exponent field is the correct next binade.
+ * Below 2^q the result is 0 or 2^q. About a dozen vector ops per element, no float maths.
+ * Overflow, inf/NaN inputs, and tiny inputs under stochastic rounding raise the block's flag;
+ * such a block is redone with the general q32, so results never depend on which path ran. */
+typedef struct {
+    uint32_t d0;       /* 23 - M */
+    int32_t emin_b;    /* emin + 127: biased exponent of the target's smallest normal */
+    uint32_t q_bits;   /* pattern of 2^q */
+    uint32_t half_q;   /* pattern of 2^(q-1), 0 when below float32's range */
+    uint32_t maxb, minnorm, flush, no_negzero;
+} fastp;
+
+MP_INLINE uint32_t pow2_bits32(int32_t e) {
+    return e >= -126 ? (uint32_t)(e + 127) << 23 : (e >= -149 ? 1u << (e + 149) : 0u);
+}
+
+MP_INLINE fastp make_fastp(const qparams *p) {
+    const int32_t q = (int32_t)(p->emin - p->M);
+    fastp f = {(uint32_t)(23 - p->M), (int32_t)p->emin + 127, pow2_bits32(q), pow2_bits32(q - 1),
+               (uint32_t)p->max_bits, (uint32_t)p->minnorm_bits,
+               (uint32_t)((p->flags & F_FLUSH) != 0), (uint32_t)((p->flags & F_NO_NEGZERO) != 0)};
+    return f;
+}
+
+MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t rnd,
+                          uint32_t *flag) {
+    /* written with uint32 arithmetic and selects only: mixed-width booleans stop gcc's
+     * vectoriser */
+    const uint32_t a = u & 0x7fffffffu;
+    const uint32_t neg = u >> 31;                 /* 0/1: conditions use it, never `sign` */
+    const uint32_t pos_mask = neg - 1u, neg_mask = 0u - neg;
+    const uint32_t ef = a >> 23;
+    const uint32_t efc = ef > 1u ? ef : 1u;
+    const uint32_t emb = (uint32_t)f->emin_b;
+    const uint32_t below = emb > efc ? emb - efc : 0u;
+    const uint32_t dd = f->d0 + below;
+    const uint32_t d = dd < 23u ? dd : 23u; /* only tiny inputs exceed 23; replaced below */
     const uint32_t mask = (1u << d) - 1u;
+    /* the last kept significand bit: bit d of the pattern, except at d = 23 where it is the
+     * implicit bit (1 for a normal input), not the exponent field's low bit */
+    const uint32_t lsb = d == 23u ? (ef != 0u ? 1u : 0u) : ((a >> d) & 1u);
     uint32_t r;
-    if (mode == R_NEAREST) r = (a + (mask >> 1) + ((a >> d) & 1u)) & ~mask;
+    if (mode == R_NEAREST) r = (a + (mask >> 1) + lsb) & ~mask;
     else if (mode == R_STOCHASTIC) r = (a + (mask ^ (rnd >> (32 - d)))) & ~mask; /* as q32 */
-    else if (mode == R_UP) r = (a + (sign ? 0u : mask)) & ~mask;
-    else if (mode == R_DOWN) r = (a + (sign ? mask : 0u)) & ~mask;
-    else if (mode == R_ODD) r = (a & ~mask) | ((uint32_t)((a & mask) != 0) << d);
+    else if (mode == R_UP) r = (a + (mask & pos_mask)) & ~mask;
+    else if (mode == R_DOWN) r = (a + (mask & neg_mask)) & ~mask;
+    else if (mode == R_ODD) r = (a & ~mask) | (((a & mask) != 0u ? (lsb ^ 1u) : 0u) << d);
     else r = a & ~mask;
-    *flag |= (a < lo) | (r > maxb);
-    return r | sign;
+    uint32_t rt;
+    if (mode == R_NEAREST) rt = a > f->half_q ? f->q_bits : 0u;
+    else if (mode == R_UP) rt = a != 0u ? (f->q_bits & pos_mask) : 0u;
+    else if (mode == R_DOWN) rt = a != 0u ? (f->q_bits & neg_mask) : 0u;
+    else if (mode == R_ODD) rt = a != 0u ? f->q_bits : 0u;
+    else rt = 0u;
+    uint32_t bad = 0u;
+    if (mode == R_STOCHASTIC) bad = a < f->q_bits ? (a != 0u ? 1u : 0u) : 0u;
+    r = a < f->q_bits ? rt : r;
+    r = r < (f->minnorm & (0u - f->flush)) ? 0u : r; /* minnorm is 0 unless flushing */
+    bad |= r > f->maxb ? 1u : 0u;
+    *flag = bad;
+    return r | ((r != 0u ? neg : (neg & (f->no_negzero ^ 1u))) << 31); /* vectorises */
 }
 
 #define BLOCK 64
@@ -156,17 +202,20 @@ MP_INLINE uint32_t fast32(uint32_t u, const int mode, const uint32_t d, uint32_t
     MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,  \
                                uint32_t lo) {                                                   \
         const qparams pp = *p;                                                                  \
-        const uint32_t d = (uint32_t)(23 - pp.M), maxb = (uint32_t)pp.max_bits;                 \
+        const fastp fp = make_fastp(&pp);                                                       \
         uint32_t tmp[BLOCK];                                                                    \
         for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                             \
             const int64_t len = n - i0 < BLOCK ? n - i0 : BLOCK;                                \
             uint32_t flag = lo == 0;                                                            \
             if (!flag) {                                                                        \
+                uint32_t acc = 0, bad[BLOCK];                                                   \
                 for (int64_t i = 0; i < len; i++) {                                            \
                     const uint32_t rnd = MODE == R_STOCHASTIC ? rand32(&pp, (uint64_t)(i0 + i)) \
                                                               : 0u;                             \
-                    tmp[i] = fast32(in[i0 + i], MODE, d, rnd, &flag, lo, maxb);                 \
+                    tmp[i] = fast32(in[i0 + i], MODE, &fp, rnd, &bad[i]);                       \
                 }                                                                               \
+                for (int64_t i = 0; i < len; i++) acc |= bad[i];                                \
+                flag = acc;                                                                     \
             }                                                                                   \
             if (flag) {                                                                         \
                 for (int64_t i = 0; i < len; i++)                                               \
@@ -275,8 +324,8 @@ static const loop64_fn LOOPS64[6] = {loop64_nearest, loop64_stochastic, loop64_t
 
 /* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
  *          zero_bits, flags, seed, offset, fast_lo)
- * fast_lo: bit pattern of the target's smallest normal when the float32 fast path is valid for
- * this format (0 disables it). */
+ * fast_lo: nonzero when the float32 fast path is valid for this format (1 <= M <= 22, emin >= -126,
+ * not e8m0); 0 disables it. */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int width, mode;
     unsigned long long in_ptr, out_ptr;
