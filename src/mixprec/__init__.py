@@ -95,5 +95,6 @@ def __dir__() -> list[str]:
 
 # Functions that share their module's name are bound eagerly: importing a submodule sets the
 # package attribute to the module, which would otherwise shadow the function of the same name.
+from .autocast import apply_policy, autocast  # noqa: E402
 from .formats import FORMATS, FloatFormat, get_format  # noqa: E402
 from .quantize import ROUNDING_MODES, decode, encode, fake_quantize, quantize, quantize_  # noqa: E402
