@@ -98,3 +98,4 @@ def __dir__() -> list[str]:
 from .autocast import apply_policy, autocast  # noqa: E402
 from .formats import FORMATS, FloatFormat, get_format  # noqa: E402
 from .quantize import ROUNDING_MODES, decode, encode, fake_quantize, quantize, quantize_  # noqa: E402
+from .sanitize import Report, sanitize  # noqa: E402

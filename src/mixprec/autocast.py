@@ -88,13 +88,19 @@ class _PolicyMode(TorchFunctionMode):
         return entries[-1].handle(func, args, kwargs)
 
 
-@torch.compiler.disable
 def _handle_opaque(executor: Any, func: Any, args: tuple, kwargs: dict) -> Any:
     # Opaque to torch.compile: emulation calls a C kernel on raw storage and tags tensors, which
     # dynamo cannot trace. A compiled model called inside a region therefore runs its ops
     # eagerly through this handler (graph breaks): same results as eager, no compile speed-up.
-    # (Eager calls skip the wrapper: it costs microseconds per op.)
-    return executor.handle(func, args, kwargs)
+    # (Eager calls skip the wrapper: it costs microseconds per op.) The wrapper is built on first
+    # use because torch.compiler.disable imports torch._dynamo, about a second at import time.
+    global _OPAQUE
+    if _OPAQUE is None:
+        _OPAQUE = torch.compiler.disable(lambda ex, f, a, k: ex.handle(f, a, k))
+    return _OPAQUE(executor, func, args, kwargs)
+
+
+_OPAQUE: Any = None
 
 
 def _push(executor: Any) -> None:

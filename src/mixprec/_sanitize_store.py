@@ -1,0 +1,220 @@
+"""The sanitizer's shadow side table, kept per *storage* (private).
+
+Keys are storages, not Python tensors: autograd hands saved tensors back to backward ops as
+fresh Python objects (often fresh views) over the same storage, and those must find their
+shadows. A ``StorageWeakRef`` per entry keeps the storage's C++ object (not its memory)
+allocated, so its address cannot be reused by another storage while the entry exists: the
+address is a safe key. Entries of dead storages are dropped by :meth:`ShadowStore.sweep`.
+
+When a shadow covers a whole storage (the usual case: an op's output), it is kept as one flat
+float64 tensor laid out like the storage, and the shadow of *any* view of that storage is a view
+of it (``as_strided`` with the real view's geometry): view ops cost nothing and in-place updates
+of a view write into the flat shadow. Otherwise (a shadow for a part of a storage only) it is
+kept per exact view geometry.
+
+Memory: a flat shadow that stays alive for ``compress_after`` insertions (typically an
+activation saved for backward) is compressed to a float32 *residual* ``shadow - real``: the
+shadow is rebuilt as ``real + residual`` in float64 when next used. The residual holds 24 bits of
+the difference, so the rebuilt shadow keeps ~24 bits more than the real value (~48 bits for
+float32 data) while costing 4 instead of 8 bytes per element. Entries with a large or
+non-finite error, or tiny magnitudes (residual underflow), stay in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+_COMPRESS_MAX_ERR = 2.0**20  # error bound (floor units) above which we keep float64
+_COMPRESS_MIN_MAG = 2.0**-90  # below this max|shadow| the residual could underflow float32
+
+
+def _covers(t: torch.Tensor, n: int) -> bool:
+    """Does ``t`` address every element of its ``n``-element storage exactly once?"""
+    if t.storage_offset() != 0 or t.numel() != n:
+        return False
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape, strict=True)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class _Entry:
+    ref: StorageWeakRef
+    dtype: torch.dtype
+    n: int  # storage length in elements of dtype
+    flat: torch.Tensor | None = None  # float64, length n, when the whole storage is shadowed
+    resid: torch.Tensor | None = None  # float32 residual instead of flat (compressed)
+    err: float = 0.0
+    smax: float | None = None  # max |shadow| over the storage (float32-rounded, rounded up)
+    born: int = 0
+    views: dict[tuple, tuple[torch.Tensor, float]] = field(default_factory=dict)
+
+
+class ShadowStore:
+    """Shadow side table; see the module docstring. Every method is O(1) but ``sweep``."""
+
+    def __init__(
+        self,
+        shadow_dtype: torch.dtype | None = torch.float64,
+        compress_after: int = 4,
+        sweep_every: int = 2,
+    ) -> None:
+        # shadow_dtype None: keep shadows as given (boolean decision shadows), never compress
+        self.shadow_dtype = shadow_dtype
+        self.compress_after = compress_after
+        self.sweep_every = sweep_every
+        self._map: dict[int, _Entry] = {}
+        self._puts = 0
+        self.compressed = 0  # statistics
+        self.rebuilt = 0
+
+    # -- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, no storage
+            return None
+
+    def _real_flat(self, e: _Entry) -> torch.Tensor | None:
+        st = torch.UntypedStorage._new_with_weak_ptr(e.ref.cdata)
+        if st is None:
+            return None
+        return torch.empty(0, dtype=e.dtype, device=st.device).set_(st, 0, (e.n,), (1,))
+
+    def _materialize(self, e: _Entry) -> torch.Tensor | None:
+        """The flat float64 shadow of a full entry (rebuilt from the residual if compressed)."""
+        if e.flat is None and e.resid is not None:
+            real = self._real_flat(e)
+            if real is None:
+                return None
+            e.flat = real.to(self.shadow_dtype).add_(e.resid)
+            e.resid = None
+            e.born = self._puts  # recently used: do not recompress at once
+            self.rebuilt += 1
+        return e.flat
+
+    # -- API -----------------------------------------------------------------------------
+    def get(self, t: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(shadow, error bound) of ``t``, or None when ``t`` is taken as exact."""
+        st = self._storage(t)
+        if st is None:
+            return None
+        e = self._map.get(st._cdata)
+        if e is None or e.dtype != t.dtype:
+            return None
+        if e.flat is not None or e.resid is not None:
+            flat = self._materialize(e)
+            if flat is None:
+                return None
+            return flat.as_strided(t.shape, t.stride(), t.storage_offset()), e.err
+        return e.views.get((t.storage_offset(), t.shape, t.stride()))
+
+    def smax(self, t: torch.Tensor) -> float | None:
+        """max |shadow| of ``t`` when known without a pass over it (``t`` covers its storage)."""
+        st = self._storage(t)
+        if st is None:
+            return None
+        e = self._map.get(st._cdata)
+        if e is None or e.smax is None or e.dtype != t.dtype or not _covers(t, e.n):
+            return None
+        return e.smax
+
+    def put(
+        self, t: torch.Tensor, shadow: torch.Tensor, err: float = 0.0, smax: float | None = None
+    ) -> None:
+        """Record ``shadow`` for ``t``. ``err`` bounds ``max|t - shadow|`` in units of the
+        tensor's noise floor; ``smax`` is ``max|shadow|`` if known."""
+        st = self._storage(t)
+        if st is None:
+            return
+        cd = st._cdata
+        itemsize = t.element_size()
+        n = st.nbytes() // itemsize if itemsize else 0
+        e = self._map.get(cd)
+        if e is not None and (e.dtype != t.dtype or e.n != n or e.ref.expired()):
+            e = None
+        if _covers(t, n):
+            if self.shadow_dtype is not None and shadow.dtype != self.shadow_dtype:
+                shadow = shadow.to(self.shadow_dtype)
+            if (
+                shadow.stride() == t.stride()
+                and shadow.storage_offset() == 0
+                and shadow.untyped_storage().nbytes() == n * shadow.element_size()
+            ):
+                # same layout: share its storage, no copy (set_, unlike a view, does not keep
+                # the op's output tensor alive as a _base, so _compress can tell it is unshared)
+                flat = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
+                flat.set_(shadow.untyped_storage(), 0, (n,), (1,))
+            else:
+                flat = torch.empty(n, dtype=shadow.dtype, device=shadow.device)
+                flat.as_strided(t.shape, t.stride(), 0).copy_(shadow)
+            if e is None:
+                e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
+            e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
+            e.views.clear()
+        elif e is not None and (e.flat is not None or e.resid is not None):
+            flat = self._materialize(e)
+            if flat is None:
+                return
+            flat.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(shadow)
+            e.err = max(e.err, err)
+            e.smax = None if smax is None or e.smax is None else max(e.smax, smax)
+        else:
+            if e is None:
+                e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
+            # a partial shadow: other partial shadows of this storage may overlap, drop them
+            e.views = {(t.storage_offset(), t.shape, t.stride()): (shadow, err)}
+        self._puts += 1
+        if self._puts % self.sweep_every == 0:
+            self.sweep()
+
+    def invalidate(self, t: torch.Tensor) -> None:
+        """Forget every shadow of ``t``'s storage (after a mutation we could not shadow)."""
+        st = self._storage(t)
+        if st is not None:
+            self._map.pop(st._cdata, None)
+
+    def sweep(self) -> None:
+        """Drop entries of dead storages; compress flat shadows older than compress_after."""
+        old = self._puts - self.compress_after
+        for cd in list(self._map):
+            e = self._map[cd]
+            if e.ref.expired():
+                del self._map[cd]
+            elif e.flat is not None and e.born <= old and self.shadow_dtype == torch.float64:
+                self._compress(e)
+
+    def _compress(self, e: _Entry) -> None:
+        if not (e.err <= _COMPRESS_MAX_ERR) or e.smax is None:
+            return
+        if not (e.smax >= _COMPRESS_MIN_MAG and math.isfinite(e.smax)):
+            return
+        flat = e.flat
+        # 2 = the flat tensor itself + the temporary storage object of this call
+        if flat is None or torch._C._storage_Use_Count(flat.untyped_storage()._cdata) > 2:
+            return  # someone else (an op's shadow output still in use) shares it: keep
+        real = self._real_flat(e)
+        if real is None:
+            return
+        e.resid = torch.empty(e.n, dtype=torch.float32, device=flat.device)
+        torch.sub(flat, real, out=e.resid)  # computed in float64, stored as float32
+        e.flat = None
+        self.compressed += 1
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def __len__(self) -> int:
+        return len(self._map)
