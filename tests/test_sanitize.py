@@ -634,3 +634,21 @@ def test_long_lived_shadows_still_catch_cancellation() -> None:
     assert eng_stats["internal_errors"] == {}
     f = only(report.findings, kind="cancellation")
     assert len(f) == 1 and f[0].location == line_of("late")
+
+
+def test_emulated_autocast_roundings_are_seen_and_observer_removed() -> None:
+    """Emulated formats round with mixprec.quantize's C kernel, invisible to aten dispatch:
+    quantize reports each rounding to the active sanitizer, which flags the fp8 underflow."""
+    import sys
+
+    mq = sys.modules["mixprec.quantize"]
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(8, 16) * 1e-4  # below e4m3's smallest subnormal (2^-9): flushes to zero
+    with mixprec.sanitize() as report:
+        with mixprec.autocast("e4m3", emulate=True):
+            m(x).sum().backward()
+        assert mq._ROUNDING_OBSERVERS  # registered while active
+    assert mq._ROUNDING_OBSERVERS == []
+    hits = [f for f in report.findings if f.op == "mixprec.quantize"]
+    assert hits and hits[0].kind == "underflow" and hits[0].module == "0"

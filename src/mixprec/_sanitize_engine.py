@@ -20,6 +20,7 @@ Nothing here is public; :mod:`mixprec.sanitize` defines the user-facing records 
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import struct
@@ -36,6 +37,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._sanitize_store import ShadowStore
 from .formats import FloatFormat, get_format
+
+# the module (its name is shadowed by the function in the package namespace)
+_mq = importlib.import_module(".quantize", __package__)
 
 aten = torch.ops.aten
 
@@ -578,13 +582,20 @@ class ShadowMode(TorchDispatchMode):
         try:
             self.tracker.install()
             self.__enter__()
+            _mq._ROUNDING_OBSERVERS.append(self._observe_rounding)
         except BaseException:
             self.tracker.remove()
             _ACTIVE.clear()
             raise
 
+    def _observe_rounding(self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat) -> None:
+        """mixprec.quantize's callback: dst holds src rounded to fmt (e.g. emulated autocast)."""
+        self.note_rounding(src, dst, fmt, "mixprec.quantize")
+
     def stop(self) -> None:
         try:
+            if self._observe_rounding in _mq._ROUNDING_OBSERVERS:
+                _mq._ROUNDING_OBSERVERS.remove(self._observe_rounding)
             self.__exit__(None, None, None)
         finally:
             self._flush_pending()

@@ -47,6 +47,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
 _BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
 
+# Callbacks (src, result, format) run after every quantize. The C kernel writes raw storage that
+# dispatch-level tools cannot see, so the sanitizer (a higher layer) registers one while active
+# to learn which tensors hold emulated formats. Empty otherwise: the check costs nanoseconds.
+_ROUNDING_OBSERVERS: list[Callable[[torch.Tensor, torch.Tensor, FloatFormat], None]] = []
+
 
 def has_c_kernel() -> bool:
     """True when the compiled CPU kernel is available (and not disabled by MIXPREC_BACKEND)."""
@@ -181,19 +186,20 @@ def quantize(
                 f"out must match x in dtype, shape and device: got {out.dtype} {tuple(out.shape)}"
                 f" {out.device}, expected {x.dtype} {tuple(x.shape)} {x.device}"
             )
-    del f
     if work is x:
         dst = out if out is not None and out.is_contiguous() else None
         res = _quantize_work(work, p, rounding, generator, dst)
-        if out is not None and res is not out:
-            out.copy_(res)
-            return out
-        return res
-    res = _quantize_work(work, p, rounding, generator, None)
+    else:
+        res = _quantize_work(work, p, rounding, generator, None)
     if out is not None:
-        out.copy_(res)
-        return out
-    return res.to(x.dtype)
+        if res is not out:
+            out.copy_(res)
+        res = out
+    elif res.dtype != x.dtype:
+        res = res.to(x.dtype)
+    for observe in _ROUNDING_OBSERVERS:
+        observe(x, res, f)
+    return res
 
 
 def quantize_(
