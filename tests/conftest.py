@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -28,6 +28,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 on a 2-core machine: one torch thread per worker, or the workers' thread
     # pools fight over the cores and every test runs slower
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test: tiny models run faster and ignore a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=BACKENDS)

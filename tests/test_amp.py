@@ -16,14 +16,7 @@ from mixprec import amp
 from mixprec.quantize import quantize
 from mixprec.scaling import DivergenceError, DynamicLossScaler, SkippedStep, StaticLossScaler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
