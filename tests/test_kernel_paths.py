@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mixprec import quantize
+from mixprec._params import ROUNDING_MODES, kernel_params
+from mixprec.formats import get_format
 from mixprec.quantize import has_c_kernel
 
 pytestmark = pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
@@ -49,3 +51,32 @@ def test_threaded_split_matches_single_call() -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(whole, single)
+
+
+def test_e8m0_params_same_grid_for_every_mode() -> None:
+    """e8m0 rounds on its own grid (2^-127 .. 2^127) whatever the mode: nearest included."""
+    f = get_format("float8_e8m0fnu")
+    for width in (32, 64):
+        params = {kernel_params(f, width, False, True, mode) for mode in ROUNDING_MODES}
+        assert len(params) == 1
+        (p,) = params
+        assert p.emin == -127 and p.mantissa_bits == 0 and p.fast_lo == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding", [m for m in MODES if m != "stochastic"])
+def test_e8m0_c_and_torch_kernels_agree(
+    rounding: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both kernels give the same bits for e8m0 around 2^-127 (its bottom binade and below)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.ldexp(torch.rand(1 << 16, generator=g, dtype=torch.float64) + 0.5,
+                    torch.randint(-135, -120, (1 << 16,), generator=g))  # fmt: skip
+    x = torch.cat([x, -x[:64], torch.tensor([0.0, -0.0, 1.5 * 2.0**-127, 1.25 * 2.0**-127])])
+    x = x.to(dtype)
+    itype = torch.int32 if dtype == torch.float32 else torch.int64
+    monkeypatch.delenv("MIXPREC_BACKEND", raising=False)
+    c = quantize(x, "float8_e8m0fnu", rounding=rounding)
+    monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+    t = quantize(x, "float8_e8m0fnu", rounding=rounding)
+    assert torch.equal(c.view(itype), t.view(itype))

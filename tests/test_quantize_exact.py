@@ -109,6 +109,19 @@ def _ml_convert(x: np.ndarray, name: str, out_dtype: type = np.float32) -> np.nd
         return x.astype(ML_TYPES[name]).astype(out_dtype)
 
 
+def _e8m0_bottom(x: torch.Tensor) -> torch.Tensor:
+    """Inputs with 0 < |x| < 2^-126, where e8m0 rounding differs between library versions.
+
+    mixprec rounds them on e8m0's own grid (1.25 * 2^-127 -> 2^-127, 1.5 * 2^-127 -> 2^-126);
+    torch 2.13 and ml_dtypes < 0.7 take all of (2^-127, 2^-126) up to 2^-126, ml_dtypes 0.7
+    agrees with mixprec. pyproject allows all of them, so no test here compares these inputs
+    with a third-party library: test_quantize_oracle.py checks them against its own oracles
+    (test_e8m0_every_fp32_subnormal, test_e8m0_bottom_binade_examples, the grid-oracle sweeps).
+    """
+    a = x.abs()
+    return (a > 0) & (a < 2.0**-126)
+
+
 def _ml_mask(x: torch.Tensor, name: str) -> torch.Tensor:
     """Inputs where ml_dtypes' documented behaviour differs from DESIGN.md on purpose."""
     keep = torch.ones_like(x, dtype=torch.bool)
@@ -118,6 +131,7 @@ def _ml_mask(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "float8_e8m0fnu":
         # ml_dtypes gives NaN for ±0; mixprec (like torch) gives the smallest value 2^-127
         keep &= x != 0
+        keep &= ~_e8m0_bottom(x)  # version-dependent in ml_dtypes (see _e8m0_bottom)
     return keep
 
 
@@ -134,8 +148,9 @@ def test_fp32_matches_torch_cast(
     x = _inputs(name, backend, fp16_patterns, bf16_patterns, specials, random_fp32)
     if name == "float8_e8m0fnu":
         # torch maps a negative input to the e8m0 of its magnitude; DESIGN.md (and ml_dtypes)
-        # say NaN. Negative inputs are checked against ml_dtypes and the oracle instead.
-        x = x[~(x < 0)]
+        # say NaN. Negative inputs are checked against ml_dtypes and the oracle instead; inputs
+        # in (0, 2^-126), which torch 2.13 rounds up to 2^-126, against the oracle only.
+        x = x[~(x < 0) & ~_e8m0_bottom(x)]
     expected = x.to(dtype).float()
     same_bits(quantize(x, name, saturate=saturate), expected, x, f"{name} vs torch")
 
@@ -229,7 +244,9 @@ def test_half_inputs(name, in_dtype, backend, same_bits):
     assert q.dtype == in_dtype and q.shape == x.shape
     if name in TORCH_NATIVE:
         dtype, saturate = TORCH_NATIVE[name]
-        sel = ~(x < 0) if name == "float8_e8m0fnu" else torch.ones_like(x, dtype=torch.bool)
+        sel = torch.ones_like(x, dtype=torch.bool)
+        if name == "float8_e8m0fnu":  # as in test_fp32_matches_torch_cast
+            sel = ~(x < 0) & ~_e8m0_bottom(x.float())
         expected = x[sel].to(dtype).to(in_dtype)
         same_bits(quantize(x[sel], name, saturate=saturate), expected, x[sel], name)
     keep = _ml_mask(x.float(), name)

@@ -9,7 +9,8 @@ Two oracles, both independent of mixprec's code:
   values are exact in float64 and so are the midpoints, so every comparison is exact.
 * a *Fraction oracle* for IEEE-style formats of any width (custom ``eXmY`` up to e11m52): the
   textbook definition of rounding, k = |x| / 2^(e - M) rounded to an integer in exact rational
-  arithmetic, evaluated per element on a sample.
+  arithmetic, evaluated per element on a sample; and one for e8m0 (``round_e8m0_exact``), with a
+  closed form on the bit pattern for every float32 subnormal input.
 
 Rules encoded (DESIGN.md "Quantize semantics", IEEE 754 for directed modes):
   nearest: ties to even; toward_zero never overflows (gives ±max, finite inputs); up overflows to
@@ -18,7 +19,11 @@ Rules encoded (DESIGN.md "Quantize semantics", IEEE 754 for directed modes):
   ±inf inputs are exact infinities; saturate=True turns every overflow and ±inf into ±max; formats
   without inf overflow to NaN unless saturating; fp6/fp4 always saturate; subnormals=False flushes
   results below min_normal to signed zero; fnuz formats give +0 for -0 and negative underflow;
-  e8m0 (no sign, no zero) gives NaN for negative inputs and 2^-127 where the result would be zero.
+  e8m0 (no sign, no zero) gives NaN for negative inputs and 2^-127 where the result would be zero,
+  and rounds on the powers of two in linear distance everywhere, (2^-127, 2^-126) included:
+  nearest ties go up (1.25 * 2^-127 -> 2^-127, 1.5 * 2^-127 -> 2^-126). torch 2.13 and
+  ml_dtypes < 0.7 round (2^-127, 2^-126) up to 2^-126 instead, so e8m0 inputs in (0, 2^-126) are
+  compared with these oracles only, never with a third-party library.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixprec.quantize import quantize
+from mixprec.quantize import encode, quantize
 
 MODES = ("nearest", "toward_zero", "up", "down", "odd")
 OPTIONS = [(False, True), (True, True), (False, False), (True, False)]  # (saturate, subnormals)
@@ -124,13 +129,14 @@ def enumerate_fractions(s: Spec) -> list[Fraction]:
 
 
 @cache
-def grid(name: str, rounding: str = "nearest") -> Grid:
+def grid(name: str) -> Grid:
     """The rounding grid of a format (vectorised enumeration; checked against Fractions below).
 
-    e8m0 has no zero: its grid has a 0 that stands for "below the smallest value" and becomes
-    2^-127 after rounding. For round-to-nearest torch and ml_dtypes (whose results DESIGN.md says
-    to reproduce) round e8m0 on the grid of an exponent-only format with one subnormal step, whose
-    smallest nonzero value is 2^-126: 1.25 * 2^-127 gives 2^-126 there, not the nearer 2^-127.
+    e8m0 has no zero: its grid is 0, 2^-127, 2^-126, ..., 2^127, where the 0 stands for "below
+    the smallest value" and becomes 2^-127 after rounding. Every mode rounds on this one grid, in
+    linear distance: 1.25 * 2^-127 is nearer to 2^-127 and gives it, 1.5 * 2^-127 is a tie and
+    goes up (every e8m0 value has the odd significand 1). torch 2.13 and ml_dtypes < 0.7 round
+    nearest differently there (all of (2^-127, 2^-126) up to 2^-126); ml_dtypes 0.7 agrees.
     """
     s = SPECS[name]
     ef, mant = np.meshgrid(np.arange(1 << s.e), np.arange(1 << s.m), indexing="ij")
@@ -139,8 +145,6 @@ def grid(name: str, rounding: str = "nearest") -> Grid:
         keep = ef != 0xFF
         vals = np.ldexp(1.0, ef[keep] - s.bias)
         odd = np.ones_like(vals, dtype=bool)  # significand 1 (one bit of precision)
-        if rounding == "nearest":
-            vals, odd = vals[1:], odd[1:]  # 2^-127 is the subnormal-zero slot of that grid
         vals, odd = np.concatenate([[0.0], vals]), np.concatenate([[False], odd])
         min_normal = vals[1]
     else:
@@ -177,7 +181,7 @@ def round_grid(
 ) -> np.ndarray:
     """Exact rounding of float64 inputs into format ``name`` (result as float64)."""
     s = SPECS[name]
-    g = grid(name, mode)
+    g = grid(name)
     with np.errstate(invalid="ignore"):  # signalling NaNs in float32 inputs
         x = np.asarray(x, dtype=np.float64)
     neg = np.signbit(x)
@@ -220,9 +224,9 @@ def round_grid(
     return np.where(np.isnan(x), math.nan, res)
 
 
-def grid_edges(name: str, mode: str = "nearest") -> np.ndarray:
+def grid_edges(name: str) -> np.ndarray:
     """float64 points around every value and midpoint of the grid (float32-exact ones)."""
-    v = grid(name, mode).values
+    v = grid(name).values
     mids = (v[:-1] + v[1:]) / 2
     pts = np.concatenate([v, mids, [2 * v[-1], v[-1] * 1.25, v[1] / 4, v[1] / 2, v[1] * 0.75]])
     with np.errstate(over="ignore"):  # points beyond float32 are dropped here
@@ -250,7 +254,7 @@ def _compare(q: torch.Tensor, expected: np.ndarray, x: np.ndarray, what: str, sa
 
 @pytest.mark.parametrize("name", [n for n in SPECS if SPECS[n].e + SPECS[n].m <= 8])
 def test_grid_equals_fraction_enumeration(name):
-    vals = grid(name, "toward_zero").values[:-1]
+    vals = grid(name).values[:-1]
     expected = sorted(enumerate_fractions(SPECS[name]))
     if SPECS[name].kind == "e8m0":
         expected = [Fraction(0), *expected]
@@ -267,7 +271,7 @@ def test_grid_equals_ml_dtypes_values(name):
     with np.errstate(invalid="ignore"):  # NaN codes
         ml = codes.view(getattr(ml_dtypes, name)).astype(np.float64)
     ml = np.unique(ml[np.isfinite(ml) & (ml >= 0)])
-    ours = grid(name, "toward_zero").values[:-1]
+    ours = grid(name).values[:-1]
     if SPECS[name].kind == "e8m0":
         ours = ours[1:]
     np.testing.assert_array_equal(ours, ml)
@@ -322,7 +326,7 @@ def test_fp64_inputs_vs_grid_oracle(name, mode, backend, same_bits):
     near = [np.nextafter(p, inf), np.nextafter(p, -inf)]
     near += [np.nextafter(near[0], inf), p * (1 + 2.0**-40), p * (1 - 2.0**-40)]
     rng = np.random.default_rng(7)
-    g = grid(name, mode)
+    g = grid(name)
     rnd = np.ldexp(rng.random(4096) + 0.5, rng.integers(-8, 3, 4096)) * g.max
     x = np.concatenate([p, *near, rnd, [1e300, 1e-300, 2.0**-1074, inf]])
     x = np.concatenate([x, -x])
@@ -477,6 +481,186 @@ def test_fraction_oracle_agrees_with_grid_oracle(name):
 
 
 # ----------------------------------------------------------------------------------------------
+# e8m0 at the bottom of its range: a Fraction oracle, examples, and every fp32 subnormal
+# ----------------------------------------------------------------------------------------------
+
+E8M0 = "float8_e8m0fnu"
+E8M0_MIN, E8M0_MAX = Fraction(2) ** -127, Fraction(2) ** 127
+
+
+def round_e8m0_exact(x: float, mode: str, saturate: bool = False) -> float:
+    """Round one float (binary64-exact) into float8_e8m0fnu by the definition, in Fractions.
+
+    The values are the powers of two 2^-127 .. 2^127. A positive x with lo = 2^E <= x < hi =
+    2^(E + 1) goes to the nearer of the two in linear distance (x - lo against hi - x; a tie goes
+    up, the significand 1 of every value being odd), to lo for toward_zero / down / odd, and to hi
+    for up. Everything up to 2^-127, ±0 included, gives 2^-127; negative inputs and NaN give NaN;
+    +inf and results past 2^127 give NaN (toward_zero / down / odd of a finite input stop at
+    2^127), or 2^127 with ``saturate``.
+    """
+    if math.isnan(x) or x < 0:  # -0.0 < 0 is False: -0 is a zero, not a negative input
+        return math.nan
+    if math.isinf(x):
+        return float(E8M0_MAX) if saturate else math.nan
+    a = Fraction(x)
+    if a <= E8M0_MIN:
+        return float(E8M0_MIN)
+    big_e = a.numerator.bit_length() - a.denominator.bit_length()  # floor(log2 a): d = 2^t
+    lo = Fraction(2) ** big_e
+    hi = 2 * lo
+    away = {
+        "nearest": a - lo >= hi - a,
+        "toward_zero": False,
+        "up": a != lo,
+        "down": False,
+        "odd": False,
+    }[mode]
+    r = hi if away else lo
+    if r > E8M0_MAX:
+        if mode in ("nearest", "up") and not saturate:
+            return math.nan
+        r = E8M0_MAX
+    return float(r)
+
+
+def _e8m0_probe_points() -> np.ndarray:
+    """float64 points around every e8m0 value and midpoint, dense in (0, 2^-126), specials."""
+    p = grid_edges(E8M0)
+    bottom = np.ldexp([0.25, 0.5, 0.75, 1.0, 1.25, 1.4, 1.4999, 1.5, 1.5001, 1.9, 2.0], -127)
+    p = np.concatenate([p, bottom, [2.0**-149, 2.0**-1074, 1e-300, 1e300, 2.0**128]])
+    near = [np.nextafter(p, np.inf), np.nextafter(p, 0), p * (1 + 2.0**-40), p * (1 - 2.0**-40)]
+    p32 = p[p < 2.0**127].astype(np.float32)
+    p = np.concatenate([p, *near, np.nextafter(p32, np.float32(np.inf))])
+    return np.concatenate([p, -p, [0.0, -0.0, math.inf, -math.inf, math.nan]])
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_e8m0_fraction_oracle_agrees_with_grid_oracle(mode, saturate):
+    """The two e8m0 oracles, written differently, agree (linear distance, ties up)."""
+    x = _e8m0_probe_points()
+    a = round_grid(x, E8M0, mode, saturate)
+    b = np.array([round_e8m0_exact(float(v), mode, saturate) for v in x])
+    np.testing.assert_array_equal(a, b, err_msg=f"{mode} saturate={saturate}")
+
+
+T127 = 2.0**-127
+# x -> (nearest, up, toward_zero = down = odd); NaN for negative inputs in every mode
+E8M0_BOTTOM_CASES = [
+    (1.25 * T127, T127, 2 * T127, T127),  # nearer to 2^-127 (torch 2.13 gives 2^-126)
+    (1.4 * T127, T127, 2 * T127, T127),
+    (1.4999 * T127, T127, 2 * T127, T127),
+    (1.5 * T127, 2 * T127, 2 * T127, T127),  # the tie goes up
+    (1.9 * T127, 2 * T127, 2 * T127, T127),
+    (T127, T127, T127, T127),  # exact
+    (T127 * (1 + 2.0**-22), T127, 2 * T127, T127),  # the next float32 above 2^-127
+    (2.0**-126, 2.0**-126, 2.0**-126, 2.0**-126),
+    (3 * 2.0**-127, 4 * T127, 4 * T127, 2 * T127),  # 1.5 * 2^-126: a tie, up
+    (0.75 * T127, T127, T127, T127),  # below 2^-127: always 2^-127
+    (2.0**-128, T127, T127, T127),
+    (2.0**-149, T127, T127, T127),
+    (0.0, T127, T127, T127),  # e8m0 has no zero
+    (-0.0, T127, T127, T127),
+    (-1.25 * T127, math.nan, math.nan, math.nan),
+    (-(2.0**-149), math.nan, math.nan, math.nan),
+    (math.nan, math.nan, math.nan, math.nan),
+]
+# float64 only: closer to the tie than float32 can express
+E8M0_BOTTOM_CASES64 = [
+    (1.5 * T127 * (1 - 2.0**-40), T127, 2 * T127, T127),
+    (1.5 * T127 * (1 + 2.0**-40), 2 * T127, 2 * T127, T127),
+    (T127 * (1 + 2.0**-52), T127, 2 * T127, T127),
+    (T127 * (1 - 2.0**-53), T127, T127, T127),
+    (2.0**-1074, T127, T127, T127),
+]
+
+
+def _bottom_expected(case: tuple[float, float, float, float], mode: str) -> float:
+    _, nearest, up, trunc = case
+    return {"nearest": nearest, "up": up}.get(mode, trunc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_e8m0_bottom_binade_examples(mode, dtype, backend):
+    """(0, 2^-126) rounds on e8m0's own grid, bit for bit, in both containers and backends."""
+    cases = E8M0_BOTTOM_CASES + (E8M0_BOTTOM_CASES64 if dtype == torch.float64 else [])
+    x = torch.tensor([c[0] for c in cases], dtype=torch.float64).to(dtype)
+    expected = torch.tensor([_bottom_expected(c, mode) for c in cases], dtype=dtype)
+    # the table is the Fraction oracle's rule too
+    oracle = torch.tensor([round_e8m0_exact(float(v), mode) for v in x], dtype=dtype)
+    itype = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(oracle.view(itype), expected.view(itype))
+    q = quantize(x, E8M0, rounding=mode)
+    bad = q.view(itype) != expected.view(itype)
+    assert not bad.any(), f"{mode}: x={x[bad].tolist()} got={q[bad].tolist()}"
+    # and encode stores those powers of two 2^(code - 127): codes 0, 1, 2, and 0xFF for NaN
+    codes = encode(x, E8M0, rounding=mode).to(torch.int64)
+    exponent = torch.log2(expected.double().nan_to_num(1.0)).long()  # exact: powers of two
+    assert torch.equal(codes, torch.where(expected.isnan(), 0xFF, exponent + 127))
+
+
+def _subnormal_patterns32() -> torch.Tensor:
+    """Every positive float32 subnormal bit pattern b (value b * 2^-149), as int32."""
+    return torch.arange(1, 1 << 23, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_e8m0_every_fp32_subnormal(mode, backend):
+    """All 2^23 - 1 positive float32 subnormals against the oracle in closed form.
+
+    x = b * 2^-149, 2^-127 = 2^22 * 2^-149, the tie 1.5 * 2^-127 = 3 * 2^21 * 2^-149: nearest
+    gives 2^-126 exactly for b >= 3 * 2^21, up for b > 2^22, the truncating modes never. The
+    same values as float64 inputs (exact) give the same powers of two; negative ones give NaN.
+    """
+    b = _subnormal_patterns32()
+    x = b.view(torch.float32)
+    if mode == "nearest":
+        goes_up = b >= 3 << 21
+    elif mode == "up":
+        goes_up = b > 1 << 22
+    else:
+        goes_up = torch.zeros_like(b, dtype=torch.bool)
+    expected = torch.where(goes_up, 0x00800000, 0x00400000).to(torch.int32)  # 2^-126, 2^-127
+    got = quantize(x, E8M0, rounding=mode).view(torch.int32)
+    bad = got != expected
+    assert not bad.any(), (
+        f"{int(bad.sum())} differ, e.g. bits={b[bad][:4].tolist()} got={got[bad][:4].tolist()}"
+    )
+    lo64, hi64 = (1023 - 127) << 52, (1023 - 126) << 52
+    expected64 = torch.where(goes_up, hi64, lo64).to(torch.int64)
+    assert torch.equal(quantize(x.double(), E8M0, rounding=mode).view(torch.int64), expected64)
+    # negative subnormals (a sample): NaN, the canonical quiet NaN of each container
+    neg = -x[::97]
+    assert bool((quantize(neg, E8M0, rounding=mode).view(torch.int32) == 0x7FC00000).all())
+    # the closed form is the Fraction oracle's rule (spot check, every 4099th pattern)
+    edges = [1, (1 << 22) - 1, 1 << 22, (1 << 22) + 1, (3 << 21) - 1, 3 << 21, (1 << 23) - 1]
+    for bits in [*b[::4099].tolist(), *edges]:
+        v = float(bits) * 2.0**-149
+        up = bits >= 3 << 21 if mode == "nearest" else (bits > 1 << 22 if mode == "up" else False)
+        assert round_e8m0_exact(v, mode) == (2.0**-126 if up else T127), (mode, bits)
+
+
+def test_e8m0_every_fp32_subnormal_stochastic(backend):
+    """Stochastic rounding of all 2^23 - 1 subnormals: one of the two neighbours, unbiased."""
+    b = _subnormal_patterns32()
+    x = b.view(torch.float32)
+    q = quantize(x, E8M0, rounding="stochastic", generator=torch.Generator().manual_seed(2))
+    got = q.view(torch.int32)
+    # at most 2^-127: always 2^-127; in (2^-127, 2^-126): 2^-127 or 2^-126
+    low = b <= 1 << 22
+    assert bool((got[low] == 0x00400000).all())
+    assert bool(((got[~low] == 0x00400000) | (got[~low] == 0x00800000)).all())
+    # P(up) = (x - 2^-127) / 2^-127 = (b - 2^22) / 2^22: the count of ups in each of 16 buckets
+    # of consecutive inputs is within 6 standard deviations of the sum of those probabilities
+    n = (1 << 22) - 16  # of the 2^22 - 1 inputs in (2^-127, 2^-126), whole buckets only
+    p = ((b[~low][:n].to(torch.int64) - (1 << 22)).double() / (1 << 22)).reshape(16, -1)
+    k = (got[~low][:n] == 0x00800000).double().reshape(16, -1).sum(1)
+    mean, sd = p.sum(1), (p * (1 - p)).sum(1).sqrt()
+    assert bool(((k - mean).abs() <= 6 * sd + 1).all()), ((k - mean) / sd).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
 # the rules, as readable examples (each also covered by the sweeps above)
 # ----------------------------------------------------------------------------------------------
 
@@ -558,7 +742,8 @@ def test_stochastic_neighbours_and_mean(name, backend):
     if SPECS[name].kind != "e8m0":  # e8m0 has no zero, and negative inputs give NaN
         x = np.concatenate([x, [0.0], -x])
     else:  # the bottom binade, [2^-127, 2^-126)
-        x = np.concatenate([x, np.ldexp([1.0, 1.25, 1.5, 1.875], -127)])
+        bottom = [1.0, 1.0 + 2.0**-20, 1.25, 1.4, 1.5, 1.875]  # [2^-127, 2^-126)
+        x = np.concatenate([x, np.ldexp(bottom, -127)])
     x = x.astype(np.float32).astype(np.float64)
     lo, hi = _neighbours(x, name)
     n = 4000

@@ -97,17 +97,17 @@ def kernel_params(
     c = FLOAT32 if width == 32 else FLOAT64
     two = Fraction(2)
     max_bits = c.bits_of(fmt._max_fraction)
+    emin = fmt.emin  # the same grid for every rounding mode (``rounding`` is part of the key only)
     if fmt.encoding == "e8m0":
-        # ml_dtypes and torch round e8m0 to nearest on the grid of an e8m0 with subnormals: the
-        # smallest "normal" is 2^-126 and anything that rounds to zero becomes code 0 = 2^-127.
-        # The other modes use e8m0's own grid (2^-127 is a value, not a zero slot): on the other
-        # one "up" and "odd" moved 2^-127 itself to 2^-126 and stochastic rounding was biased
-        # in [2^-127, 2^-126); here everything below 2^-127 gives 2^-127, as DESIGN.md says.
-        emin = -126 if rounding == "nearest" else fmt.emin
+        # e8m0 rounds on its own grid, the powers of two 2^-127 .. 2^127, in every mode: linear
+        # distance, so nearest ties go up (1.5 * 2^-127 -> 2^-126, 1.25 * 2^-127 -> 2^-127), and
+        # the directed modes pick the power of two below / above. Below 2^-127 the grid's 0 stands
+        # for "no value" and becomes 2^-127 (zero_bits), so all of [0, 2^-127] gives 2^-127.
+        # torch 2.13 (and ml_dtypes < 0.7) round nearest on the grid of an e8m0 with a subnormal
+        # instead, taking all of (2^-127, 2^-126) up to 2^-126; ml_dtypes >= 0.7 agrees with us.
         zero_bits = c.bits_of(two**fmt.emin)
         flags = F_NEG_NAN
     else:
-        emin = fmt.emin
         zero_bits = 0
         flags = 0 if fmt.has_negative_zero else F_NO_NEGZERO
     if saturate:
@@ -128,8 +128,8 @@ def kernel_params(
             minnorm_bits = c.bits_of(mn)
     fast_lo = 0
     # No fast path for M = 0 (custom eXm0): its bit trick takes the exponent field's last bit as
-    # the parity for ties-to-even and round-to-odd, while the general path (like e8m0 in torch
-    # and ml_dtypes) treats the one-bit significand as odd: ties go up, odd truncates.
+    # the parity for ties-to-even and round-to-odd, while the general path (as e8m0 needs)
+    # treats the one-bit significand as odd: ties go up, odd truncates.
     if width == 32 and fmt.encoding != "e8m0" and 0 < fmt.mantissa_bits < 23 and emin >= c.emin:
         fast_lo = c.bits_of(two**emin)
     return KernelParams(
