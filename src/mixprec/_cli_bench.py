@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ._cli_types import format_list, int_at_least
+
 if TYPE_CHECKING:
     import torch
 
@@ -131,9 +133,15 @@ def _format_row(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=1 << 24, help="elements (default 16M)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per cell (best kept)")
-    parser.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated formats")
+    parser.add_argument(
+        "--n", type=int_at_least(1), default=1 << 24, help="elements, >= 1 (default 16M)"
+    )
+    parser.add_argument(
+        "--repeat", type=int_at_least(1), default=5, help="timed runs per cell, >= 1 (best kept)"
+    )
+    parser.add_argument(
+        "--formats", type=format_list, default=DEFAULT_FORMATS, help="comma-separated formats"
+    )
     parser.add_argument(
         "--slow", action="store_true", help="also time ml_dtypes and mixprec's torch fallback"
     )

@@ -15,15 +15,42 @@ examples:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ._cli_types import int_at_least, output_dir
+
+
+def _formats_arg(text: str) -> str:
+    from ._demo_recipes import resolve_recipes
+
+    try:
+        resolve_recipes(text)
+    except ValueError as exc:  # names the recipe ids and format names it accepts
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _task_arg(text: str) -> str:
+    from .demo import TASKS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected {', '.join(TASKS)} or all (comma-separated)"
+        )
+    for t in names:
+        if t != "all" and t not in TASKS:
+            raise argparse.ArgumentTypeError(
+                f"unknown task {t!r}; valid tasks are {', '.join(TASKS)}, all"
+            )
+    return "all" if "all" in names else ",".join(names)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--out",
-        type=Path,
-        default=Path("mixprec-report"),
+        type=output_dir,
+        default="mixprec-report",
         metavar="DIR",
         help="directory for report.md, report.json, curves.png, grad_hist.png "
         "(default: ./mixprec-report/)",
@@ -33,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--formats",
+        type=_formats_arg,
         default="fp16,bf16,fp8",
         metavar="LIST",
         help="comma-separated: fp16 (the three fp16 ablations), bf16, fp8 (e4m3/e5m2 hybrid), "
@@ -42,16 +70,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
+        type=_task_arg,
         default="all",
         metavar="TASK",
         help="digits, text or all (default: all); a comma-separated list works too",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int_at_least(0, 2**32 - 1),
+        default=0,
+        help="random seed, 0 to 2^32-1 (default: 0)",
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(0),
         default=1,
-        help="torch CPU threads while training (default: 1; 0 keeps torch's setting)",
+        help="torch CPU threads while training, >= 0 (default: 1; 0 keeps torch's setting)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (tables are still printed)"

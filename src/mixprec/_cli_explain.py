@@ -3,7 +3,9 @@
 ``mixprec explain VALUE --format NAME`` takes VALUE exactly: a decimal (``0.1``, ``-1e-5``,
 ``3/4``), a hex float (``0x1.99ap-4``), ``inf`` or ``nan``. A VALUE that starts with ``-`` and
 is not a plain number (``-inf``, ``-1e-5``, ``-0x1p-3``) goes after ``--``:
-``mixprec explain --format e4m3 -- -inf``. It prints the bit
+``mixprec explain --format e4m3 -- -inf``. A finite VALUE is used exactly, so it is bounded:
+|VALUE| from 1e-1000 to below 1e1000 (every format's range lies far inside, and beyond it every
+value rounds alike), at most 1200 significant digits. It prints the bit
 fields of the rounded value, its exact decimal and hex values, the two representable values
 bracketing the input, the rounding error in ULPs and relative terms, and what each rounding mode
 gives (stochastic: both candidates and their probabilities), with overflow and underflow notes.
@@ -26,6 +28,7 @@ from fractions import Fraction
 from typing import Any
 
 from ._cli_formats import _console, hexfloat
+from ._cli_types import format_name
 from .formats import FloatFormat, get_format
 
 SCHEMA_VERSION = 1
@@ -49,8 +52,83 @@ class Value:
     exact: Fraction | None = None
 
 
+# An input is used exactly, so its size is bounded (the exact decimals, errors and JSON strings
+# grow with it): magnitudes from 1e-1000 up to below 1e1000 (every format's range, 2^-1074 ..
+# 2^1024, lies far inside; beyond it every value rounds alike), at most this many significant
+# digits (the exact decimal of any float64 has at most 767).
+MAX_DECIMAL_EXPONENT = 1000
+MAX_DIGITS = 1200
+_DEC = re.compile(r"^(\d*)(?:\.(\d*))?(?:e([+-]?\d+))?$")
+_RATIO = re.compile(r"^(\d+)\s*/\s*(\d+)$")
+_LOW = Fraction(1, 10**MAX_DECIMAL_EXPONENT)
+_HIGH = Fraction(10**MAX_DECIMAL_EXPONENT)
+
+
+class _OutOfRange(Exception):
+    """Too large or small (or, with ``digits``, too many significant digits) to use exactly."""
+
+    def __init__(self, digits: str = "") -> None:
+        super().__init__()
+        self.digits = digits  # the limit broken, e.g. "1200 significant digits"
+
+
+def _exponent(text: str | None) -> int:
+    """An exponent's digits; ones too long to be in range raise _OutOfRange (no huge ints)."""
+    if not text:
+        return 0
+    if len(text.lstrip("+-").lstrip("0")) > 7:
+        raise _OutOfRange
+    return int(text)
+
+
+def _parse_magnitude(body: str) -> Fraction | None:
+    """|VALUE| exactly, None when it is not a number; _OutOfRange beyond the bounds, checked
+    before any big integer is built."""
+    if not body or body[0] in "+-":
+        return None
+    m = _HEX.match(body)
+    if m is not None:
+        if not (m.group(1) or m.group(2)):
+            return None
+        whole, frac = m.group(1), m.group(2) or ""
+        digits = (whole + frac).lstrip("0")
+        if not digits:
+            return Fraction(0)
+        if len(digits) > MAX_DIGITS // 4:
+            raise _OutOfRange(digits=f"{MAX_DIGITS // 4} hex digits")
+        mant = int(digits, 16)
+        shift = _exponent(m.group(3)) - 4 * len(frac)
+        if not -4 * MAX_DECIMAL_EXPONENT <= mant.bit_length() + shift <= 4 * MAX_DECIMAL_EXPONENT:
+            raise _OutOfRange
+        return Fraction(mant) * Fraction(2) ** shift
+    m = _RATIO.match(body)
+    if m is not None:
+        num, den = m.group(1).lstrip("0"), m.group(2).lstrip("0")
+        if not den:
+            return None  # n/0
+        if max(len(num), len(den)) > MAX_DIGITS:
+            raise _OutOfRange(digits=f"{MAX_DIGITS} significant digits")
+        return Fraction(int(num or "0"), int(den))
+    m = _DEC.match(body)
+    if m is None or not (m.group(1) or m.group(2)):
+        return None
+    frac = m.group(2) or ""
+    digits = (m.group(1) + frac).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return Fraction(0)  # 0, 0.000, 0e999999
+    if len(significant) > MAX_DIGITS:
+        raise _OutOfRange(digits=f"{MAX_DIGITS} significant digits")
+    scale = _exponent(m.group(3)) - len(frac) + (len(digits) - len(significant))
+    if not -2 * MAX_DECIMAL_EXPONENT <= len(significant) + scale <= 2 * MAX_DECIMAL_EXPONENT:
+        raise _OutOfRange
+    n = int(significant)
+    return Fraction(n * 10**scale) if scale >= 0 else Fraction(n, 10**-scale)
+
+
 def parse_value(text: str) -> Value:
-    """Parse VALUE exactly (no float rounding). Raises ValueError naming the accepted forms."""
+    """Parse VALUE exactly (no float rounding). Raises ValueError naming the accepted forms, or
+    the accepted range for a finite value too large or small (or long) to use exactly."""
     s = text.strip().lower().replace("_", "")
     negative = s.startswith("-")
     body = s[1:] if s[:1] in "+-" and s else s
@@ -58,17 +136,24 @@ def parse_value(text: str) -> Value:
         return Value(text, "inf", negative)
     if body == "nan":
         return Value(text, "nan", negative)
-    mag: Fraction | None = None
-    m = _HEX.match(body)
-    if m is not None and (m.group(1) or m.group(2)):
-        whole, frac, exp = m.group(1), m.group(2) or "", int(m.group(3) or 0)
-        mag = Fraction(int(whole + frac or "0", 16), 16 ** len(frac)) * Fraction(2) ** exp
-    elif m is None and body and body[0] not in "+-":
-        try:
-            mag = Fraction(body)
-        except (ValueError, ZeroDivisionError):
-            mag = None
-    if mag is None or mag < 0:
+    try:
+        mag = _parse_magnitude(body)
+        if mag is not None and mag != 0 and not _LOW <= mag < _HIGH:
+            raise _OutOfRange
+    except _OutOfRange as exc:
+        if exc.digits:
+            raise ValueError(
+                f"VALUE {_short(text, 40)!r} has too many digits: explain uses VALUE exactly and "
+                f"takes at most {exc.digits} (the exact decimal of any float64 has at most 767 "
+                "significant digits)"
+            ) from None
+        raise ValueError(
+            f"VALUE {_short(text, 40)!r} is out of range: explain uses VALUE exactly and takes "
+            f"magnitudes from 1e-{MAX_DECIMAL_EXPONENT} to below 1e{MAX_DECIMAL_EXPONENT}; every "
+            "format overflows above 2^1024 and underflows below 2^-1075, so a value such as "
+            "1e400 or 1e-400 rounds as any larger or smaller one would; for infinity write inf"
+        ) from None
+    if mag is None:
         raise ValueError(
             f"cannot parse VALUE {text!r}: expected a decimal (0.1, -1e-5, 3/4), a hex float "
             "(0x1.99ap-4), inf or nan"
@@ -475,11 +560,19 @@ def _fmt_num(x: float | None) -> str:
     return repr(x) if math.isfinite(x) or math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
+def _spec(x: float | str, spec: str) -> str:
+    """``format(x, spec)`` for a number; _jnum's "inf"/"-inf" (an error past float64's range:
+    the input is used exactly, so 1e-1000 rounded up is 1e676 times too large) as text."""
+    if isinstance(x, str):
+        return f"+{x}" if spec.startswith("+") and not x.startswith("-") else x
+    return format(x, spec)
+
+
 def _fmt_err(err: dict[str, Any]) -> tuple[str, str]:
     if err["ulps"] is None:
         return "-", "-"
-    rel = "-" if err["relative"] is None else f"{err['relative']:+.3e}"
-    return f"{err['ulps']:+.6g}", rel
+    rel = "-" if err["relative"] is None else _spec(err["relative"], "+.3e")
+    return _spec(err["ulps"], "+.6g"), rel
 
 
 def render(e: Explanation) -> None:
@@ -533,8 +626,13 @@ def render(e: Explanation) -> None:
     if err["ulps"] is not None:
         head.add_row(
             "rounding error",
-            f"{err['absolute']:+.6g} = {err['ulps']:+.6g} ulp (ulp {err['ulp']:.6g}), "
-            + ("relative -" if err["relative"] is None else f"relative {err['relative']:+.6g}"),
+            f"{_spec(err['absolute'], '+.6g')} = {_spec(err['ulps'], '+.6g')} ulp "
+            f"(ulp {_spec(err['ulp'], '.6g')}), "
+            + (
+                "relative -"
+                if err["relative"] is None
+                else f"relative {_spec(err['relative'], '+.6g')}"
+            ),
         )
     console.print(head)
 
@@ -565,9 +663,12 @@ def render(e: Explanation) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ._params import ROUNDING_MODES
 
-    parser.add_argument("value", metavar="VALUE", help="0.1, -1e-5, 3/4, 0x1.99ap-4, inf, nan")
     parser.add_argument(
-        "--format", "-f", dest="fmt", metavar="NAME", required=True,
+        "value", metavar="VALUE", type=_value_arg,
+        help="0.1, -1e-5, 3/4, 0x1.99ap-4, inf, nan (finite: |VALUE| from 1e-1000 to below 1e1000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--format", "-f", dest="fmt", metavar="NAME", required=True, type=format_name,
         help="target format: a name, an alias (bf16, e4m3, fp4, ...) or a custom eXmY",
     )  # fmt: skip
     parser.add_argument(
@@ -581,9 +682,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
+def _value_arg(text: str) -> Value:
+    try:
+        return parse_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     f = get_format(args.fmt)
-    value = parse_value(args.value)
+    value = args.value if isinstance(args.value, Value) else parse_value(args.value)
     e = explain(value, f, args.rounding, args.saturate)
     if args.json:
         print(json.dumps(to_json(e), indent=2))

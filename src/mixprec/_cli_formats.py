@@ -16,6 +16,7 @@ import math
 import sys
 from typing import Any
 
+from ._cli_types import format_name
 from .formats import ALIASES, FORMATS, FloatFormat, get_format
 
 SCHEMA_VERSION = 1
@@ -114,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-f",
         metavar="NAME",
         dest="fmt",
+        type=format_name,
         help="describe one format (a name, an alias such as bf16 or e4m3, or a custom eXmY)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

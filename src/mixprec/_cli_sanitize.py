@@ -10,8 +10,20 @@ findings table is printed; report.json, report.txt and report.png are written to
 path; everything else after the script path goes to the script, and everything after a bare
 ``--`` goes to the script verbatim (use it for script options named like mixprec's).
 
-Exit status: the script's own failure status if it failed (1 for an uncaught exception), else 1
-when ``--fail-on`` names a kind that was found (``any`` = every kind), else 0.
+Every option is checked before the script starts (formats exist, kinds are known, numbers are
+in range, the script is a file): a bad one is a usage error, ``mixprec sanitize: error: ...``
+with exit status 2, and the script does not run.
+
+The script ends as under ``python script.py``: ``sys.exit(N)`` gives status N, ``sys.exit()``
+and ``sys.exit(None)`` give 0, ``sys.exit("message")`` (any non-integer) prints the message to
+stderr and gives 1, an uncaught exception prints its traceback (from the script's own frames
+on, as python shows it; a ``SyntaxError`` without one) and gives 1, and Ctrl-C
+(``KeyboardInterrupt``) prints its traceback and gives 130. Whichever way it ends, the findings
+of what ran are still printed and written to ``--out`` (a crash is often what one is
+investigating); a script that failed is then named with its status.
+
+Exit status: the script's own nonzero status if it had one, else 1 when ``--fail-on`` names a
+kind that was found (``any`` = every kind), else 0; 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -21,6 +33,10 @@ import os
 import runpy
 import sys
 import traceback
+from types import TracebackType
+from typing import NoReturn
+
+from ._cli_types import float_in, format_name, int_at_least, output_dir
 
 _KIND_HELP = (
     "nan, inf, overflow, underflow, cancellation, precision_loss, decision_flip, or any; "
@@ -28,26 +44,54 @@ _KIND_HELP = (
 )
 
 
+def parse_fail_on(value: str | None) -> set[str]:
+    """``"nan,inf"`` -> {"nan", "inf"}; ``"any"`` -> every kind. Unknown kinds: ValueError."""
+    from .sanitize import KINDS
+
+    if not value:
+        return set()
+    kinds: set[str] = set()
+    for part in value.split(","):
+        k = part.strip()
+        if k in ("any", "all"):
+            kinds.update(KINDS)
+        elif k in KINDS:
+            kinds.add(k)
+        elif k:
+            raise ValueError(f"unknown finding kind {k!r}; valid kinds are {', '.join(KINDS)}, any")
+    return kinds
+
+
+def _fail_on(text: str) -> str:
+    try:
+        parse_fail_on(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
     p.add_argument(
         "--out",
+        type=output_dir,
         metavar="DIR",
         default=d("sanitize-report"),
         help="directory for report.json / report.txt / report.png (default: ./sanitize-report)",
     )
     p.add_argument(
         "--fail-on",
+        type=_fail_on,
         metavar="KIND",
         default=d(None),
         help=f"exit 1 when a finding of this kind exists: {_KIND_HELP}",
     )
     p.add_argument(
         "--threshold-bits",
-        type=float,
+        type=float_in(0, 53, low_open=True),
         metavar="N",
         default=d(None),
-        help="flag ops losing more than N significand bits (default: half the "
+        help="flag ops losing more than N significand bits, 0 < N <= 53 (default: half the "
         "mantissa of each result's format)",
     )
     p.add_argument(
@@ -64,22 +108,24 @@ def _add_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
     p.add_argument(
         "--dtype-hint",
+        type=format_name,
         metavar="FORMAT",
         default=d(None),
         help="format float32 tensors really hold (emulated formats)",
     )
     p.add_argument(
         "--hist-format",
+        type=format_name,
         metavar="FORMAT",
         default=d("float16"),
         help="target format of the gradient histogram (default float16)",
     )
     p.add_argument(
         "--max-rows",
-        type=int,
+        type=int_at_least(0),
         metavar="N",
         default=d(40),
-        help="rows of the printed table (default 40; files hold everything)",
+        help="rows of the printed table, N >= 0 (default 40; files hold everything)",
     )
 
 
@@ -87,38 +133,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the usage block
     _add_options(parser, defaults=True)
     # one REMAINDER positional (not script + REMAINDER): argparse then keeps a "--" that
-    # follows the script path, which _split_script_args needs to see
+    # follows the script path, which _split_script_args needs to see. Its dest may not be
+    # "command", the subparsers' dest: it would replace the subcommand's name.
     parser.add_argument(
-        "command",
+        "script_command",
         nargs=argparse.REMAINDER,
         metavar="script.py [args]",
         help="the script and its arguments (mixprec options may follow)",
     )
 
 
-def parse_fail_on(value: str | None) -> set[str]:
-    """``"nan,inf"`` -> {"nan", "inf"}; ``"any"`` -> every kind. Unknown kinds: ValueError."""
-    from .sanitize import KINDS
+class _LateOptionError(Exception):
+    """A bad mixprec option after the script path (reported through the real parser)."""
 
-    if not value:
-        return set()
-    kinds: set[str] = set()
-    for part in value.split(","):
-        k = part.strip()
-        if k in ("any", "all"):
-            kinds.update(KINDS)
-        elif k in KINDS:
-            kinds.add(k)
-        else:
-            raise ValueError(
-                f"--fail-on: unknown finding kind {k!r}; valid kinds are {', '.join(KINDS)}, any"
-            )
-    return kinds
+
+class _LateParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _LateOptionError(message)
 
 
 def _split_script_args(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """(script, its argv): mixprec options after the script path (up to a bare --) are ours."""
-    command = list(args.command)
+    """(script, its argv): mixprec options after the script path (up to a bare --) are ours.
+    A bad one raises ValueError with argparse's message."""
+    command = list(args.script_command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -128,19 +165,64 @@ def _split_script_args(args: argparse.Namespace) -> tuple[str, list[str]]:
     if "--" in rest:
         i = rest.index("--")
         rest, verbatim = rest[:i], rest[i + 1 :]
-    late = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    late = _LateParser(prog="mixprec sanitize", add_help=False, allow_abbrev=False)
     _add_options(late, defaults=False)
-    ns, unknown = late.parse_known_args(rest)
+    try:
+        ns, unknown = late.parse_known_args(rest)
+    except _LateOptionError as exc:
+        raise ValueError(str(exc)) from None
     for k, v in vars(ns).items():
         setattr(args, k, v)
     return script, unknown + verbatim
 
 
-def run(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> None:
+    """Split off the script and its arguments and check the script; ValueError if bad."""
     script, script_argv = _split_script_args(args)
-    fail_on = parse_fail_on(args.fail_on)
+    if not os.path.exists(script):
+        raise ValueError(f"cannot run script {script!r}: no such file or directory")
     if not os.path.isfile(script):
-        raise FileNotFoundError(f"no such script: {script}")
+        raise ValueError(f"cannot run script {script!r}: it is not a regular file")
+    args.script, args.script_argv = script, script_argv
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every option, also those after the script path, before anything runs (usage errors)."""
+    try:
+        _prepare(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _script_frames(tb: TracebackType | None, script: str) -> TracebackType | None:
+    """The traceback from the script's first frame on (python shows no runpy/mixprec frames)."""
+    target = os.path.abspath(script)
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != target:
+        tb = tb.tb_next
+    return tb
+
+
+def _report_exit(exc: BaseException, script: str) -> int:
+    """Print what python prints when a script ends with ``exc``; return python's exit status."""
+    sys.stdout.flush()
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return int(code)  # sys.exit(True) is status 1
+        print(code, file=sys.stderr)  # sys.exit("message"): the message, status 1
+        return 1
+    traceback.print_exception(type(exc), exc, _script_frames(exc.__traceback__, script))
+    sys.stderr.flush()
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if not hasattr(args, "script"):  # called without check(): same checks, as ValueError
+        _prepare(args)
+    script, script_argv = args.script, args.script_argv
+    fail_on = parse_fail_on(args.fail_on)
 
     from rich.console import Console
 
@@ -160,12 +242,8 @@ def run(args: argparse.Namespace) -> int:
         ) as report:
             try:
                 runpy.run_path(script, run_name="__main__")
-            except SystemExit as exc:
-                code = exc.code
-                status = code if isinstance(code, int) else (0 if code is None else 1)
-            except Exception:
-                traceback.print_exc()
-                status = 1
+            except (SystemExit, KeyboardInterrupt, Exception) as exc:
+                status = _report_exit(exc, script)
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path

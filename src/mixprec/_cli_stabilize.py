@@ -21,11 +21,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ._cli_types import python_file
+
 SCHEMA_VERSION = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a Python file defining modules or functions")
+    parser.add_argument(
+        "file", type=python_file, help="a Python file defining modules or functions"
+    )
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if any unstable pattern is found"
     )

@@ -1,8 +1,17 @@
 """The ``mixprec`` command line: formats, explain, demo, sanitize, stabilize, bench.
 
 Each subcommand lives in its own module ``mixprec._cli_NAME`` exposing ``add_arguments(parser)``
-and ``run(args) -> int``; this file only dispatches, so a subcommand's imports (torch, matplotlib)
-are paid only when it runs.
+and ``run(args) -> int``, and optionally ``check(args, parser)`` for checks that need several
+options at once (it reports problems with ``parser.error``); this file only dispatches, so a
+subcommand's imports (torch, matplotlib) are paid only when it runs.
+
+Every option is checked before a subcommand runs anything (``type=`` callables from
+``mixprec._cli_types``, then ``check``). Exit status: 2 for a bad command line (argparse's
+``usage: mixprec CMD ...`` and ``mixprec CMD: error: ...`` on stderr) and for a ``ValueError`` or
+``TypeError`` the library raises while validating what it was given (``mixprec CMD: error:
+MESSAGE``, no traceback); 1 when the command fails on an ``OSError`` (a file that cannot be read
+or written); otherwise what the subcommand returns. ``main(argv)`` returns the status instead of
+exiting, also for argparse's errors and ``--help``.
 """
 
 from __future__ import annotations
@@ -38,25 +47,45 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (module.__doc__ or name).strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=(module.__doc__ or doc).strip())
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        # private keys: a subcommand's own options may not shadow them (sanitize has a
+        # positional named like the subparsers' dest once did)
+        p.set_defaults(
+            _run=module.run, _check=getattr(module, "check", None), _name=name, _parser=p
+        )
     return parser
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help()
-        return 2
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 2
+        if args._check is not None:
+            args._check(args, args._parser)
+    except SystemExit as exc:  # argparse: a usage error (2) or --help (0)
+        return _exit_code(exc)
+    name = args._name
     try:
         return int(args._run(args) or 0)
     except BrokenPipeError:  # `mixprec formats | head`: the reader left; not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"mixprec {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError) as exc:
+        print(f"mixprec {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"mixprec {name}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
