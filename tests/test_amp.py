@@ -435,7 +435,7 @@ def test_errors():
         mixprec.initialize(model, opt, opt_level="01")
     with pytest.raises(ValueError, match="loss_scale"):
         mixprec.initialize(model, opt, loss_scale="huge")
-    with pytest.raises(ValueError, match="unknown float format"):
+    with pytest.raises(ValueError, match="unknown format 'fp17'; did you mean 'fp16'"):
         mixprec.initialize(model, opt, compute="fp17")
     with pytest.raises(TypeError, match="LBFGS"):
         mixprec.initialize(model, torch.optim.LBFGS(model.parameters()))

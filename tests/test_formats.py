@@ -195,13 +195,60 @@ def test_custom_out_of_range(bad):
 
 
 @pytest.mark.parametrize("bad", ["float7", "fp8", "", "e4m3fnuzz", "bfloat32", "int8"])
-def test_unknown_names_list_the_valid_ones(bad):
+def test_unknown_names_short_message(bad):
+    """The bad value and where to find the names, not a list of every name."""
     with pytest.raises(ValueError) as info:
         get_format(bad)
     message = str(info.value)
-    assert repr(bad) in message
-    for name in ("float32", "bfloat16", "float8_e4m3fn", "float4_e2m1fn", "eXmY"):
-        assert name in message
+    assert message.startswith(f"unknown format {bad!r}")
+    assert "mixprec formats" in message and "eXmY" in message
+    assert len(message) < 220, message
+
+
+@pytest.mark.parametrize(
+    ("bad", "meant"),
+    [
+        # floatN_eXmY near-misses used to be read as IEEE-style customs with inf (float4_e2m1
+        # had max 3 and overflowed to inf), a signed e8m0, or ignored N (float99_e5m2)
+        ("float4_e2m1", "float4_e2m1fn"), ("float6_e3m2", "float6_e3m2fn"),
+        ("float6_e2m3", "float6_e2m3fn"), ("float8_e8m0", "float8_e8m0fnu"),
+        ("float99_e5m2", "float8_e5m2"), ("float16_e5m10", "e5m10"),
+        ("bfloat17", "bfloat16"), ("e4m3fnuzz", "e4m3fnuz"), ("float8_e4m3fnz", "float8_e4m3fnuz"),
+        ("fp8", "fp8_e5m2"), ("float8", "float8_e4m3fn"), ("e04m3", "e4m3"),
+    ],
+)  # fmt: skip
+def test_near_misses_are_refused_with_a_suggestion(bad, meant):
+    with pytest.raises(ValueError, match="did you mean") as info:
+        get_format(bad)
+    message = str(info.value)
+    assert message.startswith(f"unknown format {bad!r}; did you mean ")
+    assert repr(meant) in message.split("?")[0]
+    assert len(message) < 250, message
+
+
+@pytest.mark.parametrize(
+    "bad", ["float8_e4m3fnu", "float8_e5m2fn", "e5m2fnuz_", "e4m3 fn", "e4m3\n1", "e٤m3",
+            "fp4_e2m1fn", "float8_e4m3b11", "e5m6fn", "float8e4m3", "e+4m3"],
+)  # fmt: skip
+def test_invalid_spellings_are_refused(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        get_format(bad)
+
+
+def test_mx_names_point_to_mixprec_mx():
+    with pytest.raises(ValueError, match="'mxfp8_e4m3' is an MX block format") as info:
+        get_format("mxfp8_e4m3")
+    assert "'float8_e4m3fn'" in str(info.value) and "mx_quantize" in str(info.value)
+    with pytest.raises(ValueError, match="did you mean 'mxfp8_e4m3' or 'mxfp8_e5m2'"):
+        get_format("mxfp8")
+
+
+def test_exact_names_still_accepted():
+    """Case and surrounding blanks are forgiven; every canonical name, alias and eXmY works."""
+    assert get_format(" BF16 ") is get_format("bfloat16")
+    assert get_format("Float8_E4M3FN") is get_format("float8_e4m3fn")
+    assert get_format("float8_e4m3").has_infinity  # the canonical IEEE-style 8-bit e4m3
+    assert get_format("e6m9").name == "e6m9"
 
 
 @pytest.mark.parametrize("bad", [3, 2.5, None, b"bf16", ["bf16"], np.float16])

@@ -547,3 +547,59 @@ def test_bad_axis_rounding_and_dtype() -> None:
         mx_quantize(torch.ones(8, dtype=torch.int32))
     with pytest.raises(TypeError, match="Tensor"):
         mx_encode([1.0, 2.0])  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# names and silent-wrong-answer guards (issue "no silent wrong answers")
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "meant"),
+    [("mxfp8", "mxfp8_e4m3"), ("mxfp8", "mxfp8_e5m2"), ("mxfp6_e3m3", "mxfp6_e3m2"),
+     ("mxfp4_e2m2", "mxfp4_e2m1"), ("float4_e2m1", "float4_e2m1fn")],
+)  # fmt: skip
+def test_unknown_format_suggests_and_stays_short(bad: str, meant: str) -> None:
+    with pytest.raises(ValueError) as info:
+        get_mx_format(bad)
+    message = str(info.value)
+    assert message.startswith(f"unknown MX format {bad!r}; did you mean ")
+    assert repr(meant) in message.split("?")[0]
+    assert len(message) < 250, message
+
+
+@pytest.mark.parametrize("fn", [mx_quantize, mx_encode])
+def test_bad_options_refused_even_for_empty_input(fn) -> None:
+    """Validated before the empty-tensor shortcut: a typo never passes silently."""
+    empty = torch.ones(0, 32)
+    with pytest.raises(TypeError, match=r"torch\.Generator"):
+        fn(empty, generator=3)
+    with pytest.raises(TypeError, match="saturate must be a bool"):
+        fn(empty, saturate="no")
+    with pytest.raises(TypeError, match="rounding must be a str"):
+        fn(empty, rounding=None)
+    with pytest.raises(ValueError, match="did you mean 'nearest'"):
+        fn(empty, rounding="nearst")
+
+
+def test_generator_on_another_device() -> None:
+    with pytest.raises(ValueError, match="generator is on device cpu but x is on meta"):
+        mx_quantize(
+            torch.ones(32, device="meta"), rounding="stochastic", generator=torch.Generator()
+        )
+
+
+def test_decode_refuses_out_of_range_scales_and_codes() -> None:
+    """They used to be masked to their low bits: 256 + 127 decoded as the scale 2^0."""
+    c = torch.full((32,), 0x38, dtype=torch.uint8)  # e4m3 1.0
+    ok = mx_decode(torch.tensor([127]), c, "mxfp8_e4m3")
+    assert ok.eq(1.0).all()
+    with pytest.raises(ValueError, match=r"scales\[0\] = 383 is out of range .*-128\.\.255"):
+        mx_decode(torch.tensor([256 + 127]), c, "mxfp8_e4m3")
+    assert mx_decode(torch.tensor([127], dtype=torch.int8), c, "mxfp8_e4m3").eq(1.0).all()
+    with pytest.raises(ValueError, match=r"codes\[3\] = 16 is out of range for float4_e2m1fn"):
+        mx_decode(torch.tensor([127]), torch.tensor([0, 1, 2, 16] + [0] * 28), "mxfp4")
+    with pytest.raises(ValueError, match=r"codes\[1\] = -1000 is out of range for packed"):
+        mx_decode(torch.tensor([127]), torch.tensor([0, -1000] + [0] * 14), "mxfp4", packed=True)
+    with pytest.raises(TypeError, match="packed must be a bool"):
+        mx_decode(torch.tensor([127]), c, "mxfp8_e4m3", packed="no")

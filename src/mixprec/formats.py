@@ -23,7 +23,9 @@ every value of every supported format exactly.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ALIASES", "FORMATS", "FloatFormat", "format_names", "get_format"]
+# close_matches / did_you_mean: shared by every name check of the package (not exported)
 
 Encoding = Literal["ieee", "fn", "fnuz", "finite", "e8m0"]
 _ENCODINGS = ("ieee", "fn", "fnuz", "finite", "e8m0")
@@ -266,7 +269,12 @@ ALIASES: dict[str, str] = {
     "fp4_e2m1": "float4_e2m1fn",
 }  # fmt: skip
 
-_CUSTOM = re.compile(r"^(?:float\d+_)?e(\d+)m(\d+)$")
+_CUSTOM = re.compile(r"e([0-9]+)m([0-9]+)")
+_SIZED = re.compile(r"float[0-9]+_(e[0-9]+m[0-9]+[a-z0-9]*)")  # floatN_eXmY... near-misses
+_LIST_HINT = (
+    "`mixprec formats` lists the names; eXmY (X in 2..11, Y in 0..52) is an IEEE-style "
+    "custom format"
+)
 
 
 def format_names() -> list[str]:
@@ -274,40 +282,113 @@ def format_names() -> list[str]:
     return [*FORMATS, *ALIASES]
 
 
-def _custom_format(name: str) -> FloatFormat | None:
-    match = _CUSTOM.match(name)
-    if match is None:
+def close_matches(bad: str, choices: Iterable[str]) -> list[str]:
+    """The choices closest to ``bad`` (difflib): the best one and any nearly as close, at most 3."""
+    choices = list(dict.fromkeys(choices))
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, bad, c).ratio(), c) for c in choices),
+        key=lambda rc: -rc[0],
+    )
+    if not scored or scored[0][0] < 0.6:
+        return []
+    best = scored[0][0]
+    return [c for r, c in scored[:3] if r >= max(0.6, best - 0.05)]
+
+
+def did_you_mean(suggestions: list[str]) -> str:
+    """``"; did you mean 'a' or 'b'?"`` for a non-empty list, else ``""``."""
+    if not suggestions:
+        return ""
+    quoted = [repr(s) for s in suggestions]
+    text = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f"; did you mean {text}?"
+
+
+def _custom_format(key: str, shown: str) -> FloatFormat | None:
+    """The IEEE-style custom format of a plain ``eXmY`` name (no leading zeros), else None.
+
+    ``shown`` is the name as the caller spelled it, for the error message.
+    """
+    match = _CUSTOM.fullmatch(key)
+    if match is None or any(len(g) > 1 and g[0] == "0" for g in match.groups()):
         return None
     e, m = int(match.group(1)), int(match.group(2))
     if not (2 <= e <= 11 and 0 <= m <= 52):
         raise ValueError(
-            f"custom format {name!r}: exponent bits must be in 2..11 and mantissa bits in "
+            f"custom format {shown!r}: exponent bits must be in 2..11 and mantissa bits in "
             f"0..52 (got e{e}m{m})"
         )
     return FloatFormat(f"e{e}m{m}", e, m, (1 << (e - 1)) - 1, "ieee")
 
 
+def _resolve(key: str, shown: str) -> FloatFormat | None:
+    name = ALIASES.get(key, key)
+    if name in FORMATS:
+        return FORMATS[name]
+    return _custom_format(key, shown)
+
+
+def _prefixed(key: str, names: dict[str, str]) -> list[str]:
+    """Names that extend ``key`` by ``_...`` (``fp8`` -> ``fp8_e4m3``, ...), one per target."""
+    found: dict[str, str] = {}
+    for name, target in names.items():
+        if name.startswith(key + "_"):
+            found.setdefault(target, name)
+    return list(found.values())[:4]
+
+
+def _suggestions(key: str) -> list[str]:
+    """Names the user may have meant: the eXmY of ``floatN_eXmY``, ``key_...`` names, difflib."""
+    sized = _SIZED.fullmatch(key)
+    if sized is not None:
+        try:
+            guess = _resolve(sized.group(1), sized.group(1))
+        except ValueError:
+            guess = None
+        if guess is not None:
+            return [guess.name]
+    names = {n: n for n in FORMATS} | dict(ALIASES)
+    return _prefixed(key, names) or close_matches(key, names)
+
+
+def _mx_message(fmt: str, key: str) -> str:
+    from .mx import _MX_ALIASES, MX_FORMATS  # lazy: mx imports this module
+
+    mx = MX_FORMATS.get(_MX_ALIASES.get(key, key))
+    where = "mixprec.mx (mx_quantize, mx_encode, mx_decode) and Policy take MX formats"
+    if mx is not None:
+        return (
+            f"{fmt!r} is an MX block format, not an element format: {where}; its element "
+            f"format is {mx.element.name!r}"
+        )
+    names = {n: n for n in MX_FORMATS} | dict(_MX_ALIASES)
+    hint = did_you_mean(_prefixed(key, names) or close_matches(key, names))
+    return f"unknown format {fmt!r}{hint} ({where})"
+
+
+def _unknown_format_message(fmt: str, key: str) -> str:
+    if key.startswith("mx"):
+        return _mx_message(fmt, key)
+    return f"unknown format {fmt!r}{did_you_mean(_suggestions(key))} ({_LIST_HINT})"
+
+
 def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     """Return the :class:`FloatFormat` for a name, alias, ``eXmY`` string or ``torch.dtype``.
 
-    Raises ``ValueError`` (listing the valid names) for an unknown name and ``TypeError`` for
-    anything that is not a string, a FloatFormat or a floating ``torch.dtype``.
+    Names are matched case-insensitively (surrounding blanks ignored) against the canonical
+    names, the aliases and plain ``eXmY`` (X in 2..11, Y in 0..52, no leading zeros); anything
+    else, near-misses such as ``"float4_e2m1"`` (the format is ``float4_e2m1fn``) included,
+    raises ``ValueError`` naming the bad value with the closest valid names. ``TypeError`` for
+    anything that is not a string, a FloatFormat or a ``torch.dtype``.
     """
     if isinstance(fmt, FloatFormat):
         return fmt
     if isinstance(fmt, str):
         key = fmt.strip().lower()
-        key = ALIASES.get(key, key)
-        if key in FORMATS:
-            return FORMATS[key]
-        custom = _custom_format(key)
-        if custom is not None:
-            return custom
-        raise ValueError(
-            f"unknown float format {fmt!r}; valid names are {', '.join(FORMATS)}; "
-            f"aliases {', '.join(ALIASES)}; or 'eXmY' (X in 2..11, Y in 0..52) for an "
-            "IEEE-style custom format"
-        )
+        found = _resolve(key, fmt)
+        if found is None:
+            raise ValueError(_unknown_format_message(fmt, key))
+        return found
     import torch
 
     if isinstance(fmt, torch.dtype):

@@ -39,9 +39,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ._params import ROUNDING_MODES
-from .formats import FloatFormat, get_format
-from .quantize import decode, encode, quantize_
+from .formats import ALIASES, FloatFormat, close_matches, did_you_mean, get_format
+from .quantize import (
+    _check_code_range,
+    _check_codes_tensor,
+    _check_flag,
+    _check_generator,
+    _check_rounding,
+    decode,
+    encode,
+    quantize_,
+)
 
 __all__ = [
     "MX_FORMATS",
@@ -111,10 +119,15 @@ _BY_ELEMENT: dict[str, MXFormat] = {m.element.name: m for m in MX_FORMATS.values
 
 
 def _valid_names() -> str:
-    return (
-        f"MX names {', '.join([*MX_FORMATS, *_MX_ALIASES])}; or element formats "
-        f"{', '.join(_BY_ELEMENT)} (and their aliases e4m3, e5m2, e3m2, e2m3, e2m1)"
-    )
+    return f"MX formats: {', '.join(MX_FORMATS)} (or their element formats)"
+
+
+def _mx_suggestions(key: str) -> list[str]:
+    """Closest MX names: MX names extending ``key`` (``mxfp8`` -> both fp8 ones), or difflib."""
+    names = [*MX_FORMATS, *_MX_ALIASES]
+    elements = [*_BY_ELEMENT, *(a for a, n in ALIASES.items() if n in _BY_ELEMENT)]
+    prefixed = [n for n in names if n.startswith(key + "_")]
+    return prefixed or close_matches(key, [*names, *elements])
 
 
 def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
@@ -122,7 +135,8 @@ def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
 
     Element formats may be given by any name or alias :func:`~mixprec.formats.get_format`
     accepts (``"float8_e4m3fn"``, ``"e4m3"``, ``"fp4"``, ...), but only the five element formats
-    of the spec are MX formats; anything else raises ``ValueError`` listing the valid names.
+    of the spec are MX formats; anything else raises ``ValueError`` naming the bad value, the
+    closest valid names and the MX formats.
     """
     if isinstance(name, MXFormat):
         return name
@@ -134,9 +148,8 @@ def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
         try:
             elem = get_format(key)
         except ValueError:
-            raise ValueError(
-                f"unknown MX format {name!r}; valid names are {_valid_names()}"
-            ) from None
+            hint = did_you_mean(_mx_suggestions(key))
+            raise ValueError(f"unknown MX format {name!r}{hint} ({_valid_names()})") from None
     elif isinstance(name, FloatFormat):
         elem = name
     else:
@@ -146,9 +159,7 @@ def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
         )
     mx = _BY_ELEMENT.get(elem.name)
     if mx is None:
-        raise ValueError(
-            f"{elem.name} is not an MX element format; valid names are {_valid_names()}"
-        )
+        raise ValueError(f"{elem.name} is not an MX element format ({_valid_names()})")
     return mx
 
 
@@ -183,11 +194,14 @@ def _check_float(x: object) -> torch.Tensor:
     return x
 
 
-def _check_rounding(rounding: str) -> None:
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(
-            f"unknown rounding mode {rounding!r}; valid modes are {', '.join(ROUNDING_MODES)}"
-        )
+def _check_options(
+    x: torch.Tensor, rounding: object, saturate: object, subnormals: object, generator: object
+) -> None:
+    """The element-rounding arguments, checked before any work (also for empty ``x``)."""
+    _check_rounding(rounding)
+    _check_flag(saturate, "saturate")
+    _check_flag(subnormals, "subnormals")
+    _check_generator(generator, x)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -348,7 +362,7 @@ def mx_quantize(
     _check_float(x)
     mx = get_mx_format(elem_format)
     ax, _ = _check_args(x, block_size, axis)
-    _check_rounding(rounding)
+    _check_options(x, rounding, saturate, subnormals, generator)
     if x.numel() == 0:
         return x.clone()
     blocks, n = _to_blocks(x, block_size, ax)
@@ -395,8 +409,8 @@ def mx_encode(
     _check_float(x)
     mx = get_mx_format(elem_format)
     ax, _ = _check_args(x, block_size, axis)
-    _check_rounding(rounding)
-    if pack and mx.element.bits > 4:
+    _check_options(x, rounding, saturate, subnormals, generator)
+    if _check_flag(pack, "pack") and mx.element.bits > 4:
         raise ValueError(f"pack=True needs a 4-bit element format (mxfp4); got {mx.name}")
     blocks, n = _to_blocks(x, block_size, ax)
     shared, bad = _shared_exponents(blocks, mx.emax_elem)
@@ -447,17 +461,17 @@ def mx_decode(
         shape: the output shape; by default the (unpacked) shape of ``codes``. Give it to crop
             padded codes.
 
-    Raises ``ValueError`` when the shapes of ``scales``, ``codes`` and ``shape`` disagree.
+    Raises ``ValueError`` when the shapes of ``scales``, ``codes`` and ``shape`` disagree, and
+    for codes or scales out of range (naming the first; see :func:`mixprec.quantize.decode`).
     Cost: one table look-up pass (:func:`mixprec.quantize.decode`), one multiply, and a copy
-    when ``axis`` is not last; no device sync.
+    when ``axis`` is not last. The range checks cost one host sync each, except where the
+    dtype cannot hold a bad value (uint8/int8 scales, and codes of the 8-bit formats).
     """
     mx = get_mx_format(elem_format)
-    for name, t in (("scales", scales), ("codes", codes)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if packed and mx.element.bits > 4:
+    _check_codes_tensor(scales, "scales")
+    _check_codes_tensor(codes, "codes")
+    _check_code_range(scales, 8, "float8_e8m0fnu scales", "scales")
+    if _check_flag(packed, "packed") and mx.element.bits > 4:
         raise ValueError(f"packed=True needs a 4-bit element format (mxfp4); got {mx.name}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
