@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Set-up-and-run entry point for a fresh clone: ``python3 scripts/dev.py demo|test|env|lock [args]``.
+"""Set-up-and-run entry point for a fresh clone: ``python3 scripts/dev.py COMMAND [args]``.
+
+Commands: ``demo`` (the main job), ``test`` (what CI runs: ruff, then the whole suite),
+``env`` (set up only), ``lock``.
 
 Creates (or reuses) ``.venv`` and installs the development environment pinned by
 ``constraints.txt`` (every direct and transitive dependency at an exact version, pip and the build
@@ -28,6 +31,7 @@ LOCK = ROOT / "constraints.txt"
 TORCH = "torch==2.13.0"  # the CPU build; repeated in constraints.txt
 BUILD = ("pip", "setuptools", "wheel")  # installed first, from the lock, so the build is pinned too
 STAMP = VENV / ".mixprec-install-stamp"
+LINTED = ("src", "tests", "benchmarks", "scripts")
 LOCK_HEADER = """\
 # Development/CI environment of mixprec: every dependency at an exact version.
 # Used as a pip constraint by scripts/dev.py for every install. Users get the ranges in
@@ -103,7 +107,10 @@ def _normalise(pin: str) -> str:
 def main(argv: list[str]) -> int:
     commands = ("demo", "test", "env", "lock")
     if not argv or argv[0] not in commands:
-        print("usage: python3 scripts/dev.py demo [mixprec demo args] | test [pytest args] | env | lock")
+        print(
+            "usage: python3 scripts/dev.py demo [mixprec demo args] | test [pytest args] | env"
+            " | lock"
+        )
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "lock":
@@ -113,8 +120,16 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "demo":
         return subprocess.call([str(py), "-m", "mixprec", "demo", *rest], cwd=ROOT)
-    args = rest or ["-n", "2", "-q"]
-    return subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+    if rest:  # a developer's own selection: pytest only
+        return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+    lint = [
+        [str(py), "-m", "ruff", "check", *LINTED],
+        [str(py), "-m", "ruff", "format", "--check", *LINTED],
+    ]
+    for cmd_ in lint:
+        if subprocess.call(cmd_, cwd=ROOT) != 0:
+            return 1
+    return subprocess.call([str(py), "-m", "pytest", "-n", "2", "-q"], cwd=ROOT)
 
 
 if __name__ == "__main__":
