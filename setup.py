@@ -25,8 +25,8 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "mixprec._kernels",
-            sources=["src/mixprec/_kernels.c"],
+            "mixprec.quantization._kernels",
+            sources=["src/mixprec/quantization/_kernels.c"],
             extra_compile_args=["-O3", "-fno-math-errno"],
             optional=True,
         )

@@ -1,10 +1,13 @@
-"""Shared helpers for the benchmark scripts (timing and tables live in mixprec._cli_bench)."""
+"""Shared helpers for the benchmark scripts.
+
+Timing and tables live in mixprec.cli.bench_command.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mixprec._cli_bench import best_of, machine, markdown_table
+from mixprec.cli.bench_command import best_of, machine, markdown_table
 
 __all__ = ["RESULTS", "best_of", "machine", "markdown_table", "write_result"]
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import mixprec
 from _common import machine, markdown_table, write_result
 from autocast import make_model  # the reference transformer
-from mixprec._autocast_native import cpu_has_fast_bf16
-from mixprec.scaling import DynamicLossScaler
+from mixprec.amp import DynamicLossScaler
+from mixprec.precision import cpu_has_fast_bf16
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mixprec
-from mixprec._autocast_native import cpu_flags, cpu_has_fast_bf16
-from mixprec.autocast import DelayedScaling
+from mixprec.precision import DelayedScaling
+from mixprec.precision.native import cpu_flags, cpu_has_fast_bf16
 
 
 class Block(nn.Module):

@@ -2,8 +2,8 @@
 
     python benchmarks/quantize.py [--n 16777216] [--repeat 5]
 
-Same table as ``mixprec bench --slow`` (the timing code lives in mixprec._cli_bench); this script
-also writes it to benchmarks/results/quantize.md.
+Same table as ``mixprec bench --slow`` (the timing code lives in mixprec.cli.bench_command);
+this script also writes it to benchmarks/results/quantize.md.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from _common import write_result
-from mixprec._cli_bench import DEFAULT_FORMATS, quantize_table
+from mixprec.cli.bench_command import DEFAULT_FORMATS, quantize_table
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from _common import machine, markdown_table, write_result
 from autocast import make_model  # the reference transformer
-from mixprec.sanitize import sanitize
+from mixprec.sanitizer import sanitize
 
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
     "plain fp32": contextlib.nullcontext,

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from mixprec import _stable_audit as audit
 from mixprec import stable
+from mixprec.testing import ulp as audit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ulp.md"
 DTYPES = {

@@ -45,7 +45,7 @@ def _python(env: Path = VENV) -> Path:
 
 def _fingerprint() -> str:
     h = hashlib.sha256(TORCH.encode())
-    for rel in ("pyproject.toml", "setup.py", "src/mixprec/_kernels.c", LOCK.name):
+    for rel in ("pyproject.toml", "setup.py", "src/mixprec/quantization/_kernels.c", LOCK.name):
         path = ROOT / rel
         if path.exists():
             h.update(path.read_bytes())

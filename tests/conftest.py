@@ -20,7 +20,7 @@ import pytest
 import torch
 
 # the module, not the function: ``mixprec.quantize`` also names the public function (lazy export)
-mq = importlib.import_module("mixprec.quantize")
+mq = importlib.import_module("mixprec.quantization.elementwise")
 
 BACKENDS = ("c", "torch")
 

@@ -404,7 +404,7 @@ def check_parses(command: str) -> None:
             check_parses(shlex.join(["mixprec", "demo", *argv[3:]]))
         return
     assert argv[0] == "mixprec", f"{command!r}: the doc runner only runs mixprec commands"
-    from mixprec.cli import build_parser
+    from mixprec.cli.app import build_parser
 
     err = io.StringIO()
     try:

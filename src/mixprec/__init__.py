@@ -1,55 +1,48 @@
 """mixprec: low- and mixed-precision deep learning for PyTorch.
 
 Train in any floating-point format (natively where the hardware has it, bit-exactly emulated
-where it does not), see where precision is lost, and fix it. See README.md for a tour.
+where it does not), see where precision is lost, and fix it. See README.md for a tour and
+docs/design.md for the layers.
 
-Public names are imported lazily (PEP 562), so ``import mixprec`` stays cheap and a layer is
-loaded only when used.
+The public API is re-exported here explicitly. Subpackages, one per concept, import one way
+(top to bottom): ``formats`` -> ``quantization`` -> ``precision`` -> ``amp``; ``sanitizer``
+and ``stable`` sit beside ``precision``; ``demo`` and ``cli`` use only the public API.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 __version__ = "0.1.0"
 
-# public name -> defining module (layers of DESIGN.md, top to bottom)
-_EXPORTS: dict[str, str] = {
-    "FloatFormat": "formats",
-    "FORMATS": "formats",
-    "get_format": "formats",
-    "quantize": "quantize",
-    "quantize_": "quantize",
-    "encode": "quantize",
-    "decode": "quantize",
-    "fake_quantize": "quantize",
-    "ROUNDING_MODES": "quantize",
-    "mx_quantize": "mx",
-    "mx_encode": "mx",
-    "mx_decode": "mx",
-    "Policy": "policy",
-    "OpLists": "policy",
-    "autocast": "autocast",
-    "apply_policy": "autocast",
-    "NoOpLossScaler": "scaling",
-    "StaticLossScaler": "scaling",
-    "DynamicLossScaler": "scaling",
-    "initialize": "amp",
-    "scale_loss": "amp",
-    "master_params": "amp",
-    "sanitize": "sanitize",
-    "Report": "sanitize",
-    "stabilize": "rewrite",
-}
-_SUBMODULES = {
-    "formats", "quantize", "mx", "policy", "autocast", "scaling", "amp", "sanitize", "stable",
-    "rewrite", "cli", "demo",
-}  # fmt: skip
+from mixprec import stable
+from mixprec.amp import (
+    DivergenceError,
+    DynamicLossScaler,
+    NoOpLossScaler,
+    StaticLossScaler,
+    initialize,
+    master_params,
+    scale_loss,
+)
+from mixprec.formats import FORMATS, FloatFormat, get_format
+from mixprec.precision import OpLists, Policy, apply_policy, autocast, current_policy
+from mixprec.quantization import (
+    ROUNDING_MODES,
+    decode,
+    encode,
+    fake_quantize,
+    mx_decode,
+    mx_encode,
+    mx_quantize,
+    quantize,
+    quantize_,
+)
+from mixprec.sanitizer import Report, sanitize
+from mixprec.stable import stabilize
 
 __all__ = [
     "FORMATS",
     "ROUNDING_MODES",
+    "DivergenceError",
     "DynamicLossScaler",
     "FloatFormat",
     "NoOpLossScaler",
@@ -60,6 +53,7 @@ __all__ = [
     "__version__",
     "apply_policy",
     "autocast",
+    "current_policy",
     "decode",
     "encode",
     "fake_quantize",
@@ -76,26 +70,3 @@ __all__ = [
     "stabilize",
     "stable",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(import_module(f".{module}", __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'mixprec' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
-
-
-# Functions that share their module's name are bound eagerly: importing a submodule sets the
-# package attribute to the module, which would otherwise shadow the function of the same name.
-from .autocast import apply_policy, autocast  # noqa: E402
-from .formats import FORMATS, FloatFormat, get_format  # noqa: E402
-from .quantize import ROUNDING_MODES, decode, encode, fake_quantize, quantize, quantize_  # noqa: E402
-from .sanitize import Report, sanitize  # noqa: E402

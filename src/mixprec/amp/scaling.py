@@ -1,0 +1,853 @@
+"""Loss scalers: ``NoOpLossScaler``, ``StaticLossScaler`` and ``DynamicLossScaler``.
+
+Loss scaling (the mixed-precision paper's second trick) multiplies the loss by ``S`` before
+``backward()`` so small gradients survive a narrow format (fp16 flushes everything below 2^-24),
+then divides the gradients by ``S`` before the optimizer sees them. A dynamic scaler picks ``S``
+on the fly: halve it when the gradients overflow (and skip that step), double it after
+``growth_interval`` clean steps.
+
+The API is a superset of :class:`torch.amp.GradScaler`::
+
+    scaler = DynamicLossScaler()
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)                      # optional: clip unscaled gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)                          # skipped if gradients overflowed
+        scaler.update()
+        if not scaler.last_step_skipped:
+            lr_scheduler.step()
+
+With torch's arguments (``max_scale=None``, ``min_scale=None``, ``hysteresis=1``) the scale
+trajectory and the skipped steps are identical to ``torch.amp.GradScaler``'s for the same
+gradients (same float32 scale arithmetic, same fp64 reciprocal, same fused kernel).
+
+Additions: a floor and a ceiling on the scale, hysteresis (back off only after ``hysteresis``
+overflows in a row), an observable record of skipped steps (:attr:`last_step_skipped`,
+:attr:`skipped_steps`, an ``on_skip`` callback), a warning naming the parameters whose gradients
+overflowed when the scale collapses to ``min_scale``, an all-reduce of the overflow flag when
+``torch.distributed`` is initialised (every rank skips the same steps, also with sharded
+gradients as in FSDP), and divergence detection: a NaN/inf *loss* at a scale of at most 1 is not
+an overflow that scaling could cure, so it raises :class:`DivergenceError` (after skipping the
+step; ``on_divergence="warn"`` or ``"ignore"`` to carry on).
+
+Cost per iteration: ``scale`` is one multiply (plus a tiny finiteness flag of the loss, no sync);
+``unscale_`` is one fused pass over the gradients
+(``torch._amp_foreach_non_finite_check_and_unscale_`` where available: one read and one write
+per element, no sync) and, when distributed, one
+all-reduce of a scalar; ``step`` reads the overflow flag back (one device sync, as torch does).
+``update`` is Python arithmetic on the already-synced flag.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+import weakref
+from collections import abc, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+try:  # reuse torch's enum so code that inspects the stage works with either scaler
+    from torch.amp.grad_scaler import OptState
+except ImportError:  # pragma: no cover - very old torch
+    from enum import Enum
+
+    class OptState(Enum):  # type: ignore[no-redef]
+        READY = 0
+        UNSCALED = 1
+        STEPPED = 2
+
+
+_DIVERGENCE_MODES = ("raise", "warn", "ignore")
+_FUSED = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+_MAX_NAMES = 8  # offending parameter names shown in one message
+
+
+class DivergenceError(FloatingPointError):
+    """The loss itself was NaN/inf at a loss scale of at most 1: a divergence, not an overflow.
+
+    Raised by ``update()`` after the step was skipped and the scaler's state advanced, so the
+    parameters are intact and training can resume (e.g. from a checkpoint with a lower LR).
+    """
+
+
+class LossScaleCollapseWarning(RuntimeWarning):
+    """The loss scale hit its floor (``min_scale``) and the gradients still overflow."""
+
+
+@dataclass(frozen=True)
+class SkippedStep:
+    """What an ``on_skip`` callback receives when an iteration's gradients overflowed.
+
+    Attributes:
+        iteration: index of the iteration (number of ``update()`` calls before this one).
+        scale: the loss scale the overflowing gradients were computed with.
+        new_scale: the scale for the next iteration.
+        consecutive: overflowing iterations in a row, this one included.
+        skipped_steps: total skipped iterations so far, this one included.
+        optimizers: ids of the optimizers whose ``step`` was skipped.
+    """
+
+    iteration: int
+    scale: float
+    new_scale: float
+    consecutive: int
+    skipped_steps: int
+    optimizers: tuple[int, ...] = ()
+
+
+@dataclass
+class _OptRecord:
+    """Per-optimizer bookkeeping for one iteration (torch's ``_per_optimizer_states`` entry)."""
+
+    stage: OptState = OptState.READY
+    found_inf: torch.Tensor | None = None  # float32 scalar: > 0 when some gradient overflowed
+    found: bool | None = None  # found_inf read back (after the sync in step/update)
+    skipped: bool = False
+    optimizer: Any = None  # strong ref for the iteration: offending-name lookup
+    offenders: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32 (ties to even), as a float32 store does."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds past FLT_MAX
+        return math.copysign(math.inf, x)
+
+
+def _non_finite_check_and_unscale_(
+    grads: Sequence[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
+    fused: bool | None = None,
+) -> None:
+    """Set ``found_inf`` to 1 if any of ``grads`` (one device) holds NaN/inf; multiply all by
+    ``inv_scale`` in place.
+
+    ``fused=None`` uses torch's fused kernel where it exists (one pass, no sync) and falls back
+    to a per-tensor ``isfinite`` reduction plus a foreach multiply. As in torch's kernel, the
+    check looks at the values *before* the multiply.
+    """
+    if not grads:
+        return
+    if fused is not False and _FUSED is not None:
+        try:
+            # one kernel per dtype; the op itself demands a single dtype per call
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+            for g in grads:
+                by_dtype[g.dtype].append(g)
+            for group in by_dtype.values():
+                _FUSED(group, found_inf, inv_scale)
+            return
+        except (RuntimeError, NotImplementedError):
+            if fused:
+                raise
+    flags = torch.stack([torch.isfinite(g).all() for g in grads])
+    found_inf.copy_(torch.maximum(found_inf, (~flags.all()).to(found_inf.dtype)))
+    _unscale_only_(grads, inv_scale)
+
+
+def _unscale_only_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> None:
+    """Multiply ``grads`` (one device) by ``inv_scale`` in place, one foreach call per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    for group in by_dtype.values():
+        # fp32 scalar: the product is formed in fp32 and rounded once, as the fused kernel does
+        torch._foreach_mul_(group, inv_scale.to(group[0].device))
+
+
+def _is_distributed(setting: bool | None) -> bool:
+    if setting is False:
+        return False
+    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if setting and not available:
+        raise RuntimeError(
+            "distributed=True but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first or pass distributed=None (auto)"
+        )
+    return available
+
+
+class LossScaler:
+    """Shared engine of the three scalers: state machine, unscale, skip record, callbacks.
+
+    Subclasses decide the scale (:meth:`_next_scale`). Not meant to be instantiated directly.
+
+    Args:
+        scale: initial scale (rounded to float32, as torch stores it).
+        check_finite: check the gradients for NaN/inf and skip the step when found. Without
+            it ``step`` just calls ``optimizer.step()`` (no gradient pass at all).
+        on_skip: called with a :class:`SkippedStep` at every ``update()`` whose iteration
+            overflowed (e.g. to hold back an LR scheduler or log).
+        on_divergence: ``"raise"`` (default) a :class:`DivergenceError`, ``"warn"`` or
+            ``"ignore"`` when the loss itself is NaN/inf at a scale of at most 1.
+        distributed: ``None`` (auto: all-reduce the overflow flag iff ``torch.distributed`` is
+            initialised), ``True`` (require it) or ``False`` (never).
+        process_group: the group to all-reduce over (default: the world).
+    """
+
+    def __init__(
+        self,
+        scale: float,
+        *,
+        check_finite: bool = True,
+        on_skip: Callable[[SkippedStep], Any] | None = None,
+        on_divergence: Literal["raise", "warn", "ignore"] = "raise",
+        distributed: bool | None = None,
+        process_group: Any = None,
+    ) -> None:
+        _check_positive("scale", scale)
+        if on_divergence not in _DIVERGENCE_MODES:
+            raise ValueError(
+                f"on_divergence must be one of {', '.join(map(repr, _DIVERGENCE_MODES))}, "
+                f"got {on_divergence!r}"
+            )
+        if on_skip is not None and not callable(on_skip):
+            raise TypeError(f"on_skip must be callable or None, got {type(on_skip).__name__}")
+        if distributed not in (None, True, False):
+            raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+        self._scale = _f32(float(scale))
+        self.check_finite = bool(check_finite)
+        self.on_skip = on_skip
+        self.on_divergence = on_divergence
+        self.distributed = distributed
+        self.process_group = process_group
+        self._scale_tensors: dict[torch.device, torch.Tensor] = {}
+        self._scaled_once = False
+        # did a loss passed to scale() since the last update hold NaN/inf (bool tensor, no sync)
+        self._loss_flag: torch.Tensor | None = None
+        self._records: dict[int, _OptRecord] = {}
+        self._names: dict[int, tuple[weakref.ref, str]] = {}
+        self.iteration = 0
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self.consecutive_skips = 0
+        self._collapse_warned = False  # one collapse warning per run of overflows
+
+    # ------------------------------------------------------------------ properties / info
+    def get_scale(self) -> float:
+        """The current loss scale as a Python float (no device sync: it lives on the host)."""
+        return self._scale
+
+    @property
+    def loss_scale(self) -> float:
+        """Alias of :meth:`get_scale` (apex's name)."""
+        return self._scale
+
+    def is_enabled(self) -> bool:
+        """True when the scaler scales or checks anything (torch's name)."""
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(scale={self._scale:g}, iteration={self.iteration}, "
+            f"skipped_steps={self.skipped_steps})"
+        )
+
+    # ------------------------------------------------------------------ names
+    def register_names(
+        self, names: torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, Any]]
+    ) -> None:
+        """Tell the scaler parameter names for its overflow messages.
+
+        Accepts a module (its ``named_parameters()``), a mapping or pairs ``name -> tensor``.
+        Optimizers built from ``named_parameters()`` (``param_names`` in their groups) need
+        nothing. Costs nothing per step.
+        """
+        if isinstance(names, torch.nn.Module):
+            pairs: Iterable[tuple[str, Any]] = names.named_parameters()
+        elif isinstance(names, Mapping):
+            pairs = names.items()
+        else:
+            pairs = names
+        for name, t in pairs:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"register_names: {name!r} maps to {type(t).__name__}, not a tensor"
+                )
+            self._names[id(t)] = (weakref.ref(t), str(name))
+
+    def _name_of(self, p: torch.Tensor, group: Mapping[str, Any], gi: int, pi: int) -> str:
+        entry = self._names.get(id(p))
+        if entry is not None and entry[0]() is p:
+            return entry[1]
+        names = group.get("param_names")
+        if names is not None and pi < len(names):
+            return str(names[pi])
+        return f"param_groups[{gi}]['params'][{pi}] {tuple(p.shape)}"
+
+    def _offenders(self, optimizer: Any) -> tuple[str, ...]:
+        """Names of the parameters whose gradient holds NaN/inf (one sync per parameter: only
+        called on the rare collapse/divergence path)."""
+        bad = []
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                vals = g._values() if g.is_sparse else g
+                if not bool(torch.isfinite(vals).all()):
+                    bad.append(self._name_of(p, group, gi, pi))
+        return tuple(bad)
+
+    # ------------------------------------------------------------------ scale
+    def _scale_tensor(self, device: torch.device) -> torch.Tensor:
+        t = self._scale_tensors.get(device)
+        if t is None:
+            t = torch.full((), self._scale, dtype=torch.float32, device=device)
+            self._scale_tensors[device] = t
+        return t
+
+    def _set_scale(self, value: float) -> None:
+        value = _f32(float(value))
+        if value != self._scale or math.isnan(value):
+            self._scale = value
+            for t in self._scale_tensors.values():  # in place: no reallocation, no sync
+                t.fill_(value)
+
+    def scale(self, outputs: Any) -> Any:
+        """Multiply a tensor (or a nested list/tuple/iterable of tensors) by the scale.
+
+        The product is ``outputs * scale`` with the scale as a float32 0-d tensor on the
+        output's device, exactly as torch's GradScaler computes it. Also records, without a
+        sync, whether each output is finite (for divergence reports).
+        """
+        self._scaled_once = True
+
+        def apply(val: Any) -> Any:
+            if isinstance(val, torch.Tensor):
+                if self.check_finite:
+                    bad = ~torch.isfinite(val.detach()).all()
+                    prev = self._loss_flag
+                    self._loss_flag = bad if prev is None else prev | bad.to(prev.device)
+                return val * self._scale_tensor(val.device)
+            if isinstance(val, abc.Iterable):
+                mapped = map(apply, val)
+                if isinstance(val, (list, tuple)):
+                    return type(val)(mapped)
+                return mapped
+            raise ValueError(
+                f"outputs must be a Tensor or an iterable of Tensors, got {type(val).__name__}"
+            )
+
+        return apply(outputs)
+
+    # ------------------------------------------------------------------ unscale / step
+    def _record(self, optimizer: Any) -> _OptRecord:
+        rec = self._records.get(id(optimizer))
+        if rec is None:
+            rec = _OptRecord(optimizer=optimizer)
+            self._records[id(optimizer)] = rec
+        return rec
+
+    def _require_scaled(self, what: str) -> None:
+        if not self._scaled_once:
+            raise RuntimeError(
+                f"{what} called before scaler.scale(loss): the gradients were not scaled. "
+                "Call scaler.scale(loss).backward() earlier in the iteration."
+            )
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale, in place, and check them for NaN/inf.
+
+        Optional: :meth:`step` does it if you did not. Call it once per optimizer per iteration,
+        after all gradients are accumulated (e.g. before ``clip_grad_norm_``). Errors
+        (``RuntimeError``) if called twice in one iteration or after :meth:`step`.
+        Cost: one fused read+write pass over the gradients, no device sync; with
+        ``torch.distributed`` initialised one all-reduce (MAX) of a scalar.
+        """
+        self._require_scaled("unscale_()")
+        rec = self._record(optimizer)
+        if rec.stage is OptState.UNSCALED:
+            raise RuntimeError(
+                "unscale_() has already been called on this optimizer since the last update()."
+            )
+        if rec.stage is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        rec.found_inf = self._unscale_optimizer(optimizer)
+        rec.stage = OptState.UNSCALED
+
+    def _unscale_optimizer(self, optimizer: Any) -> torch.Tensor | None:
+        """The fused check+unscale over an optimizer's gradients; returns the found_inf flag
+        (already all-reduced when distributed), or None when finiteness is not checked."""
+        unscale = self._scale != 1.0
+        if not self.check_finite and not unscale:
+            return None
+        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
+                        continue
+                    if unscale and g.dtype == torch.float16:
+                        raise ValueError(
+                            "Attempting to unscale FP16 gradients: dividing them in fp16 by "
+                            f"the scale {self._scale:g} would flush small gradients to zero. "
+                            "Keep the optimizer's parameters in float32 (fp32 master weights: "
+                            "mixprec.initialize(..., opt_level='O2'))."
+                        )
+                    if g.is_sparse:
+                        if g.dtype is torch.float16:
+                            p.grad = g = g.coalesce()  # duplicates could overflow when summed
+                        g = g._values()
+                    per_device[g.device].append(g)
+            return self._check_and_unscale(per_device)
+
+    def _inv_scale(self) -> float:
+        # the reciprocal in float64 then float32, as torch (fp32 division can be inexact)
+        return _f32(1.0 / self._scale) if self._scale != 0 else math.inf
+
+    def _check_and_unscale(
+        self, per_device: Mapping[torch.device, Sequence[torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """found_inf over tensors on any devices, unscaled in place; all-reduced if distributed.
+
+        Without ``check_finite`` only unscales (no check, no collective) and returns None.
+        """
+        inv = self._inv_scale()
+        if not self.check_finite:
+            if inv != 1.0:
+                for device, grads in per_device.items():
+                    _unscale_only_(grads, torch.full((), inv, dtype=torch.float32, device=device))
+            return None
+        home = next(iter(self._scale_tensors), None)
+        if home is None:
+            home = next(iter(per_device), torch.device("cpu"))
+        found = torch.zeros((), dtype=torch.float32, device=home)
+        for device, grads in per_device.items():
+            f = found if device == home else torch.zeros((), dtype=torch.float32, device=device)
+            inv_t = torch.full((), inv, dtype=torch.float32, device=device)
+            _non_finite_check_and_unscale_(grads, f, inv_t)
+            if f is not found:
+                found += f.to(home)
+        if _is_distributed(self.distributed):
+            torch.distributed.all_reduce(
+                found, op=torch.distributed.ReduceOp.MAX, group=self.process_group
+            )
+        return found
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (unless :meth:`unscale_` was called) and run ``optimizer.step(*args,
+        **kwargs)`` unless the gradients hold NaN/inf; returns its return value (None if
+        skipped).
+
+        ``RuntimeError`` if called twice for one optimizer before :meth:`update`, or with a
+        ``closure`` (a closure would re-run backward on unscaled losses). Cost: one device sync
+        (reading the overflow flag), as in torch.
+        """
+        if "closure" in kwargs or (args and callable(args[0])):
+            raise RuntimeError(
+                "Closure use is not supported by mixprec loss scalers (the closure would "
+                "recompute unscaled gradients); call scaler.scale(loss).backward() yourself."
+            )
+        rec = self._record(optimizer)
+        if rec.stage is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update().")
+        if rec.stage is OptState.READY:
+            self.unscale_(optimizer)
+        found = self._read_found(rec)
+        retval = None
+        if found:
+            rec.skipped = True
+            if self._wants_names():
+                rec.offenders = self._offenders(optimizer)
+        else:
+            retval = optimizer.step(*args, **kwargs)
+        rec.stage = OptState.STEPPED
+        return retval
+
+    def _read_found(self, rec: _OptRecord) -> bool:
+        if not self.check_finite:
+            return False
+        if rec.found is None:
+            rec.found = bool(rec.found_inf.item()) if rec.found_inf is not None else False
+        return rec.found
+
+    # ------------------------------------------------------------------ update
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        """End the iteration: adapt the scale to whether any gradient overflowed and record it.
+
+        ``new_scale`` sets the scale by hand instead (as torch: the growth tracker is kept).
+        Call it once per iteration, after :meth:`step` for every optimizer. ``RuntimeError`` if
+        no optimizer was unscaled or stepped since the last update. Raises
+        :class:`DivergenceError` (after the state has advanced) when the loss itself was
+        NaN/inf at a scale of at most 1 and ``on_divergence == "raise"``.
+        """
+        if not self._records:
+            raise RuntimeError(
+                "No inf checks were recorded prior to update(): call scaler.step(optimizer) "
+                "(or scaler.unscale_(optimizer)) for each optimizer first."
+            )
+        records = list(self._records.values())
+        found = False
+        for rec in records:
+            found = self._read_found(rec) or found
+        self._finish_iteration(found, records, new_scale, stacklevel=4)
+
+    def _finish_iteration(
+        self,
+        found: bool,
+        records: Sequence[_OptRecord],
+        new_scale: float | torch.Tensor | None = None,
+        stacklevel: int = 3,
+    ) -> None:
+        """Advance the scale and the skip record given the (synced) overflow flag.
+
+        ``stacklevel`` of warnings, counted from this method (the user's frame).
+        """
+        used = self._scale
+        if new_scale is not None:
+            if isinstance(new_scale, torch.Tensor):
+                if new_scale.numel() != 1 or new_scale.requires_grad:
+                    raise ValueError(
+                        "new_scale must be a float or a 1-element tensor without grad, got a "
+                        f"tensor of shape {tuple(new_scale.shape)}"
+                    )
+                new_scale = float(new_scale.item())
+            _check_positive("new_scale", new_scale)
+            self._set_scale(new_scale)
+        else:
+            self._set_scale(self._next_scale(found))
+        loss_flag, self._loss_flag = self._loss_flag, None
+        self._records = {}
+        self.last_step_skipped = bool(found and self.check_finite)
+        if not self.last_step_skipped:
+            self.consecutive_skips = 0
+            self._collapse_warned = False
+            self.iteration += 1
+            return
+        self.consecutive_skips += 1
+        self.skipped_steps += 1
+        event = SkippedStep(
+            iteration=self.iteration,
+            scale=used,
+            new_scale=self._scale,
+            consecutive=self.consecutive_skips,
+            skipped_steps=self.skipped_steps,
+            optimizers=tuple(id(r.optimizer) for r in records if r.found),
+        )
+        self.iteration += 1
+        if self.on_skip is not None:
+            self.on_skip(event)
+        self._report(used, records, loss_flag, stacklevel + 1)
+
+    def _wants_names(self) -> bool:
+        """Whether an overflow at the current scale will need the offending names."""
+        return self._scale <= 1.0 or self._at_floor_after_backoff()
+
+    def _at_floor_after_backoff(self) -> bool:
+        return False
+
+    def _report(
+        self,
+        used: float,
+        records: Sequence[_OptRecord],
+        loss_flag: torch.Tensor | None,
+        stacklevel: int,
+    ) -> None:
+        """Divergence error / collapse warning after an overflowing iteration (rare path)."""
+        diverged = used <= 1.0 and loss_flag is not None and bool(loss_flag)
+        collapsed = self._collapsed(used) and not self._collapse_warned
+        self._collapse_warned = self._collapse_warned or collapsed
+        if not (diverged and self.on_divergence != "ignore") and not collapsed:
+            return
+        names: list[str] = []
+        for rec in records:
+            if not rec.found:
+                continue
+            offenders = rec.offenders
+            if not offenders and rec.stage is OptState.UNSCALED and rec.optimizer is not None:
+                offenders = self._offenders(rec.optimizer)
+            names.extend(offenders)
+        shown = ", ".join(names[:_MAX_NAMES]) or "(gradients no longer available)"
+        if len(names) > _MAX_NAMES:
+            shown += f" and {len(names) - _MAX_NAMES} more"
+        if diverged and self.on_divergence != "ignore":
+            msg = (
+                f"training diverged: the loss itself is NaN/inf at loss scale {used:g} (<= 1), "
+                "so this is not an overflow that loss scaling can cure. The optimizer step was "
+                f"skipped (parameters are intact). Non-finite gradients in: {shown}. Lower the "
+                "learning rate, check the inputs, or resume from a checkpoint; pass "
+                "on_divergence='warn' or 'ignore' to continue anyway."
+            )
+            if self.on_divergence == "raise":
+                raise DivergenceError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+        if collapsed:
+            warnings.warn(
+                f"loss scale collapsed to its floor min_scale={self._scale:g} and gradients "
+                f"still overflow ({self.consecutive_skips} skipped steps in a row). Non-finite "
+                f"gradients in: {shown}. These parameters' gradients exceed the format's range "
+                "even unscaled: keep their layers in float32 or lower the learning rate.",
+                LossScaleCollapseWarning,
+                stacklevel=stacklevel,
+            )
+
+    def _collapsed(self, used: float) -> bool:
+        return False
+
+    def _next_scale(self, found: bool) -> float:
+        return self._scale
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The scaler's state (plain Python values). Call it after :meth:`update`."""
+        return {
+            "kind": type(self).__name__,
+            "scale": self._scale,
+            "iteration": self.iteration,
+            "skipped_steps": self.skipped_steps,
+            "last_step_skipped": self.last_step_skipped,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also accepts a ``torch.amp.GradScaler`` state dict)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        if len(state_dict) == 0:
+            raise RuntimeError(
+                "The source state dict is empty, possibly because it was saved from a disabled "
+                "torch GradScaler."
+            )
+        if "scale" not in state_dict:
+            raise ValueError(f"state_dict has no 'scale' entry; keys: {sorted(state_dict)}")
+        self._set_scale(float(state_dict["scale"]))
+        self.iteration = int(state_dict.get("iteration", self.iteration))
+        self.skipped_steps = int(state_dict.get("skipped_steps", self.skipped_steps))
+        self.last_step_skipped = bool(state_dict.get("last_step_skipped", False))
+        self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._records:
+            raise RuntimeError(
+                "A loss scaler may only be pickled at the beginning of an iteration, or at the "
+                "end after update()."
+            )
+        state = self.__dict__.copy()
+        state["_scale_tensors"] = {}
+        state["_names"] = {}
+        state["_loss_flag"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+class NoOpLossScaler(LossScaler):
+    """Scale 1 and no checks: ``scale`` returns the loss unchanged and ``step`` just steps.
+
+    Same API and state machine as the other scalers, zero cost (no pass over the gradients,
+    no sync). For fp32 and bf16 training, where the format's range needs no scaling. Pass
+    ``check_finite=True`` to skip steps with NaN/inf gradients (and detect divergence) anyway.
+    """
+
+    def __init__(self, *, check_finite: bool = False, **kwargs: Any) -> None:
+        super().__init__(1.0, check_finite=check_finite, **kwargs)
+
+    def is_enabled(self) -> bool:
+        return self.check_finite
+
+    def scale(self, outputs: Any) -> Any:
+        if self.check_finite:
+            return super().scale(outputs)
+        self._scaled_once = True
+        return outputs
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        if new_scale is not None:
+            raise ValueError("NoOpLossScaler's scale is always 1; new_scale is not accepted")
+        super().update()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the skip record; the scale stays 1 whatever the dict says."""
+        super().load_state_dict({**state_dict, "scale": 1.0})
+
+
+class StaticLossScaler(LossScaler):
+    """A constant loss scale (the mixed-precision paper's first recipe).
+
+    Steps whose gradients overflow are still skipped and recorded (``check_finite=True``);
+    the scale only changes through ``update(new_scale)`` or :meth:`load_state_dict`.
+    """
+
+    def __init__(self, scale: float, **kwargs: Any) -> None:
+        super().__init__(scale, **kwargs)
+
+
+class DynamicLossScaler(LossScaler):
+    """Dynamic loss scaling: back off on overflow, grow after ``growth_interval`` clean steps.
+
+    Args:
+        init_scale: initial scale (float32-rounded).
+        growth_factor: > 1; the scale is multiplied by it after ``growth_interval`` clean
+            iterations in a row (but never past ``max_scale`` nor to inf).
+        backoff_factor: in (0, 1); the scale is multiplied by it on an overflow (never below
+            ``min_scale``).
+        growth_interval: clean iterations in a row before growing (>= 1).
+        min_scale: floor (``None``: none, as torch). Hitting it while the gradients still
+            overflow warns with the offending parameter names (:class:`LossScaleCollapseWarning`).
+        max_scale: ceiling (``None``: none, as torch; default 2**24 keeps fp16 gradients from
+            being pushed to the top of the range for nothing).
+        hysteresis: back off only after this many overflowing iterations in a row; every
+            further overflow in the same run backs off again, a clean iteration resets the
+            count (DeepSpeed's "consecutive hysteresis"). Steps that overflow are always
+            skipped. ``1`` is torch's behaviour.
+        **kwargs: ``check_finite``, ``on_skip``, ``on_divergence``, ``distributed``,
+            ``process_group`` (see :class:`LossScaler`).
+
+    The update arithmetic is torch's ``_amp_update_scale_``: ``scale * factor`` in double,
+    stored as float32; growth that would reach inf is dropped.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        min_scale: float | None = None,
+        max_scale: float | None = 2.0**24,
+        hysteresis: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        _check_positive("init_scale", init_scale)
+        _check_positive("growth_factor", growth_factor)
+        _check_positive("backoff_factor", backoff_factor)
+        if growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must be > 1.0, got {growth_factor!r}")
+        if backoff_factor >= 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        for name, value in (("growth_interval", growth_interval), ("hysteresis", hysteresis)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if min_scale is not None:
+            _check_positive("min_scale", min_scale)
+        if max_scale is not None:
+            _check_positive("max_scale", max_scale)
+        if min_scale is not None and max_scale is not None and min_scale > max_scale:
+            raise ValueError(f"min_scale={min_scale!r} exceeds max_scale={max_scale!r}")
+        if max_scale is not None and init_scale > max_scale:
+            raise ValueError(f"init_scale={init_scale!r} exceeds max_scale={max_scale!r}")
+        if min_scale is not None and init_scale < min_scale:
+            raise ValueError(f"init_scale={init_scale!r} is below min_scale={min_scale!r}")
+        super().__init__(init_scale, **kwargs)
+        self._growth_factor = float(growth_factor)
+        self._backoff_factor = float(backoff_factor)
+        self._growth_interval = growth_interval
+        self.min_scale = None if min_scale is None else _f32(float(min_scale))
+        self.max_scale = None if max_scale is None else _f32(float(max_scale))
+        self.hysteresis = hysteresis
+        self._growth_tracker = 0
+        self._hysteresis_tracker = hysteresis
+
+    # torch.amp.GradScaler's accessors
+    def get_growth_factor(self) -> float:
+        return self._growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        if not new_factor > 1.0:
+            raise ValueError(f"growth_factor must be > 1.0, got {new_factor!r}")
+        self._growth_factor = float(new_factor)
+
+    def get_backoff_factor(self) -> float:
+        return self._backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        if not 0.0 < new_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {new_factor!r}")
+        self._backoff_factor = float(new_factor)
+
+    def get_growth_interval(self) -> int:
+        return self._growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        if isinstance(new_interval, bool) or not isinstance(new_interval, int) or new_interval < 1:
+            raise ValueError(f"growth_interval must be an int >= 1, got {new_interval!r}")
+        self._growth_interval = new_interval
+
+    def _get_growth_tracker(self) -> int:
+        return self._growth_tracker
+
+    def _next_scale(self, found: bool) -> float:
+        s = self._scale
+        if found:
+            self._growth_tracker = 0
+            self._hysteresis_tracker -= 1
+            if self._hysteresis_tracker <= 0:
+                s = _f32(s * self._backoff_factor)
+                if self.min_scale is not None and s < self.min_scale:
+                    s = self.min_scale
+            return s
+        self._hysteresis_tracker = self.hysteresis
+        successful = self._growth_tracker + 1
+        if successful == self._growth_interval:
+            new = _f32(s * self._growth_factor)
+            if self.max_scale is not None:
+                new = min(new, self.max_scale)
+            if math.isfinite(new):  # as torch: never grow to inf
+                s = new
+            self._growth_tracker = 0
+        else:
+            self._growth_tracker = successful
+        return s
+
+    def _at_floor_after_backoff(self) -> bool:
+        return self.min_scale is not None and self._scale * self._backoff_factor <= self.min_scale
+
+    def _collapsed(self, used: float) -> bool:
+        return (
+            self.min_scale is not None
+            and self._scale == self.min_scale
+            and used * self._backoff_factor <= self.min_scale
+            and self._hysteresis_tracker <= 0
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's five entries (``scale``, ``growth_factor``, ``backoff_factor``,
+        ``growth_interval``, ``_growth_tracker``) plus floor, ceiling, hysteresis and the
+        skip record; ``torch.amp.GradScaler.load_state_dict`` accepts it."""
+        state = super().state_dict()
+        state.update(
+            growth_factor=self._growth_factor,
+            backoff_factor=self._backoff_factor,
+            growth_interval=self._growth_interval,
+            _growth_tracker=self._growth_tracker,
+            min_scale=self.min_scale,
+            max_scale=self.max_scale,
+            hysteresis=self.hysteresis,
+            _hysteresis_tracker=self._hysteresis_tracker,
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._growth_factor = float(state_dict.get("growth_factor", self._growth_factor))
+        self._backoff_factor = float(state_dict.get("backoff_factor", self._backoff_factor))
+        self._growth_interval = int(state_dict.get("growth_interval", self._growth_interval))
+        self._growth_tracker = int(state_dict.get("_growth_tracker", 0))
+        if "min_scale" in state_dict:
+            self.min_scale = state_dict["min_scale"]
+        if "max_scale" in state_dict:
+            self.max_scale = state_dict["max_scale"]
+        self.hysteresis = int(state_dict.get("hysteresis", self.hysteresis))
+        self._hysteresis_tracker = int(state_dict.get("_hysteresis_tracker", self.hysteresis))

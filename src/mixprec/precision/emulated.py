@@ -1,0 +1,673 @@
+"""Emulated execution of a precision policy (the engine behind ``mixprec.autocast(emulate=True)``).
+
+Level: ``torch.nn.functional`` / ``torch`` function level, through a ``TorchFunctionMode``
+(see :mod:`mixprec.autocast`). Every rounding is autograd-visible: an input rounding is a
+straight-through function (:class:`_Round`) whose backward rounds the incoming gradient, and a
+freshly computed result is rounded in place with a gradient-rounding tensor hook
+(:func:`round_result`). So the backward pass follows the policy *wherever* ``backward()`` is
+called (inside or outside the region) - the autograd graph carries the roundings, as it carries
+torch.autocast's casts.
+
+Emulation of one low-precision op ``y = f(a, b, bias)`` (matmul, linear, conv, attention):
+
+    forward:  a_r = round(a, compute)   b_r = round(b, compute)   (operands; MX: blocked along
+              the reduction axis; fp8 recipes: per-tensor scaled)
+              y   = round(f(a_r, b_r, bias_r), result)            (fp32 accumulation inside f)
+    backward: g_r = round(dL/dy, grads)                           (gradient operand)
+              dL/da = round(f_a'(g_r, b_r), result), dL/db = round(f_b'(g_r, a_r), result)
+
+``result`` is the compute format when it is a 16-bit storage format (bf16, fp16, ``e6m9``, ...)
+and "no rounding" for operand-only formats (tf32, fp8, fp6, fp4, MX), whose GEMMs write fp32.
+
+Format tracking: a tensor produced inside the region carries a tag (its logical format and the
+``_version`` it was tagged at). ``follow`` ops whose inputs all carry the same tag round their
+result to it (skipped for exact ops: views, copies, relu, max, ...); mixed inputs promote to
+fp32 like torch's type promotion. Operands already tagged with the compute format are not
+rounded again. All tensors stay float32 containers: every op runs at fp32 speed.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from mixprec.formats.float_format import FloatFormat
+from mixprec.precision.policy import FormatSpec, OpLists, Policy
+from mixprec.quantization.elementwise import quantize
+
+TAG = "_mixprec_fmt"
+
+Rounder = Callable[[torch.Tensor], torch.Tensor]
+
+# ----------------------------------------------------------------------------------------------
+# op names
+# ----------------------------------------------------------------------------------------------
+
+_RENAME = {
+    "__matmul__": "matmul", "__rmatmul__": "matmul", "__imatmul__": "matmul_",
+    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow_",
+    "__add__": "add", "__radd__": "add", "__iadd__": "add_",
+    "__sub__": "sub", "__rsub__": "sub", "__isub__": "sub_",
+    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_",
+    "__truediv__": "div", "__rtruediv__": "div", "__itruediv__": "div_",
+    "__neg__": "neg", "__abs__": "abs",
+}  # fmt: skip
+_VIEW_PROPS = frozenset({"T", "mT", "H", "mH", "data", "real"})
+_NAME_CACHE: dict[Any, str | None] = {}
+
+#: ops that never produce a tensor worth tracking (metadata, Python conversions): pass through
+META = frozenset({
+    "size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
+    "element_size", "item", "tolist", "__len__", "__bool__", "__format__", "__repr__",
+    "__index__", "__int__", "__float__", "is_floating_point", "is_complex", "requires_grad_",
+    "retain_grad", "register_hook", "backward", "ndimension", "nelement", "get_device",
+    "untyped_storage", "_is_view", "__reduce_ex__", "__deepcopy__", "is_nonzero", "__hash__",
+    "__setstate__", "dim_order", "__dlpack__", "numpy",
+})  # fmt: skip
+
+#: follow ops whose result is exactly representable in their input's format (no rounding)
+EXACT = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "T", "mT", "H",
+    "mH", "data", "real", "contiguous", "clone", "detach", "expand", "expand_as", "squeeze",
+    "unsqueeze", "flatten", "unflatten", "split", "split_with_sizes", "chunk", "tensor_split",
+    "unbind", "narrow", "select", "__getitem__", "index_select", "gather", "take",
+    "take_along_dim", "masked_select", "cat", "concat", "concatenate", "stack", "hstack",
+    "vstack", "dstack", "flip", "fliplr", "flipud", "roll", "repeat", "repeat_interleave",
+    "tile", "movedim", "moveaxis", "swapaxes", "swapdims", "relu", "neg", "abs", "max", "min",
+    "amax", "amin", "maximum", "minimum", "fmax", "fmin", "sort", "topk", "msort", "cummax",
+    "cummin", "kthvalue", "median", "nanmedian", "mode", "max_pool1d", "max_pool2d",
+    "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "unfold",
+    "diagonal", "diag", "tril", "triu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "embedding", "sign", "as_strided", "to", "type", "cpu", "cuda",  # device moves (not casts)
+})  # fmt: skip
+
+#: casts: the result is logically in the target dtype (fp32 for .float() of a tagged tensor)
+_CASTS = frozenset({"float", "to", "type", "double", "type_as"})
+
+
+def _is_dtype_cast(name: str, args: tuple, kwargs: dict) -> bool:
+    """``.float()``/``.double()``/``.type_as()`` or a ``.to``/``.type`` naming a dtype."""
+    if name in ("float", "double", "type_as"):
+        return True
+    vals = (*args[1:], *kwargs.values())
+    return any(isinstance(v, (torch.dtype, str)) and not _is_device(v) for v in vals) or any(
+        isinstance(v, torch.Tensor) for v in args[1:]
+    )
+
+
+def _is_device(v: object) -> bool:
+    if isinstance(v, str):
+        try:
+            torch.device(v)
+        except RuntimeError:
+            return False
+        return True
+    return False
+
+
+def func_name(func: Any) -> str | None:
+    """Normalised op name of a function seen by a TorchFunctionMode (None: pass through)."""
+    try:
+        return _NAME_CACHE[func]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable callable
+        return getattr(func, "__name__", None)
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", None)
+        name = prop if prop in _VIEW_PROPS else None
+    elif name is not None:
+        name = _RENAME.get(name, name)
+        if name in META:
+            name = None
+    _NAME_CACHE[func] = name
+    return name
+
+
+def is_inplace(name: str) -> bool:
+    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
+
+
+# ----------------------------------------------------------------------------------------------
+# tags
+# ----------------------------------------------------------------------------------------------
+
+
+def get_tag(t: torch.Tensor) -> str | None:
+    """The logical format a tensor was tagged with, if its storage is unchanged since."""
+    tag = getattr(t, TAG, None)
+    if tag is None or tag[1] != t._version:
+        return None
+    return tag[0]
+
+
+def set_tag(t: torch.Tensor, fmt_name: str | None) -> None:
+    if fmt_name is None:
+        if getattr(t, TAG, None) is not None:
+            setattr(t, TAG, None)
+        return
+    setattr(t, TAG, (fmt_name, t._version))
+
+
+def iter_tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    """Tensors among the arguments, one level into lists/tuples (cat, stack, einsum)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
+
+
+def map_tensors(
+    fn: Callable[[torch.Tensor], torch.Tensor], args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    def one(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return fn(a)
+        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
+            return type(a)(fn(b) if isinstance(b, torch.Tensor) else b for b in a)
+        return a
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, tuple) and any(isinstance(o, torch.Tensor) for o in out):
+        vals = [fn(o) if isinstance(o, torch.Tensor) else o for o in out]
+        if hasattr(out, "_fields"):  # named tuples (torch.return_types)
+            return type(out)(vals)
+        return tuple(vals)
+    if isinstance(out, list):
+        return [fn(o) if isinstance(o, torch.Tensor) else o for o in out]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# straight-through rounding with gradient rounding
+# ----------------------------------------------------------------------------------------------
+
+
+class _Round(torch.autograd.Function):
+    """forward: ``fwd(x)`` (a fresh tensor); backward: ``bwd(grad)`` (or grad unchanged)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, fwd: Rounder, bwd: Rounder | None
+    ) -> torch.Tensor:
+        ctx.bwd = bwd
+        return fwd(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        bwd = ctx.bwd
+        return (grad if bwd is None or grad is None else bwd(grad)), None, None
+
+
+def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tensor:
+    """``fwd(t)`` whose gradient is rounded by ``bwd``; autograd only when needed.
+
+    With ``fwd=None`` nothing is created: ``t`` itself is returned (its producer rounds its
+    gradient, see :func:`round_result`).
+    """
+    if fwd is None:
+        return t
+    if t.requires_grad and torch.is_grad_enabled():
+        return _Round.apply(t, fwd, bwd)
+    return fwd(t)
+
+
+def round_result(
+    y: torch.Tensor, fmt: FloatFormat | None, bwd: Rounder | None, inputs: tuple = ()
+) -> torch.Tensor:
+    """Round a freshly computed op result to ``fmt`` in place and its gradient with ``bwd``.
+
+    In place through ``y.data`` (autograd does not version-count it): no allocation, and an
+    output the op saved for its backward (attention, tanh, ...) then holds the rounded values,
+    as a low-precision kernel's saved output would. The gradient rounding is a tensor hook (no
+    extra graph node, no view). Results that alias an input are rounded out of place instead.
+    """
+    if not y.is_floating_point():
+        return y
+    fresh = y._base is None and not any(y is t for t in inputs)
+    if not fresh:
+        r = element_rounder(fmt) if fmt is not None else None
+        out = ste(y, r, bwd) if r is not None else y.view_as(y)
+        if bwd is not None and r is None and out.requires_grad:
+            out.register_hook(bwd)
+        return out
+    if fmt is not None:
+        d = y.data
+        if d.is_contiguous():
+            quantize(d, fmt, out=d)
+        else:
+            d.copy_(quantize(d, fmt))
+    if bwd is not None and y.requires_grad:
+        y.register_hook(bwd)
+    return y
+
+
+def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
+    def r(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return quantize(t, f, saturate=saturate)
+
+    return r
+
+
+def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
+    def r(t: torch.Tensor) -> torch.Tensor:
+        from mixprec.quantization.blocks import mx_quantize
+
+        if t.dim() == 0:
+            return quantize(t, spec.element, saturate=True)
+        return mx_quantize(t, spec.element, block_size=spec.block_size or 32, axis=axis)
+
+    return r
+
+
+def spec_rounder(spec: FormatSpec, axis: int = -1) -> Rounder | None:
+    """Rounder for a policy format (None for float32: identity on fp32 containers)."""
+    if spec.is_float32:
+        return None
+    if spec.is_mx:
+        return mx_rounder(spec, axis)
+    return element_rounder(spec.element)
+
+
+# ----------------------------------------------------------------------------------------------
+# emulated accumulation precision (blocked over K)
+# ----------------------------------------------------------------------------------------------
+
+_BLOCK_BUDGET = 1 << 23  # elements of partial products materialised at once (32 MiB fp32)
+
+
+def blocked_matmul(a: torch.Tensor, b: torch.Tensor, acc: FloatFormat, block: int) -> torch.Tensor:
+    """``a @ b`` (torch.matmul semantics) accumulated in ``acc`` over blocks of ``block`` of K.
+
+    Each block's partial product is computed in fp32; the running sum is rounded to ``acc``
+    after every block is added (the first block initialises it, rounded). No autograd (the
+    caller attaches the fp32-accumulation gradient).
+    """
+    squeeze_a = a.dim() == 1
+    squeeze_b = b.dim() == 1
+    if squeeze_a:
+        a = a.unsqueeze(0)
+    if squeeze_b:
+        b = b.unsqueeze(-1)
+    k = a.shape[-1]
+    nb = max(1, -(-k // block))
+    pad = nb * block - k
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    a_b = a.unflatten(-1, (nb, block)).movedim(-2, 0)  # (nb, ..., M, block)
+    b_b = b.unflatten(-2, (nb, block)).movedim(-3, 0)  # (nb, ..., block, N)
+    out_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    per_block = max(1, math.prod(out_shape))
+    group = max(1, _BLOCK_BUDGET // per_block)
+    acc_t: torch.Tensor | None = None
+    for g0 in range(0, nb, group):
+        parts = torch.matmul(a_b[g0 : g0 + group], b_b[g0 : g0 + group])
+        for p in parts.unbind(0):
+            if acc_t is None:
+                acc_t = quantize(p, acc)
+            else:
+                acc_t.add_(p)
+                quantize(acc_t, acc, out=acc_t)
+    assert acc_t is not None
+    if squeeze_a:
+        acc_t = acc_t.squeeze(-2)
+    if squeeze_b:
+        acc_t = acc_t.squeeze(-1)
+    return acc_t
+
+
+def _accumulated(
+    func_name_: str, args: tuple, kwargs: dict, acc: FloatFormat, block: int
+) -> torch.Tensor | None:
+    """Blocked-accumulation result of a matmul-family call, or None if not supported."""
+    if func_name_ in ("matmul", "mm", "bmm") and len(args) == 2 and not kwargs:
+        a, b = args
+        return blocked_matmul(a, b, acc, block)
+    if func_name_ == "linear":
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        y = blocked_matmul(x, w.t() if w.dim() == 2 else w, acc, block)
+        if bias is not None:
+            y.add_(bias)
+            quantize(y, acc, out=y)
+        return y
+    if func_name_ in ("addmm", "baddbmm") and len(args) == 3:
+        beta = float(kwargs.get("beta", 1))
+        alpha = float(kwargs.get("alpha", 1))
+        y = blocked_matmul(args[1], args[2], acc, block)
+        if alpha != 1:
+            y.mul_(alpha)
+        y.add_(args[0], alpha=beta)
+        quantize(y, acc, out=y)
+        return y
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulating executor
+# ----------------------------------------------------------------------------------------------
+
+_CONV = frozenset({"conv1d", "conv2d", "conv3d", "conv_tbc"})
+_CONV_T = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+_MM_LIKE = frozenset({"matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"})
+#: positional arguments of low ops that are added, not multiplied (bias, masks)
+_ADDITIVE_POS: dict[str, frozenset[int]] = {
+    "addmm": frozenset({0}), "baddbmm": frozenset({0}), "addbmm": frozenset({0}),
+    "addmv": frozenset({0}), "addr": frozenset({0}), "linear": frozenset({2}),
+    "bilinear": frozenset({3}), "conv1d": frozenset({2}), "conv2d": frozenset({2}),
+    "conv3d": frozenset({2}), "conv_tbc": frozenset({2}), "conv_transpose1d": frozenset({2}),
+    "conv_transpose2d": frozenset({2}), "conv_transpose3d": frozenset({2}),
+    "scaled_dot_product_attention": frozenset({3}),
+    "multi_head_attention_forward": frozenset({6, 7, 8, 12, 14, 16}),
+}  # fmt: skip
+_ADDITIVE_KW = frozenset({
+    "bias", "input", "attn_mask", "key_padding_mask", "in_proj_bias", "bias_k", "bias_v",
+    "out_proj_bias",
+})  # fmt: skip
+_MASKS_POS: dict[str, frozenset[int]] = {
+    "scaled_dot_product_attention": frozenset({3}),
+    "multi_head_attention_forward": frozenset({14, 16}),
+}
+_MASK_KW = frozenset({"attn_mask", "key_padding_mask"})
+
+
+def reduction_axis(name: str, k: int, t: torch.Tensor) -> int:
+    """Axis of operand ``k`` of op ``name`` that the op reduces over (MX blocks run along it)."""
+    if name in _CONV:
+        return 1
+    if name in _CONV_T:
+        return 1 if k == 0 else 0
+    if name in _MM_LIKE:
+        return -1 if k == 0 or t.dim() == 1 else -2
+    if name == "scaled_dot_product_attention":
+        return -2 if k == 2 else -1
+    return -1
+
+
+class EmulatedExecutor:
+    """Executes ops of one autocast region by rounding fp32 values (see the module docstring).
+
+    Cost per low op: one rounding pass per operand not already in the compute format, one over
+    the result, and in backward one over the incoming gradient and one per produced gradient.
+    No device syncs (fp8 amaxes and scales stay tensors).
+    """
+
+    emulated = True
+
+    def __init__(
+        self,
+        policy: Policy,
+        op_lists: OpLists,
+        *,
+        accumulate: tuple[FloatFormat, int] | None,
+        recipe: Any,
+        scope: str,
+    ) -> None:
+        self.policy = policy
+        self.op_lists = op_lists
+        self.accumulate = accumulate
+        self.recipe = recipe
+        self.scope = scope
+        self.counter = 0
+        compute = policy.compute_format
+        self.compute = compute
+        # result format of low ops: the compute format if it is a storage format
+        self.result: FormatSpec | None = (
+            None if (compute.operand_only or compute.is_float32) else compute
+        )
+        self.result_name = None if self.result is None else self.result.name
+        self.result_round = None if self.result is None else spec_rounder(self.result)
+        self.grads = policy.grads_format
+        params = policy.params_format
+        self.params = None if params.is_float32 else params
+        self._cats: dict[Any, str] = {}
+        self._param_cache: dict[int, tuple[Any, int, bool, torch.Tensor]] = {}
+        # rounded leaf operands (weights, inputs) of this region, valid while t._version holds
+        self._operand_cache: dict[tuple[int, object, bool], tuple[Any, int, torch.Tensor]] = {}
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def category(self, func: Any, name: str) -> str:
+        cat = self._cats.get(name)
+        if cat is None:
+            # in-place ops (add_, copy_, __setitem__, also addmm_) keep their tensor's format
+            cat = "inplace" if is_inplace(name) else self.op_lists.category(name)
+            self._cats[name] = cat
+        return cat
+
+    def handle(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        name = func_name(func)
+        if name is None:
+            return func(*args, **kwargs)
+        if self.params is not None:
+            args, kwargs = map_tensors(self._read_param, args, kwargs)
+        cat = self.category(func, name)
+        if cat == "low":
+            return self._low(func, name, args, kwargs)
+        if cat == "fp32":
+            return self._fp32(func, args, kwargs)
+        if cat == "inplace":
+            return self._inplace(func, args, kwargs)
+        return self._follow(func, name, args, kwargs)
+
+    # -- parameters -------------------------------------------------------------------------
+    def _read_param(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter) or not t.is_floating_point():
+            return t
+        assert self.params is not None
+        grad = torch.is_grad_enabled()
+        hit = self._param_cache.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == grad:
+            return hit[3]
+        r = ste(t, spec_rounder(self.params), None)  # gradients reach the stored parameter as-is
+        if not self.params.is_mx:
+            set_tag(r, self.params.name)
+        self._param_cache[id(t)] = (weakref.ref(t), t._version, grad, r)
+        return r
+
+    # -- low-precision ops ------------------------------------------------------------------
+    def _operand_rounder(self, name: str, k: int, t: torch.Tensor, slot: Any) -> Rounder | None:
+        if self.recipe is not None:
+            fmt = self.recipe.forward_format
+            recipe = self.recipe
+            return lambda x: recipe.quantize(x, fmt, slot)
+        if get_tag(t) == self.compute.name and not self.compute.is_mx:
+            return None  # already in the compute format
+        return spec_rounder(self.compute, reduction_axis(name, k, t))
+
+    def _grad_rounder(self, slot: Any) -> Rounder | None:
+        if self.recipe is not None:
+            fmt = self.recipe.backward_format
+            recipe = self.recipe
+            return lambda g: recipe.quantize(g, fmt, slot)
+        return spec_rounder(self.grads, -1)
+
+    def _cached(
+        self, t: torch.Tensor, kind: object, make: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``make()`` for t, reused while t (a leaf: weight, bias, input) keeps its version."""
+        if not t.is_leaf:
+            return make()
+        key = (id(t), kind, torch.is_grad_enabled() and t.requires_grad)
+        hit = self._operand_cache.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            return hit[2]
+        r = make()
+        self._operand_cache[key] = (weakref.ref(t), t._version, r)
+        return r
+
+    def _operand(self, name: str, k: int, t: torch.Tensor, slot: Any) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            return ste(t, self._operand_rounder(name, k, t, slot), self.result_round)
+
+        if self.recipe is not None:  # scaled: every use updates the recipe's amax state
+            return make()
+        # element rounding is axis-free; MX blocks depend on the reduction axis
+        return self._cached(t, reduction_axis(name, k, t) if self.compute.is_mx else 0, make)
+
+    def _additive(self, t: torch.Tensor) -> torch.Tensor:
+        if self.result is None or get_tag(t) == self.result_name:
+            return t
+
+        def make() -> torch.Tensor:
+            r = ste(t, self.result_round, self.result_round)
+            set_tag(r, self.result_name)
+            return r
+
+        return self._cached(t, "additive", make)
+
+    def _low(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        idx = self.counter
+        self.counter += 1
+        additive = _ADDITIVE_POS.get(name, frozenset())
+        masks = _MASKS_POS.get(name, frozenset())
+        k = 0
+        new_args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if not a.is_floating_point() or i in masks:
+                    continue
+                if i in additive:
+                    new_args[i] = self._additive(a)
+                else:
+                    new_args[i] = self._operand(name, k, a, (self.scope, idx, k))
+                    k += 1
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                vals = []
+                for b in a:
+                    if isinstance(b, torch.Tensor) and b.is_floating_point():
+                        b = self._operand(name, k, b, (self.scope, idx, k))
+                        k += 1
+                    vals.append(b)
+                new_args[i] = type(a)(vals)
+        new_kwargs = dict(kwargs)
+        for key, a in kwargs.items():
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and key not in _MASK_KW:
+                if key in _ADDITIVE_KW:
+                    new_kwargs[key] = self._additive(a)
+                else:
+                    new_kwargs[key] = self._operand(name, k, a, (self.scope, idx, k))
+                    k += 1
+        args_t = tuple(new_args)
+        out = None
+        if self.accumulate is not None:
+            with torch.no_grad():
+                out_acc = _accumulated(name, args_t, new_kwargs, *self.accumulate)
+            if out_acc is not None:
+                ref = func(*args_t, **new_kwargs)  # fp32-accumulated: carries the gradient
+                out = ref + (out_acc - ref).detach() if ref.requires_grad else out_acc
+        if out is None:
+            out = func(*args_t, **new_kwargs)
+        ins = tuple(iter_tensors(args_t, new_kwargs))
+        return map_outputs(lambda y: self._result(y, (self.scope, idx, "grad"), ins), out)
+
+    def _result(self, y: torch.Tensor, slot: Any, inputs: tuple) -> torch.Tensor:
+        if not y.is_floating_point():
+            return y
+        fmt = None if self.result is None else self.result.element
+        r = round_result(y, fmt, self._grad_rounder(slot), inputs)
+        if self.result_name is not None:
+            set_tag(r, self.result_name)
+        return r
+
+    # -- fp32 ops ---------------------------------------------------------------------------
+    @staticmethod
+    def _fp32(func: Any, args: tuple, kwargs: dict) -> Any:
+        # fp32 containers: the op runs in fp32 on the (exactly widened) values; the result is
+        # untagged. The gradient reaching a tagged input is rounded by its producer's hook.
+        return func(*args, **kwargs)
+
+    # -- follow ops -------------------------------------------------------------------------
+    def _follow(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        target: str | None = None
+        mixed = False
+        any_tag = False
+        for t in iter_tensors(args, kwargs):
+            if not t.is_floating_point():
+                continue
+            tag = get_tag(t)
+            if tag is None:
+                if t.dim() > 0:  # 0-dim tensors do not promote (torch's rule)
+                    mixed = True
+            else:
+                any_tag = True
+                if target is None:
+                    target = tag
+                elif tag != target:
+                    mixed = True
+        if not any_tag:
+            return func(*args, **kwargs)
+        if name in _CASTS and _is_dtype_cast(name, args, kwargs):
+            out = func(*args, **kwargs)
+            # the result is whatever dtype was asked for: logically that dtype, untagged
+            if isinstance(out, torch.Tensor) and any(out is t for t in iter_tensors(args, {})):
+                out = out.view_as(out)
+            return out
+        if mixed:
+            return func(*args, **kwargs)
+        assert target is not None
+        out = func(*args, **kwargs)
+        if name in EXACT:
+            return map_outputs(lambda y: self._tag_exact(y, target), out)
+        from mixprec.precision.policy import resolve_format
+
+        spec = resolve_format(target)
+        ins = tuple(iter_tensors(args, kwargs))
+        return map_outputs(lambda y: self._round_follow(y, spec, ins), out)
+
+    @staticmethod
+    def _tag_exact(y: torch.Tensor, target: str) -> torch.Tensor:
+        if y.is_floating_point():
+            set_tag(y, target)
+        return y
+
+    @staticmethod
+    def _round_follow(y: torch.Tensor, spec: FormatSpec, inputs: tuple) -> torch.Tensor:
+        if not y.is_floating_point() or y.dtype == torch.float64 or spec.is_mx:
+            return y
+        r = round_result(y, spec.element, element_rounder(spec.element), inputs)
+        set_tag(r, spec.name)
+        return r
+
+    # -- in-place ops -----------------------------------------------------------------------
+    def _inplace(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        self_t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        tag = None if self_t is None else get_tag(self_t)
+        out = func(*args, **kwargs)
+        if tag is not None and self_t is not None:
+            from mixprec.precision.policy import resolve_format
+
+            spec = resolve_format(tag)
+            if not spec.is_mx:
+                # an in-place op keeps its tensor's format: round the storage in place (via
+                # .data, which autograd does not version-count: a straight-through rounding)
+                d = self_t.data
+                if d.is_contiguous():
+                    quantize(d, spec.element, out=d)
+                else:
+                    d.copy_(quantize(d, spec.element))
+            set_tag(self_t, tag)
+        return out

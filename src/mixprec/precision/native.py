@@ -1,0 +1,171 @@
+"""Native execution of a precision policy: ``torch.autocast`` plus the policy's own op lists.
+
+``torch.autocast`` does the low-precision casts of its own list in C++ (fast, with a cast cache
+for parameters). A thin ``TorchFunctionMode`` handler (this executor, driven by
+:mod:`mixprec.autocast`) makes the result follow :class:`~mixprec.policy.OpLists` instead of
+torch's built-in lists:
+
+* ``low`` ops: floating arguments are cast to the compute dtype (``.to``, differentiable) - this
+  covers ops torch.autocast does not list (e.g. ``einsum`` on CPU);
+* ``fp32`` ops: low-dtype arguments are cast to float32 and the op runs with torch.autocast
+  switched off (torch's CPU list, for one, leaves softmax and layer_norm in bf16);
+* other ops: unchanged, except ops torch.autocast would cast to low precision although the
+  policy does not call them low (the user moved them): those run with torch.autocast off.
+
+Also here: :func:`cpu_has_fast_bf16` / :func:`native_is_fast`, the rule ``emulate=None`` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from mixprec.precision.emulated import func_name, is_inplace, map_tensors
+from mixprec.precision.policy import TORCH_AUTOCAST_LOW, OpLists, Policy
+
+_LOW_DTYPES = (torch.float16, torch.bfloat16)
+_NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has bf16 dot-product units (AVX512-BF16 or AMX-BF16).
+
+    ``torch.backends.cpu.get_cpu_capability()`` names only the vector ISA torch's own kernels
+    use ("AVX512" on an AVX512-BF16 machine, "AMX" where torch detects AMX); oneDNN, which runs
+    torch.autocast's bf16 matmuls and convolutions on CPU, uses avx512_bf16/amx_bf16 whenever
+    the CPU has them, so the flags are read too.
+    """
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if "AMX" in cap or "BF16" in cap:
+        return True
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_is_fast(dtype: torch.dtype | None, device_type: str) -> bool:
+    """Whether torch.autocast with ``dtype`` beats fp32 emulation on ``device_type``.
+
+    CUDA: fp16 always, bf16 where ``torch.cuda.is_bf16_supported()``. CPU: bf16 only with
+    AVX512-BF16/AMX; fp16 never (no AVX512-FP16/AMX-FP16 kernels are used; torch.autocast fp16
+    on CPU is tens of times slower than fp32 here).
+    """
+    if dtype not in _LOW_DTYPES:
+        return False
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return dtype == torch.bfloat16 and cpu_has_fast_bf16()
+    return False
+
+
+def native_unsupported_reason(policy: Policy, *, accumulate: Any, recipe: Any) -> str | None:
+    """Why ``policy`` cannot run natively (None if it can)."""
+    if accumulate is not None:
+        return "accumulate= is emulated only (hardware accumulators are fixed)"
+    if recipe is not None:
+        return "fp8 scaling recipes are emulated only (no fp8 GEMMs through torch.autocast)"
+    c = policy.compute_format
+    if c.torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"compute format {c.name} is not a dtype torch.autocast runs (bfloat16, float16)"
+    for what in ("params", "output"):
+        spec = getattr(policy, f"{what}_format")
+        if spec.torch_dtype not in _NATIVE_DTYPES:
+            return f"{what} format {spec.name} has no torch dtype"
+    if policy.grads is not None and policy.grads != policy.compute:
+        return (
+            "a grads format other than compute needs emulation (native backward GEMMs read "
+            "the forward dtype)"
+        )
+    return None
+
+
+class NativeExecutor:
+    """torch.autocast with the policy's op lists (see the module docstring).
+
+    Cost: one Python call per torch function call inside the region (a few microseconds), plus
+    torch.autocast's own casts.
+    """
+
+    emulated = False
+
+    def __init__(self, policy: Policy, op_lists: OpLists, *, device_type: str, scope: str) -> None:
+        self.policy = policy
+        self.op_lists = op_lists
+        self.device_type = device_type
+        self.scope = scope
+        self.dtype: torch.dtype = policy.compute_format.torch_dtype  # type: ignore[assignment]
+        pd = policy.params_format.torch_dtype
+        self.params_dtype = None if pd == torch.float32 else pd
+        self._cats: dict[str, str] = {}
+        self._stack = contextlib.ExitStack()
+
+    # context of the region: torch.autocast on (low dtype) or off (fp32 compute)
+    def enter(self) -> None:
+        if self.dtype in _LOW_DTYPES:
+            self._stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
+        else:
+            self._stack.enter_context(_autocast_off(self.device_type))
+
+    def exit(self) -> None:
+        self._stack.close()
+
+    def _cast_low(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != self.dtype:
+            return t.to(self.dtype)
+        return t
+
+    @staticmethod
+    def _cast_fp32(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.dtype in _LOW_DTYPES else t
+
+    def _read_param(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter) and t.is_floating_point():
+            return t.to(self.params_dtype)
+        return t
+
+    def handle(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        name = func_name(func)
+        if name is None:
+            return func(*args, **kwargs)
+        if self.params_dtype is not None:
+            args, kwargs = map_tensors(self._read_param, args, kwargs)
+        cat = self._cats.get(name)
+        if cat is None:
+            cat = "follow" if is_inplace(name) else self.op_lists.category(name)
+            self._cats[name] = cat
+        if cat == "low":
+            args, kwargs = map_tensors(self._cast_low, args, kwargs)
+            if self.dtype in _LOW_DTYPES:
+                return func(*args, **kwargs)
+            with _autocast_off(self.device_type):
+                return func(*args, **kwargs)
+        if cat == "fp32":
+            args, kwargs = map_tensors(self._cast_fp32, args, kwargs)
+            with _autocast_off(self.device_type):
+                return func(*args, **kwargs)
+        if name in TORCH_AUTOCAST_LOW and self.dtype in _LOW_DTYPES:
+            with _autocast_off(self.device_type):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device_type, enabled=False)

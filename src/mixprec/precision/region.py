@@ -1,0 +1,500 @@
+"""Execute a precision policy: ``autocast(...)`` regions and per-module ``apply_policy``.
+
+Two executors, one entry point:
+
+* **native** - ``torch.autocast`` with the policy's op lists (:mod:`mixprec.precision.native`),
+  for formats the device runs fast (CUDA bf16/fp16; CPU bf16 with AVX512-BF16 or AMX);
+* **emulated** - fp32 compute on values rounded bit-exactly with :func:`mixprec.quantize`
+  (:mod:`mixprec.precision.emulated`): any format, MX block formats, fp8 scaling recipes,
+  narrow accumulators, at close to fp32 speed.
+
+Interception level: a ``TorchFunctionMode`` (``torch`` / ``torch.nn.functional`` / Tensor-method
+names, the names of :class:`~mixprec.policy.OpLists`). The roundings themselves are autograd
+functions, so backward ops follow the policy through the autograd graph whether ``backward()``
+runs inside the region or after it (as with torch.autocast). A dispatch-level mode would see
+backward aten ops too, but only while the region is active, and its roundings would be invisible
+to autograd. One mode object is pushed while any region is active; regions nest (the innermost
+wins) on a thread-local stack; every exit - also by exception - restores the previous state.
+Nothing is monkeypatched.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from mixprec.formats.float_format import FloatFormat
+from mixprec.precision import emulated as _emu
+from mixprec.precision.fp8 import coerce_recipe
+from mixprec.precision.native import (
+    NativeExecutor,
+    native_is_fast,
+    native_unsupported_reason,
+)
+from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
+
+#: K-block size of emulated narrow accumulation when ``accumulate=`` names only a format.
+DEFAULT_ACCUMULATE_BLOCK = 32
+
+PolicyLike = Policy | str | FloatFormat | FormatSpec | torch.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# the mode and the region stack
+# ----------------------------------------------------------------------------------------------
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.entries: list[Any] = []  # executors, innermost last
+        self.mode: _PolicyMode | None = None
+
+
+_LOCAL = _Local()
+
+
+class _PolicyMode(TorchFunctionMode):
+    """Routes every torch function call to the innermost region's executor."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        entries = _LOCAL.entries
+        if not entries:
+            return func(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return _handle_opaque(entries[-1], func, args, kwargs)
+        return entries[-1].handle(func, args, kwargs)
+
+
+def _handle_opaque(executor: Any, func: Any, args: tuple, kwargs: dict) -> Any:
+    # Opaque to torch.compile: emulation calls a C kernel on raw storage and tags tensors, which
+    # dynamo cannot trace. A compiled model called inside a region therefore runs its ops
+    # eagerly through this handler (graph breaks): same results as eager, no compile speed-up.
+    # (Eager calls skip the wrapper: it costs microseconds per op.) The wrapper is built on first
+    # use because torch.compiler.disable imports torch._dynamo, about a second at import time.
+    global _OPAQUE
+    if _OPAQUE is None:
+        _OPAQUE = torch.compiler.disable(lambda ex, f, a, k: ex.handle(f, a, k))
+    return _OPAQUE(executor, func, args, kwargs)
+
+
+_OPAQUE: Any = None
+
+
+def _push(executor: Any) -> None:
+    local = _LOCAL
+    if local.mode is None:
+        mode = _PolicyMode()
+        mode.__enter__()
+        local.mode = mode
+    local.entries.append(executor)
+
+
+def _pop(executor: Any) -> None:
+    local = _LOCAL
+    if not local.entries or local.entries[-1] is not executor:
+        # exits out of order (a generator left open, ...): drop it wherever it is
+        if executor in local.entries:
+            local.entries.remove(executor)
+    else:
+        local.entries.pop()
+    if not local.entries and local.mode is not None:
+        mode, local.mode = local.mode, None
+        mode.__exit__(None, None, None)
+
+
+def current_policy() -> Policy | None:
+    """The policy of the innermost active region on this thread (None outside regions)."""
+    entries = _LOCAL.entries
+    return entries[-1].policy if entries else None
+
+
+def is_emulating() -> bool:
+    """True inside an emulated region (innermost region decides)."""
+    entries = _LOCAL.entries
+    return bool(entries) and entries[-1].emulated
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _coerce_accumulate(acc: Any) -> tuple[FloatFormat, int] | None:
+    if acc is None:
+        return None
+    block = DEFAULT_ACCUMULATE_BLOCK
+    if isinstance(acc, tuple):
+        if len(acc) != 2 or not isinstance(acc[1], int) or isinstance(acc[1], bool) or acc[1] < 1:
+            raise ValueError(
+                f"accumulate must be a format or (format, block_k) with block_k a positive int, "
+                f"got {acc!r}"
+            )
+        acc, block = acc
+    spec = resolve_format(acc)
+    if spec.is_mx:
+        raise ValueError(
+            f"accumulate={spec.name!r}: an accumulator is an element format (float16, "
+            "bfloat16, e8m13, ...), not an MX block format"
+        )
+    return spec.element, block
+
+
+def _coerce_op_lists(op_lists: Any) -> OpLists:
+    if op_lists is None:
+        return OpLists()
+    if not isinstance(op_lists, OpLists):
+        raise TypeError(f"op_lists must be an OpLists or None, got {type(op_lists).__name__}")
+    return op_lists
+
+
+def _check_emulate(emulate: Any) -> bool | None:
+    if emulate is not None and not isinstance(emulate, bool):
+        raise TypeError(f"emulate must be None, True or False, got {emulate!r}")
+    return emulate
+
+
+def _check_device_type(device_type: Any) -> str:
+    if device_type is None:
+        return _default_device_type()
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device_type must be 'cpu', 'cuda' or None, got {device_type!r}")
+    return device_type
+
+
+# ----------------------------------------------------------------------------------------------
+# autocast
+# ----------------------------------------------------------------------------------------------
+
+
+class Autocast:
+    """A policy region (returned by :func:`autocast`); a context manager and a decorator.
+
+    Attributes: ``policy``, ``emulated`` (the executor chosen), ``op_lists``, ``accumulate``
+    (``(FloatFormat, block_k)`` or None), ``fp8_recipe``, ``device_type``. The same object may
+    be entered again (also nested); every entry gets fresh per-region state (operand caches,
+    op counters for fp8 slots).
+    """
+
+    def __init__(
+        self,
+        policy_or_format: PolicyLike,
+        *,
+        emulate: bool | None = None,
+        op_lists: OpLists | None = None,
+        accumulate: Any = None,
+        fp8_recipe: Any = None,
+        device_type: str | None = None,
+        scope: str = "",
+    ) -> None:
+        self.policy = Policy.coerce(policy_or_format)
+        emulate = _check_emulate(emulate)
+        self.op_lists = _coerce_op_lists(op_lists)
+        self.accumulate = _coerce_accumulate(accumulate)
+        self.fp8_recipe = coerce_recipe(fp8_recipe)
+        self.device_type = _check_device_type(device_type)
+        self.scope = scope
+        reason = native_unsupported_reason(
+            self.policy, accumulate=self.accumulate, recipe=self.fp8_recipe
+        )
+        if emulate is False and reason is not None:
+            raise ValueError(f"emulate=False (native execution) is impossible: {reason}")
+        if emulate is None:
+            compute = self.policy.compute_format
+            emulate = reason is not None or not (
+                compute.is_float32 or native_is_fast(compute.torch_dtype, self.device_type)
+            )
+        self.emulated: bool = emulate
+        self._active: list[Any] = []
+
+    def _executor(self) -> Any:
+        if self.emulated:
+            return _emu.EmulatedExecutor(
+                self.policy,
+                self.op_lists,
+                accumulate=self.accumulate,
+                recipe=self.fp8_recipe,
+                scope=self.scope,
+            )
+        return NativeExecutor(
+            self.policy, self.op_lists, device_type=self.device_type, scope=self.scope
+        )
+
+    def __enter__(self) -> Autocast:
+        ex = self._executor()
+        if self.emulated:
+            # a native region outside must not cast underneath the emulation
+            ex_stack = _autocast_off_all()
+            ex_stack.__enter__()
+            ex._off = ex_stack  # type: ignore[attr-defined]
+        else:
+            ex.enter()
+        _push(ex)
+        self._active.append(ex)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        ex = self._active.pop()
+        try:
+            _pop(ex)
+        finally:
+            if self.emulated:
+                ex._off.__exit__(None, None, None)
+            else:
+                ex.exit()
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    def __repr__(self) -> str:
+        how = "emulated" if self.emulated else f"native {self.device_type}"
+        extra = ""
+        if self.accumulate is not None:
+            extra += f", accumulate={self.accumulate[0].name}/{self.accumulate[1]}"
+        if self.fp8_recipe is not None:
+            extra += f", fp8_recipe={type(self.fp8_recipe).__name__}"
+        return f"autocast({str(self.policy)!r}, {how}{extra})"
+
+
+class _AutocastOff:
+    """torch.autocast switched off on CPU (and CUDA where present) for an emulated region."""
+
+    def __init__(self) -> None:
+        self._ctx = [torch.autocast("cpu", enabled=False)]
+        if torch.cuda.is_available():
+            self._ctx.append(torch.autocast("cuda", enabled=False))
+
+    def __enter__(self) -> None:
+        for c in self._ctx:
+            c.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for c in reversed(self._ctx):
+            c.__exit__(None, None, None)
+
+
+def _autocast_off_all() -> _AutocastOff:
+    return _AutocastOff()
+
+
+def autocast(
+    policy_or_format: PolicyLike,
+    *,
+    emulate: bool | None = None,
+    op_lists: OpLists | None = None,
+    accumulate: Any = None,
+    fp8_recipe: Any = None,
+    device_type: str | None = None,
+) -> Autocast:
+    """Run the ops inside a ``with`` block under a precision policy.
+
+    Args:
+        policy_or_format: a :class:`~mixprec.policy.Policy`, a policy string
+            (``"p=f32,c=bf16,o=f32"``) or a single format (``"bf16"``, ``"e4m3"``,
+            ``"mxfp4_e2m1"``, ``torch.float16``), which means ``Policy(compute=format)``.
+        emulate: ``None`` picks native torch.autocast when the compute format is a dtype the
+            device runs fast (CUDA bf16/fp16; CPU bf16 with AVX512-BF16/AMX) and the policy
+            needs nothing native cannot do, else emulation. ``True``/``False`` force it
+            (``False`` raises ``ValueError`` when native execution cannot express the policy).
+        op_lists: :class:`~mixprec.policy.OpLists` (default: ``OpLists()``).
+        accumulate: emulate a narrower accumulator in matmul-family ops: a format
+            (``"float16"``) or ``(format, block_k)``; the running sum is rounded after every
+            block of ``block_k`` (default 32) products of K. Emulated only.
+        fp8_recipe: ``CurrentScaling()``, ``DelayedScaling()`` (keep the object across steps)
+            or ``"current"``: per-tensor scaled fp8 operands (e4m3 forward; e5m2 gradients
+            for ``fp8_format="HYBRID"``). The policy's compute format then only decides how
+            results are stored (e.g. ``"bf16"``: fp8 GEMMs writing bf16, Transformer Engine
+            style). Emulated only.
+        device_type: ``"cpu"`` or ``"cuda"`` for native execution (default: cuda if available).
+
+    Returns an :class:`Autocast` (context manager / decorator). Entering is cheap; inside,
+    every torch function call costs one Python call of the mode (microseconds).
+    """
+    return Autocast(
+        policy_or_format,
+        emulate=emulate,
+        op_lists=op_lists,
+        accumulate=accumulate,
+        fp8_recipe=fp8_recipe,
+        device_type=device_type,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# apply_policy
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyHandle:
+    """Hooks installed by :func:`apply_policy`; ``remove()`` (or leaving ``with``) undoes them.
+
+    Attributes: ``modules`` - the qualified names of the modules that got the policy (``""`` is
+    the root); ``policy``; ``emulated``.
+    """
+
+    modules: list[str]
+    policy: Policy
+    emulated: bool
+    _hooks: list[Any]
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent). Module state was never changed otherwise."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def __enter__(self) -> PolicyHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _cast_outputs(out: Any, ac: Autocast) -> Any:
+    spec = ac.policy.output_format
+    if ac.emulated:
+        rnd = _emu.spec_rounder(spec)
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            tag = _emu.get_tag(t)
+            if spec.is_float32:
+                if tag is None:
+                    return t
+                from mixprec.precision.policy import resolve_format as _rf
+
+                r = _emu.ste(t, None, _emu.spec_rounder(_rf(tag)))
+                return r if r is not t else t.view_as(t)
+            if tag == spec.name:
+                return t
+            r = _emu.ste(t, rnd, rnd)
+            if not spec.is_mx:
+                _emu.set_tag(r, spec.name)
+            return r
+
+    else:
+        dtype = spec.torch_dtype
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.dtype != dtype:
+                return t.to(dtype)
+            return t
+
+    return _map_nested(one, out)
+
+
+def _map_nested(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, tuple):
+        vals = [_map_nested(fn, o) for o in out]
+        return type(out)(*vals) if hasattr(out, "_fields") else tuple(vals)
+    if isinstance(out, list):
+        return [_map_nested(fn, o) for o in out]
+    if isinstance(out, dict):
+        return type(out)((k, _map_nested(fn, v)) for k, v in out.items())
+    return out
+
+
+def _iter_targets(
+    module: torch.nn.Module, filter_fn: Callable[[torch.nn.Module, str], bool] | None
+) -> Iterator[tuple[str, torch.nn.Module]]:
+    if filter_fn is None:
+        yield "", module
+        return
+    for fqn, m in module.named_modules():
+        if filter_fn(m, fqn):
+            yield fqn, m
+
+
+def apply_policy(
+    module: torch.nn.Module,
+    policy: PolicyLike,
+    *,
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    emulate: bool | None = None,
+    op_lists: OpLists | None = None,
+    accumulate: Any = None,
+    fp8_recipe: Any = None,
+    device_type: str | None = None,
+) -> PolicyHandle:
+    """Run ``module`` (or the submodules ``filter_fn`` picks) under ``policy``.
+
+    Each selected module's ``forward`` runs inside ``autocast(policy, ...)`` (a forward
+    pre-hook enters it, an always-called forward hook leaves it, also when forward raises) and
+    its floating outputs are cast to ``policy.output``. Applied policies nest: a module's own
+    policy wins over its parents' inside its forward, so
+    ``apply_policy(model, "bf16")`` followed by
+    ``apply_policy(model, "fp32", filter_fn=lambda m, name: isinstance(m, nn.LayerNorm))``
+    keeps the norms in fp32. Parameters and buffers are never modified.
+
+    Args:
+        module: the model.
+        policy: as :func:`autocast`'s first argument.
+        filter_fn: ``filter_fn(submodule, qualified_name) -> bool``; every module of
+            ``module.named_modules()`` (the root has name ``""``) for which it returns True gets
+            the policy. ``None``: the root only.
+        emulate, op_lists, accumulate, fp8_recipe, device_type: as :func:`autocast`.
+
+    Returns a :class:`PolicyHandle`; ``handle.remove()`` (or ``with apply_policy(...):``)
+    restores the module.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {filter_fn!r}")
+    # validate once (raises on bad arguments before any hook is installed)
+    proto = Autocast(
+        policy, emulate=emulate, op_lists=op_lists, accumulate=accumulate,
+        fp8_recipe=fp8_recipe, device_type=device_type,
+    )  # fmt: skip
+    hooks: list[Any] = []
+    names: list[str] = []
+    for fqn, m in _iter_targets(module, filter_fn):
+        ac = Autocast(
+            proto.policy, emulate=proto.emulated, op_lists=proto.op_lists,
+            accumulate=proto.accumulate, fp8_recipe=proto.fp8_recipe,
+            device_type=proto.device_type, scope=fqn,
+        )  # fmt: skip
+        hooks.extend(_install(m, ac))
+        names.append(fqn)
+    return PolicyHandle(names, proto.policy, proto.emulated, hooks)
+
+
+def _install(m: torch.nn.Module, ac: Autocast) -> list[Any]:
+    def pre_hook(mod: torch.nn.Module, args: Any) -> None:
+        ac.__enter__()
+
+    def post_hook(mod: torch.nn.Module, args: Any, out: Any) -> Any:
+        ac.__exit__(None, None, None)
+        if out is None:  # forward raised (always_call) or returned nothing
+            return None
+        return _cast_outputs(out, ac)
+
+    h1 = m.register_forward_pre_hook(pre_hook)
+    h2 = m.register_forward_hook(post_hook, always_call=True)
+    return [h1, h2]

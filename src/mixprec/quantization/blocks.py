@@ -1,0 +1,508 @@
+"""OCP Microscaling (MX) block formats v1.0: ``mx_quantize``, ``mx_encode``, ``mx_decode``.
+
+An MX block is ``block_size`` (32 in the spec) consecutive elements along one axis that share
+one power-of-two scale stored in E8M0 (``float8_e8m0fnu``); each element is stored in a narrow
+float format. The spec's conversion (section 6.3) for a block ``V``:
+
+    shared_exp = floor(log2(max_i |V_i|)) - emax_elem        (clamped below at -127)
+    X          = 2^shared_exp                                (the E8M0 scale)
+    P_i        = quantize_to_element_format(V_i / X)         (normal overflow clamps to ±max)
+
+and the value of element ``i`` is ``X * P_i``. ``emax_elem`` is the exponent of the element
+format's largest binade: 8 for E4M3, 15 for E5M2, 4 for E3M2, 2 for E2M3 and E2M1.
+
+Special cases, as the spec has them:
+
+* a block whose largest magnitude is NaN or ±inf gets the NaN scale (E8M0 code ``0xFF``) and
+  every element of it decodes to NaN;
+* an all-zero block gets the smallest scale, 2^-127 (code 0), and zero elements (signs kept);
+* a shared exponent below -127 is clamped to -127 (only float64 inputs, or float32 blocks of
+  subnormals, get there); elements then round as they would with that scale;
+* a shared exponent above 127 cannot be stored in E8M0 (only float64 inputs beyond ~2^129 get
+  there): the block gets the NaN scale, like a float64 to E8M0 cast of such a value.
+
+**Padding.** When the length of ``axis`` is not a multiple of ``block_size``, the last block is
+padded with zeros (which never change a block's maximum) and the padding is dropped from the
+result: ``mx_quantize`` returns ``x``'s shape, ``mx_encode`` returns element codes of ``x``'s shape
+and ``ceil(n / block_size)`` scales along ``axis``.
+
+**Exactness.** ``floor(log2(amax))`` comes from ``torch.frexp`` (exact, subnormals included), the
+scales are built from their bit patterns, and ``x / X`` is a multiplication by an exact power of
+two, so the only rounding is the element rounding done by :func:`mixprec.quantize.quantize` (bit
+exact, every rounding mode). float16/bfloat16 inputs are processed in float32 and the result is
+cast back; the cast is exact except for products below that dtype's smallest subnormal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixprec.formats.float_format import (
+    ALIASES,
+    FloatFormat,
+    close_matches,
+    did_you_mean,
+    get_format,
+)
+from mixprec.quantization.elementwise import (
+    _check_code_range,
+    _check_codes_tensor,
+    _check_flag,
+    _check_generator,
+    _check_rounding,
+    decode,
+    encode,
+    quantize_,
+)
+
+_SCALE_EMIN = -127  # E8M0 code 0
+_SCALE_EMAX = 127  # E8M0 code 254 (0xFF is NaN)
+_SCALE_NAN_CODE = 0xFF
+_SCALE_BIAS = 127
+# Scaled elements below this magnitude all round alike (far below half the smallest element
+# subnormal, 2^-17 for E5M2); a nonzero element that underflowed to 0 in the working dtype is
+# replaced by it so that up/down/odd rounding still sees "nonzero" (exact results, see below).
+_TINY_EXP = -64
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    """An OCP MX format: an element format sharing one E8M0 scale per block.
+
+    Attributes:
+        name: the spec's name (``"mxfp8_e4m3"``, ...).
+        element: the element :class:`~mixprec.formats.FloatFormat`.
+        block_size: the spec's block size (32 for every concrete MX format of v1.0).
+    """
+
+    name: str
+    element: FloatFormat
+    block_size: int = 32
+
+    @property
+    def emax_elem(self) -> int:
+        """Exponent of the element format's largest binade (the spec's ``emax_elem``)."""
+        return self.element.emax
+
+    @property
+    def scale_format(self) -> FloatFormat:
+        return get_format("float8_e8m0fnu")
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage cost per element, the shared scale included (e.g. 8.25 for MXFP8)."""
+        return self.element.bits + 8 / self.block_size
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: The concrete MX formats of OCP MX v1.0 (MXINT8 is not a float format and is not provided).
+MX_FORMATS: dict[str, MXFormat] = {
+    m.name: m
+    for m in (
+        MXFormat("mxfp8_e4m3", get_format("float8_e4m3fn")),
+        MXFormat("mxfp8_e5m2", get_format("float8_e5m2")),
+        MXFormat("mxfp6_e3m2", get_format("float6_e3m2fn")),
+        MXFormat("mxfp6_e2m3", get_format("float6_e2m3fn")),
+        MXFormat("mxfp4_e2m1", get_format("float4_e2m1fn")),
+    )
+}
+_MX_ALIASES: dict[str, str] = {"mxfp4": "mxfp4_e2m1"}
+_BY_ELEMENT: dict[str, MXFormat] = {m.element.name: m for m in MX_FORMATS.values()}
+
+
+def _valid_names() -> str:
+    return f"MX formats: {', '.join(MX_FORMATS)} (or their element formats)"
+
+
+def _mx_suggestions(key: str) -> list[str]:
+    """Closest MX names: MX names extending ``key`` (``mxfp8`` -> both fp8 ones), or difflib."""
+    names = [*MX_FORMATS, *_MX_ALIASES]
+    elements = [*_BY_ELEMENT, *(a for a, n in ALIASES.items() if n in _BY_ELEMENT)]
+    prefixed = [n for n in names if n.startswith(key + "_")]
+    return prefixed or close_matches(key, [*names, *elements])
+
+
+def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
+    """The :class:`MXFormat` for an MX name (``"mxfp8_e4m3"``) or an element format name.
+
+    Element formats may be given by any name or alias :func:`~mixprec.formats.get_format`
+    accepts (``"float8_e4m3fn"``, ``"e4m3"``, ``"fp4"``, ...), but only the five element formats
+    of the spec are MX formats; anything else raises ``ValueError`` naming the bad value, the
+    closest valid names and the MX formats.
+    """
+    if isinstance(name, MXFormat):
+        return name
+    if isinstance(name, str):
+        key = name.strip().lower()
+        key = _MX_ALIASES.get(key, key)
+        if key in MX_FORMATS:
+            return MX_FORMATS[key]
+        try:
+            elem = get_format(key)
+        except ValueError:
+            hint = did_you_mean(_mx_suggestions(key))
+            raise ValueError(f"unknown MX format {name!r}{hint} ({_valid_names()})") from None
+    elif isinstance(name, FloatFormat):
+        elem = name
+    else:
+        raise TypeError(
+            f"expected an MX format name, MXFormat or FloatFormat, got {type(name).__name__}: "
+            f"{name!r}"
+        )
+    mx = _BY_ELEMENT.get(elem.name)
+    if mx is None:
+        raise ValueError(f"{elem.name} is not an MX element format ({_valid_names()})")
+    return mx
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(x: torch.Tensor, block_size: int, axis: int, what: str = "x") -> tuple[int, int]:
+    """Validate block_size and axis; returns (normalized axis, ndim-after-0d-promotion)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}: {axis!r}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of range for {what} with {x.dim()} dimension(s) "
+            f"(valid: {-ndim}..{ndim - 1})"
+        )
+    return axis % ndim, ndim
+
+
+def _check_float(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"x has dtype {x.dtype}; MX quantization takes float32, float64, float16 or "
+            "bfloat16 tensors"
+        )
+    return x
+
+
+def _check_options(
+    x: torch.Tensor, rounding: object, saturate: object, subnormals: object, generator: object
+) -> None:
+    """The element-rounding arguments, checked before any work (also for empty ``x``)."""
+    _check_rounding(rounding)
+    _check_flag(saturate, "saturate")
+    _check_flag(subnormals, "subnormals")
+    _check_generator(generator, x)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 holds every scale (2^-127 is a float32 subnormal) and every product X * P_i of a
+    # float32/16 input exactly; float64 inputs keep float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact 2^exponent for integer exponents in [-1022, 1023], from float64 bit patterns."""
+    bits = (exponent.to(torch.int64) + 1023) << 52
+    return bits.view(torch.float64).to(dtype)
+
+
+def _to_blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, int]:
+    """``x`` in the working dtype as (..., nblocks, block_size), axis moved last, zero padded.
+
+    Copies unless x is already float32/float64, ``axis`` is last and no padding is needed.
+    """
+    xt = x.reshape(1) if x.dim() == 0 else x
+    xt = xt.movedim(axis, -1).to(_work_dtype(x.dtype))
+    n = xt.shape[-1]
+    nblocks = -(-n // block_size)
+    pad = nblocks * block_size - n
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, pad))
+    return xt.reshape(*xt.shape[:-1], nblocks, block_size), n
+
+
+def _from_blocks(
+    b: torch.Tensor, n: int, axis: int, shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks`: drop the padding, move the axis back, cast, contiguous."""
+    flat = b.reshape(*b.shape[:-2], b.shape[-2] * b.shape[-1])
+    if flat.shape[-1] != n:
+        flat = flat[..., :n]
+    return flat.movedim(-1, axis).to(dtype).contiguous().reshape(shape)
+
+
+def _shared_exponents(blocks: torch.Tensor, emax_elem: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: (shared exponent as int32 clamped to [-127, 127], NaN-scale mask).
+
+    One read of ``blocks`` (``aminmax``, which propagates NaN, avoids an ``abs`` temporary).
+    """
+    if blocks.numel() == 0:
+        shape = blocks.shape[:-1]
+        return (
+            torch.zeros(shape, dtype=torch.int32, device=blocks.device),
+            torch.zeros(shape, dtype=torch.bool, device=blocks.device),
+        )
+    lo, hi = torch.aminmax(blocks, dim=-1)
+    amax = torch.maximum(hi, -lo)
+    # frexp: amax = m * 2^e with m in [0.5, 1), exact also for subnormals -> floor(log2) = e - 1
+    _, e = torch.frexp(amax)
+    shared = e - 1 - emax_elem
+    shared = torch.where(amax == 0, torch.full_like(shared, _SCALE_EMIN), shared)
+    bad = ~torch.isfinite(amax) | (shared > _SCALE_EMAX)
+    shared = shared.clamp(_SCALE_EMIN, _SCALE_EMAX)
+    return shared, bad
+
+
+def _scaled_elements(
+    blocks: torch.Tensor, shared: torch.Tensor, bad: torch.Tensor, rounding: str
+) -> torch.Tensor:
+    """``V_i / X`` per element (a fresh tensor); NaN in NaN-scale blocks.
+
+    The multiplication by ``2^-shared_exp`` is exact unless it underflows the working dtype,
+    which needs an element ~2^150 (float32) below its block's maximum. Such an element lies far
+    below half the element format's smallest subnormal, so round-to-nearest and toward-zero give
+    (signed) zero either way, and a nonzero subnormal product rounds like the true quotient in
+    every mode. Only a product that became zero loses information for up/down/odd rounding; it is
+    replaced by ±2^-64, which rounds exactly like the true quotient. (Stochastic rounding compares
+    32 random bits, so such an element never rounds away from zero either way.)
+    """
+    inv = _pow2(-shared, blocks.dtype)
+    inv = torch.where(bad, torch.full_like(inv, float("nan")), inv)
+    scaled = blocks * inv.unsqueeze(-1)
+    if rounding in ("up", "down", "odd"):
+        # only a product that underflowed to zero loses information: a nonzero (subnormal)
+        # result, exact or not, still rounds like the true quotient
+        lost = (scaled == 0) & (blocks != 0)
+        tiny = torch.full((), 2.0**_TINY_EXP, dtype=scaled.dtype, device=scaled.device)
+        scaled = torch.where(lost, torch.copysign(tiny, blocks), scaled)
+    return scaled
+
+
+def mx_scale_exponents(
+    x: torch.Tensor,
+    elem_format: str | MXFormat | FloatFormat = "float8_e4m3fn",
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+) -> torch.Tensor:
+    """The shared exponent of every block as float (``log2`` of the scale; NaN for NaN scales).
+
+    Shape: ``x``'s with ``axis`` replaced by the number of blocks. Useful for inspecting how
+    much of a tensor's range the blocks use. Cost: one pass over ``x`` (plus a copy when
+    ``axis`` is not last or padding is needed).
+    """
+    _check_float(x)
+    mx = get_mx_format(elem_format)
+    ax, _ = _check_args(x, block_size, axis)
+    blocks, _ = _to_blocks(x, block_size, ax)
+    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    out = shared.to(torch.float32).masked_fill(bad, float("nan"))
+    return out.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, out.shape[-1]))
+
+
+def _blocked_shape(shape: torch.Size, axis: int, nblocks: int) -> tuple[int, ...]:
+    dims = list(shape) if len(shape) else [1]
+    dims[axis] = nblocks
+    return tuple(dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def mx_quantize(
+    x: torch.Tensor,
+    elem_format: str | MXFormat | FloatFormat = "float8_e4m3fn",
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x`` to an MX format: blocks along ``axis`` share an E8M0 power-of-two scale.
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor of any shape and device.
+        elem_format: ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``,
+            ``"mxfp4_e2m1"``, an element format name (``"float8_e4m3fn"``, ``"e2m1"``, ...),
+            an :class:`MXFormat` or a :class:`~mixprec.formats.FloatFormat`.
+        block_size: elements per shared scale (the spec's 32); the last block along ``axis``
+            is zero-padded when the length is not a multiple (padding never changes a scale).
+        axis: the dimension the blocks run along (for a matmul ``A @ B``: ``-1`` for ``A``,
+            ``0`` for ``B``, the reduction dimension).
+        rounding: element rounding, one of :data:`mixprec.quantize.ROUNDING_MODES`;
+            ``"stochastic"`` draws from ``generator``.
+        saturate: the spec clamps elements that overflow (``V_i / X`` can round past the
+            element max, e.g. 480 in E4M3) to ±max; ``False`` gives the element format's
+            non-saturating overflow (NaN for E4M3, inf for E5M2; fp6/fp4 always saturate).
+        subnormals: ``False`` flushes element subnormals to zero.
+
+    Returns a tensor of ``x``'s dtype and shape (contiguous) whose values are ``X * P_i``.
+    NaN or inf anywhere in a block makes the whole block NaN (the spec's NaN scale).
+
+    Cost: a working copy of ``x`` in float32/float64 blocks (free when ``x`` is contiguous
+    float32/float64, ``axis`` is last and needs no padding), one reduction pass for the scales,
+    one allocation for the scaled elements, which are rounded and rescaled in place, and a
+    copy back when ``axis`` is not last or ``x`` is float16/bfloat16. No device sync (except
+    stochastic rounding's one seed draw on CUDA generators).
+    """
+    _check_float(x)
+    mx = get_mx_format(elem_format)
+    ax, _ = _check_args(x, block_size, axis)
+    _check_options(x, rounding, saturate, subnormals, generator)
+    if x.numel() == 0:
+        return x.clone()
+    blocks, n = _to_blocks(x, block_size, ax)
+    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    scaled = _scaled_elements(blocks, shared, bad, rounding)
+    quantize_(
+        scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
+        generator=generator,
+    )  # fmt: skip
+    scale = _pow2(shared, scaled.dtype)  # NaN scales already made the elements NaN
+    scaled.mul_(scale.unsqueeze(-1))  # exact: P_i * 2^k lies in the working dtype's range
+    return _from_blocks(scaled, n, ax, x.shape, x.dtype)
+
+
+def mx_encode(
+    x: torch.Tensor,
+    elem_format: str | MXFormat | FloatFormat = "float8_e4m3fn",
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    pack: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``x`` in an MX format: ``(scales, codes)``.
+
+    Returns:
+        scales: uint8 E8M0 codes (``2^(code - 127)``, ``0xFF`` = NaN), shape of ``x`` with
+            ``axis`` replaced by ``ceil(n / block_size)``.
+        codes: uint8 element codes (see :func:`mixprec.quantize.encode`), shape of ``x``
+            (padding dropped). Elements of NaN-scale blocks get code 0 (the spec ignores them;
+            fp6/fp4 have no NaN code). ``pack=True`` (MXFP4 only) stores two codes per byte
+            along the last dimension, first element in the low nibble; it needs an even last
+            dimension.
+
+    Same arguments and rounding as :func:`mx_quantize`;
+    ``mx_decode(*mx_encode(x, f), f, dtype=x.dtype) == mx_quantize(x, f)`` (the same random
+    draws too, given equally seeded generators). Cost: as ``mx_quantize`` plus the encoding
+    passes of :func:`mixprec.quantize.encode` (int64 temporaries; one device sync for its NaN
+    check).
+    """
+    _check_float(x)
+    mx = get_mx_format(elem_format)
+    ax, _ = _check_args(x, block_size, axis)
+    _check_options(x, rounding, saturate, subnormals, generator)
+    if _check_flag(pack, "pack") and mx.element.bits > 4:
+        raise ValueError(f"pack=True needs a 4-bit element format (mxfp4); got {mx.name}")
+    blocks, n = _to_blocks(x, block_size, ax)
+    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    scales = torch.where(bad, _SCALE_NAN_CODE, shared + _SCALE_BIAS).to(torch.uint8)
+    nblocks = scales.shape[-1]
+    scales = scales.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, nblocks))
+    if x.numel() == 0:
+        codes = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    else:
+        scaled = _scaled_elements(blocks, shared, bad, rounding)
+        scaled = torch.where(bad.unsqueeze(-1), torch.zeros_like(scaled), scaled)
+        codes = encode(
+            scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
+            generator=generator,
+        )  # fmt: skip
+        codes = _from_blocks(codes, n, ax, x.shape, torch.uint8)
+    if pack:
+        codes = _pack_nibbles(codes)
+    return scales, codes
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}")
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def mx_decode(
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    elem_format: str | MXFormat | FloatFormat = "float8_e4m3fn",
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    dtype: torch.dtype = torch.float32,
+    shape: tuple[int, ...] | torch.Size | None = None,
+    packed: bool = False,
+) -> torch.Tensor:
+    """Values of MX-encoded data: ``2^(scale - 127) * element`` per element, as ``dtype``.
+
+    Args:
+        scales: integer tensor of E8M0 codes (``0xFF`` = NaN), one per block.
+        codes: integer tensor of element codes; along ``axis`` either the true length ``n``
+            or padded to whole blocks (``ceil(n / block_size) * block_size``), where ``n`` is
+            given by ``shape``. With ``packed=True`` two 4-bit codes per byte along the last
+            dimension (as ``mx_encode(..., pack=True)`` writes them).
+        shape: the output shape; by default the (unpacked) shape of ``codes``. Give it to crop
+            padded codes.
+
+    Raises ``ValueError`` when the shapes of ``scales``, ``codes`` and ``shape`` disagree, and
+    for codes or scales out of range (naming the first; see :func:`mixprec.quantize.decode`).
+    Cost: one table look-up pass (:func:`mixprec.quantize.decode`), one multiply, and a copy
+    when ``axis`` is not last. The range checks cost one host sync each, except where the
+    dtype cannot hold a bad value (uint8/int8 scales, and codes of the 8-bit formats).
+    """
+    mx = get_mx_format(elem_format)
+    _check_codes_tensor(scales, "scales")
+    _check_codes_tensor(codes, "codes")
+    _check_code_range(scales, 8, "float8_e8m0fnu scales", "scales")
+    if _check_flag(packed, "packed") and mx.element.bits > 4:
+        raise ValueError(f"packed=True needs a 4-bit element format (mxfp4); got {mx.name}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    work = _work_dtype(dtype)
+    values = decode(codes, mx.element, dtype=work, packed=packed)
+    ax, _ = _check_args(values, block_size, axis, "codes")
+    out_shape = tuple(values.shape) if shape is None else tuple(int(s) for s in shape)
+    if len(out_shape) != values.dim() or any(
+        a != b for i, (a, b) in enumerate(zip(out_shape, values.shape, strict=True)) if i != ax
+    ):
+        raise ValueError(
+            f"shape {out_shape} does not match codes of shape {tuple(values.shape)} "
+            f"(they may differ only along axis {axis})"
+        )
+    n = out_shape[ax] if out_shape else 1
+    nblocks = -(-n // block_size)
+    length = values.shape[ax] if values.dim() else 1
+    if length not in (n, nblocks * block_size):
+        raise ValueError(
+            f"codes have {length} elements along axis {axis}; expected {n} or "
+            f"{nblocks * block_size} (padded to whole blocks of {block_size})"
+        )
+    expected = _blocked_shape(torch.Size(out_shape), ax, nblocks)
+    if tuple(scales.shape) != expected:
+        raise ValueError(
+            f"scales have shape {tuple(scales.shape)}; expected {expected} for {n} elements "
+            f"along axis {axis} in blocks of {block_size}"
+        )
+    vals = values.reshape(1) if values.dim() == 0 else values
+    vals = vals.movedim(ax, -1)
+    if length != nblocks * block_size:  # unpadded codes: pad the last block with zeros
+        vals = torch.nn.functional.pad(vals, (0, nblocks * block_size - length))
+    blocks = vals.reshape(*vals.shape[:-1], nblocks, block_size)
+    sc = scales.reshape(expected).movedim(ax, -1).to(torch.int64) & 0xFF
+    scale = _pow2(sc - _SCALE_BIAS, work)
+    scale = torch.where(sc == _SCALE_NAN_CODE, torch.full_like(scale, float("nan")), scale)
+    blocks = blocks * scale.unsqueeze(-1)
+    return _from_blocks(blocks, n, ax, torch.Size(out_shape), dtype)

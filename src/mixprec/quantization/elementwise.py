@@ -1,0 +1,703 @@
+"""Rounding tensors into floating-point formats: ``quantize``, ``encode``, ``decode``.
+
+Semantics (DESIGN.md "Quantize semantics"): the result has the input's dtype and shape and every
+value is exactly representable in the target format. Six rounding modes, IEEE 754 overflow rules
+for directed modes, OCP rules for saturation, NaN propagation, ``fnuz`` zero rules, and the e8m0
+scale format.
+
+Fast paths: on CPU a C kernel (``mixprec._kernels``, built at install time from the Python
+headers only) does one read and one write per element and splits large tensors over
+``torch.get_num_threads()`` threads. Elsewhere (CUDA, or no C compiler at install) a torch
+integer-op kernel with identical results runs instead. float16/bfloat16 inputs are widened to
+float32 (exact), rounded, and narrowed back (a second rounding only where the target format is
+not a subset of the input dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import torch
+
+from mixprec.formats.float_format import FloatFormat, close_matches, did_you_mean, get_format
+from mixprec.quantization import torch_kernel as _quantize_torch
+from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
+
+try:  # the optional C kernel
+    from mixprec.quantization import _kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised only where the build failed
+    _kernels = None
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
+_BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
+
+# Callbacks (src, result, format) run after every quantize. The C kernel writes raw storage that
+# dispatch-level tools cannot see, so the sanitizer (a higher layer) registers one while active
+# to learn which tensors hold emulated formats. Empty otherwise: the check costs nanoseconds.
+_ROUNDING_OBSERVERS: list[Callable[[torch.Tensor, torch.Tensor, FloatFormat], None]] = []
+
+
+def has_c_kernel() -> bool:
+    """True when the compiled CPU kernel is available (and not disabled by MIXPREC_BACKEND)."""
+    return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") != "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (messages name the bad value and the valid choices)
+# ----------------------------------------------------------------------------------------------
+
+# torch's own wording for what its in-place and out= ops refuse, so that code (and people)
+# handling torch's errors recognise them
+_LEAF_MSG = "a leaf Variable that requires grad is being used in an in-place operation."
+_OUT_GRAD_MSG = (
+    "{op}(): functions with out=... arguments don't support automatic differentiation, but one "
+    "of the arguments requires grad."
+)
+_PARTIAL_OVERLAP_MSG = (
+    "unsupported operation: some elements of the input tensor and the written-to tensor refer "
+    "to a single memory location. Please clone() the tensor before performing the operation."
+)
+_INTERNAL_OVERLAP_MSG = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single "
+    "memory location. Please clone() the tensor before performing the operation."
+)
+_INFERENCE_MSG = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
+    "clone to get a normal tensor before doing inplace update.See "
+    "https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def _check_rounding(rounding: object, what: str = "rounding") -> str:
+    if not isinstance(rounding, str):
+        raise TypeError(
+            f"{what} must be a str, one of {', '.join(ROUNDING_MODES)}; got "
+            f"{type(rounding).__name__}: {rounding!r}"
+        )
+    if rounding not in ROUNDING_CODES:
+        hint = did_you_mean(close_matches(rounding, ROUNDING_MODES))
+        raise ValueError(
+            f"unknown {what} mode {rounding!r}{hint} (valid: {', '.join(ROUNDING_MODES)})"
+        )
+    return rounding
+
+
+def _check_flag(value: object, what: str) -> bool:
+    """A bool option: ``saturate="no"`` would otherwise be silently true."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
+        return bool(value)
+    raise TypeError(f"{what} must be a bool, got {type(value).__name__}: {value!r}")
+
+
+def _check_tensor(x: object, what: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {x.dtype}; quantize takes float32, float64, float16 or bfloat16 "
+            "tensors"
+        )
+    if x.layout != torch.strided:
+        raise TypeError(f"{what} has layout {x.layout}; quantize takes dense (strided) tensors")
+    return x
+
+
+def _check_generator(generator: object, x: torch.Tensor) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}: "
+            f"{generator!r}"
+        )
+    g, d = generator.device, x.device
+    if g.type != d.type or (g.index is not None and d.index is not None and g.index != d.index):
+        raise ValueError(
+            f"generator is on device {g} but x is on {d}; pass a generator of x's device, "
+            f"e.g. torch.Generator(device={str(d)!r})"
+        )
+
+
+def _check_args(
+    x: object, fmt: str | FloatFormat | torch.dtype, rounding: object, saturate: object,
+    subnormals: object, generator: object,
+) -> FloatFormat:  # fmt: skip
+    """Validate every argument of quantize-like calls; returns the format."""
+    _check_tensor(x)
+    f = get_format(fmt)
+    _check_rounding(rounding)
+    _check_flag(saturate, "saturate")
+    _check_flag(subnormals, "subnormals")
+    _check_generator(generator, x)  # type: ignore[arg-type]
+    return f
+
+
+def _dims(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(size, stride) per dimension."""
+    return list(zip(t.shape, t.stride(), strict=True))
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some order of the dimensions is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in _dims(t) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses of a non-empty strided tensor."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    extent = 1 + sum((sz - 1) * st for sz, st in _dims(t))
+    return start, start + extent * t.element_size()
+
+
+def _check_writable(t: torch.Tensor) -> None:
+    """What torch checks before any in-place write: no self-overlap, no inference tensor."""
+    if not t.is_contiguous() and any(st == 0 and sz > 1 for sz, st in _dims(t)):
+        raise RuntimeError(_INTERNAL_OVERLAP_MSG)
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(_INFERENCE_MSG)
+
+
+def _check_no_partial_overlap(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse ``out`` sharing some but not all of ``x``'s memory (torch's out= rule).
+
+    Only decidable cheaply when both are dense (as in torch); otherwise one of them is not
+    contiguous and the kernels read a private copy of ``x`` (see :func:`_round`), so the result
+    is right whatever the overlap.
+    """
+    if x.numel() == 0 or x.device.type == "meta":
+        return
+    (a0, a1), (b0, b1) = _span(x), _span(out)
+    if a1 <= b0 or b1 <= a0 or (a0, x.stride()) == (b0, out.stride()):
+        return  # disjoint, or the same elements (in place)
+    if _is_dense(x) and _is_dense(out):
+        raise RuntimeError(_PARTIAL_OVERLAP_MSG)
+
+
+def _check_out(x: torch.Tensor, out: object, op: str) -> torch.Tensor:
+    out = _check_tensor(out, "out")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out has dtype {out.dtype}; it must match x's dtype {x.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(
+            f"out has shape {tuple(out.shape)}; it must match x's shape {tuple(x.shape)}"
+        )
+    if out.device != x.device:
+        raise ValueError(f"out is on device {out.device}; it must be on x's device {x.device}")
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        raise RuntimeError(_OUT_GRAD_MSG.format(op=op))
+    _check_writable(out)
+    if out is not x:
+        _check_no_partial_overlap(x, out)
+    return out
+
+
+def _check_inplace_autograd(x: torch.Tensor) -> None:
+    """Grad mode and ``x.requires_grad``: torch refuses in-place ops on leaves.
+
+    Views are left to ``x.copy_`` itself, which raises torch's own message for each case (view
+    of a leaf, view made under no_grad, one of several views of a multi-output op).
+    """
+    if x._base is None and x.is_leaf:
+        raise RuntimeError(_LEAF_MSG)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixprec-quantize")
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    """Draw a 62-bit seed from a CPU generator (or torch's default one): reproducible streams."""
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+
+
+def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, seed: int) -> None:
+    """Run the C kernel over contiguous CPU buffers src -> dst (which may alias)."""
+    n = src.numel()
+    item = src.element_size()
+    in_ptr, out_ptr = src.data_ptr(), dst.data_ptr()
+
+    def run(start: int, stop: int) -> None:
+        _kernels.quantize(
+            p.width, in_ptr + start * item, out_ptr + start * item, stop - start, mode,
+            p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits,
+            p.flags, seed, start, p.fast_lo,
+        )  # fmt: skip
+
+    threads = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN))
+    if threads <= 1:
+        run(0, n)
+        return
+    chunk = -(-n // threads)
+    chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    list(_pool(threads).map(lambda b: run(*b), bounds))
+
+
+def _quantize_work(
+    work: torch.Tensor,
+    p: KernelParams,
+    rounding: str,
+    generator: torch.Generator | None,
+    dst: torch.Tensor | None,
+) -> torch.Tensor:
+    """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
+    use_c = work.device.type == "cpu" and has_c_kernel() and (dst is None or dst.is_contiguous())
+    if use_c:
+        src = work.contiguous()
+        target = torch.empty_like(src) if dst is None else dst
+        seed = _seed(generator) if rounding == "stochastic" else 0
+        if src.numel():
+            _run_c(src, target, p, ROUNDING_CODES[rounding], seed)
+        if dst is not None:
+            # the kernel wrote raw memory: tell autograd, as torch's in-place ops do
+            torch.autograd.graph.increment_version(dst)
+        return target
+    res = _quantize_torch.quantize_bits(work, p, rounding, generator)
+    if dst is not None:
+        dst.copy_(res)
+        return dst
+    return res
+
+
+def _round(
+    x: torch.Tensor, f: FloatFormat, rounding: str, saturate: bool, subnormals: bool,
+    generator: torch.Generator | None, out: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """Round ``x`` (into ``out`` when given): the kernels, no checks, no autograd."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()  # exact widening
+    width = 64 if work.dtype == torch.float64 else 32
+    p = kernel_params(f, width, bool(saturate), bool(subnormals), rounding)
+    dst = out if out is not None and work is x and out.is_contiguous() else None
+    res = _quantize_work(work, p, rounding, generator, dst)
+    if out is None:
+        return res if res.dtype == x.dtype else res.to(x.dtype)
+    if res is not out:
+        out.copy_(res)  # a fresh result: right whatever the overlap of x and out
+    return out
+
+
+def _observe(x: torch.Tensor, res: torch.Tensor, f: FloatFormat) -> None:
+    for observe in _ROUNDING_OBSERVERS:
+        observe(x, res, f)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round every element of ``x`` to the nearest value (per ``rounding``) of format ``fmt``.
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor, any shape, any device.
+        fmt: a format name or alias (``"bf16"``, ``"e4m3"``, ``"e6m9"``, ...), a
+            :class:`FloatFormat` or a floating ``torch.dtype``.
+        rounding: ``"nearest"`` (ties to even), ``"stochastic"``, ``"toward_zero"``, ``"up"``
+            (toward +inf), ``"down"`` (toward -inf) or ``"odd"`` (round to odd).
+        saturate: clamp finite overflow and ±inf to ±max (NaN stays NaN). Otherwise overflow
+            gives ±inf where the format has it, else NaN; directed modes never overflow away
+            from their direction (IEEE 754). Formats with neither inf nor NaN always saturate.
+        subnormals: if False, results below the smallest normal flush to signed zero.
+        generator: source of randomness for stochastic rounding (reproducible streams); a
+            ``torch.Generator`` on ``x``'s device.
+        out: optional tensor of ``x``'s dtype, shape and device to write into. As torch's
+            out= ops: ``out`` may be ``x`` itself but may not partially overlap it, and
+            neither may require grad while grad mode is on (``RuntimeError``, torch's wording).
+
+    Returns a tensor of ``x``'s dtype and shape (``out`` if given). Cost: one read and one
+    write of ``x`` on the CPU fast path; float16/bfloat16 inputs add a widening copy.
+    Stochastic rounding draws one seed from ``generator`` (a device sync on CUDA).
+
+    Autograd: rounding is piecewise constant, so, like ``torch.round``, ``quantize`` is
+    differentiable with gradient zero: for an ``x`` that requires grad the result is part of
+    the graph (not silently detached) and passes zeros back. For a straight-through gradient
+    (quantization-aware training) use :func:`fake_quantize`.
+
+    Raises ``TypeError`` for arguments of the wrong type and ``ValueError`` for bad values
+    (unknown format or rounding names, with the closest valid names).
+    """
+    f = _check_args(x, fmt, rounding, saturate, subnormals, generator)
+    if out is not None:
+        res = _round(
+            x, f, rounding, saturate, subnormals, generator, _check_out(x, out, "quantize")
+        )
+    elif torch.is_grad_enabled() and x.requires_grad:
+
+        def q(t: torch.Tensor) -> torch.Tensor:
+            return _round(t, f, rounding, saturate, subnormals, generator, None)
+
+        res = _Quantize.apply(x, q, torch.zeros_like)
+    else:
+        res = _round(x, f, rounding, saturate, subnormals, generator, None)
+    _observe(x, res, f)
+    return res
+
+
+def quantize_(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """In-place :func:`quantize`: rounds ``x``'s own storage and returns ``x``.
+
+    No allocation on the CPU fast path for contiguous float32/float64 tensors (one read and one
+    write per element), which is what a training loop wants: a fresh out-of-place result costs
+    page faults that exceed the rounding itself.
+
+    Behaves as torch's in-place ops (``round_``): the autograd version counter is bumped, so
+    a backward that needs the old values raises; with grad mode on, a leaf that requires grad
+    (or a view of one) is refused, and a non-leaf gets gradient zero (through ``x.copy_``: one
+    extra pass, only on this path); tensors with self-overlapping memory (``expand``) are
+    refused. Use ``torch.no_grad()`` to round parameters in place.
+    """
+    f = _check_args(x, fmt, rounding, saturate, subnormals, generator)
+    _check_writable(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        _check_inplace_autograd(x)
+        x.copy_(_round(x.detach(), f, rounding, saturate, subnormals, generator, None))
+    else:
+        _round(x, f, rounding, saturate, subnormals, generator, x)
+    _observe(x, x, f)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# encode / decode
+# ----------------------------------------------------------------------------------------------
+
+
+def code_dtype(fmt: str | FloatFormat) -> torch.dtype:
+    """Integer dtype that holds ``fmt``'s codes: uint8 up to 8 bits, then int16/int32/int64."""
+    bits = get_format(fmt).bits
+    if bits <= 8:
+        return torch.uint8
+    if bits <= 16:
+        return torch.int16
+    if bits <= 32:
+        return torch.int32
+    return torch.int64
+
+
+def _nan_code(f: FloatFormat) -> int:
+    m, e = f.mantissa_bits, f.exponent_bits
+    if f.encoding == "ieee":
+        return (((1 << e) - 1) << m) | (1 << (m - 1) if m else 0)
+    if f.encoding == "fn":
+        return (1 << (e + m)) - 1
+    if f.encoding == "fnuz":
+        return 1 << (e + m)
+    if f.encoding == "e8m0":
+        return 0xFF
+    raise ValueError(f"{f.name} has no NaN encoding")
+
+
+def _codes_from_values(q: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    """Codes of values already exactly representable in f (float64 tensor)."""
+    u = q.view(torch.int64)
+    neg = u < 0
+    a = u & ((1 << 63) - 1)
+    e64 = a >> 52
+    m64 = torch.where(e64 > 0, (a & ((1 << 52) - 1)) | (1 << 52), a & ((1 << 52) - 1))
+    ulp_in = e64.clamp(min=1) - 1075
+    e_true = _quantize_torch._ilog2(m64.clamp(min=1)) + ulp_in
+    M = f.mantissa_bits
+    if f.encoding == "e8m0":
+        return (e_true + f.bias).clamp(0, 254)
+    normal = e_true >= f.emin
+    exp_field = torch.where(normal, e_true + f.bias, torch.zeros_like(e_true))
+    # mantissa field: significand in units of the format's quantum at this exponent
+    qe = e_true.clamp(min=f.emin) - M
+    shift = qe - ulp_in
+    mant = torch.where(shift >= 0, m64 >> shift.clamp(0, 63), m64 << (-shift).clamp(0, 63))
+    mant = mant & ((1 << M) - 1)
+    code = (exp_field << M) | mant
+    code = torch.where(a == 0, torch.zeros_like(code), code)
+    inf = a == 0x7FF0000000000000
+    if f.has_infinity:
+        code = torch.where(inf, torch.full_like(code, ((1 << f.exponent_bits) - 1) << M), code)
+    sign_allowed = neg & ((a != 0) | f.has_negative_zero)
+    return code | (sign_allowed.to(torch.int64) << (f.exponent_bits + M))
+
+
+def encode(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    pack: bool = False,
+) -> torch.Tensor:
+    """Quantize ``x`` to ``fmt`` and return the bit patterns (see :func:`code_dtype`).
+
+    NaN encodes to the format's canonical NaN; a format without NaN (fp6, fp4) cannot encode
+    it and raises ``ValueError`` (checking costs one device sync). ``pack=True`` (formats of at
+    most 4 bits) stores two codes per byte along the last dimension, the first element in the
+    low nibble (the OCP MX / ``torch.float4_e2m1fn_x2`` order); the last dimension must be even.
+    """
+    f = get_format(fmt)
+    x = _check_tensor(x).detach()  # codes are integers: no gradient to track
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # exact widening
+    q = quantize(
+        wide, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
+    )
+    nan = torch.isnan(q)
+    if not f.has_nan and bool(nan.any()):
+        raise ValueError(f"x contains NaN, which {f.name} cannot encode (it has no NaN code)")
+    dt = code_dtype(f)
+    if f.torch_dtype is not None:
+        # q holds values of f only, so torch's cast is exact here: one fast pass
+        codes = q.to(f.torch_dtype).view(dt)
+    else:
+        codes = _codes_from_values(torch.where(nan, 0.0, q).to(torch.float64), f)
+        if dt == torch.uint8:
+            codes = codes.to(torch.uint8)
+        elif dt != torch.int64:
+            bits = torch.iinfo(dt).bits
+            codes = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes).to(dt)
+    if f.has_nan:  # one canonical NaN code, whatever the sign or payload
+        nan_code = _nan_code(f)
+        if dt != torch.uint8 and nan_code >= 1 << (torch.iinfo(dt).bits - 1):
+            nan_code -= 1 << torch.iinfo(dt).bits
+        codes = torch.where(nan, torch.tensor(nan_code, dtype=dt, device=codes.device), codes)
+    if _check_flag(pack, "pack"):
+        codes = _pack_nibbles(codes, f)
+    return codes
+
+
+def _pack_nibbles(codes: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    if f.bits > 4:
+        raise ValueError(f"pack=True needs a format of at most 4 bits; {f.name} has {f.bits}")
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}")
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@lru_cache(maxsize=64)
+def _decode_table(f: FloatFormat) -> torch.Tensor:
+    """float64 value of every code of a format of at most 16 bits (CPU)."""
+    codes = torch.arange(1 << f.bits, dtype=torch.int64)
+    return _values_from_codes(codes, f)
+
+
+def _values_from_codes(codes: torch.Tensor, f: FloatFormat) -> torch.Tensor:
+    M, E = f.mantissa_bits, f.exponent_bits
+    codes = codes & ((1 << f.bits) - 1)
+    mag_bits = E + M
+    neg = ((codes >> mag_bits) & 1) == 1 if f.is_signed else torch.zeros_like(codes, dtype=bool)
+    ef = (codes >> M) & ((1 << E) - 1)
+    mant = codes & ((1 << M) - 1)
+    if f.encoding == "e8m0":
+        mag = torch.ldexp(torch.ones_like(codes, dtype=torch.float64), (ef - f.bias).double())
+    else:
+        sig = torch.where(ef > 0, mant + (1 << M), mant).to(torch.float64)
+        exp = ef.clamp(min=1) - f.bias - M
+        mag = sig * torch.exp2((exp // 2).double()) * torch.exp2((exp - exp // 2).double())
+    val = torch.where(neg, -mag, mag)
+    top = ef == (1 << E) - 1
+    if f.encoding == "ieee":
+        val = torch.where(top & (mant == 0), torch.where(neg, -math.inf, math.inf), val)
+        val = torch.where(top & (mant != 0), math.nan, val)
+    elif f.encoding == "fn":
+        val = torch.where(top & (mant == (1 << M) - 1), math.nan, val)
+    elif f.encoding == "fnuz":
+        val = torch.where(codes == 1 << mag_bits, math.nan, val)
+    elif f.encoding == "e8m0":
+        val = torch.where(codes == 0xFF, math.nan, val)
+    return val
+
+
+def _code_range(bits: int) -> tuple[int, int]:
+    """Valid integer values for ``bits``-bit codes.
+
+    ``0 .. 2^bits - 1``; where a code fills its storage type (8-bit formats in (u)int8, 16-bit
+    formats in int16, ...) its two's-complement reading ``-2^(bits-1) .. -1`` too, as a
+    ``.view(torch.int8)`` of fp8 data or a sign-extending ``.long()`` of int16 codes gives.
+    """
+    full = bits in (8, 16, 32, 64)
+    return (-(1 << (bits - 1)) if full else 0), (1 << bits) - 1
+
+
+def _check_code_range(codes: torch.Tensor, bits: int, name: str, what: str) -> None:
+    """ValueError naming the first code outside :func:`_code_range` (one min/max host sync).
+
+    Free (no sync) when the integer dtype cannot hold a bad value (uint8 codes of 8-bit formats,
+    int16 codes of 16-bit formats, ...).
+    """
+    lo, hi = _code_range(bits)
+    info = torch.iinfo(codes.dtype)
+    if codes.numel() == 0 or (info.min >= lo and info.max <= hi):
+        return
+    c = codes if codes.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32) else None
+    c = codes.to(torch.int64) if c is None else c  # aminmax lacks the uint16/32/64 kernels
+    cmin, cmax = torch.stack(torch.aminmax(c)).tolist()  # one sync
+    if cmin >= lo and cmax <= hi:
+        return
+    first = torch.nonzero((c < lo) | (c > hi))[0].tolist()
+    where = f"{what}[{', '.join(map(str, first))}]" if first else what  # 0-d: no index
+    raise ValueError(
+        f"{where} = {int(c[tuple(first)])} is out of range for {name} (valid: {lo}..{hi})"
+    )
+
+
+def _check_codes_tensor(codes: object, what: str) -> torch.Tensor:
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(codes).__name__}")
+    dt = codes.dtype
+    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor, got {dt}")
+    if codes.layout != torch.strided:
+        raise TypeError(f"{what} has layout {codes.layout}; decode takes dense tensors")
+    return codes
+
+
+def _check_float_dtype(dtype: object) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (float32, float64, float16, bfloat16, ...), "
+            f"got {dtype!r}"
+        )
+    return dtype
+
+
+def decode(
+    codes: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    dtype: torch.dtype = torch.float32,
+    packed: bool = False,
+) -> torch.Tensor:
+    """Inverse of :func:`encode`: bit patterns of ``fmt`` to values of ``dtype``.
+
+    ``decode(encode(x, f), f) == quantize(x, f)`` for every ``x`` (NaN for NaN), when ``dtype``
+    holds the format's values (float64 always does).
+
+    ``codes`` may have any integer dtype. Valid values are ``0 .. 2^bits - 1`` and, for codes
+    that fill their storage type (8-, 16-, 32-, 64-bit formats), their two's-complement
+    negatives (an ``int8`` view of fp8 data). With ``packed=True`` (formats of at most 4 bits)
+    each byte holds two codes, the first in the low nibble, as ``encode(..., pack=True)`` writes
+    them; valid bytes are ``-128 .. 255``. Out-of-range values raise ``ValueError`` naming the
+    first one: that check costs a min/max reduction and one host sync, skipped when the dtype
+    cannot hold a bad value (``uint8`` codes of an 8-bit format, ``int16`` of a 16-bit one).
+    """
+    f = get_format(fmt)
+    codes = _check_codes_tensor(codes, "codes")
+    _check_float_dtype(dtype)
+    if _check_flag(packed, "packed"):
+        if f.bits > 4:
+            raise ValueError(f"packed=True needs a format of at most 4 bits; {f.name} has {f.bits}")
+        if codes.dim() == 0:
+            raise ValueError(
+                "packed=True needs codes with at least one dimension, got a 0-d tensor"
+            )
+        _check_code_range(codes, 8, f"packed {f.name} bytes", "codes")
+        codes = _unpack_nibbles(codes.to(torch.uint8))
+        if f.bits < 4:
+            _check_code_range(codes, f.bits, f"{f.name} codes", "unpacked codes")
+    else:
+        _check_code_range(codes, f.bits, f"{f.name} codes", "codes")
+    c64 = codes.to(torch.int64) & ((1 << f.bits) - 1)
+    if f.bits <= 16:
+        table = _decode_table(f).to(codes.device)
+        return table[c64].to(dtype)
+    return _values_from_codes(c64, f).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd: quantize (gradient zero) and fake_quantize (straight-through) share one Function
+# ----------------------------------------------------------------------------------------------
+
+
+class _Quantize(torch.autograd.Function):
+    """Forward ``q(x)``; backward ``grad_q(grad)``, or ``grad`` itself (straight-through).
+
+    :func:`quantize` passes ``torch.zeros_like`` (the true derivative of a rounding, as
+    ``torch.round`` has it); :func:`fake_quantize` passes None or a gradient rounding.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        q: Callable[[torch.Tensor], torch.Tensor],
+        grad_q: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        ctx.grad_q = grad_q  # type: ignore[attr-defined]
+        return q(x)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        grad_q = ctx.grad_q  # type: ignore[attr-defined]
+        return (grad if grad_q is None else grad_q(grad)), None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat | torch.dtype,
+    *,
+    rounding: str = "nearest",
+    saturate: bool = False,
+    subnormals: bool = True,
+    generator: torch.Generator | None = None,
+    grad_format: str | FloatFormat | torch.dtype | None = None,
+    grad_rounding: str = "nearest",
+) -> torch.Tensor:
+    """:func:`quantize` in the forward pass, identity (straight-through) in the backward pass.
+
+    With ``grad_format`` the incoming gradient is itself quantized to that format (with
+    ``grad_rounding``), which is how gradient underflow in fp16/fp8 backward passes is emulated.
+    """
+    f = _check_args(x, fmt, rounding, saturate, subnormals, generator)
+    gf = None if grad_format is None else get_format(grad_format)
+    _check_rounding(grad_rounding, "grad_rounding")
+
+    def q(t: torch.Tensor) -> torch.Tensor:
+        return quantize(
+            t, f, rounding=rounding, saturate=saturate, subnormals=subnormals, generator=generator
+        )
+
+    grad_q = None
+    if gf is not None:
+
+        def grad_q(g: torch.Tensor) -> torch.Tensor:
+            return quantize(g, gf, rounding=grad_rounding)
+
+    return _Quantize.apply(x, q, grad_q)

@@ -1,0 +1,142 @@
+"""Device-agnostic quantization kernel in plain torch integer ops.
+
+The same algorithm as ``_kernels.c`` (read its header comment), written with tensor ops so it
+runs wherever torch runs (CUDA, MPS, CPU without a C compiler). Bit-exact and FTZ/DAZ-proof for
+the deterministic modes; stochastic rounding draws its random bits with ``torch.randint`` (so a
+``torch.Generator`` makes it reproducible on this path too, with a different stream from the C
+kernel's). Every intermediate is int64: twice the memory traffic of int32, but no unsigned
+arithmetic is needed, which torch lacks on several devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixprec.quantization.params import (
+    F_FLUSH,
+    F_NEG_NAN,
+    F_NO_NEGZERO,
+    ROUNDING_CODES,
+    KernelParams,
+)
+
+_LAYOUT = {32: (23, 127, torch.int32), 64: (52, 1023, torch.int64)}
+
+
+def _ilog2(v: torch.Tensor) -> torch.Tensor:
+    """floor(log2(v)) for 0 < v < 2^53 (int64), exact via the float64 exponent field."""
+    return (v.to(torch.float64).view(torch.int64) >> 52) - 1023
+
+
+_CPU_CHUNK = 1 << 15  # ~30 int64 temporaries of this size stay in cache: ~9x faster on CPU
+
+
+def quantize_bits(
+    x: torch.Tensor,
+    p: KernelParams,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Round a float32/float64 tensor; returns a new tensor of the same dtype.
+
+    On CPU, large tensors are processed in cache-sized chunks (same results, chunk by chunk).
+    """
+    if x.device.type == "cpu" and x.numel() > 2 * _CPU_CHUNK:
+        flat = x.reshape(-1)
+        out = torch.empty_like(flat)
+        for start in range(0, flat.numel(), _CPU_CHUNK):
+            chunk = flat[start : start + _CPU_CHUNK]
+            out[start : start + _CPU_CHUNK] = _quantize_bits(chunk, p, rounding, generator)
+        return out.reshape(x.shape)
+    return _quantize_bits(x, p, rounding, generator)
+
+
+def _quantize_bits(
+    x: torch.Tensor,
+    p: KernelParams,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    P, bias, itype = _LAYOUT[p.width]
+    mode = ROUNDING_CODES[rounding]
+    u = x.contiguous().view(itype).to(torch.int64)
+    mask_w = (1 << p.width) - 1
+    u = u & mask_w
+    sign_bit = 1 << (p.width - 1)
+    inf_bits = ((1 << (p.width - 1 - P)) - 1) << P
+    neg = (u & sign_bit) != 0
+    a = u & (sign_bit - 1)
+    ef = a >> P
+    mant = a & ((1 << P) - 1)
+    m = torch.where(ef > 0, mant | (1 << P), mant)
+    ulp_in = ef.clamp(min=1) - (bias + P)
+    e = _ilog2(m) + ulp_in
+    qe = e.clamp(min=p.emin) - p.mantissa_bits
+    d = qe - ulp_in
+    dc = d.clamp(1, P + 2)
+    one = torch.ones_like(dc)
+    k = m >> dc
+    rem = m & ((one << dc) - 1)
+    half = one << (dc - 1)
+    inexact = rem != 0
+    if mode == ROUNDING_CODES["nearest"]:
+        k = k + ((rem > half) | ((rem == half) & ((k & 1) == 1))).to(torch.int64)
+    elif mode == ROUNDING_CODES["stochastic"]:
+        r_bits = 62 if p.width == 64 else 32
+        rnd = (
+            torch.randint(
+                0, 1 << r_bits, x.shape, generator=generator, device=x.device, dtype=torch.int64
+            )
+            .reshape(-1)
+            .reshape(m.shape)
+        )
+        dd = d.clamp(1, r_bits + 63)
+        up_shift = (r_bits - dd).clamp(min=0)
+        down_shift = (dd - r_bits).clamp(0, 63)
+        thr = torch.where(dd <= r_bits, rem << up_shift, m >> down_shift)
+        k = k + (rnd < thr).to(torch.int64)
+    elif mode == ROUNDING_CODES["up"]:
+        k = k + (inexact & ~neg).to(torch.int64)
+    elif mode == ROUNDING_CODES["down"]:
+        k = k + (inexact & neg).to(torch.int64)
+    elif mode == ROUNDING_CODES["odd"]:
+        k = k | inexact.to(torch.int64)
+    # rebuild k * 2^qe in the container's bits
+    safe_k = k.clamp(min=1)
+    lk = _ilog2(safe_k)
+    big_e = lk + qe
+    frac = (safe_k << (P - lk).clamp(min=0)) & ((1 << P) - 1)
+    normal = ((big_e + bias).clamp(min=0) << P) | frac
+    sub = k << (qe + (bias - 1 + P)).clamp(0, 62)
+    r = torch.where(big_e >= 1 - bias, normal, sub)
+    r = torch.where(big_e > bias, torch.full_like(r, inf_bits), r)
+    r = torch.where(k == 0, torch.zeros_like(r), r)
+    r = torch.where(d <= 0, a, r)
+    # overflow, flush, zero and sign rules
+    is_inf = a == inf_bits
+    ovf = torch.full_like(r, p.ovf_bits)
+    mx = torch.full_like(r, p.max_bits)
+    if mode in (ROUNDING_CODES["nearest"], ROUNDING_CODES["stochastic"]):
+        ov = ovf
+    elif mode == ROUNDING_CODES["up"]:
+        ov = torch.where(is_inf | ~neg, ovf, mx)
+    elif mode == ROUNDING_CODES["down"]:
+        ov = torch.where(is_inf | neg, ovf, mx)
+    else:
+        ov = torch.where(is_inf, ovf, mx)
+    r = torch.where(r > p.max_bits, ov, r)
+    if p.flags & F_FLUSH:
+        r = torch.where(r < p.minnorm_bits, torch.zeros_like(r), r)
+    r = torch.where(r == 0, torch.full_like(r, p.zero_bits), r)
+    if p.flags & F_NEG_NAN:
+        nan = torch.full_like(r, inf_bits | (1 << (P - 1)))
+        out = torch.where(neg & (a != 0), nan, r)
+    else:
+        s = neg
+        if p.flags & F_NO_NEGZERO:
+            s = s & (r != 0)
+        out = r | (s.to(torch.int64) << (p.width - 1))
+    out = torch.where(a > inf_bits, u | (1 << (P - 1)), out)
+    if p.width == 32:
+        out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.to(itype).view(x.dtype).reshape(x.shape)

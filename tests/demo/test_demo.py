@@ -1,0 +1,296 @@
+"""Tests of ``mixprec demo``: the tiny end-to-end run (files, schema, finite numbers), the
+recipes' mechanics against hand-computed oracles, determinism and input validation."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from mixprec import cli
+from mixprec.demo.data import VOCAB, _synthetic_digits, encode_text, load_digits, load_text
+from mixprec.demo.recipes import (
+    RECIPES,
+    Engine,
+    GradientProbe,
+    mixprec_available,
+    resolve_recipes,
+)
+from mixprec.demo.report import validate_report
+from mixprec.demo.runner import DemoConfig, _Task, run_demo, train_run
+
+EXPECTED_RECIPES = ["fp32", "fp16-O2", "fp16-O3", "fp16-noscale", "bf16-O2", "fp8-hybrid"]
+FILES = ("report.md", "report.json", "curves.png", "grad_hist.png")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR chunk
+    return width, height
+
+
+def _numbers(obj: object, path: str = "$"):
+    """Every number in a JSON document, with its path."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, int | float):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """One tiny demo through the CLI (both tasks, all default recipes)."""
+    out = tmp_path_factory.mktemp("demo")
+    assert mixprec_available()  # the default backend is mixprec's public API
+    buf = io.StringIO()
+    console = Console(file=buf, width=160, force_terminal=False)
+    doc = run_demo(DemoConfig.tiny(), out, console=console)
+    return out, doc, buf.getvalue()
+
+
+def test_tiny_demo_writes_every_file(tiny_report: tuple[Path, dict, str]) -> None:
+    out, _, _ = tiny_report
+    for name in FILES:
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+    for png in ("curves.png", "grad_hist.png"):
+        w, h = _png_size(out / png)
+        assert w >= 400 and h >= 300, (png, w, h)
+
+
+def test_tiny_demo_json_validates_and_is_complete(tiny_report: tuple[Path, dict, str]) -> None:
+    out, doc, _ = tiny_report
+
+    def no_nan(token: str) -> float:
+        raise AssertionError(f"report.json contains {token}")
+
+    on_disk = json.loads((out / "report.json").read_text(), parse_constant=no_nan)
+    assert on_disk == json.loads(json.dumps(doc))
+    validate_report(on_disk)
+    assert on_disk["schema_version"] == "1.0"
+    env = on_disk["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["torch_threads"] == 1
+    assert [t["name"] for t in on_disk["tasks"]] == ["digits", "text"]
+    for task in on_disk["tasks"]:
+        runs = {r["recipe"]["id"]: r for r in task["runs"]}
+        assert list(runs) == EXPECTED_RECIPES
+        base = runs["fp32"]["val_metric"]
+        for rid, run in runs.items():
+            for key in ("final_train_loss", "val_metric", "delta_vs_fp32", "wall_time_s",
+                        "act_grads_flushed", "weight_grads_flushed", "updates_lost",
+                        "final_loss_scale", "steps_skipped"):  # fmt: skip
+                value = run[key]
+                assert isinstance(value, int | float) and math.isfinite(value), (rid, key, value)
+            assert run["delta_vs_fp32"] == pytest.approx(run["val_metric"] - base, abs=1e-12)
+            assert not run["diverged"]
+            assert len(run["curves"]["train_loss"]["value"]) == run["steps"]
+        assert len(task["findings"]) == 5
+        assert task["summary"]
+        # the master-weight-free run stores weights in fp16: it loses far more updates than fp32
+        # (which loses only those below fp32's spacing, 2^-23 of the weight)
+        assert runs["fp16-O3"]["updates_lost"] > max(0.01, 10 * runs["fp32"]["updates_lost"])
+        assert runs["fp32"]["act_grads_flushed"] == 0
+        assert "grad_histogram" in runs["fp32"]
+        assert runs["fp16-O2"]["backend"].startswith("mixprec.initialize(opt_level='O2')")
+        assert runs["fp16-O3"]["backend"].startswith("mixprec.initialize(opt_level='O3')")
+        assert runs["fp8-hybrid"]["backend"].startswith("mixprec.autocast")
+    for path, value in _numbers(on_disk):
+        assert math.isfinite(value), path
+
+
+def test_tiny_demo_markdown_and_terminal(tiny_report: tuple[Path, dict, str]) -> None:
+    out, doc, printed = tiny_report
+    md = (out / "report.md").read_text()
+    for rid in EXPECTED_RECIPES:
+        assert f"| {rid} |" in md
+    assert "![training curves](curves.png)" in md
+    assert "**Reading the table.**" in md
+    for task in doc["tasks"]:
+        assert task["summary"] in md
+    assert "fp16-noscale" in printed and "report written to" in printed
+    assert "digits · fp8-hybrid" in printed  # one progress bar per run
+
+
+def test_validator_rejects_broken_reports(tiny_report: tuple[Path, dict, str]) -> None:
+    _, doc, _ = tiny_report
+    good = json.loads(json.dumps(doc))
+    cases = []
+    bad = copy.deepcopy(good)
+    del bad["environment"]
+    cases.append((bad, "environment"))
+    bad = copy.deepcopy(good)
+    bad["schema_version"] = "0.9"
+    cases.append((bad, "schema_version"))
+    bad = copy.deepcopy(good)
+    bad["tasks"][0]["runs"][1]["val_metric"] = float("nan")
+    cases.append((bad, "val_metric"))
+    bad = copy.deepcopy(good)
+    bad["tasks"][1]["runs"][2]["updates_lost"] = 1.5
+    cases.append((bad, "updates_lost"))
+    bad = copy.deepcopy(good)
+    bad["tasks"][0]["runs"].reverse()
+    cases.append((bad, "baseline"))
+    bad = copy.deepcopy(good)
+    bad["tasks"][0]["runs"][0]["curves"]["train_loss"]["step"].pop()
+    cases.append((bad, "lengths"))
+    bad = copy.deepcopy(good)
+    bad["tasks"][0]["runs"][0]["surprise"] = 1
+    cases.append((bad, "surprise"))
+    for broken, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            validate_report(broken)
+
+
+def test_cli_demo_subset_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the demo's own emulation (no mixprec.amp/autocast), on a subset of tasks and formats
+    rc = cli.main(["demo", "--preset", "tiny", "--task", "digits", "--formats", "bf16,e3m4",
+                   "--backend", "internal", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "report.json").read_text())
+    validate_report(doc)
+    runs = doc["tasks"][0]["runs"]
+    assert [r["recipe"]["id"] for r in runs] == ["fp32", "bf16-O2", "float8_e3m4-O2"]
+    assert all(r["backend"].startswith("mixprec.demo.recipes") for r in runs)
+    assert [t["name"] for t in doc["tasks"]] == ["digits"]
+    capsys.readouterr()
+    assert cli.main(["demo", "--task", "images", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "images" in err and "digits" in err and "text" in err
+    assert cli.main(["demo", "--formats", "fp17", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "fp17" in err and "fp16-O2" in err
+
+
+def test_resolve_recipes() -> None:
+    assert [r.id for r in resolve_recipes(None)] == EXPECTED_RECIPES
+    assert [r.id for r in resolve_recipes("fp16")] == ["fp32", "fp16-O2", "fp16-O3",
+                                                       "fp16-noscale"]  # fmt: skip
+    assert [r.id for r in resolve_recipes("e4m3fn,e5m2")] == ["fp32", "fp8-hybrid"]
+    custom = resolve_recipes(["e6m9"])[1]
+    assert (custom.compute, custom.master_weights, custom.loss_scale) == ("e6m9", True, "dynamic")
+    assert resolve_recipes("fp16-O3")[1] is RECIPES["fp16-O3"]
+    with pytest.raises(ValueError, match="bogus"):
+        resolve_recipes("bogus")
+
+
+def test_emulated_gemm_rounds_forward_and_backward_to_fp16() -> None:
+    """Oracle: torch's own float16 cast (round to nearest even)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 16, generator=gen))
+    x = (torch.randn(4, 16, generator=gen) * 1e-3).requires_grad_(True)
+    model = torch.nn.Linear(16, 8)
+    engine = Engine(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with engine.autocast():
+        y = F.linear(x, w)
+    assert torch.equal(y, y.half().float())
+    assert not torch.equal(y, F.linear(x, w))  # fp16 operands really changed the result
+    g = torch.randn(4, 8, generator=gen) * 1e-6  # many values under fp16's subnormal range
+    y.backward(g)
+    assert torch.equal(x.grad, x.grad.half().float())
+    assert torch.equal(w.grad, w.grad.half().float())
+    # outside the context nothing is rounded
+    z = F.linear(x.detach(), w.detach())
+    assert torch.equal(z, x.detach() @ w.detach().T)
+
+
+def test_master_weights_keep_updates_below_fp16_spacing() -> None:
+    """A weight of 1.0 has fp16 spacing 2^-10; an update of 2^-13 is lost without master
+    weights and applied with them (oracle: exact binary arithmetic)."""
+    results = {}
+    for rid in ("fp16-O2", "fp16-O3"):
+        model = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=2.0**-9)
+        engine = Engine(RECIPES[rid], model, opt)
+        x = torch.ones(1, 1)
+        with engine.autocast():
+            # d loss / d w = 2^-4 (scaled by 2^16: 4096, well inside fp16), update 2^-13
+            loss = model(x).sum() * 2.0**-4
+        engine.backward(loss)
+        assert engine.step()
+        results[rid] = (model.weight.item(), engine.updates_lost, engine.updates)
+    assert results["fp16-O2"] == (1.0 - 2.0**-13, 0, 1)
+    assert results["fp16-O3"] == (1.0, 1, 1)
+
+
+def test_dynamic_loss_scale_skips_overflow_and_backs_off() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    engine = Engine(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=1.0))
+    assert engine.loss_scale == 2.0**16
+    x = torch.full((1, 2), 1000.0)  # grad 1000 * 2^16 overflows fp16 (max 65504)
+    with engine.autocast():
+        loss = model(x).sum()
+    engine.backward(loss)
+    assert engine.step() is False
+    assert (engine.skipped, engine.loss_scale) == (1, 2.0**15)
+    assert torch.equal(model.weight, torch.full((1, 2), 0.5))
+    # the no-scaling recipe never skips: it has no scaler to notice
+    assert Engine(RECIPES["fp16-noscale"], model, torch.optim.SGD(model.parameters(), lr=1.0)
+                  ).loss_scale == 1.0  # fmt: skip
+
+
+def test_probe_flush_fractions_by_hand() -> None:
+    # fp16 smallest subnormal 2^-24; 2^-26 rounds to 0, 2^-20 survives
+    act = (torch.tensor([2.0**-26, 2.0**-20, 1.0, 0.0, -(2.0**-30)]),)
+    wt = (torch.tensor([2.0**-42, 2.0**-10]),)
+    probe = GradientProbe(act, wt)
+    assert probe.flushed("fp16") == (2 / 4, 1 / 2)
+    # scaled by 2^16: 2^-26 -> 2^-10 survives, 2^-42 -> 2^-26 still flushes
+    assert probe.flushed("fp16", scale=2.0**16) == (0.0, 1 / 2)
+    assert probe.flushed("bf16") == (0.0, 0.0)
+    # per-tensor scaling puts the max (1.0) at e5m2's top binade 2^15: 2^-30 -> 2^-15 survives
+    # (e5m2 subnormals reach 2^-16); weights' max 2^-10 -> 2^15 (x 2^25): 2^-42 -> 2^-17, half
+    # the smallest subnormal, a tie that rounds to even (zero)
+    assert probe.flushed("e5m2", per_tensor=True) == (0.0, 1 / 2)
+
+
+def test_train_run_is_deterministic() -> None:
+    spec = DemoConfig.tiny(tasks="digits").tasks[0]
+    task = _Task(spec, seed=0)
+    a = train_run(task, RECIPES["fp16-O2"])
+    b = train_run(task, RECIPES["fp16-O2"])
+    assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
+    assert a["val_metric"] == b["val_metric"]
+    c = train_run(_Task(spec, seed=1), RECIPES["fp16-O2"])
+    assert c["curves"]["train_loss"] != a["curves"]["train_loss"]
+
+
+def test_shipped_data() -> None:
+    d = load_digits()
+    assert d.source == "sklearn-digits"  # scikit-learn is installed in the dev environment
+    assert len(d.y_train) + len(d.y_val) == 1797
+    assert set(d.y_train.tolist()) == set(range(10))
+    assert float(d.x_train.min()) == 0.0 and float(d.x_train.max()) == 1.0
+    x, y = _synthetic_digits(n_per_class=12, seed=0)
+    assert x.shape == (120, 64) and sorted(y.tolist()) == sorted(list(range(10)) * 12)
+    # 17 grey levels (0..16), like the real data, and every image has ink
+    assert torch.equal(x, x.round()) and float(x.min()) == 0 and float(x.max()) == 16
+    assert bool((x.sum(1) > 0).all())
+    x2, _ = _synthetic_digits(n_per_class=12, seed=0)
+    assert torch.equal(x, x2)
+    t = load_text(max_chars=5000)
+    assert t.n_chars == 5000 and len(t.train) + len(t.val) == 5000
+    assert t.modules[0] == "difflib"
+    assert encode_text("a\tb").tolist() == [VOCAB.index("a"), *[VOCAB.index(" ")] * 4,
+                                            VOCAB.index("b")]  # fmt: skip
+    with pytest.raises(ValueError, match="source"):
+        load_digits(source="mnist")
