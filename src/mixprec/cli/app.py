@@ -1,8 +1,8 @@
 """The ``mixprec`` command line: formats, explain, demo, sanitize, stabilize, bench.
 
 Each subcommand lives in its own module ``mixprec.cli.NAME_command`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``check(args, parser)`` for checks that need several
-options at once (it reports problems with ``parser.error``); this file only dispatches, so a
+``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``check(args, parser)`` for
+checks that need several options at once (it reports problems with ``parser.error``); this file only dispatches, so a
 subcommand's imports (torch, matplotlib) are paid only when it runs.
 
 Every option is checked before a subcommand runs anything (``type=`` callables from
