@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module ``mixprec.cli.NAME_command`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``check(args, parser)`` for
-checks that need several options at once (it reports problems with ``parser.error``); this file only dispatches, so a
-subcommand's imports (torch, matplotlib) are paid only when it runs.
+checks that need several options at once (it reports problems with ``parser.error``); this
+file only dispatches, so a subcommand's imports (torch, matplotlib) are paid only when it runs.
 
 Every option is checked before a subcommand runs anything (``type=`` callables from
 ``mixprec.cli.arguments``, then ``check``). Exit status: 2 for a bad command line (argparse's
