@@ -29,25 +29,6 @@ from mixprec.stable.rewrite import (
     trace,
 )
 
-# Public functions report this package as their home, so that their qualified names (shown in
-# tracebacks, docs and the code that ``stabilize`` generates) are the documented ones.
-for _name in (
-    "lambertw",
-    "log1mexp",
-    "log1pexp",
-    "log_sigmoid",
-    "log_softmax",
-    "logaddexp",
-    "logcosh",
-    "logsumexp",
-    "softplus",
-    "xlog1py",
-    "xlogy",
-    "stabilize",
-):
-    globals()[_name].__module__ = __name__
-del _name
-
 __all__ = [
     "DEFAULT_RULES",
     "Alt",
@@ -72,3 +53,10 @@ __all__ = [
     "xlog1py",
     "xlogy",
 ]
+
+# Public functions report this package as their home, so that their qualified names (shown in
+# tracebacks, docs and the code that ``stabilize`` generates) are the documented ones.
+for _name in __all__:
+    if callable(_obj := globals()[_name]) and not isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from numbers import Real
 
 import torch
 from torch import Tensor
+
+from mixprec.machine import run_parallel
 
 __all__ = [
     "CHUNK",
@@ -104,22 +106,10 @@ def to_wide(x: Tensor) -> Tensor:
     return x.to(WIDE)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
 def _workers() -> int:
     # torch's intra-op thread count, capped: every op holds the GIL for a few microseconds of
     # dispatch, so more than ~8 Python threads would queue on it
     return max(1, min(torch.get_num_threads(), 8))
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is None or workers > _POOL_SIZE:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixprec-stable")
-        _POOL_SIZE = workers
-    return _POOL
 
 
 def _chunked(x: Tensor) -> bool:
@@ -141,11 +131,7 @@ def _run_ranges(total: int, step: int, work: Callable[[int, int], None]) -> None
             for start in range(k * step, total, step * workers):
                 work(start, min(start + step, total))
 
-    if workers <= 1:
-        lane(0)
-        return
-    for f in [_pool(workers).submit(lane, k) for k in range(workers)]:
-        f.result()
+    run_parallel([partial(lane, k) for k in range(workers)])
 
 
 class Workspace:

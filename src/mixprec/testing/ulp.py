@@ -413,11 +413,15 @@ def _naive_lambertw(branch: int) -> Callable[[Tensor], Tensor]:
 
 
 def _elementwise_specs() -> tuple[ElementwiseSpec, ...]:
-    import torch.nn.functional as F
-
     from mixprec.stable import functions as stable
 
-    inv_e = -1.0 / math.e
+    return (*_log_exp_specs(stable), *_other_unary_specs(stable), *_binary_specs(stable))
+
+
+def _log_exp_specs(stable: Any) -> tuple[ElementwiseSpec, ...]:
+    """Unary log/exp compositions."""
+    import torch.nn.functional as F
+
     return (
         ElementwiseSpec(
             "softplus",
@@ -464,6 +468,13 @@ def _elementwise_specs() -> tuple[ElementwiseSpec, ...]:
             centers=(-math.log(2.0), 0.0, -720.0),
             domain=lambda v: v <= 0,
         ),
+    )
+
+
+def _other_unary_specs(stable: Any) -> tuple[ElementwiseSpec, ...]:
+    """log(cosh) and both real branches of the Lambert W function."""
+    inv_e = -1.0 / math.e
+    return (
         ElementwiseSpec(
             "logcosh",
             1,
@@ -501,6 +512,12 @@ def _elementwise_specs() -> tuple[ElementwiseSpec, ...]:
             domain=lambda v: (v >= inv_e - 0.05) & (v <= 1e-3),
             notes="branch -1",
         ),
+    )
+
+
+def _binary_specs(stable: Any) -> tuple[ElementwiseSpec, ...]:
+    """Two-argument functions (each with its hard argument pairs)."""
+    return (
         ElementwiseSpec(
             "logaddexp",
             2,
