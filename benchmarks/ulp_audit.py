@@ -1,4 +1,4 @@
-"""ULP audit and speed of ``mixprec.stable`` (issue 7).
+"""ULP audit and speed of ``mixprec.stable``.
 
 Accuracy: for every function and dtype (float64, float32, float16, bfloat16), the max and mean
 error in ulps against mpmath at 50 digits, for the value and the gradient, side by side with the
@@ -6,7 +6,7 @@ naive expression and torch's built-in (where one exists). Grids: every finite fl
 value; for float32/float64 every binade (subnormals included) with 24 random mantissas each plus
 dense uniform samples and the 64 neighbours of each switch point; 2-D grids for the binary
 functions; row batches (dominant entries, ties, -inf, huge values) for logsumexp/log_softmax.
-Definition of the ulp and of the grids: ``src/mixprec/_stable_audit.py`` and ``docs/stable.md``.
+Definition of the ulp and of the grids: ``src/mixprec/testing/ulp.py`` and ``docs/stable.md``.
 
 Speed: each stable function against the naive expression on 16M elements (float32 unless
 ``--dtypes`` says more), wall time (best of ``--repeat``) with torch's default thread count and
