@@ -1,5 +1,6 @@
 """Tests of ``mixprec demo``: the tiny end-to-end run (files, schema, finite numbers), the
-recipes' mechanics against hand-computed oracles, determinism and input validation."""
+recipes' mechanics (through mixprec's public API) and the gradient probe against hand-computed
+oracles, determinism and input validation."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+import mixprec
 from mixprec import cli
-from mixprec.demo.data import VOCAB, _synthetic_digits, encode_text, load_digits, load_text
-from mixprec.demo.recipes import (
+from mixprec.demo import (
     RECIPES,
-    Engine,
-    GradientProbe,
-    mixprec_available,
+    DemoConfig,
+    RecipeTrainer,
+    Task,
     resolve_recipes,
+    resolve_tasks,
+    run_demo,
+    train_run,
+    validate_report,
 )
-from mixprec.demo.report import validate_report
-from mixprec.demo.runner import DemoConfig, _Task, run_demo, train_run
+from mixprec.demo.data import VOCAB, _synthetic_digits, encode_text, load_digits, load_text
+from mixprec.demo.models import MatMul
+from mixprec.demo.probes import GradientProbe, probe_gradients
 
 EXPECTED_RECIPES = ["fp32", "fp16-O2", "fp16-O3", "fp16-noscale", "bf16-O2", "fp8-hybrid"]
 FILES = ("report.md", "report.json", "curves.png", "grad_hist.png")
@@ -56,7 +62,6 @@ def _numbers(obj: object, path: str = "$"):
 def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     """One tiny demo through the CLI (both tasks, all default recipes)."""
     out = tmp_path_factory.mktemp("demo")
-    assert mixprec_available()  # the default backend is mixprec's public API
     buf = io.StringIO()
     console = Console(file=buf, width=160, force_terminal=False)
     doc = run_demo(DemoConfig.tiny(), out, console=console)
@@ -107,9 +112,18 @@ def test_tiny_demo_json_validates_and_is_complete(tiny_report: tuple[Path, dict,
         assert runs["fp16-O3"]["updates_lost"] > max(0.01, 10 * runs["fp32"]["updates_lost"])
         assert runs["fp32"]["act_grads_flushed"] == 0
         assert "grad_histogram" in runs["fp32"]
-        assert runs["fp16-O2"]["backend"].startswith("mixprec.initialize(opt_level='O2')")
-        assert runs["fp16-O3"]["backend"].startswith("mixprec.initialize(opt_level='O3')")
+        # each run names the public call it went through, arguments included
+        scaler = "DynamicLossScaler(growth_interval=2000)"
+        for rid, level in (("fp16-O2", "O2"), ("fp16-O3", "O3")):
+            assert runs[rid]["backend"] == (
+                f"mixprec.initialize(opt_level='{level}', compute='float16', "
+                f"loss_scale={scaler}, emulate=True) + mixprec.scale_loss"
+            )
+        assert runs["fp16-noscale"]["backend"].startswith(
+            "mixprec.initialize(opt_level='O2', compute='float16', loss_scale='none'"
+        )
         assert runs["fp8-hybrid"]["backend"].startswith("mixprec.autocast")
+        assert runs["fp32"]["backend"] == "torch (float32)"
     for path, value in _numbers(on_disk):
         assert math.isfinite(value), path
 
@@ -158,15 +172,17 @@ def test_validator_rejects_broken_reports(tiny_report: tuple[Path, dict, str]) -
 
 
 def test_cli_demo_subset_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # the demo's own emulation (no mixprec.amp/autocast), on a subset of tasks and formats
+    # a subset of tasks and formats, every recipe through the public API
     rc = cli.main(["demo", "--preset", "tiny", "--task", "digits", "--formats", "bf16,e3m4",
-                   "--backend", "internal", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+                   "--out", str(tmp_path), "--no-progress"])  # fmt: skip
     assert rc == 0
     doc = json.loads((tmp_path / "report.json").read_text())
     validate_report(doc)
     runs = doc["tasks"][0]["runs"]
     assert [r["recipe"]["id"] for r in runs] == ["fp32", "bf16-O2", "float8_e3m4-O2"]
-    assert all(r["backend"].startswith("mixprec.demo.recipes") for r in runs)
+    assert runs[0]["backend"] == "torch (float32)"
+    assert runs[1]["backend"].startswith("mixprec.initialize(opt_level='O2', compute='bfloat16'")
+    assert runs[2]["backend"].startswith("mixprec.initialize(opt_level='O2', compute='float8_e3m4'")
     assert [t["name"] for t in doc["tasks"]] == ["digits"]
     capsys.readouterr()
     assert cli.main(["demo", "--task", "images", "--out", str(tmp_path)]) == 2
@@ -175,6 +191,9 @@ def test_cli_demo_subset_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(["demo", "--formats", "fp17", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "fp17" in err and "fp16-O2" in err
+    # the demo's own engine is gone, and its switch with it
+    assert cli.main(["demo", "--backend", "internal", "--out", str(tmp_path)]) == 2
+    assert "--backend" in capsys.readouterr().err
 
 
 def test_resolve_recipes() -> None:
@@ -189,24 +208,37 @@ def test_resolve_recipes() -> None:
         resolve_recipes("bogus")
 
 
-def test_emulated_gemm_rounds_forward_and_backward_to_fp16() -> None:
+def test_resolve_tasks() -> None:
+    assert resolve_tasks(None) == resolve_tasks("all") == ("digits", "text")
+    assert resolve_tasks("text, digits") == ("text", "digits")
+    assert resolve_tasks("digits,all") == ("digits", "text")
+    with pytest.raises(ValueError, match=r"'images'.*digits, text, all"):
+        resolve_tasks("digits,images")
+    with pytest.raises(ValueError, match="no task"):
+        resolve_tasks(" , ")
+    assert [t.name for t in DemoConfig.tiny(tasks="text").tasks] == ["text"]
+
+
+def test_fp16_recipe_rounds_gemm_forward_and_backward() -> None:
     """Oracle: torch's own float16 cast (round to nearest even)."""
     gen = torch.Generator().manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(8, 16, generator=gen))
+    model = torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(8, 16, generator=gen))
+    w = model.weight.detach().clone()
     x = (torch.randn(4, 16, generator=gen) * 1e-3).requires_grad_(True)
-    model = torch.nn.Linear(16, 8)
-    engine = Engine(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with engine.autocast():
-        y = F.linear(x, w)
+    trainer = RecipeTrainer(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with trainer.autocast():
+        y = trainer.model(x)
     assert torch.equal(y, y.half().float())
-    assert not torch.equal(y, F.linear(x, w))  # fp16 operands really changed the result
+    assert not torch.equal(y, F.linear(x.detach(), w))  # fp16 operands really changed the result
     g = torch.randn(4, 8, generator=gen) * 1e-6  # many values under fp16's subnormal range
     y.backward(g)
     assert torch.equal(x.grad, x.grad.half().float())
-    assert torch.equal(w.grad, w.grad.half().float())
-    # outside the context nothing is rounded
-    z = F.linear(x.detach(), w.detach())
-    assert torch.equal(z, x.detach() @ w.detach().T)
+    assert torch.equal(trainer.model.weight.grad, trainer.model.weight.grad.half().float())
+    # outside the model nothing is rounded
+    z = F.linear(x.detach(), w)
+    assert torch.equal(z, x.detach() @ w.T)
 
 
 def test_master_weights_keep_updates_below_fp16_spacing() -> None:
@@ -218,14 +250,15 @@ def test_master_weights_keep_updates_below_fp16_spacing() -> None:
         with torch.no_grad():
             model.weight.fill_(1.0)
         opt = torch.optim.SGD(model.parameters(), lr=2.0**-9)
-        engine = Engine(RECIPES[rid], model, opt)
+        trainer = RecipeTrainer(RECIPES[rid], model, opt)
         x = torch.ones(1, 1)
-        with engine.autocast():
+        with trainer.autocast():
             # d loss / d w = 2^-4 (scaled by 2^16: 4096, well inside fp16), update 2^-13
-            loss = model(x).sum() * 2.0**-4
-        engine.backward(loss)
-        assert engine.step()
-        results[rid] = (model.weight.item(), engine.updates_lost, engine.updates)
+            loss = trainer.model(x).sum() * 2.0**-4
+        trainer.backward(loss)
+        assert trainer.step()
+        (stored,) = mixprec.master_params(trainer.optimizer)  # O2: the fp32 master
+        results[rid] = (stored.item(), trainer.updates_lost, trainer.updates)
     assert results["fp16-O2"] == (1.0 - 2.0**-13, 0, 1)
     assert results["fp16-O3"] == (1.0, 1, 1)
 
@@ -234,18 +267,21 @@ def test_dynamic_loss_scale_skips_overflow_and_backs_off() -> None:
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.5)
-    engine = Engine(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=1.0))
-    assert engine.loss_scale == 2.0**16
+    trainer = RecipeTrainer(RECIPES["fp16-O2"], model, torch.optim.SGD(model.parameters(), lr=1.0))
+    assert trainer.loss_scale == 2.0**16
     x = torch.full((1, 2), 1000.0)  # grad 1000 * 2^16 overflows fp16 (max 65504)
-    with engine.autocast():
-        loss = model(x).sum()
-    engine.backward(loss)
-    assert engine.step() is False
-    assert (engine.skipped, engine.loss_scale) == (1, 2.0**15)
+    with trainer.autocast():
+        loss = trainer.model(x).sum()
+    trainer.backward(loss)
+    assert trainer.step() is False
+    assert (trainer.skipped, trainer.loss_scale) == (1, 2.0**15)
     assert torch.equal(model.weight, torch.full((1, 2), 0.5))
+    (master,) = mixprec.master_params(trainer.optimizer)
+    assert torch.equal(master, torch.full((1, 2), 0.5))
     # the no-scaling recipe never skips: it has no scaler to notice
-    assert Engine(RECIPES["fp16-noscale"], model, torch.optim.SGD(model.parameters(), lr=1.0)
-                  ).loss_scale == 1.0  # fmt: skip
+    other = torch.nn.Linear(2, 1, bias=False)
+    assert RecipeTrainer(RECIPES["fp16-noscale"], other, torch.optim.SGD(other.parameters(),
+                         lr=1.0)).loss_scale == 1.0  # fmt: skip
 
 
 def test_probe_flush_fractions_by_hand() -> None:
@@ -263,14 +299,59 @@ def test_probe_flush_fractions_by_hand() -> None:
     assert probe.flushed("e5m2", per_tensor=True) == (0.0, 1 / 2)
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 3)
+        self.scores = MatMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.scores(h, h.transpose(-2, -1))
+
+
+def test_probe_records_every_gemm_gradient() -> None:
+    """Oracle: torch.autograd.grad of the same loss with respect to each GEMM operand."""
+    gen = torch.Generator().manual_seed(0)
+    model = _Attention()
+    x = torch.randn(2, 4, 3, generator=gen)
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s
+    probe = probe_gradients(model, lambda m: (m(x) ** 2).sum())
+    h = model.proj(x)
+    ht = h.transpose(-2, -1)
+    out = torch.matmul(h, ht)
+    loss = (out**2).sum()
+    g_out, g_h, g_ht, g_w, g_b = torch.autograd.grad(
+        loss, [out, h, ht, model.proj.weight, model.proj.bias], retain_graph=True
+    )
+    # proj: output grad (h's total), weight, bias (its input x needs none); scores: output and
+    # both operands, h and h^T, each with its own gradient (not h's total)
+    g_first = torch.matmul(g_out, ht.transpose(-2, -1))  # d loss / d h through operand 1 only
+    assert not torch.allclose(g_first, g_h)
+    want = [g_out, g_h, g_first, g_ht, g_w, g_b]
+    assert len(probe.act) == len(want)
+    for w in want:
+        flat = w.reshape(-1)
+        assert any(a.shape == flat.shape and torch.allclose(a, flat, rtol=1e-6, atol=0)
+                   for a in probe.act), w.shape  # fmt: skip
+    assert [t.numel() for t in probe.weight] == [9, 3]
+    # the model is left as it was: .grad restored, no hook left behind
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        assert p.grad is s
+    again = probe_gradients(model, lambda m: (m(x) ** 2).sum())
+    assert len(again.act) == len(want)
+
+
 def test_train_run_is_deterministic() -> None:
     spec = DemoConfig.tiny(tasks="digits").tasks[0]
-    task = _Task(spec, seed=0)
+    task = Task(spec, seed=0)
     a = train_run(task, RECIPES["fp16-O2"])
     b = train_run(task, RECIPES["fp16-O2"])
     assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
     assert a["val_metric"] == b["val_metric"]
-    c = train_run(_Task(spec, seed=1), RECIPES["fp16-O2"])
+    c = train_run(Task(spec, seed=1), RECIPES["fp16-O2"])
     assert c["curves"]["train_loss"] != a["curves"]["train_loss"]
 
 

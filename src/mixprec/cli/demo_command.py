@@ -3,7 +3,8 @@
 Trains an MLP on scikit-learn's bundled 8x8 digits and a character-level transformer on the
 standard library's docstrings under each precision recipe: fp32; fp16 with fp32 master weights and
 dynamic loss scaling (O2); fp16 without master weights (O3); fp16 without loss scaling; bf16;
-fp8 e4m3/e5m2 HYBRID with per-tensor scaling. Every format is emulated bit-exactly on the CPU.
+fp8 e4m3/e5m2 HYBRID with per-tensor scaling, each through mixprec's public API
+(initialize/scale_loss, autocast). Every format is emulated bit-exactly on the CPU.
 Writes report.md, report.json, curves.png and grad_hist.png into --out. Seeded and deterministic.
 
 examples:
@@ -15,34 +16,25 @@ examples:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from mixprec.cli.arguments import int_at_least, output_dir
 
 
-def _formats_arg(text: str) -> str:
-    from mixprec.demo.recipes import resolve_recipes
+def _checked_by(resolver: str) -> Callable[[str], str]:
+    """An argparse type: ``mixprec.demo.<resolver>`` judges the value (its ValueError names the
+    accepted values) and the text is passed on unchanged."""
 
-    try:
-        resolve_recipes(text)
-    except ValueError as exc:  # names the recipe ids and format names it accepts
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def parse(text: str) -> str:
+        import mixprec.demo  # not at import time: ``mixprec --help`` stays light
 
+        try:
+            getattr(mixprec.demo, resolver)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
-def _task_arg(text: str) -> str:
-    from mixprec.demo.runner import TASKS
-
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}: expected {', '.join(TASKS)} or all (comma-separated)"
-        )
-    for t in names:
-        if t != "all" and t not in TASKS:
-            raise argparse.ArgumentTypeError(
-                f"unknown task {t!r}; valid tasks are {', '.join(TASKS)}, all"
-            )
-    return "all" if "all" in names else ",".join(names)
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--formats",
-        type=_formats_arg,
+        type=_checked_by("resolve_recipes"),
         default="fp16,bf16,fp8",
         metavar="LIST",
         help="comma-separated: fp16 (the three fp16 ablations), bf16, fp8 (e4m3/e5m2 hybrid), "
@@ -70,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        type=_task_arg,
+        type=_checked_by("resolve_tasks"),
         default="all",
         metavar="TASK",
         help="digits, text or all (default: all); a comma-separated list works too",
@@ -90,29 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (tables are still printed)"
     )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "mixprec", "internal"),
-        default="auto",
-        help="how recipes run: mixprec's public API (initialize/scale_loss/autocast), the "
-        "demo's own GEMM emulation, or auto (mixprec when available; default)",
-    )
     parser.add_argument("--preset", choices=("tiny", "quick", "default"), help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixprec.demo.runner import DemoConfig, run_demo
+    from mixprec.demo import DemoConfig, run_demo
 
     preset = args.preset or ("quick" if args.quick else "default")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    config = DemoConfig.preset_config(
-        preset, tasks=args.task, formats=args.formats, seed=args.seed, backend=args.backend
-    )
-    run_demo(
-        config,
-        args.out,
-        progress=not args.no_progress,
-        threads=args.threads or None,
-    )
+    config = DemoConfig.preset_config(preset, tasks=args.task, formats=args.formats, seed=args.seed)
+    run_demo(config, args.out, progress=not args.no_progress, threads=args.threads or None)
     return 0

@@ -4,7 +4,9 @@ Both are plain ``torch.nn`` modules built from ``nn.Linear``/``nn.LayerNorm`` an
 so any precision emulation that intercepts ``F.linear`` and ``torch.matmul`` sees every GEMM.
 Attention is written out (``q @ k^T``, softmax, ``@ v``) rather than calling
 ``F.scaled_dot_product_attention`` so that its two batched matmuls are rounded like the others
-and its softmax stays in float32 (the paper's rule for reductions).
+and its softmax stays in float32 (the paper's rule for reductions). Every GEMM is a module —
+``nn.Linear`` or :class:`MatMul` (:data:`GEMM_MODULES`) — so the gradient probe can watch them
+with ordinary module hooks.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-__all__ = ["CharTransformer", "DigitsMLP", "MLPConfig", "TransformerConfig"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,17 @@ class TransformerConfig:
     context: int = 64
 
 
+class MatMul(nn.Module):
+    """``torch.matmul(a, b)`` as a module (no parameters): a GEMM that module hooks can see."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+#: the module types that run a GEMM in these models
+GEMM_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, MatMul)
+
+
 class _Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -67,6 +78,8 @@ class _Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d)
         self.fc_out = nn.Linear(4 * d, d)
+        self.scores = MatMul()  # q @ k^T
+        self.mix = MatMul()  # softmax(scores) @ v
         mask = torch.triu(torch.ones(cfg.context, cfg.context, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
@@ -77,10 +90,10 @@ class _Block(nn.Module):
         q = q.view(b, t, h, d // h).transpose(1, 2)
         k = k.view(b, t, h, d // h).transpose(1, 2)
         v = v.view(b, t, h, d // h).transpose(1, 2)
-        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))
+        att = self.scores(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))
         att = att.masked_fill(self.mask[:t, :t], float("-inf"))
         att = torch.softmax(att.float(), dim=-1)
-        y = torch.matmul(att, v).transpose(1, 2).reshape(b, t, d)
+        y = self.mix(att, v).transpose(1, 2).reshape(b, t, d)
         x = x + self.proj(y)
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
