@@ -270,7 +270,6 @@ def test_explain_text_with_errors_past_float64(value: str, mode: str, capsys) ->
         (["demo", "--formats", "fp17"], "--formats", "'fp17'"),
         (["demo", "--seed", "-1"], "--seed", "invalid value '-1'"),
         (["demo", "--threads", "-1"], "--threads", "invalid value '-1'"),
-        (["demo", "--backend", "gpu"], "--backend", "invalid choice: 'gpu'"),
         (["stabilize", "missing.py"], "file", "'missing.py' is not a file"),
         (["stabilize", "."], "file", "it is a directory"),
     ],
