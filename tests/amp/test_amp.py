@@ -3,8 +3,12 @@ loop, gradient accumulation / clipping / several losses, checkpoints, errors, un
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import io
 import math
+import pathlib
 import warnings
 
 import pytest
@@ -33,6 +37,13 @@ def _data(n: int = 256, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
     return x, torch.sin(2 * x[:, :1] - x[:, 1:2])
+
+
+def _setup(optim, lr, *, seed=0, **amp_kwargs):
+    """A fresh _model(seed) and its optimizer ``optim(params, lr=lr)``, set up by
+    mixprec.initialize(**amp_kwargs); returns (model, optimizer)."""
+    model = _model(seed)
+    return mixprec.initialize(model, optim(model.parameters(), lr=lr), **amp_kwargs)
 
 
 def _train(model, opt, steps, x, y, *, inject=None, start=0):
@@ -68,9 +79,7 @@ LEVELS = [
 @pytest.mark.parametrize("level, fmt, emulate", LEVELS)
 def test_each_opt_level_trains(level, fmt, emulate):
     x, y = _data()
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model, opt = mixprec.initialize(model, opt, opt_level=level, compute=fmt, emulate=emulate)
+    model, opt = _setup(torch.optim.Adam, 1e-2, opt_level=level, compute=fmt, emulate=emulate)
     losses = _train(model, opt, 40, x, y)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0]
@@ -89,9 +98,8 @@ def test_each_opt_level_trains(level, fmt, emulate):
 @pytest.mark.parametrize("emulate", [True, False])
 def test_o2_master_weights(emulate):
     x, y = _data()
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model, opt = mixprec.initialize(model, opt, opt_level="O2", compute="bf16", emulate=emulate)
+    sgd = functools.partial(torch.optim.SGD, momentum=0.9)
+    model, opt = _setup(sgd, 0.05, opt_level="O2", compute="bf16", emulate=emulate)
     _train(model, opt, 10, x, y)
     masters = list(mixprec.master_params(opt))
     model_params = list(model.parameters())
@@ -164,11 +172,9 @@ def test_lists_of_models_and_optimizers():
 
 def test_keep_fp32_modules_stay_float32():
     x, y = _data()
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    model, opt = mixprec.initialize(
-        model,
-        opt,
+    model, opt = _setup(
+        torch.optim.SGD,
+        0.05,
         opt_level="O2",
         compute="e4m3",
         keep_fp32=lambda m, fqn: fqn in ("1", "3"),  # the LayerNorm and the last Linear
@@ -188,9 +194,7 @@ def test_keep_fp32_modules_stay_float32():
 
 def test_o3_has_no_masters_and_rounds_everything():
     x, y = _data()
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model, opt = mixprec.initialize(model, opt, opt_level="O3", compute="bf16", emulate=True)
+    model, opt = _setup(torch.optim.Adam, 1e-2, opt_level="O3", compute="bf16", emulate=True)
     _train(model, opt, 5, x, y)
     assert all(m is p for m, p in zip(mixprec.master_params(opt), model.parameters(), strict=True))
     for p in model.parameters():  # norms too
@@ -264,11 +268,7 @@ def test_o2_accumulation_and_clipping_on_masters():
     """Masters accumulate unscaled float32 gradients; clipping them works like fp32 clipping."""
     x, y = _data(64)
     batches = [(x[:32], y[:32]), (x[32:], y[32:])]
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = mixprec.initialize(
-        model, opt, opt_level="O2", compute="float32", loss_scale=2.0**10
-    )
+    model, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute="float32", loss_scale=2.0**10)
     opt.zero_grad()
     for xb, yb in batches:
         with mixprec.scale_loss(F.mse_loss(model(xb), yb), opt) as scaled:
@@ -323,11 +323,9 @@ def test_two_losses_have_their_own_scalers():
 def test_skip_callback_and_lr_scheduler():
     x, y = _data()
     events: list[SkippedStep] = []
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, opt = mixprec.initialize(
-        model,
-        opt,
+    model, opt = _setup(
+        torch.optim.SGD,
+        1.0,
         opt_level="O2",
         compute="float16",
         emulate=True,
@@ -357,11 +355,15 @@ def test_checkpoint_resume_same_trajectory(emulate, model_first):
     inject = {3: math.inf, 7: math.inf, 8: math.nan}
 
     def setup(seed=0):
-        model = _model(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=2, hysteresis=2)
-        return mixprec.initialize(
-            model, opt, opt_level="O2", compute="bf16", emulate=emulate, loss_scale=scaler
+        return _setup(
+            torch.optim.Adam,
+            1e-2,
+            seed=seed,
+            opt_level="O2",
+            compute="bf16",
+            emulate=emulate,
+            loss_scale=scaler,
         )
 
     model, opt = setup()
@@ -393,9 +395,7 @@ def test_checkpoint_resume_same_trajectory(emulate, model_first):
 
 def test_loading_fp32_weights_into_o2_model_updates_masters():
     src = _model(seed=3)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = mixprec.initialize(model, opt, opt_level="O2", compute="fp16", emulate=True)
+    model, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute="fp16", emulate=True)
     model.load_state_dict(src.state_dict())
     masters = list(mixprec.master_params(opt))
     assert torch.equal(masters[0], src[0].weight)  # full precision kept in the master
@@ -407,9 +407,7 @@ def test_loading_fp32_weights_into_o2_model_updates_masters():
 
 def test_nan_loss_at_scale_one_is_a_divergence():
     x, y = _data(32)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, opt = mixprec.initialize(model, opt, opt_level="O2", compute="fp16", loss_scale=1.0)
+    model, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute="fp16", loss_scale=1.0)
     assert isinstance(amp.get_scaler(opt), StaticLossScaler)
     x = x.clone()
     x[0, 0] = math.nan
@@ -473,6 +471,75 @@ def test_errors():
     opt.step()
     with pytest.raises(RuntimeError, match="step called twice"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(loss_scale=-1.0), ValueError, r"loss_scale must be 'dynamic', 'none'/None, a fini"),
+        (dict(loss_scale=math.inf), ValueError, r"a finite number > 0.*got the number inf"),
+        (dict(loss_scale=object()), ValueError, r"a list of num_losses of them; got <object"),
+        (dict(loss_scale=[DynamicLossScaler()], num_losses=2), ValueError, "num_losses=2"),
+        (dict(loss_scale=DynamicLossScaler(), on_skip=print), ValueError, "on the instances"),
+        (dict(on_divergence="explode"), ValueError, r"'raise', 'warn', 'ignore', got 'explode'"),
+        (dict(num_losses=0), ValueError, "num_losses must be an int >= 1"),
+        (dict(emulate="yes"), TypeError, "emulate must be None, True or False"),
+        (dict(keep_fp32=3), TypeError, "keep_fp32 must be callable"),
+        (dict(opt_level="O4"), ValueError, "opt_level must be one of O0, O1, O2, O3"),
+    ],
+)
+def test_bad_options_name_the_valid_choices(kwargs, exc, match):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(exc, match=match):
+        mixprec.initialize(model, opt, **kwargs)
+    assert "step" not in vars(opt) and not hasattr(model, "_mixprec_amp")
+
+
+def test_amp_uses_only_the_scalers_public_names():
+    """The seam between amp and the scalers: no private scaler name outside scaling.py."""
+    amp_dir = pathlib.Path(amp.__file__).parent
+    for path in sorted(amp_dir.glob("*.py")):
+        if path.name == "scaling.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mixprec.amp.scaling":
+                assert all(not a.name.startswith("_") for a in node.names), path.name
+            scaler_attr = (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("scaler", "s")
+            )
+            assert not (scaler_attr and node.attr.startswith("_")), f"{path.name}:{node.lineno}"
+
+
+def test_scale_loss_warnings_point_at_the_with():
+    model, opt = _setup(
+        torch.optim.SGD,
+        0.0,
+        opt_level="O0",
+        loss_scale=DynamicLossScaler(init_scale=4.0, min_scale=2.0),
+    )
+    x, y = _data(8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            line = inspect.currentframe().f_lineno + 1
+            with mixprec.scale_loss(F.mse_loss(model(x), y), opt) as scaled:
+                scaled.backward()
+                model[0].weight.grad[0, 0] = math.inf
+            opt.step()
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+def test_optimizer_listed_twice_is_unscaled_once():
+    x, y = _data(32)
+    expected = _plain_grads(_model(), [(x, y)])
+    model, opt = _setup(torch.optim.SGD, 0.0, opt_level="O0", loss_scale=2.0**8)
+    with mixprec.scale_loss(F.mse_loss(model(x), y), [opt, opt]) as scaled:
+        scaled.backward()
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.grad, e)
 
 
 def test_existing_optimizer_state_moves_to_masters():

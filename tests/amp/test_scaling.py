@@ -3,6 +3,8 @@ skip record, divergence, checkpoints. The oracle for trajectories is torch's own
 
 from __future__ import annotations
 
+import collections
+import inspect
 import io
 import itertools
 import math
@@ -12,14 +14,15 @@ import warnings
 import pytest
 import torch
 
+from mixprec.amp.overflow import non_finite_check_and_unscale_
 from mixprec.amp.scaling import (
     DivergenceError,
     DynamicLossScaler,
     LossScaleCollapseWarning,
     NoOpLossScaler,
+    OptState,
     SkippedStep,
     StaticLossScaler,
-    _non_finite_check_and_unscale_,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,8 +149,8 @@ def test_fused_and_fallback_agree():
                 b[1][3] = bad
             fa, fb = torch.zeros(()), torch.zeros(())
             inv = torch.tensor(1 / 3000.0, dtype=torch.float32)
-            _non_finite_check_and_unscale_(a, fa, inv, fused=True)
-            _non_finite_check_and_unscale_(b, fb, inv, fused=False)
+            non_finite_check_and_unscale_(a, fa, inv, fused=True)
+            non_finite_check_and_unscale_(b, fb, inv, fused=False)
             assert fa.item() == fb.item() == (0.0 if bad is None else 1.0)
             for u, v in zip(a, b, strict=True):
                 assert torch.equal(u.nan_to_num(), v.nan_to_num())
@@ -197,6 +200,88 @@ def test_fp16_gradients_refused_when_unscaling():
     scaler.scale((p.float() * 2).sum()).backward()
     with pytest.raises(ValueError, match="FP16 gradients"):
         scaler.unscale_(opt)
+
+
+def test_stage_follows_torch_state_machine():
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    scaler = DynamicLossScaler()
+    assert scaler.stage(opt) is OptState.READY
+    _one_backward(scaler, m, opt)
+    scaler.unscale_(opt)
+    assert scaler.stage(opt) is OptState.UNSCALED
+    scaler.step(opt)
+    assert scaler.stage(opt) is OptState.STEPPED
+    scaler.update()
+    assert scaler.stage(opt) is OptState.READY
+
+
+def test_unscale_grads_public_seam():
+    """Given tensors are unscaled on an optimizer's behalf; flags of several optimizers are
+    read (and would be all-reduced) together; update() ends the iteration."""
+    pa, pb = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    oa, ob = torch.optim.SGD([pa], lr=0.1), torch.optim.SGD([pb], lr=0.1)
+    events: list[SkippedStep] = []
+    scaler = DynamicLossScaler(init_scale=8.0, on_skip=events.append)
+    assert scaler.inv_scale() == 0.125
+    scaler.scale(pa.sum() + pb.sum())
+    ga, gb = torch.full((2,), 8.0), torch.tensor([8.0, math.inf])
+    found = scaler.unscale_grads_(oa, [ga], all_reduce=False)
+    assert isinstance(found, torch.Tensor) and found.item() == 0.0
+    scaler.unscale_grads_(ob, [gb], all_reduce=False)
+    assert torch.equal(ga, torch.ones(2)) and gb[0].item() == 1.0
+    assert scaler.stage(oa) is scaler.stage(ob) is OptState.UNSCALED
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_grads_(oa, [ga])
+    with pytest.raises(RuntimeError, match="was not unscaled"):
+        scaler.read_found_infs([torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])])
+    assert scaler.read_found_infs([oa, ob]) == [False, True]
+    scaler.update()
+    assert scaler.last_step_skipped and scaler.get_scale() == 4.0
+    assert events[0].optimizers == (id(ob),)
+    assert scaler.stage(oa) is OptState.READY
+
+
+def test_inv_scale_is_torchs_reciprocal():
+    for scale in (3000.0, 2.0**16, 1.7e-3):
+        ref = torch.amp.GradScaler("cpu", init_scale=scale)
+        ref._lazy_init_scale_growth_tracker(torch.device("cpu"))
+        expected = ref._scale.double().reciprocal().float().item()
+        assert DynamicLossScaler(init_scale=scale, max_scale=None).inv_scale() == expected
+
+
+def test_scale_walks_nested_outputs():
+    scaler = StaticLossScaler(4.0)
+    t = torch.ones(())
+    Pair = collections.namedtuple("Pair", "a b")
+    out = scaler.scale({"x": [t, (t,)], "y": Pair(t, t)})
+    assert out["x"][0].item() == out["x"][1][0].item() == out["y"].b.item() == 4.0
+    assert isinstance(out["y"], Pair)
+    lazy = scaler.scale(v for v in (t, t))  # other iterables: a lazy map, as torch's
+    assert [v.item() for v in lazy] == [4.0, 4.0]
+    with pytest.raises(ValueError, match="iterable of Tensors"):
+        scaler.scale([t, None])
+
+
+def test_update_warnings_point_at_the_caller():
+    """The collapse warning (DynamicLossScaler) and the divergence warning (NoOpLossScaler, whose
+    update() wraps the base one) both name the line that called update()."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.0)
+    collapsing = DynamicLossScaler(init_scale=4.0, min_scale=2.0)
+    diverging = NoOpLossScaler(check_finite=True, on_divergence="warn")
+    for scaler, loss_factor in ((collapsing, 1.0), (diverging, math.inf)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                p.grad = None
+                scaler.scale((p * loss_factor).sum()).backward()
+                p.grad[0] = math.inf
+                scaler.step(opt)
+                line = inspect.currentframe().f_lineno + 1
+                scaler.update()
+        assert caught, type(scaler).__name__
+        assert {(w.filename, w.lineno) for w in caught} == {(__file__, line)}
 
 
 # ---------------------------------------------------------------------------- policies

@@ -1,7 +1,25 @@
-"""Mixed-precision training: loss scalers, opt levels O0-O3, master weights, checkpoints."""
+"""Mixed-precision training: loss scalers, opt levels O0-O3, master weights, checkpoints.
+
+Modules, one concept each: ``scaling`` (the loss scalers and their state machine), ``overflow``
+(the one check+unscale+all-reduce path), ``config`` (opt levels, typed arguments, AmpConfig),
+``plan`` (validate and plan ``initialize``), ``lifecycle`` (``initialize``/``deinitialize``),
+``masters`` (compute-format weights, float32 masters), ``iteration`` (``scale_loss`` and the
+wrapped ``optimizer.step``), ``checkpoint`` (state-dict hooks), ``state`` (per-object state and
+its accessors), ``opt_levels`` (each level's op policy).
+"""
 
 from __future__ import annotations
 
+from mixprec.amp.config import (
+    OPT_LEVELS,
+    AmpConfig,
+    KeepFp32,
+    LossScaleSpec,
+    OptLevel,
+    is_norm,
+)
+from mixprec.amp.iteration import scale_loss
+from mixprec.amp.lifecycle import deinitialize, initialize
 from mixprec.amp.scaling import (
     DivergenceError,
     DynamicLossScaler,
@@ -12,17 +30,11 @@ from mixprec.amp.scaling import (
     SkippedStep,
     StaticLossScaler,
 )
-from mixprec.amp.training import (
-    OPT_LEVELS,
-    AmpConfig,
-    deinitialize,
+from mixprec.amp.state import (
     get_config,
     get_scaler,
-    initialize,
-    is_norm,
     last_step_skipped,
     master_params,
-    scale_loss,
     skipped_steps,
 )
 
@@ -31,9 +43,12 @@ __all__ = [
     "AmpConfig",
     "DivergenceError",
     "DynamicLossScaler",
+    "KeepFp32",
     "LossScaleCollapseWarning",
+    "LossScaleSpec",
     "LossScaler",
     "NoOpLossScaler",
+    "OptLevel",
     "OptState",
     "SkippedStep",
     "StaticLossScaler",

@@ -3,20 +3,19 @@
 machinery does not depend on the autocast internals.
 
 The adapter decides native vs emulated execution (:func:`native_is_fast`), builds the
-:class:`~mixprec.policy.Policy` and :class:`~mixprec.policy.OpLists` of each opt level and attaches
-them to a model with a removable handle.
+:class:`~mixprec.precision.Policy` and :class:`~mixprec.precision.OpLists` of each opt level
+and attaches them to a model with a removable handle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from mixprec.formats.float_format import FloatFormat
-
-__all__ = ["attach_policy", "level_policy", "native_dtype", "native_is_fast"]
+from mixprec.formats import FloatFormat
+from mixprec.precision import OpLists, Policy, PolicyHandle, apply_policy
+from mixprec.precision import native_is_fast as _dtype_is_fast
 
 _NATIVE = (torch.float16, torch.bfloat16)
 
@@ -34,12 +33,10 @@ def native_is_fast(fmt: FloatFormat, device_type: str) -> bool:
     dt = native_dtype(fmt)
     if dt in (torch.float32, torch.float64):
         return True
-    from mixprec.precision.native import native_is_fast as _fast
-
-    return _fast(dt, device_type)
+    return _dtype_is_fast(dt, device_type)
 
 
-def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Any, Any] | None:
+def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Policy, OpLists] | None:
     """(Policy, OpLists) of an opt level, or None for O0 (nothing to execute).
 
     O1: fp32 parameters read as they are, low ops in ``fmt``, fp32 ops in fp32, module output
@@ -48,8 +45,6 @@ def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Any, 
     fp32 and skips a redundant rounding). O3: every op of the fp32 list moved to the low list,
     output in ``fmt``.
     """
-    from mixprec.precision.policy import OpLists, Policy
-
     if opt_level == "O0":
         return None
     name = fmt.name
@@ -69,7 +64,7 @@ def attach_policy(
     emulate: bool,
     keep_fp32: Callable[[torch.nn.Module, str], bool] | None,
     device_type: str,
-) -> list[Any]:
+) -> list[PolicyHandle]:
     """Attach the opt level's policy to ``model``; returns handles (each with ``remove()``).
 
     The policy goes on the root module (one region per forward). Modules picked by
@@ -79,8 +74,6 @@ def attach_policy(
     spec = level_policy(opt_level, fmt, emulate)
     if spec is None:
         return []
-    from mixprec.precision.region import apply_policy
-
     policy, lists = spec
     handles = [
         apply_policy(model, policy, emulate=emulate, op_lists=lists, device_type=device_type)

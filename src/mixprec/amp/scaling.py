@@ -33,26 +33,37 @@ gradients as in FSDP), and divergence detection: a NaN/inf *loss* at a scale of 
 an overflow that scaling could cure, so it raises :class:`DivergenceError` (after skipping the
 step; ``on_divergence="warn"`` or ``"ignore"`` to carry on).
 
+For code that manages gradients itself (``mixprec.amp``'s ``scale_loss``) the same machine is
+public one level down: :meth:`LossScaler.unscale_grads_` (unscale given tensors on behalf of an
+optimizer), :meth:`LossScaler.read_found_infs` (several optimizers' flags in one sync and one
+all-reduce), :meth:`LossScaler.inv_scale` and :meth:`LossScaler.stage`.
+
 Cost per iteration: ``scale`` is one multiply (plus a tiny finiteness flag of the loss, no sync);
 ``unscale_`` is one fused pass over the gradients
 (``torch._amp_foreach_non_finite_check_and_unscale_`` where available: one read and one write
 per element, no sync) and, when distributed, one
 all-reduce of a scalar; ``step`` reads the overflow flag back (one device sync, as torch does).
-``update`` is Python arithmetic on the already-synced flag.
+``update`` is Python arithmetic on the already-synced flags.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import warnings
-import weakref
-from collections import abc, defaultdict
+from collections import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 import torch
+from torch.utils._pytree import tree_map
+
+from mixprec.amp.overflow import NameSource, ParamNames, all_reduce_max_, check_and_unscale_
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 try:  # reuse torch's enum so code that inspects the stage works with either scaler
     from torch.amp.grad_scaler import OptState
@@ -65,8 +76,8 @@ except ImportError:  # pragma: no cover - very old torch
         STEPPED = 2
 
 
-_DIVERGENCE_MODES = ("raise", "warn", "ignore")
-_FUSED = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+DivergenceMode = Literal["raise", "warn", "ignore"]
+DIVERGENCE_MODES: tuple[DivergenceMode, ...] = ("raise", "warn", "ignore")
 _MAX_NAMES = 8  # offending parameter names shown in one message
 
 
@@ -103,12 +114,26 @@ class SkippedStep:
     optimizers: tuple[int, ...] = ()
 
 
+class ScalerKeywords(TypedDict, total=False):
+    """Keywords every scaler accepts besides its scale (see :class:`LossScaler`)."""
+
+    on_skip: Callable[[SkippedStep], object] | None
+    on_divergence: DivergenceMode
+    distributed: bool | None
+    process_group: ProcessGroup | None
+
+
+class CheckedScalerKeywords(ScalerKeywords, total=False):
+    check_finite: bool
+
+
 @dataclass
 class _OptRecord:
     """Per-optimizer bookkeeping for one iteration (torch's ``_per_optimizer_states`` entry)."""
 
     stage: OptState = OptState.READY
     found_inf: torch.Tensor | None = None  # float32 scalar: > 0 when some gradient overflowed
+    reduced: bool = False  # found_inf already all-reduced across ranks (or not distributed)
     found: bool | None = None  # found_inf read back (after the sync in step/update)
     skipped: bool = False
     optimizer: Any = None  # strong ref for the iteration: offending-name lookup
@@ -123,64 +148,28 @@ def _f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _non_finite_check_and_unscale_(
-    grads: Sequence[torch.Tensor],
-    found_inf: torch.Tensor,
-    inv_scale: torch.Tensor,
-    fused: bool | None = None,
-) -> None:
-    """Set ``found_inf`` to 1 if any of ``grads`` (one device) holds NaN/inf; multiply all by
-    ``inv_scale`` in place.
-
-    ``fused=None`` uses torch's fused kernel where it exists (one pass, no sync) and falls back
-    to a per-tensor ``isfinite`` reduction plus a foreach multiply. As in torch's kernel, the
-    check looks at the values *before* the multiply.
-    """
-    if not grads:
-        return
-    if fused is not False and _FUSED is not None:
-        try:
-            # one kernel per dtype; the op itself demands a single dtype per call
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-            for g in grads:
-                by_dtype[g.dtype].append(g)
-            for group in by_dtype.values():
-                _FUSED(group, found_inf, inv_scale)
-            return
-        except (RuntimeError, NotImplementedError):
-            if fused:
-                raise
-    flags = torch.stack([torch.isfinite(g).all() for g in grads])
-    found_inf.copy_(torch.maximum(found_inf, (~flags.all()).to(found_inf.dtype)))
-    _unscale_only_(grads, inv_scale)
-
-
-def _unscale_only_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> None:
-    """Multiply ``grads`` (one device) by ``inv_scale`` in place, one foreach call per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        by_dtype[g.dtype].append(g)
-    for group in by_dtype.values():
-        # fp32 scalar: the product is formed in fp32 and rounded once, as the fused kernel does
-        torch._foreach_mul_(group, inv_scale.to(group[0].device))
-
-
-def _is_distributed(setting: bool | None) -> bool:
-    if setting is False:
-        return False
-    available = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if setting and not available:
-        raise RuntimeError(
-            "distributed=True but torch.distributed is not initialised; call "
-            "torch.distributed.init_process_group first or pass distributed=None (auto)"
+def check_divergence_mode(value: object) -> None:
+    """``ValueError`` naming the valid choices unless ``value`` is a :data:`DivergenceMode`."""
+    if value not in DIVERGENCE_MODES:
+        raise ValueError(
+            f"on_divergence must be one of {', '.join(map(repr, DIVERGENCE_MODES))}, got {value!r}"
         )
-    return available
 
 
 class LossScaler:
     """Shared engine of the three scalers: state machine, unscale, skip record, callbacks.
 
     Subclasses decide the scale (:meth:`_next_scale`). Not meant to be instantiated directly.
+
+    Each optimizer goes through torch.amp.GradScaler's state machine once per iteration
+    (:meth:`stage` reads it)::
+
+        READY --unscale_() / unscale_grads_()--> UNSCALED --step()--> STEPPED
+        READY --step() (unscales first)----------------------------> STEPPED
+        update(): the iteration ends, every optimizer is READY again
+
+    Any other order raises ``RuntimeError`` (unscale twice, unscale after step, step twice,
+    update before any optimizer was unscaled or stepped).
 
     Args:
         scale: initial scale (rounded to float32, as torch stores it).
@@ -200,17 +189,13 @@ class LossScaler:
         scale: float,
         *,
         check_finite: bool = True,
-        on_skip: Callable[[SkippedStep], Any] | None = None,
-        on_divergence: Literal["raise", "warn", "ignore"] = "raise",
+        on_skip: Callable[[SkippedStep], object] | None = None,
+        on_divergence: DivergenceMode = "raise",
         distributed: bool | None = None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         _check_positive("scale", scale)
-        if on_divergence not in _DIVERGENCE_MODES:
-            raise ValueError(
-                f"on_divergence must be one of {', '.join(map(repr, _DIVERGENCE_MODES))}, "
-                f"got {on_divergence!r}"
-            )
+        check_divergence_mode(on_divergence)
         if on_skip is not None and not callable(on_skip):
             raise TypeError(f"on_skip must be callable or None, got {type(on_skip).__name__}")
         if distributed not in (None, True, False):
@@ -226,7 +211,7 @@ class LossScaler:
         # did a loss passed to scale() since the last update hold NaN/inf (bool tensor, no sync)
         self._loss_flag: torch.Tensor | None = None
         self._records: dict[int, _OptRecord] = {}
-        self._names: dict[int, tuple[weakref.ref, str]] = {}
+        self._names = ParamNames()
         self.iteration = 0
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -243,9 +228,20 @@ class LossScaler:
         """Alias of :meth:`get_scale` (apex's name)."""
         return self._scale
 
+    def inv_scale(self) -> float:
+        """``1 / scale`` as the gradients are multiplied by it: the reciprocal in float64, then
+        rounded to float32, as torch (a float32 division can be inexact). No device sync."""
+        return _f32(1.0 / self._scale) if self._scale != 0 else math.inf
+
     def is_enabled(self) -> bool:
         """True when the scaler scales or checks anything (torch's name)."""
         return True
+
+    def stage(self, optimizer: object) -> OptState:
+        """Where ``optimizer`` is in this iteration's state machine (``OptState.READY`` for an
+        optimizer not unscaled or stepped since the last :meth:`update`)."""
+        rec = self._records.get(id(optimizer))
+        return OptState.READY if rec is None else rec.stage
 
     def __repr__(self) -> str:
         return (
@@ -253,51 +249,14 @@ class LossScaler:
             f"skipped_steps={self.skipped_steps})"
         )
 
-    # ------------------------------------------------------------------ names
-    def register_names(
-        self, names: torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, Any]]
-    ) -> None:
+    def register_names(self, names: NameSource) -> None:
         """Tell the scaler parameter names for its overflow messages.
 
         Accepts a module (its ``named_parameters()``), a mapping or pairs ``name -> tensor``.
         Optimizers built from ``named_parameters()`` (``param_names`` in their groups) need
         nothing. Costs nothing per step.
         """
-        if isinstance(names, torch.nn.Module):
-            pairs: Iterable[tuple[str, Any]] = names.named_parameters()
-        elif isinstance(names, Mapping):
-            pairs = names.items()
-        else:
-            pairs = names
-        for name, t in pairs:
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(
-                    f"register_names: {name!r} maps to {type(t).__name__}, not a tensor"
-                )
-            self._names[id(t)] = (weakref.ref(t), str(name))
-
-    def _name_of(self, p: torch.Tensor, group: Mapping[str, Any], gi: int, pi: int) -> str:
-        entry = self._names.get(id(p))
-        if entry is not None and entry[0]() is p:
-            return entry[1]
-        names = group.get("param_names")
-        if names is not None and pi < len(names):
-            return str(names[pi])
-        return f"param_groups[{gi}]['params'][{pi}] {tuple(p.shape)}"
-
-    def _offenders(self, optimizer: Any) -> tuple[str, ...]:
-        """Names of the parameters whose gradient holds NaN/inf (one sync per parameter: only
-        called on the rare collapse/divergence path)."""
-        bad = []
-        for gi, group in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                vals = g._values() if g.is_sparse else g
-                if not bool(torch.isfinite(vals).all()):
-                    bad.append(self._name_of(p, group, gi, pi))
-        return tuple(bad)
+        self._names.register(names)
 
     # ------------------------------------------------------------------ scale
     def _scale_tensor(self, device: torch.device) -> torch.Tensor:
@@ -315,34 +274,31 @@ class LossScaler:
                 t.fill_(value)
 
     def scale(self, outputs: Any) -> Any:
-        """Multiply a tensor (or a nested list/tuple/iterable of tensors) by the scale.
+        """Multiply a tensor, or every tensor in a nested list/tuple/dict (a torch pytree), by
+        the scale; other iterables (a generator, say) come back as a lazy ``map``, as torch's.
 
         The product is ``outputs * scale`` with the scale as a float32 0-d tensor on the
         output's device, exactly as torch's GradScaler computes it. Also records, without a
         sync, whether each output is finite (for divergence reports).
         """
         self._scaled_once = True
+        return tree_map(self._scale_leaf, outputs)
 
-        def apply(val: Any) -> Any:
-            if isinstance(val, torch.Tensor):
-                if self.check_finite:
-                    bad = ~torch.isfinite(val.detach()).all()
-                    prev = self._loss_flag
-                    self._loss_flag = bad if prev is None else prev | bad.to(prev.device)
-                return val * self._scale_tensor(val.device)
-            if isinstance(val, abc.Iterable):
-                mapped = map(apply, val)
-                if isinstance(val, (list, tuple)):
-                    return type(val)(mapped)
-                return mapped
-            raise ValueError(
-                f"outputs must be a Tensor or an iterable of Tensors, got {type(val).__name__}"
-            )
-
-        return apply(outputs)
+    def _scale_leaf(self, val: Any) -> Any:
+        if isinstance(val, torch.Tensor):
+            if self.check_finite:
+                bad = ~torch.isfinite(val.detach()).all()
+                prev = self._loss_flag
+                self._loss_flag = bad if prev is None else prev | bad.to(prev.device)
+            return val * self._scale_tensor(val.device)
+        if isinstance(val, abc.Iterable) and not isinstance(val, (str, bytes)):
+            return map(functools.partial(tree_map, self._scale_leaf), val)
+        raise ValueError(
+            f"outputs must be a Tensor or an iterable of Tensors, got {type(val).__name__}"
+        )
 
     # ------------------------------------------------------------------ unscale / step
-    def _record(self, optimizer: Any) -> _OptRecord:
+    def _record(self, optimizer: object) -> _OptRecord:
         rec = self._records.get(id(optimizer))
         if rec is None:
             rec = _OptRecord(optimizer=optimizer)
@@ -365,6 +321,31 @@ class LossScaler:
         Cost: one fused read+write pass over the gradients, no device sync; with
         ``torch.distributed`` initialised one all-reduce (MAX) of a scalar.
         """
+        self.unscale_grads_(optimizer)
+
+    def unscale_grads_(
+        self,
+        optimizer: object,
+        grads: Iterable[torch.Tensor] | None = None,
+        *,
+        all_reduce: bool = True,
+    ) -> torch.Tensor | None:
+        """Unscale and check gradients on behalf of ``optimizer``: its stage goes READY ->
+        UNSCALED (``RuntimeError`` from any other stage) and its overflow flag is kept for
+        :meth:`step`, :meth:`read_found_infs` and :meth:`update`.
+
+        ``grads=None`` takes the optimizer's ``.grad`` tensors (what :meth:`unscale_` does:
+        float16 gradients are refused, sparse ones unscaled through their values). Given
+        ``grads`` (dense tensors, any devices and dtypes, also float16: the caller owns the
+        precision) are unscaled instead: the gradients the optimizer will see, e.g. new ones a
+        caller accumulates itself. ``all_reduce=False`` leaves the flag local, so that
+        :meth:`read_found_infs` agrees on several optimizers' flags in one collective.
+
+        Returns ``found_inf`` (a float32 0-d tensor, > 0 when some gradient held NaN/inf), or
+        None when ``check_finite`` is off. Cost: one fused read+write pass over the gradients,
+        no device sync; with ``all_reduce`` and ``torch.distributed`` initialised one
+        all-reduce (MAX) of a scalar.
+        """
         self._require_scaled("unscale_()")
         rec = self._record(optimizer)
         if rec.stage is OptState.UNSCALED:
@@ -373,68 +354,80 @@ class LossScaler:
             )
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        rec.found_inf = self._unscale_optimizer(optimizer)
+        home = next(iter(self._scale_tensors), None)
+        with torch.no_grad():  # gradients built with create_graph=True stay out of the graph
+            if grads is None:
+                grads = self._optimizer_grads(optimizer)
+            rec.found_inf = check_and_unscale_(
+                grads, self.inv_scale(), check=self.check_finite, home=home
+            )
+        if rec.found_inf is not None and all_reduce:
+            all_reduce_max_(rec.found_inf, self.distributed, self.process_group)
+            rec.reduced = True
         rec.stage = OptState.UNSCALED
+        return rec.found_inf
 
-    def _unscale_optimizer(self, optimizer: Any) -> torch.Tensor | None:
-        """The fused check+unscale over an optimizer's gradients; returns the found_inf flag
-        (already all-reduced when distributed), or None when finiteness is not checked."""
+    def _optimizer_grads(self, optimizer: Any) -> list[torch.Tensor]:
+        """The tensors to unscale for an optimizer's ``.grad``s (none when there is nothing to
+        do: scale 1 and no check, so a no-op scaler never touches the gradients)."""
         unscale = self._scale != 1.0
         if not self.check_finite and not unscale:
-            return None
-        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    g = p.grad
-                    if g is None:
-                        continue
-                    if unscale and g.dtype == torch.float16:
-                        raise ValueError(
-                            "Attempting to unscale FP16 gradients: dividing them in fp16 by "
-                            f"the scale {self._scale:g} would flush small gradients to zero. "
-                            "Keep the optimizer's parameters in float32 (fp32 master weights: "
-                            "mixprec.initialize(..., opt_level='O2'))."
-                        )
-                    if g.is_sparse:
-                        if g.dtype is torch.float16:
-                            p.grad = g = g.coalesce()  # duplicates could overflow when summed
-                        g = g._values()
-                    per_device[g.device].append(g)
-            return self._check_and_unscale(per_device)
+            return []
+        grads = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if unscale and g.dtype == torch.float16:
+                    raise ValueError(
+                        "Attempting to unscale FP16 gradients: dividing them in fp16 by "
+                        f"the scale {self._scale:g} would flush small gradients to zero. "
+                        "Keep the optimizer's parameters in float32 (fp32 master weights: "
+                        "mixprec.initialize(..., opt_level='O2'))."
+                    )
+                if g.is_sparse:
+                    if g.dtype is torch.float16:
+                        p.grad = g = g.coalesce()  # duplicates could overflow when summed
+                    g = g._values()
+                grads.append(g)
+        return grads
 
-    def _inv_scale(self) -> float:
-        # the reciprocal in float64 then float32, as torch (fp32 division can be inexact)
-        return _f32(1.0 / self._scale) if self._scale != 0 else math.inf
+    def read_found_infs(self, optimizers: Sequence[object]) -> list[bool]:
+        """Whether each optimizer's gradients held NaN/inf in this iteration (each one unscaled
+        already: ``RuntimeError`` for an optimizer still READY).
 
-    def _check_and_unscale(
-        self, per_device: Mapping[torch.device, Sequence[torch.Tensor]]
-    ) -> torch.Tensor | None:
-        """found_inf over tensors on any devices, unscaled in place; all-reduced if distributed.
-
-        Without ``check_finite`` only unscales (no check, no collective) and returns None.
+        Cost: one device sync for all of them (none without ``check_finite`` or when every
+        flag was read before), preceded by one all-reduce (MAX) of the flags that
+        ``unscale_grads_(..., all_reduce=False)`` left local.
         """
-        inv = self._inv_scale()
+        records = []
+        for opt in optimizers:
+            rec = self._records.get(id(opt))
+            if rec is None or rec.stage is OptState.READY:
+                raise RuntimeError(
+                    f"read_found_infs: {type(opt).__name__} was not unscaled in this "
+                    "iteration; call unscale_() or unscale_grads_() for it first"
+                )
+            records.append(rec)
+        return self._read_flags(records)
+
+    def _read_flags(self, records: Sequence[_OptRecord]) -> list[bool]:
         if not self.check_finite:
-            if inv != 1.0:
-                for device, grads in per_device.items():
-                    _unscale_only_(grads, torch.full((), inv, dtype=torch.float32, device=device))
-            return None
-        home = next(iter(self._scale_tensors), None)
-        if home is None:
-            home = next(iter(per_device), torch.device("cpu"))
-        found = torch.zeros((), dtype=torch.float32, device=home)
-        for device, grads in per_device.items():
-            f = found if device == home else torch.zeros((), dtype=torch.float32, device=device)
-            inv_t = torch.full((), inv, dtype=torch.float32, device=device)
-            _non_finite_check_and_unscale_(grads, f, inv_t)
-            if f is not found:
-                found += f.to(home)
-        if _is_distributed(self.distributed):
-            torch.distributed.all_reduce(
-                found, op=torch.distributed.ReduceOp.MAX, group=self.process_group
+            return [False] * len(records)
+        todo = [r for r in records if r.found is None and r.found_inf is not None]
+        if todo:
+            home = todo[0].found_inf.device  # type: ignore[union-attr]
+            flags = (
+                todo[0].found_inf
+                if len(todo) == 1
+                else torch.stack([r.found_inf.to(home) for r in todo])  # type: ignore[union-attr]
             )
-        return found
+            if not all(r.reduced for r in todo):
+                all_reduce_max_(flags, self.distributed, self.process_group)
+            for rec, value in zip(todo, flags.reshape(-1).tolist(), strict=True):
+                rec.found, rec.reduced = bool(value), True
+        return [bool(r.found) for r in records]
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Unscale (unless :meth:`unscale_` was called) and run ``optimizer.step(*args,
@@ -455,33 +448,28 @@ class LossScaler:
             raise RuntimeError("step() has already been called since the last update().")
         if rec.stage is OptState.READY:
             self.unscale_(optimizer)
-        found = self._read_found(rec)
         retval = None
-        if found:
+        if self._read_flags([rec])[0]:
             rec.skipped = True
             if self._wants_names():
-                rec.offenders = self._offenders(optimizer)
+                rec.offenders = self._names.offenders(optimizer)
         else:
             retval = optimizer.step(*args, **kwargs)
         rec.stage = OptState.STEPPED
         return retval
 
-    def _read_found(self, rec: _OptRecord) -> bool:
-        if not self.check_finite:
-            return False
-        if rec.found is None:
-            rec.found = bool(rec.found_inf.item()) if rec.found_inf is not None else False
-        return rec.found
-
     # ------------------------------------------------------------------ update
-    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
-        """End the iteration: adapt the scale to whether any gradient overflowed and record it.
+    def update(self, new_scale: float | torch.Tensor | None = None, *, stacklevel: int = 1) -> None:
+        """End the iteration: adapt the scale to whether any gradient overflowed and record it;
+        every optimizer is READY again.
 
         ``new_scale`` sets the scale by hand instead (as torch: the growth tracker is kept).
-        Call it once per iteration, after :meth:`step` for every optimizer. ``RuntimeError`` if
-        no optimizer was unscaled or stepped since the last update. Raises
-        :class:`DivergenceError` (after the state has advanced) when the loss itself was
-        NaN/inf at a scale of at most 1 and ``on_divergence == "raise"``.
+        Call it once per iteration, after :meth:`step` (or :meth:`unscale_grads_`) for every
+        optimizer. ``RuntimeError`` if no optimizer was unscaled or stepped since the last
+        update. Raises :class:`DivergenceError` (after the state has advanced) when the loss
+        itself was NaN/inf at a scale of at most 1 and ``on_divergence == "raise"``.
+        ``stacklevel``: which frame its warnings point at, 1 being the caller of ``update``
+        (wrappers pass more). Cost: one device sync for flags not read by :meth:`step` yet.
         """
         if not self._records:
             raise RuntimeError(
@@ -489,17 +477,16 @@ class LossScaler:
                 "(or scaler.unscale_(optimizer)) for each optimizer first."
             )
         records = list(self._records.values())
-        found = False
-        for rec in records:
-            found = self._read_found(rec) or found
-        self._finish_iteration(found, records, new_scale, stacklevel=4)
+        found = any(self._read_flags(records))
+        # frames: _end_iteration <- update <- the caller
+        self._end_iteration(found, records, new_scale, stacklevel=stacklevel + 2)
 
-    def _finish_iteration(
+    def _end_iteration(
         self,
         found: bool,
         records: Sequence[_OptRecord],
-        new_scale: float | torch.Tensor | None = None,
-        stacklevel: int = 3,
+        new_scale: float | torch.Tensor | None,
+        stacklevel: int,
     ) -> None:
         """Advance the scale and the skip record given the (synced) overflow flag.
 
@@ -507,15 +494,7 @@ class LossScaler:
         """
         used = self._scale
         if new_scale is not None:
-            if isinstance(new_scale, torch.Tensor):
-                if new_scale.numel() != 1 or new_scale.requires_grad:
-                    raise ValueError(
-                        "new_scale must be a float or a 1-element tensor without grad, got a "
-                        f"tensor of shape {tuple(new_scale.shape)}"
-                    )
-                new_scale = float(new_scale.item())
-            _check_positive("new_scale", new_scale)
-            self._set_scale(new_scale)
+            self._set_scale(_checked_new_scale(new_scale))
         else:
             self._set_scale(self._next_scale(found))
         loss_flag, self._loss_flag = self._loss_flag, None
@@ -548,6 +527,21 @@ class LossScaler:
     def _at_floor_after_backoff(self) -> bool:
         return False
 
+    def _offender_names(self, records: Sequence[_OptRecord]) -> str:
+        """The parameters whose gradients overflowed, for a message (rare path: syncs)."""
+        names: list[str] = []
+        for rec in records:
+            if not rec.found:
+                continue
+            offenders = rec.offenders
+            if not offenders and rec.stage is OptState.UNSCALED and rec.optimizer is not None:
+                offenders = self._names.offenders(rec.optimizer)
+            names.extend(offenders)
+        shown = ", ".join(names[:_MAX_NAMES]) or "(gradients no longer available)"
+        if len(names) > _MAX_NAMES:
+            shown += f" and {len(names) - _MAX_NAMES} more"
+        return shown
+
     def _report(
         self,
         used: float,
@@ -561,17 +555,7 @@ class LossScaler:
         self._collapse_warned = self._collapse_warned or collapsed
         if not (diverged and self.on_divergence != "ignore") and not collapsed:
             return
-        names: list[str] = []
-        for rec in records:
-            if not rec.found:
-                continue
-            offenders = rec.offenders
-            if not offenders and rec.stage is OptState.UNSCALED and rec.optimizer is not None:
-                offenders = self._offenders(rec.optimizer)
-            names.extend(offenders)
-        shown = ", ".join(names[:_MAX_NAMES]) or "(gradients no longer available)"
-        if len(names) > _MAX_NAMES:
-            shown += f" and {len(names) - _MAX_NAMES} more"
+        shown = self._offender_names(records)
         if diverged and self.on_divergence != "ignore":
             msg = (
                 f"training diverged: the loss itself is NaN/inf at loss scale {used:g} (<= 1), "
@@ -636,7 +620,7 @@ class LossScaler:
             )
         state = self.__dict__.copy()
         state["_scale_tensors"] = {}
-        state["_names"] = {}
+        state["_names"] = ParamNames()  # weak references do not pickle; names are re-registered
         state["_loss_flag"] = None
         return state
 
@@ -651,6 +635,19 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _checked_new_scale(new_scale: float | torch.Tensor) -> float:
+    """``update(new_scale)``'s value as a float (a 1-element tensor is read: one sync)."""
+    if isinstance(new_scale, torch.Tensor):
+        if new_scale.numel() != 1 or new_scale.requires_grad:
+            raise ValueError(
+                "new_scale must be a float or a 1-element tensor without grad, got a "
+                f"tensor of shape {tuple(new_scale.shape)}"
+            )
+        new_scale = float(new_scale.item())
+    _check_positive("new_scale", new_scale)
+    return new_scale
+
+
 class NoOpLossScaler(LossScaler):
     """Scale 1 and no checks: ``scale`` returns the loss unchanged and ``step`` just steps.
 
@@ -659,7 +656,7 @@ class NoOpLossScaler(LossScaler):
     ``check_finite=True`` to skip steps with NaN/inf gradients (and detect divergence) anyway.
     """
 
-    def __init__(self, *, check_finite: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, check_finite: bool = False, **kwargs: Unpack[ScalerKeywords]) -> None:
         super().__init__(1.0, check_finite=check_finite, **kwargs)
 
     def is_enabled(self) -> bool:
@@ -671,10 +668,10 @@ class NoOpLossScaler(LossScaler):
         self._scaled_once = True
         return outputs
 
-    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+    def update(self, new_scale: float | torch.Tensor | None = None, *, stacklevel: int = 1) -> None:
         if new_scale is not None:
             raise ValueError("NoOpLossScaler's scale is always 1; new_scale is not accepted")
-        super().update()
+        super().update(stacklevel=stacklevel + 1)  # + this frame
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the skip record; the scale stays 1 whatever the dict says."""
@@ -688,7 +685,7 @@ class StaticLossScaler(LossScaler):
     the scale only changes through ``update(new_scale)`` or :meth:`load_state_dict`.
     """
 
-    def __init__(self, scale: float, **kwargs: Any) -> None:
+    def __init__(self, scale: float, **kwargs: Unpack[CheckedScalerKeywords]) -> None:
         super().__init__(scale, **kwargs)
 
 
@@ -726,7 +723,7 @@ class DynamicLossScaler(LossScaler):
         min_scale: float | None = None,
         max_scale: float | None = 2.0**24,
         hysteresis: int = 1,
-        **kwargs: Any,
+        **kwargs: Unpack[CheckedScalerKeywords],
     ) -> None:
         _check_positive("init_scale", init_scale)
         _check_positive("growth_factor", growth_factor)
