@@ -52,7 +52,7 @@ def float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[st
 
 def format_name(text: str) -> str:
     """A format name, alias or custom ``eXmY`` that :func:`mixprec.formats.get_format` accepts."""
-    from mixprec.formats.float_format import get_format
+    from mixprec.formats import get_format
 
     try:
         get_format(text)

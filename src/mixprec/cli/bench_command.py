@@ -19,7 +19,7 @@ from mixprec.cli.arguments import format_list, int_at_least
 if TYPE_CHECKING:
     import torch
 
-    from mixprec.formats.float_format import FloatFormat
+    from mixprec.formats import FloatFormat
 
 DEFAULT_FORMATS = (
     "bfloat16,float16,float8_e4m3fn,float8_e5m2,float6_e3m2fn,float4_e2m1fn,float8_e8m0fnu"
@@ -70,7 +70,7 @@ def quantize_table(n: int, repeat: int, formats: Sequence[str], slow: bool) -> s
     """Markdown report of quantize throughput on ``n`` float32 elements."""
     import torch
 
-    from mixprec.formats.float_format import get_format
+    from mixprec.formats import get_format
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 4
     buf = torch.empty_like(x)
@@ -101,7 +101,7 @@ def _format_row(
     import numpy as np
     import torch
 
-    from mixprec.quantization.elementwise import quantize, quantize_
+    from mixprec.quantization import quantize, quantize_
 
     sat = f.name == "float8_e4m3fn"  # torch's e4m3fn cast saturates
     t_oop = best_of(lambda: quantize(x, f, saturate=sat), repeat)

@@ -33,8 +33,10 @@ import os
 import runpy
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mixprec.cli.arguments import float_in, format_name, int_at_least, output_dir
 
@@ -46,7 +48,7 @@ _KIND_HELP = (
 
 def parse_fail_on(value: str | None) -> set[str]:
     """``"nan,inf"`` -> {"nan", "inf"}; ``"any"`` -> every kind. Unknown kinds: ValueError."""
-    from mixprec.sanitizer.session import KINDS
+    from mixprec.sanitizer import KINDS
 
     if not value:
         return set()
@@ -70,63 +72,89 @@ def _fail_on(text: str) -> str:
     return text
 
 
-def _add_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
-    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
-    p.add_argument(
+@dataclass(frozen=True)
+class _Option:
+    """One of mixprec's own options (accepted before and after the script path)."""
+
+    flag: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    action: str | None = None
+
+    def add_to(self, p: argparse.ArgumentParser, *, defaults: bool) -> None:
+        # without defaults (the late parser): options not given stay as the first parse set them
+        kw: dict[str, Any] = {"default": self.default if defaults else argparse.SUPPRESS}
+        for name in ("type", "metavar", "choices", "action"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        p.add_argument(self.flag, help=self.help, **kw)
+
+
+_OPTIONS = (
+    _Option(
         "--out",
+        "sanitize-report",
+        "directory for report.json / report.txt / report.png (default: ./sanitize-report)",
         type=output_dir,
         metavar="DIR",
-        default=d("sanitize-report"),
-        help="directory for report.json / report.txt / report.png (default: ./sanitize-report)",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--fail-on",
+        None,
+        f"exit 1 when a finding of this kind exists: {_KIND_HELP}",
         type=_fail_on,
         metavar="KIND",
-        default=d(None),
-        help=f"exit 1 when a finding of this kind exists: {_KIND_HELP}",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--threshold-bits",
+        None,
+        "flag ops losing more than N significand bits, 0 < N <= 53 (default: half the "
+        "mantissa of each result's format)",
         type=float_in(0, 53, low_open=True),
         metavar="N",
-        default=d(None),
-        help="flag ops losing more than N significand bits, 0 < N <= 53 (default: half the "
-        "mantissa of each result's format)",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--no-grads",
+        False,
+        "do not shadow backward ops or collect gradient histograms",
         action="store_true",
-        default=d(False),
-        help="do not shadow backward ops or collect gradient histograms",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--shadow",
-        default=d("float64"),
-        choices=["float64", "float32"],
-        help="shadow precision (default float64)",
-    )
-    p.add_argument(
+        "float64",
+        "shadow precision (default float64)",
+        choices=("float64", "float32"),
+    ),
+    _Option(
         "--dtype-hint",
+        None,
+        "format float32 tensors really hold (emulated formats)",
         type=format_name,
         metavar="FORMAT",
-        default=d(None),
-        help="format float32 tensors really hold (emulated formats)",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--hist-format",
+        "float16",
+        "target format of the gradient histogram (default float16)",
         type=format_name,
         metavar="FORMAT",
-        default=d("float16"),
-        help="target format of the gradient histogram (default float16)",
-    )
-    p.add_argument(
+    ),
+    _Option(
         "--max-rows",
+        40,
+        "rows of the printed table, N >= 0 (default 40; files hold everything)",
         type=int_at_least(0),
         metavar="N",
-        default=d(40),
-        help="rows of the printed table, N >= 0 (default 40; files hold everything)",
-    )
+    ),
+)
+
+
+def _add_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    for option in _OPTIONS:
+        option.add_to(p, defaults=defaults)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from mixprec.sanitizer.session import sanitize
+    from mixprec.sanitizer import sanitize
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     old_argv, old_path = sys.argv, list(sys.path)

@@ -90,7 +90,7 @@ def _candidates(module: ModuleType) -> dict[str, tuple[str, Any]]:
 
 
 def _analyse(name: str, kind: str, obj: Any) -> TargetReport:
-    from mixprec.stable.rewrite import stabilize
+    from mixprec.stable import stabilize
 
     report = TargetReport(name, kind, "skipped")
     if kind == "module":
