@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mixprec.sanitizer.session import Finding, GradHistogram
+    from mixprec.sanitizer.findings import Finding
+    from mixprec.sanitizer.gradients import GradHistogram
 
 _KIND_STYLE = {
     "nan": "bold red",
@@ -69,21 +70,29 @@ def grad_summary(hist: GradHistogram | None) -> str:
     return line
 
 
-def findings_table(
-    findings: Sequence[Finding],
-    stats: dict[str, Any],
-    max_rows: int | None,
-    grad_line: str = "",
-):
-    from rich.table import Table
-    from rich.text import Text
+_COLUMNS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("location", {"overflow": "fold", "min_width": 12, "max_width": 44}),
+    ("kind", {"no_wrap": True}),
+    ("op", {"no_wrap": True}),
+    ("phase", {"no_wrap": True}),
+    ("module", {"overflow": "fold", "max_width": 24}),
+    ("bits lost", {"justify": "right", "no_wrap": True}),
+    ("rel err", {"justify": "right", "no_wrap": True}),
+    ("count", {"justify": "right"}),
+    ("step", {"justify": "right"}),
+)
 
-    n_ops = stats.get("ops", 0)
-    title = (
+
+def _title(findings: Sequence[Finding], stats: dict[str, Any]) -> str:
+    return (
         f"mixprec sanitize: {len(findings)} finding{'s' * (len(findings) != 1)} "
-        f"({n_ops} ops, {stats.get('ops_shadowed', 0)} shadowed, {stats.get('backward_passes', 0)} "
-        "backward passes)"
+        f"({stats.get('ops', 0)} ops, {stats.get('ops_shadowed', 0)} shadowed, "
+        f"{stats.get('backward_passes', 0)} backward passes)"
     )
+
+
+def _caption(stats: dict[str, Any], grad_line: str) -> str | None:
+    """Notes under the table: unshadowed ops, sanitizer errors, the gradient summary."""
     notes = []
     if stats.get("ops_unshadowed"):
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(stats["ops_unshadowed"].items()))
@@ -92,60 +101,67 @@ def findings_table(
         notes.append(f"sanitizer errors (results incomplete): {stats.get('last_internal_error')}")
     if grad_line:
         notes.append(grad_line)
+    return "\n".join(notes) or None
+
+
+def _row(f: Finding, first: bool) -> list[Any]:
+    """The cells of one finding; the first of its location group shows the location and code."""
+    from rich.text import Text
+
+    where: Any = ""
+    if first:
+        where = Text(f.location or "(unknown)")
+        if f.code:
+            code = f.code if len(f.code) <= 60 else f.code[:57] + "..."
+            where.append("\n" + code, style="dim")
+    bits = _fmt_float(f.bits_lost, ".1f")
+    if f.kind == "cancellation" and f.bits_cancelled is not None:
+        bits += f" ({_fmt_float(f.bits_cancelled, '.0f')} canc.)"
+    module = f.module if f.module is not None else "-"
+    if module == "":
+        module = f"({f.module_type or 'root'})"
+    kind = Text(f.kind, style=_KIND_STYLE.get(f.kind, ""))
+    rel = _fmt_float(f.rel_error, ".2e")
+    return [where, kind, f.op, f.phase, module, bits, rel, f"{f.count}", f"{f.first_step}"]
+
+
+def _add_rows(table: Any, findings: Sequence[Finding], max_rows: int | None) -> None:
+    """One row per finding, grouped by location (a rule between groups), up to ``max_rows``."""
+    rows = 0
+    groups = group_by_location(findings)
+    for gi, (_, items) in enumerate(groups):
+        for i, f in enumerate(items):
+            if max_rows is not None and rows >= max_rows:
+                table.add_row("...", f"{len(findings) - rows} more", *[""] * 7)
+                return
+            last_of_group = i == len(items) - 1 and gi < len(groups) - 1
+            table.add_row(*_row(f, i == 0), end_section=last_of_group)
+            rows += 1
+
+
+def findings_table(
+    findings: Sequence[Finding],
+    stats: dict[str, Any],
+    max_rows: int | None,
+    grad_line: str = "",
+):
+    """The rich table of a report: findings grouped by location, worst location first."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(
-        title=title,
-        caption="\n".join(notes) or None,
+        title=_title(findings, stats),
+        caption=_caption(stats, grad_line),
         show_lines=False,
         title_justify="left",
         caption_justify="left",
     )
-    for col, kw in (
-        ("location", {"overflow": "fold", "min_width": 12, "max_width": 44}),
-        ("kind", {"no_wrap": True}),
-        ("op", {"no_wrap": True}),
-        ("phase", {"no_wrap": True}),
-        ("module", {"overflow": "fold", "max_width": 24}),
-        ("bits lost", {"justify": "right", "no_wrap": True}),
-        ("rel err", {"justify": "right", "no_wrap": True}),
-        ("count", {"justify": "right"}),
-        ("step", {"justify": "right"}),
-    ):
+    for col, kw in _COLUMNS:
         table.add_column(col, **kw)
     if not findings:
-        table.add_row("-", Text("no findings", style="green"), "", "", "", "", "", "", "")
-        return table
-    rows = 0
-    groups = group_by_location(findings)
-    for gi, (loc, items) in enumerate(groups):
-        for i, f in enumerate(items):
-            if max_rows is not None and rows >= max_rows:
-                table.add_row("...", f"{len(findings) - rows} more", "", "", "", "", "", "", "")
-                return table
-            where: Any = ""
-            if i == 0:
-                where = Text(loc or "(unknown)")
-                if f.code:
-                    code = f.code if len(f.code) <= 60 else f.code[:57] + "..."
-                    where.append("\n" + code, style="dim")
-            bits = _fmt_float(f.bits_lost, ".1f")
-            if f.kind == "cancellation" and f.bits_cancelled is not None:
-                bits += f" ({_fmt_float(f.bits_cancelled, '.0f')} canc.)"
-            module = f.module if f.module is not None else "-"
-            if module == "":
-                module = f"({f.module_type or 'root'})"
-            table.add_row(
-                where,
-                Text(f.kind, style=_KIND_STYLE.get(f.kind, "")),
-                f.op,
-                f.phase,
-                module,
-                bits,
-                _fmt_float(f.rel_error, ".2e"),
-                f"{f.count}",
-                f"{f.first_step}",
-                end_section=(i == len(items) - 1 and gi < len(groups) - 1),
-            )
-            rows += 1
+        table.add_row("-", Text("no findings", style="green"), *[""] * 7)
+    else:
+        _add_rows(table, findings, max_rows)
     return table
 
 

@@ -1,0 +1,194 @@
+"""Gradient magnitude histograms: collection during a run, and the public :class:`GradHistogram`."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mixprec.formats import FloatFormat
+
+HIST_OFFSET = 1100  # histogram bin index = floor(log2|g|) + HIST_OFFSET (fp64 range -1074..1023)
+HIST_BINS = 2200
+
+
+class GradCollector:
+    """log2-magnitude histograms of gradients (exact fp64 shadow values where available).
+
+    Tensors above ``max_elems`` elements are binned on an evenly strided sample of about
+    ``max_elems`` elements (the maximum is always exact); ``sampled`` counts how many were.
+    """
+
+    def __init__(self, max_elems: int = 1 << 16) -> None:
+        self.max_elems = max_elems
+        self.sampled: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.zeros: dict[str, int] = {}
+        self.nonfinite: dict[str, int] = {}
+        self.max_abs: dict[str, float] = {}
+        self.tensors: dict[str, int] = {}
+
+    def add(self, kind: str, g: torch.Tensor, smax: float | None = None) -> None:
+        """Bin ``g`` by its exponent field (bit ops and a bincount over a sample; one aminmax
+        pass over ``g`` unless its max magnitude ``smax`` is already known).
+
+        float64 (shadows) bins exactly; a float32 gradient's subnormals land in the zero count.
+        """
+        g = g.detach()
+        if not g.is_floating_point() or g.numel() == 0:
+            return
+        g = g.reshape(-1) if g.is_contiguous() else g.flatten()
+        mx = _max_abs(g) if smax is None else smax
+        if not math.isfinite(mx):  # rare: max over the finite values only
+            fin = g[torch.isfinite(g)]
+            mx = float(fin.abs().max()) if fin.numel() else 0.0
+        self.max_abs[kind] = max(self.max_abs.get(kind, 0.0), mx)
+        if g.numel() > self.max_elems:  # the shape of the distribution, from a sample
+            g = g[:: -(-g.numel() // self.max_elems)]
+            self.sampled[kind] = self.sampled.get(kind, 0) + 1
+        self._bin(kind, g)
+
+    def _bin(self, kind: str, g: torch.Tensor) -> None:
+        if g.dtype == torch.float64:
+            bits, shift, mask, bias = g.view(torch.int64), 52, 0x7FF, 1023
+        else:
+            if g.dtype != torch.float32:
+                g = g.float()
+            bits, shift, mask, bias = g.view(torch.int32), 23, 0xFF, 127
+        e = torch.bitwise_and(bits >> shift, mask)
+        c = torch.bincount(e.cpu(), minlength=mask + 1)
+        if kind not in self.counts:
+            self.counts[kind] = torch.zeros(HIST_BINS, dtype=torch.int64)
+        # biased exponent b in 1..mask-1 holds [2^(b-bias), 2^(b-bias+1))
+        start = 1 - bias + HIST_OFFSET
+        self.counts[kind][start : start + mask - 1] += c[1:mask]
+        self.zeros[kind] = self.zeros.get(kind, 0) + int(c[0])
+        self.nonfinite[kind] = self.nonfinite.get(kind, 0) + int(c[mask])
+        self.tensors[kind] = self.tensors.get(kind, 0) + 1
+
+    def data(self, track_grads: bool) -> dict[str, Any] | None:
+        """The histograms trimmed to their non-empty bins (the report's ``gradients``)."""
+        if not self.counts:
+            return {"counts": {}} if track_grads else None
+        nonzero = [i for c in self.counts.values() for i in c.nonzero().reshape(-1).tolist()]
+        lo, hi = min(nonzero), max(nonzero)
+        return {
+            "bin_lo": lo - HIST_OFFSET,
+            "counts": {k: c[lo : hi + 1].tolist() for k, c in self.counts.items()},
+            "zeros": dict(self.zeros),
+            "nonfinite": dict(self.nonfinite),
+            "max_abs": dict(self.max_abs),
+            "tensors": dict(self.tensors),
+            "sampled": dict(self.sampled),
+        }
+
+
+def _max_abs(g: torch.Tensor) -> float:
+    lo, hi = torch.aminmax(g)
+    return max(-float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class GradHistogram:
+    """log2-magnitude histograms of gradients against a target format's range.
+
+    ``counts[kind][i]`` is the number of finite non-zero gradient values ``g`` of ``kind``
+    (``"activation"``: gradients w.r.t. module outputs; ``"weight"``: gradients of leaf tensors,
+    i.e. parameters) with ``floor(log2|g|) == bin_lo + i``. Values are the float64 shadows of
+    the gradients where the sanitizer has them (so a float16 run shows what float16 lost).
+    Fractions are of the finite non-zero values and are computed from the bins: a value flushes
+    to zero when it is below ``min_subnormal / 2`` (exact except for values equal to that tie),
+    is subnormal between that and ``min_normal``, overflows from ``2^(emax+1)`` up (values in
+    ``[max, 2^(emax+1))`` are counted as not overflowing).
+    ``recommended_loss_scale`` is the largest power of two ``S`` with ``max|g| * S <= fmt.max``
+    over all kinds; ``flush_to_zero_scaled`` is the flush fraction after multiplying by it.
+    """
+
+    fmt: str
+    bin_lo: int
+    counts: dict[str, tuple[int, ...]]
+    zeros: dict[str, int]
+    nonfinite: dict[str, int]
+    max_abs: dict[str, float]
+    flush_to_zero: dict[str, float]
+    subnormal: dict[str, float]
+    overflow: dict[str, float]
+    recommended_loss_scale: float | None
+    flush_to_zero_scaled: dict[str, float]
+    min_subnormal: float
+    min_normal: float
+    max: float
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.counts)
+
+    def total(self, kind: str) -> int:
+        return int(sum(self.counts[kind]))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["counts"] = {k: list(v) for k, v in self.counts.items()}
+        return d
+
+    def plot(self, path: str | os.PathLike[str]) -> str:
+        """Write the histogram figure (one panel per kind) as a PNG; returns the path."""
+        from mixprec.sanitizer.render import plot_grad_histogram
+
+        return plot_grad_histogram(self, path)
+
+
+def _loss_scale(max_all: float, f: FloatFormat) -> float | None:
+    """The largest power of two S with max_all * S <= f.max (None without a finite maximum)."""
+    if not (max_all > 0 and math.isfinite(max_all)):
+        return None
+    k = math.floor(math.log2(f.max / max_all))
+    while max_all * 2.0**k > f.max:  # guard log2 rounding
+        k -= 1
+    return 2.0**k
+
+
+def make_histogram(data: dict[str, Any], f: FloatFormat) -> GradHistogram:
+    """The histogram of a report's gradient data (:meth:`GradCollector.data`) against ``f``."""
+    lo = int(data["bin_lo"])
+    counts = {k: tuple(int(x) for x in v) for k, v in data["counts"].items()}
+    # bin e holds [2^e, 2^(e+1)); min_subnormal = 2^m
+    m = round(math.log2(f.min_subnormal))
+    n = round(math.log2(f.min_normal))
+    emax = math.floor(math.log2(f.max))
+
+    def frac(pred: Callable[[int], bool], shift: int = 0) -> dict[str, float]:
+        return {k: _fraction(c, lo + shift, pred) for k, c in counts.items()}
+
+    def flush(e: int) -> bool:
+        return e <= m - 2  # whole bin below min_subnormal / 2
+
+    scale = _loss_scale(max(data["max_abs"].values(), default=0.0), f)
+    return GradHistogram(
+        fmt=f.name,
+        bin_lo=lo,
+        counts=counts,
+        zeros={k: int(v) for k, v in data.get("zeros", {}).items()},
+        nonfinite={k: int(v) for k, v in data.get("nonfinite", {}).items()},
+        max_abs={k: float(v) for k, v in data.get("max_abs", {}).items()},
+        flush_to_zero=frac(flush),
+        subnormal=frac(lambda e: m - 1 <= e < n),
+        overflow=frac(lambda e: e > emax),
+        recommended_loss_scale=scale,
+        flush_to_zero_scaled=frac(flush, 0 if scale is None else round(math.log2(scale))),
+        min_subnormal=f.min_subnormal,
+        min_normal=f.min_normal,
+        max=f.max,
+    )
+
+
+def _fraction(c: tuple[int, ...], lo: int, pred: Callable[[int], bool]) -> float:
+    """Fraction of the counts whose bin exponent (``lo + i``) satisfies ``pred``."""
+    tot = sum(c)
+    if tot == 0:
+        return 0.0
+    return sum(x for i, x in enumerate(c) if pred(lo + i)) / tot

@@ -1,0 +1,413 @@
+"""The shadow-execution engine behind :func:`mixprec.sanitize`: the dispatch mode (private).
+
+One :class:`ShadowMode` (a ``TorchDispatchMode``) sees every aten op, forward and backward. For
+each op it
+
+1. runs the real op unchanged (the user's program computes exactly what it would without us);
+2. runs the same op again on *shadow* inputs (:mod:`.shadows`): the float64 copies kept for
+   each real float tensor in a side table (:class:`~.store.ShadowStore`), or the input upcast
+   where there is none;
+3. compares real and shadow outputs and records findings (:mod:`.measurement`).
+
+Which of these an op gets depends on its kind (:mod:`.ops`): views and data movement only
+carry shadows along, random and opaque mutating ops are never re-run. Ops are attributed to
+modules and source lines (:mod:`.attribution`); backward ops take the module and line recorded
+on their autograd node in the forward pass. Gradients are binned into histograms
+(:mod:`.gradients`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
+
+from mixprec.formats import FloatFormat, get_format
+from mixprec.quantization import register_rounding_observer
+from mixprec.sanitizer.attribution import ModuleTracker, user_frame
+from mixprec.sanitizer.findings import Finding, FindingLog, Site, Stats
+from mixprec.sanitizer.gradients import GradCollector
+from mixprec.sanitizer.measurement import Measurer, ShadowedCall
+from mixprec.sanitizer.ops import (
+    COMPUTE,
+    DROPOUT,
+    EXACT,
+    OPAQUE,
+    RANDOM,
+    SKIP,
+    VIEWISH,
+    OpInfo,
+    RealCall,
+    RealOpError,
+    classify,
+)
+from mixprec.sanitizer.shadows import ShadowInputs, Shadows
+from mixprec.sanitizer.tolerances import real_formats
+from mixprec.sanitizer.trees import leaves, tensors
+
+aten = torch.ops.aten
+
+_META_KEY = "mixprec.sanitize"  # key in an autograd node's metadata dict
+
+# process-wide, not thread-local: on CUDA the autograd engine runs backward (and our gradient
+# hooks) on its own device threads, which inherit the dispatch mode but not Python thread-locals
+_ACTIVE: list[ShadowMode] = []
+
+
+def active_engine() -> ShadowMode | None:
+    """The running sanitizer, or None (for cooperating modules, e.g. an emulating autocast)."""
+    return _ACTIVE[0] if _ACTIVE else None
+
+
+def record_rounding(
+    src: torch.Tensor, dst: torch.Tensor, fmt: Any, op: str = "mixprec.quantize"
+) -> None:
+    """Tell a running sanitizer that ``dst`` is ``src`` rounded to ``fmt`` outside aten.
+
+    For code that rounds tensors with non-aten kernels, which dispatch cannot see
+    (``mixprec.quantize`` reports its own roundings, through its rounding observer): ``dst``
+    inherits ``src``'s shadow and the rounding is checked against ``fmt``'s range and
+    precision (underflow / overflow). No-op when no sanitizer is active.
+    """
+    eng = active_engine()
+    if eng is not None:
+        eng.note_rounding(src, dst, get_format(fmt), op)
+
+
+class ShadowMode(TorchDispatchMode):
+    """Shadows every aten op in ``shadow_dtype``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        shadow_dtype: torch.dtype,
+        threshold_bits: float | None,
+        track_grads: bool,
+        tracker: ModuleTracker,
+        dtype_hint: FloatFormat | None,
+    ) -> None:
+        super().__init__()
+        self.track_grads = track_grads
+        self.tracker = tracker
+        self.shadows = Shadows(shadow_dtype)
+        self.log = FindingLog()
+        self.stats = Stats()
+        self.measurer = Measurer(
+            self.shadows,
+            real_formats(threshold_bits, dtype_hint),
+            self.log,
+            self.stats,
+            threshold_bits,
+        )
+        self.grads = GradCollector()
+        self.backward_passes = 0
+        self.ops: dict[Any, OpInfo] = {}
+        self._need_step = False
+        self._last_backward = False
+        self._pending: list[torch.Tensor] = []  # outputs of the last op, to label (see _pend)
+        self._pending_meta: Any = None
+        self._internal = False  # our own bookkeeping ops run under the mode: pass them through
+        self._hooked = WeakIdKeyDictionary()
+        self._hook_handles: list[Any] = []
+        self._observer: RemovableHandle | None = None  # our quantize observer, while active
+        tracker.on_output = self._on_module_output if track_grads else None
+        tracker.on_root = self._on_root
+
+    @property
+    def step(self) -> int:
+        return self.log.step
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Install the mode, module hooks and the rounding observer (all undone on failure)."""
+        if active_engine() is not None:
+            raise RuntimeError("mixprec.sanitize() contexts cannot be nested")
+        _ACTIVE.append(self)
+        try:
+            self.tracker.install()
+            self._observer = register_rounding_observer(self._observe_rounding)
+            self.__enter__()
+        except BaseException:
+            self._uninstall()
+            raise
+
+    def stop(self) -> None:
+        """Remove everything :meth:`start` installed, and the tensor hooks; free the shadows."""
+        try:
+            self.__exit__(None, None, None)
+        finally:
+            self._flush_pending()
+            self._uninstall()
+            for h in self._hook_handles:
+                h.remove()
+            self._hook_handles.clear()
+            self.shadows.clear()
+
+    def _uninstall(self) -> None:
+        if self._observer is not None:
+            self._observer.remove()
+            self._observer = None
+        self.tracker.remove()
+        _ACTIVE.clear()
+
+    def mark_step(self) -> None:
+        """Start a new step: live tensors are taken as exact from here on (tables cleared)."""
+        self.log.step += 1
+        self._need_step = False
+        self.shadows.clear()
+        # forget hook handles of tensors that died (long runs would accumulate them)
+        self._hook_handles = [h for h in self._hook_handles if h.hooks_dict_ref() is not None]
+
+    # -- what the report reads -----------------------------------------------------------------
+    def report_findings(self) -> list[Finding]:
+        return self.log.findings()
+
+    def report_stats(self) -> dict[str, Any]:
+        return self.stats.to_dict(self.step, self.backward_passes)
+
+    def report_gradients(self) -> dict[str, Any] | None:
+        return self.grads.data(self.track_grads)
+
+    # -- autograd labels and gradient hooks ----------------------------------------------------
+    def _pend(self, out: Any, meta: tuple[Site, bool]) -> None:
+        """Label ``out``'s autograd nodes at the next op (their grad_fn is set after we return)."""
+        if not torch.is_grad_enabled():
+            return
+        self._pending = tensors(out)
+        self._pending_meta = meta
+
+    def _flush_pending(self) -> None:
+        """Label the autograd nodes of the previous op's outputs with module and location."""
+        pend, meta = self._pending, self._pending_meta
+        self._pending = []
+        for t in pend:
+            gf = t.grad_fn
+            if gf is not None:
+                md = gf.metadata
+                if _META_KEY not in md:
+                    md[_META_KEY] = meta
+
+    def _on_root(self) -> None:
+        """A root module's forward begins: the first one after a backward starts a new step."""
+        if self._need_step:
+            self.mark_step()
+
+    def _on_module_output(self, module: torch.nn.Module, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        # the output's own tensors (a tuple's elements), not tensors nested deeper
+        for o in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point():
+                self._hook(o, "activation")
+
+    def _hook_leaves(self, args: tuple[Any, ...]) -> None:
+        """Weight gradients: hook the leaf tensors (parameters) a forward op uses."""
+        if not (self.track_grads and torch.is_grad_enabled()):
+            return
+        for a in args:
+            if (
+                isinstance(a, torch.Tensor)
+                and a.requires_grad
+                and a.grad_fn is None
+                and a.is_floating_point()
+            ):
+                self._hook(a, "weight")
+
+    def _hook(self, t: torch.Tensor, kind: str) -> None:
+        if t not in self._hooked:
+            self._hooked[t] = True
+            self._hook_handles.append(t.register_hook(self._grad_hook(kind)))
+
+    def _grad_hook(self, kind: str) -> Callable[[torch.Tensor], None]:
+        ref = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
+            eng = ref()
+            if eng is None or active_engine() is not eng:
+                return
+            eng._internal = True
+            try:
+                ent = eng.shadows.store.get(grad)
+                shadow = grad if ent is None else ent[0]
+                eng.grads.add(kind, shadow, eng.shadows.store.smax(grad))
+            finally:
+                eng._internal = False
+
+        return hook
+
+    # -- cooperation with non-aten rounding (mixprec.quantize) ---------------------------------
+    def _observe_rounding(self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat) -> None:
+        """mixprec.quantize's observer: dst holds src rounded to fmt (e.g. emulated autocast)."""
+        if not self.measurer.rounding:  # not our own rounding of shadows
+            self.note_rounding(src, dst, fmt, "mixprec.quantize")
+
+    def note_rounding(
+        self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat, op: str
+    ) -> None:
+        """``dst`` inherits ``src``'s shadow; the rounding is checked in ``fmt``."""
+        store = self.shadows.store
+        ent = store.get(src)
+        s = src.detach().to(self.shadows.dtype) if ent is None else ent[0]
+        if dst.dtype in self.shadows.shadowable:
+            store.put(dst, s)
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        module, module_type, _ = self.tracker.current()
+        site = Site(module, module_type, user_frame())
+        self._internal = True
+        try:
+            self.measurer.check_rounding(op, phase, site, s, dst, fmt)
+        finally:
+            self._internal = False
+
+    # -- the dispatch hook ---------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._internal:  # our own bookkeeping ops (gradient hooks, note_rounding)
+            return func(*args, **kwargs)
+        call = RealCall(func, args, kwargs)
+        try:
+            return self._dispatch(call)
+        except RealOpError as wrapped:  # the user's op failed: their error, unchanged
+            raise wrapped.exc.with_traceback(wrapped.exc.__traceback__) from None
+        except Exception as exc:  # a sanitizer bug must never break the user's program
+            return self._recover(call, exc)
+
+    def _recover(self, call: RealCall, exc: Exception) -> Any:
+        """After an internal error: count it, and give the user the real result."""
+        name = str(call.func)
+        Stats.count(self.stats.internal_errors, name)
+        self.stats.last_internal_error = f"{name}: {type(exc).__name__}: {exc}"
+        if not call.ran:
+            return call.func(*call.args, **call.kwargs)
+        self.shadows.drop(call.out)
+        self._after_unshadowed(self._op_info(call.func), call)
+        return call.out
+
+    def _op_info(self, func: Any) -> OpInfo:
+        info = self.ops.get(func)
+        if info is None:
+            info = self.ops[func] = classify(func)
+        return info
+
+    def _dispatch(self, call: RealCall) -> Any:
+        if self._pending:
+            self._flush_pending()
+        info = self._op_info(call.func)
+        backward = torch._C._current_graph_task_id() != -1
+        if backward and not self.track_grads:
+            return call.run()
+        site, watched = self._backward_site() if backward else self._forward_site(info)
+        self.stats.ops += 1
+        if not watched or info.kind == SKIP:
+            out = call.run()
+            self._after_unshadowed(info, call)
+        else:
+            if not backward:
+                self._hook_leaves(call.args)
+            out = self._route(call, info, "backward" if backward else "forward", site)
+        if not backward and self.track_grads:
+            self._pend(out, (site, watched))
+        return out
+
+    def _forward_site(self, info: OpInfo) -> tuple[Site, bool]:
+        self._last_backward = False
+        if self._need_step and not self.tracker.seen_module:
+            self.mark_step()  # code without modules: the first forward op after a backward
+        module, module_type, watched = self.tracker.current()
+        # the stack walk only where the line is used: checked ops, or autograd labels
+        used = (watched and info.kind != SKIP) or self.track_grads
+        return Site(module, module_type, user_frame() if used else None), watched
+
+    def _backward_site(self) -> tuple[Site, bool]:
+        if not self._last_backward:
+            self.backward_passes += 1
+            self._need_step = True
+        self._last_backward = True
+        node = torch._C._current_autograd_node()
+        meta = node.metadata.get(_META_KEY) if node is not None else None
+        if meta is None:
+            return Site(None, None, user_frame()), self.tracker.watch_all
+        return meta  # (site, watched) of the forward op that made the node
+
+    def _route(self, call: RealCall, info: OpInfo, phase: str, site: Site) -> Any:
+        """Run a watched op by its kind: shadowed, carried along, or only tracked."""
+        if info.kind in (RANDOM, OPAQUE):
+            out = call.run()
+            self._after_unshadowed(info, call)
+            return out
+        # shadow inputs before the real op: in-place ops overwrite their inputs
+        lazy = info.kind in (VIEWISH, EXACT)
+        inputs = self.shadows.inputs(call.args, lazy=lazy, compute=info.kind == COMPUTE)
+        if info.kind == DROPOUT:
+            return self._dropout(call, inputs)
+        if not inputs.any_float or (lazy and not inputs.has_shadow):
+            # nothing to shadow: all float inputs are exact and the op does not round
+            out = call.run()
+            if info.written:
+                self._after_unshadowed(info, call)
+            if lazy and call.func is aten.where.self:
+                self.measurer.check_where(info.name, call.args, phase, site)
+            return out
+        if info.kind == VIEWISH:
+            out = call.run()
+            self.shadows.views(call.func, call.args, call.kwargs, inputs, out)
+            return out
+        return self._shadowed(call, info, phase, site, inputs)
+
+    def _dropout(self, call: RealCall, inputs: ShadowInputs) -> Any:
+        """Dropout is shadowed through its mask (never re-run: it would draw new randoms)."""
+        out = call.run()
+        if inputs.has_shadow:
+            p = call.args[1]
+            scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+            self.shadows.store.put(out[0], inputs.args[0] * out[1] * scale, inputs.err)
+        return out
+
+    def _shadowed(
+        self, call: RealCall, info: OpInfo, phase: str, site: Site, inputs: ShadowInputs
+    ) -> Any:
+        """Run the op for real and on the shadows; carry or measure the results."""
+        lazy = info.kind == EXACT
+        sargs = self.shadows.fill(call.args, inputs.args) if lazy else inputs.args
+        skwargs = self.shadows.kwargs(call.kwargs)
+        if info.half_to_float is not None and len(sargs) > info.half_to_float:
+            sargs[info.half_to_float] = False
+        out = call.run()
+        self.stats.ops_shadowed += 1
+        sfunc = info.functional or call.func
+        try:
+            sout = sfunc(*sargs, **skwargs)
+        except Exception:  # an op without a float64 kernel here: carry on unshadowed
+            Stats.count(self.stats.ops_unshadowed, info.name)
+            self._after_unshadowed(info, call)
+            self.shadows.drop(out)
+            return out
+        reals, souts = self._results(info, call, out, sout)
+        if info.kind == EXACT:
+            self.shadows.put(reals, souts, inputs.err)
+            if call.func is aten.where.self:
+                self.measurer.check_where(info.name, call.args, phase, site)
+        else:
+            shadowed = ShadowedCall(info, sfunc, call, sargs, skwargs, inputs, phase, site)
+            self.measurer.measure(shadowed, reals, souts)
+        return out
+
+    def _results(self, info: OpInfo, call: RealCall, out: Any, sout: Any) -> tuple[list, list]:
+        """(real results, their shadows). In-place: the real result lives in the first mutated
+        argument, and its new shadow is written into its storage's shadow (views of it stay
+        consistent); any other mutated argument is taken as exact from now on."""
+        if not info.written:
+            return leaves(out), leaves(sout)
+        for w in info.written[1:]:
+            self.shadows.drop(call.arg(w))
+        return [call.arg(info.written[0])], leaves(sout)[:1]
+
+    def _after_unshadowed(self, info: OpInfo, call: RealCall) -> None:
+        """A mutation we did not shadow: the mutated tensors are exact from now on."""
+        for w in info.written:
+            self.shadows.forget(call.arg(w))

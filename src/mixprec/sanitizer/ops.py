@@ -1,0 +1,169 @@
+"""What the sanitizer knows about an aten op: its classification, and one real call (private).
+
+Classification is by overload packet name and schema (mutated arguments, tags), cached per
+``OpOverload`` by the mode: it decides whether an op is shadowed, measured, or only tracked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+
+VIEWISH = "view"  # output aliases input: shadow = same op on the shadow
+EXACT = "exact"  # data movement / selection: no rounding, nothing to measure
+COMPUTE = "compute"  # rounds: measure
+RANDOM = "random"  # RNG: never re-run (it would change the user's random stream)
+DROPOUT = "dropout"
+OPAQUE = "opaque"  # mutates something we cannot shadow: invalidate, move on
+SKIP = "skip"  # no float data involved (metadata, integer ops, factories)
+
+_EXACT_PACKETS = {
+    "clone", "contiguous", "cat", "stack", "index_select", "gather", "scatter", "index",
+    "index_put", "embedding", "masked_fill", "where", "constant_pad_nd", "flip", "roll", "repeat",
+    "select_backward", "slice_backward", "narrow_copy", "fill", "zero",
+    "neg", "abs", "relu", "threshold_backward", "amax", "amin", "maximum", "minimum", "clamp",
+    "clamp_min", "clamp_max", "hardtanh", "lift_fresh_copy", "alias_copy", "expand_copy",
+    "permute_copy", "transpose_copy", "view_copy", "t_copy", "unsqueeze_copy", "squeeze_copy",
+    "slice_copy", "select_copy", "detach_copy", "_unsafe_view", "split_with_sizes_copy",
+    "unbind_copy", "sign", "sgn", "max_pool2d_with_indices", "masked_scatter", "diag_embed",
+    "tril", "triu", "unfold_copy",
+}  # fmt: skip
+# outputs independent of the inputs' values (empty_*: undefined values) or not tensors: skip
+_FACTORY_PACKETS = {
+    "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_empty",
+    "new_full", "new_empty_strided", "empty_strided", "scalar_tensor", "empty_permuted",
+    "_local_scalar_dense", "equal", "is_nonzero", "_assert_async", "sym_size", "sym_stride",
+    "sym_numel", "sym_storage_offset",
+}  # fmt: skip
+_ADDSUB = {"add", "sub", "rsub"}
+# sums of products of the tensor inputs (linear in each): f(|inputs|) = sum of |terms|
+_MULTILINEAR = {
+    "sum", "mean", "nansum", "cumsum", "mm", "bmm", "addmm", "baddbmm", "addbmm", "addmv",
+    "mv", "dot", "vdot", "convolution", "convolution_backward", "_convolution",
+    "embedding_dense_backward", "trace", "_trilinear", "addr", "outer",
+}  # fmt: skip
+_INDEX_DECISIONS = {  # packet -> (input position, dim position, default dim); None dim = flat
+    "argmax": (0, 1, None),
+    "argmin": (0, 1, None),
+    "max": (0, 1, None),
+    "min": (0, 1, None),
+    "sort": (0, 1, -1),
+    "topk": (0, 2, -1),
+    "kthvalue": (0, 2, -1),
+    "median": (0, 1, None),
+    "mode": (0, 1, -1),
+}
+_META_MUTATIONS = {"set_", "resize_", "resize_as_", "as_strided_", "_resize_output_"}
+
+
+@dataclass
+class OpInfo:
+    """What the mode needs to know about one aten overload (computed once, by :func:`classify`)."""
+
+    name: str
+    packet: str
+    kind: str
+    written: tuple[int | str, ...] = ()  # positions / kwarg names of mutated tensor args
+    functional: Any = None  # out-of-place variant for in-place ops
+    addsub: bool = False
+    multilinear: bool = False  # a sum of products of its tensor inputs (see Measurer._abs_run)
+    index_decision: tuple[int, int, int | None] | None = None
+    half_to_float: int | None = None  # position of _softmax's half_to_float flag
+
+
+def _written(schema: Any) -> tuple[int | str, ...]:
+    """Positions (kwarg-only: names) of the arguments the op writes to."""
+    written: list[int | str] = []
+    for i, arg in enumerate(schema.arguments):
+        ai = arg.alias_info
+        if ai is not None and ai.is_write:
+            written.append(arg.name if arg.kwarg_only else i)
+    return tuple(written)
+
+
+def _functional_variant(func: Any, packet: str, base: str, tags: set[Any]) -> Any:
+    """The out-of-place overload of an in-place op (same overload name and arity), or None."""
+    if not ((packet.endswith("_") and torch.Tag.inplace in tags) or packet == "copy_"):
+        return None
+    packet_fn = getattr(aten, base, None)
+    fn = None if packet_fn is None else getattr(packet_fn, func._overloadname, None)
+    if fn is not None and len(fn._schema.arguments) != len(func._schema.arguments):
+        return None
+    return fn
+
+
+def _kind(func: Any, info: OpInfo, base: str, tags: set[Any]) -> str:
+    """The routing kind; sets ``info.functional`` for in-place ops that can be shadowed."""
+    if info.packet in _FACTORY_PACKETS:
+        return SKIP
+    if info.packet in _META_MUTATIONS or torch.Tag.inplace_view in tags:
+        return OPAQUE
+    if func is aten.native_dropout.default:
+        return DROPOUT
+    if torch.Tag.nondeterministic_seeded in tags:
+        return RANDOM if not info.written else OPAQUE
+    if info.written:
+        # in-place op: shadow it through its functional variant (same overload name)
+        info.functional = _functional_variant(func, info.packet, base, tags)
+        if info.functional is None:
+            return OPAQUE
+    elif getattr(func, "is_view", False):
+        return VIEWISH
+    return EXACT if base in _EXACT_PACKETS else COMPUTE
+
+
+def classify(func: Any) -> OpInfo:
+    """The routing kind and properties of an ``OpOverload`` (by packet name, schema, tags)."""
+    name = str(func)  # "aten.sub.Tensor"
+    packet = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else name
+    tags = set(func.tags)
+    info = OpInfo(name=name, packet=packet, kind=COMPUTE, written=_written(func._schema))
+    base = packet.rstrip("_") if packet.endswith("_") and not packet.startswith("_") else packet
+    info.addsub = base in _ADDSUB
+    info.multilinear = base in _MULTILINEAR
+    info.kind = _kind(func, info, base, tags)
+    if info.kind not in (EXACT, COMPUTE):
+        return info
+    if base in _INDEX_DECISIONS and not (base in ("max", "min", "median") and "dim" not in name):
+        info.index_decision = _INDEX_DECISIONS[base]
+    if packet in ("_softmax", "_log_softmax"):
+        info.half_to_float = 2
+    return info
+
+
+class RealOpError(Exception):
+    """Carries an exception raised by the user's own op through our error handling."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class RealCall:
+    """One call of an aten op by the user's program; runs it at most once."""
+
+    __slots__ = ("args", "func", "kwargs", "out", "ran")
+
+    def __init__(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.out: Any = None
+        self.ran = False
+
+    def run(self) -> Any:
+        """The real op, unchanged; its own exception leaves wrapped in :class:`RealOpError`."""
+        try:
+            out = self.func(*self.args, **self.kwargs)
+        except Exception as exc:
+            raise RealOpError(exc) from exc
+        self.out, self.ran = out, True
+        return out
+
+    def arg(self, w: int | str) -> Any:
+        """A positional (int) or keyword (str) argument; None when not passed."""
+        if isinstance(w, int):
+            return self.args[w] if w < len(self.args) else None
+        return self.kwargs.get(w)
