@@ -239,8 +239,12 @@ def test_mx_names_point_to_mixprec_mx():
     with pytest.raises(ValueError, match="'mxfp8_e4m3' is an MX block format") as info:
         get_format("mxfp8_e4m3")
     assert "'float8_e4m3fn'" in str(info.value) and "mx_quantize" in str(info.value)
-    with pytest.raises(ValueError, match="did you mean 'mxfp8_e4m3' or 'mxfp8_e5m2'"):
+    # the short MX names are MX formats too (one registry): mxfp8 is mxfp8_e4m3
+    with pytest.raises(ValueError, match="'mxfp8' is an MX block format") as info:
         get_format("mxfp8")
+    assert "'float8_e4m3fn'" in str(info.value)
+    with pytest.raises(ValueError, match="did you mean 'mxfp8_e4m3' or 'mxfp8_e5m2'"):
+        get_format("mxfp8_e4m2")
 
 
 def test_exact_names_still_accepted():

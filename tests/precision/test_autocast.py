@@ -6,6 +6,7 @@ Oracles are independent of the code under test: torch's own dtype casts (``.to(b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -17,8 +18,18 @@ import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixprec import Policy, apply_policy, autocast
-from mixprec.precision import CurrentScaling, DelayedScaling, OpLists
+from mixprec import Policy, apply_policy, autocast, get_format
+from mixprec.precision import (
+    Accumulate,
+    CurrentScaling,
+    DelayedScaling,
+    Executor,
+    Fp8Recipe,
+    OpLists,
+    cpu_has_fast_bf16,
+    native_is_fast,
+    resolve_format,
+)
 
 AC = sys.modules["mixprec.precision.region"]
 
@@ -32,6 +43,14 @@ def rep(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """Every value of t is exactly representable in dtype (torch's own cast as oracle)."""
     t = t.detach().float()
     return bool(torch.equal(t.to(dtype).float(), t))
+
+
+def seeded_linear(
+    seed: int, n_in: int, n_out: int, *, batch: int
+) -> tuple[nn.Linear, torch.Tensor]:
+    """``nn.Linear(n_in, n_out)`` and a ``(batch, n_in)`` input, from torch's seeded global RNG."""
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out), torch.randn(batch, n_in)
 
 
 class Probe(TorchDispatchMode):
@@ -94,9 +113,7 @@ def _check_against_native(fmt: str, fn, args: tuple, exact: torch.Tensor, abspro
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
 def test_linear_matches_torch_autocast(fmt: str) -> None:
-    torch.manual_seed(0)
-    lin = nn.Linear(96, 40)
-    x = torch.randn(24, 96)
+    lin, x = seeded_linear(0, 96, 40, batch=24)
     dt = DT[fmt]
     xr, wr, br = (t.detach().to(dt).double() for t in (x, lin.weight, lin.bias))
     exact = xr @ wr.T + br
@@ -127,9 +144,7 @@ def test_batched_matmul_matches_torch_autocast(fmt: str) -> None:
 
 
 def test_low_op_inputs_are_rounded_and_fp32_accumulated() -> None:
-    torch.manual_seed(3)
-    lin = nn.Linear(32, 8)
-    x = torch.randn(5, 32)
+    lin, x = seeded_linear(3, 32, 8, batch=5)
     probe = Probe()
     with autocast("fp16", emulate=True), probe:
         y = lin(x)
@@ -146,9 +161,7 @@ def test_low_op_inputs_are_rounded_and_fp32_accumulated() -> None:
 
 
 def test_fp32_ops_run_in_fp32_emulated() -> None:
-    torch.manual_seed(4)
-    lin = nn.Linear(16, 16)
-    x = torch.randn(4, 16)
+    lin, x = seeded_linear(4, 16, 16, batch=4)
     probe = Probe()
     with autocast("bf16", emulate=True), probe:
         h = lin(x)
@@ -165,9 +178,7 @@ def test_fp32_ops_run_in_fp32_emulated() -> None:
 
 
 def test_fp32_ops_run_in_fp32_native() -> None:
-    torch.manual_seed(5)
-    lin = nn.Linear(16, 16)
-    x = torch.randn(4, 16)
+    lin, x = seeded_linear(5, 16, 16, batch=4)
     probe = Probe()
     with autocast("bf16", emulate=False, device_type="cpu"), probe:
         h = lin(x)
@@ -183,9 +194,7 @@ def test_fp32_ops_run_in_fp32_native() -> None:
 
 
 def test_follow_ops_keep_input_format() -> None:
-    torch.manual_seed(6)
-    lin = nn.Linear(16, 16)
-    x = torch.randn(4, 16)
+    lin, x = seeded_linear(6, 16, 16, batch=4)
     with autocast("bf16", emulate=True):
         h = lin(x)
         g = F.gelu(h)
@@ -202,9 +211,7 @@ def test_follow_ops_keep_input_format() -> None:
 
 
 def test_follow_in_place_keeps_format_and_casts_untag() -> None:
-    torch.manual_seed(7)
-    lin = nn.Linear(8, 8)
-    x = torch.randn(3, 8)
+    lin, x = seeded_linear(7, 8, 8, batch=3)
     with autocast("fp16", emulate=True):
         h = lin(x)
         h.mul_(1.1)
@@ -217,9 +224,7 @@ def test_follow_in_place_keeps_format_and_casts_untag() -> None:
 
 
 def test_custom_op_lists() -> None:
-    torch.manual_seed(8)
-    lin = nn.Linear(16, 16)
-    x = torch.randn(4, 16)
+    lin, x = seeded_linear(8, 16, 16, batch=4)
     ol = OpLists().with_fp32("linear").with_low("gelu")
     with autocast("bf16", emulate=True, op_lists=ol):
         h = lin(x)
@@ -283,9 +288,7 @@ def test_hybrid_gradient_operands_are_e5m2() -> None:
 
 
 def test_no_grad_and_nested_regions_restore_state() -> None:
-    torch.manual_seed(11)
-    lin = nn.Linear(8, 8)
-    x = torch.randn(2, 8)
+    lin, x = seeded_linear(11, 8, 8, batch=2)
     ref = lin(x)
     with torch.no_grad(), autocast("bf16", emulate=True):
         a = lin(x)
@@ -625,6 +628,52 @@ def test_emulate_none_choice() -> None:
 def test_bad_arguments(kwargs: dict, exc: type, needle: str) -> None:
     with pytest.raises(exc, match=needle):
         autocast(**kwargs)
+
+
+def test_accumulate_is_a_frozen_config() -> None:
+    acc = Accumulate.coerce(("fp16", 256))
+    assert acc == Accumulate("float16", 256) and acc.format is get_format("float16")
+    assert Accumulate.coerce("bf16") == Accumulate(get_format("bfloat16"), 32)
+    assert Accumulate.coerce(acc) is acc and Accumulate.coerce(None) is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        acc.block_k = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="block_k must be a positive int, got True"):
+        Accumulate("fp16", True)  # type: ignore[arg-type]
+    region = autocast("fp32", emulate=True, accumulate=acc)
+    assert region.accumulate is acc and repr(region).endswith("accumulate=float16/256)")
+
+
+def test_any_fp8_recipe_object_is_accepted() -> None:
+    class Halving:  # an Fp8Recipe by shape: formats and a quantize
+        forward_format = backward_format = get_format("e4m3")
+
+        def quantize(self, t: torch.Tensor, fmt: object, slot: object) -> torch.Tensor:
+            return t * 0.5
+
+    assert isinstance(Halving(), Fp8Recipe) and isinstance(DelayedScaling(), Fp8Recipe)
+    x, w = torch.ones(2, 4), torch.ones(3, 4)
+    with autocast("bf16", fp8_recipe=Halving()):
+        y = x @ w.t()
+    assert torch.equal(y, torch.ones(2, 3))  # (x / 2) @ (w / 2).t() = 4 / 4
+    with pytest.raises(TypeError, match="fp8_recipe must be None, 'current'"):
+        autocast("bf16", fp8_recipe=42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_the_region_holds_an_executor(emulate: bool) -> None:
+    with autocast("bf16", emulate=emulate, device_type="cpu"):
+        (executor,) = AC._LOCAL.entries
+        assert isinstance(executor, Executor) and executor.emulated is emulate
+
+
+def test_native_is_fast_takes_formats_and_dtypes() -> None:
+    for fmt in ("float32", torch.float64, get_format("fp32"), resolve_format("f64")):
+        assert native_is_fast(fmt, "cpu") and native_is_fast(fmt, "cuda")
+    for fmt in ("e4m3", "mxfp8", torch.float8_e5m2, None, "e6m9"):
+        assert not native_is_fast(fmt, "cpu")
+    assert not native_is_fast("fp16", "cpu")  # no fast fp16 on CPUs
+    assert native_is_fast("bf16", "cpu") == native_is_fast(torch.bfloat16, "cpu")
+    assert native_is_fast(get_format("bf16"), "cpu") == cpu_has_fast_bf16()
 
 
 def test_apply_policy_bad_arguments() -> None:

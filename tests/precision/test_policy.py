@@ -135,6 +135,22 @@ def test_bad_format_message_lists_valid_formats() -> None:
         Policy.from_string(None)  # type: ignore[arg-type]
 
 
+def test_unknown_format_is_short_with_a_suggestion() -> None:
+    """The registry's did-you-mean, not a list of every name (it used to be ~900 characters)."""
+    cases = {"bfloat17": "bfloat16", "mxfp8_e4m2": "mxfp8_e4m3", "mxfp9": "mxfp8", "fp7": "fp4"}
+    for bad, meant in cases.items():
+        with pytest.raises(ValueError, match=f"^unknown format {bad!r}; did you mean ") as info:
+            resolve_format(bad)
+        suggestion, _, rest = str(info.value).partition("?")
+        assert repr(meant) in suggestion and len(suggestion + rest) < 300, str(info.value)
+
+
+def test_short_mx_names_are_the_registry_aliases() -> None:
+    assert Policy(compute="mxfp8").compute == "mxfp8_e4m3"
+    assert Policy(compute="MXFP6").compute == "mxfp6_e2m3"
+    assert Policy.from_string("c=mxfp4").compute == "mxfp4_e2m1"
+
+
 def test_format_spec_properties() -> None:
     bf16 = resolve_format("bf16")
     assert not bf16.is_mx and bf16.torch_dtype == torch.bfloat16 and not bf16.operand_only

@@ -43,7 +43,7 @@ FAST_FIXTURE = settings(
 )
 
 VALID_NAMES = [*FORMATS, *ALIASES]
-MX_NAMES = [*MX_FORMATS, "mxfp4"]
+MX_NAMES = [*MX_FORMATS, "mxfp8", "mxfp6", "mxfp4"]  # docs/mx.md: the short names
 MX_ELEMENTS = {m.element.name for m in MX_FORMATS.values()}
 PARTIAL = "some elements of the input tensor and the written-to tensor refer to a single"
 SELF_OVERLAP = "more than one element of the written-to tensor refers to a single memory"

@@ -18,31 +18,24 @@ import torch
 from mixprec.quantization import code_dtype, decode, encode, quantize
 
 # formats of at most 16 bits with a reference decoder: numpy scalar type and its code type
+_SMALL = (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e4m3",
+    "float8_e3m4", "float8_e4m3b11fnuz", "float8_e8m0fnu", "float6_e3m2fn", "float6_e2m3fn",
+    "float4_e2m1fn",
+)  # fmt: skip
 REFERENCE: dict[str, tuple[type, type]] = {
     "float16": (np.float16, np.uint16),
     "bfloat16": (ml_dtypes.bfloat16, np.uint16),
-    "float8_e4m3fn": (ml_dtypes.float8_e4m3fn, np.uint8),
-    "float8_e4m3fnuz": (ml_dtypes.float8_e4m3fnuz, np.uint8),
-    "float8_e5m2": (ml_dtypes.float8_e5m2, np.uint8),
-    "float8_e5m2fnuz": (ml_dtypes.float8_e5m2fnuz, np.uint8),
-    "float8_e4m3": (ml_dtypes.float8_e4m3, np.uint8),
-    "float8_e3m4": (ml_dtypes.float8_e3m4, np.uint8),
-    "float8_e4m3b11fnuz": (ml_dtypes.float8_e4m3b11fnuz, np.uint8),
-    "float8_e8m0fnu": (ml_dtypes.float8_e8m0fnu, np.uint8),
-    "float6_e3m2fn": (ml_dtypes.float6_e3m2fn, np.uint8),
-    "float6_e2m3fn": (ml_dtypes.float6_e2m3fn, np.uint8),
-    "float4_e2m1fn": (ml_dtypes.float4_e2m1fn, np.uint8),
+    **{name: (getattr(ml_dtypes, name), np.uint8) for name in _SMALL},  # same-named types
 }
 BITS = {"float16": 16, "bfloat16": 16, "float6_e3m2fn": 6, "float6_e2m3fn": 6,
         "float4_e2m1fn": 4}  # fmt: skip
 NO_NAN = {"float6_e3m2fn", "float6_e2m3fn", "float4_e2m1fn"}
 TORCH_NATIVE = {
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
-    "float8_e5m2": torch.float8_e5m2,
-    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
-    "float8_e8m0fnu": torch.float8_e8m0fnu,
-}
+    name: getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                 "float8_e8m0fnu")
+}  # fmt: skip
 
 # canonical NaN code of every format that has one (from the specifications)
 CANONICAL_NAN = {

@@ -15,7 +15,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from mixprec.quantization import encode, fake_quantize, mx_quantize, quantize, quantize_
+from mixprec.quantization import (
+    encode,
+    fake_quantize,
+    mx_quantize,
+    quantize,
+    quantize_,
+    straight_through,
+)
 
 F = "float8_e4m3fn"
 MODIFIED = "modified by an inplace operation"
@@ -295,6 +302,22 @@ def test_no_graph_without_grad_mode_and_fake_quantize_stays_straight_through() -
     fake_quantize(x, F).sum().backward()
     assert torch.equal(x.grad, torch.ones(24))
     assert encode(x, F).dtype == torch.uint8  # codes: integers, no graph
+
+
+def test_straight_through_is_the_one_rounding_function() -> None:
+    """forward(x) forward; backward(grad) or grad itself backward; its node is what quantize
+    (zero gradient) and fake_quantize (identity) put in the graph."""
+    x = _data().requires_grad_()
+    w = torch.linspace(-1, 1, 24)
+    y = straight_through(x, lambda t: quantize(t, F), lambda g: quantize(g, "e5m2"))
+    assert torch.equal(y.detach(), quantize(_data(), F))
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, quantize(w, "e5m2"))
+    x.grad = None
+    straight_through(x, lambda t: t * 2).sum().backward()
+    assert torch.equal(x.grad, torch.ones(24))  # backward None: unchanged
+    nodes = {type(q.grad_fn) for q in (y, quantize(x, F), fake_quantize(x, F))}
+    assert len(nodes) == 1
 
 
 @pytest.mark.usefixtures("backend")

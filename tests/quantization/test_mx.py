@@ -21,14 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixprec.quantization import (
-    MX_FORMATS,
-    MXFormat,
-    get_mx_format,
-    mx_decode,
-    mx_encode,
-    mx_quantize,
-)
+from mixprec.formats import MX_FORMATS, MXFormat, get_mx_format
+from mixprec.quantization import mx_decode, mx_encode, mx_quantize
 
 # name -> (exponent bits, mantissa bits, bias, encoding, emax_elem from the spec's table,
 #          ml_dtypes type)
@@ -228,7 +222,7 @@ def test_format_table() -> None:
         ("float8_e4m3fn", "mxfp8_e4m3"), ("e4m3", "mxfp8_e4m3"), ("MXFP8_E4M3", "mxfp8_e4m3"),
         ("float8_e5m2", "mxfp8_e5m2"), ("e5m2", "mxfp8_e5m2"), ("e3m2", "mxfp6_e3m2"),
         ("float6_e2m3fn", "mxfp6_e2m3"), ("fp4", "mxfp4_e2m1"), ("mxfp4", "mxfp4_e2m1"),
-        ("e2m1", "mxfp4_e2m1"),
+        ("e2m1", "mxfp4_e2m1"), ("mxfp8", "mxfp8_e4m3"), ("MXFP6", "mxfp6_e2m3"),
     ],
 )  # fmt: skip
 def test_names(alias: str, name: str) -> None:
@@ -245,6 +239,18 @@ def test_unknown_format(bad: str) -> None:
 def test_bad_format_type() -> None:
     with pytest.raises(TypeError, match="int"):
         get_mx_format(8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("short", "name"), [("mxfp8", "mxfp8_e4m3"), ("mxfp6", "mxfp6_e2m3"), ("mxfp4", "mxfp4_e2m1")]
+)
+def test_short_names_in_every_kernel(short: str, name: str) -> None:
+    """One MX registry: mx_quantize, mx_encode and mx_decode take the short names too."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    expected = mx_quantize(x, name)
+    assert torch.equal(mx_quantize(x, short), expected)
+    scales, codes = mx_encode(x, short)
+    assert torch.equal(mx_decode(scales, codes, short), expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,7 +569,7 @@ def test_bad_axis_rounding_and_dtype() -> None:
 
 @pytest.mark.parametrize(
     ("bad", "meant"),
-    [("mxfp8", "mxfp8_e4m3"), ("mxfp8", "mxfp8_e5m2"), ("mxfp6_e3m3", "mxfp6_e3m2"),
+    [("mxfp8_e4m2", "mxfp8_e4m3"), ("mxfp8_e4m2", "mxfp8_e5m2"), ("mxfp6_e3m3", "mxfp6_e3m2"),
      ("mxfp4_e2m2", "mxfp4_e2m1"), ("float4_e2m1", "float4_e2m1fn")],
 )  # fmt: skip
 def test_unknown_format_suggests_and_stays_short(bad: str, meant: str) -> None:

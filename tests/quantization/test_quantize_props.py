@@ -85,14 +85,17 @@ def test_idempotent(backend, x, name, mode, saturate, subnormals):
         assert _same(quantize(q, name, rounding=other, saturate=saturate, subnormals=subnormals), q)
 
 
+# a tensor, a format, a deterministic rounding mode and a saturate flag
+DETERMINISTIC_CASE = {
+    "x": tensors(),
+    "name": st.sampled_from(NAMES),
+    "mode": st.sampled_from(DETERMINISTIC),
+    "saturate": st.booleans(),
+}
+
+
 @SETTINGS
-@given(
-    x=tensors(),
-    name=st.sampled_from(NAMES),
-    mode=st.sampled_from(DETERMINISTIC),
-    saturate=st.booleans(),
-    subnormals=st.booleans(),
-)
+@given(**DETERMINISTIC_CASE, subnormals=st.booleans())
 def test_monotone(backend, x, name, mode, saturate, subnormals):
     xs = torch.sort(x[~torch.isnan(x)]).values
     q = quantize(xs, name, rounding=mode, saturate=saturate, subnormals=subnormals)
@@ -101,12 +104,7 @@ def test_monotone(backend, x, name, mode, saturate, subnormals):
 
 
 @SETTINGS
-@given(
-    x=tensors(),
-    name=st.sampled_from(NAMES),
-    mode=st.sampled_from(DETERMINISTIC),
-    saturate=st.booleans(),
-)
+@given(**DETERMINISTIC_CASE)
 def test_decode_encode_is_quantize(backend, x, name, mode, saturate):
     x = torch.cat([x, torch.tensor(SPECIALS, dtype=x.dtype)])
     if name in NO_NAN:

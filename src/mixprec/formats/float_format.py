@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-# close_matches / did_you_mean: shared by every name check of the package (not exported)
+# close_matches, did_you_mean, find_format, suggest_format_names: shared by the name checks of
+# the package (module-level helpers, not re-exported)
 
 Encoding = Literal["ieee", "fn", "fnuz", "finite", "e8m0"]
 _ENCODINGS = ("ieee", "fn", "fnuz", "finite", "e8m0")
@@ -336,8 +337,11 @@ def _prefixed(key: str, names: dict[str, str]) -> list[str]:
     return list(found.values())[:4]
 
 
-def _suggestions(key: str) -> list[str]:
-    """Names the user may have meant: the eXmY of ``floatN_eXmY``, ``key_...`` names, difflib."""
+def suggest_format_names(key: str) -> list[str]:
+    """Element names the user may have meant: the eXmY of ``floatN_eXmY``, ``key_...``, difflib.
+
+    ``key`` is the lower-cased name. Used by every element-name error of the package.
+    """
     sized = _SIZED.fullmatch(key)
     if sized is not None:
         try:
@@ -350,28 +354,21 @@ def _suggestions(key: str) -> list[str]:
     return _prefixed(key, names) or close_matches(key, names)
 
 
-def _mx_message(fmt: str, key: str) -> str:
-    from mixprec.quantization.blocks import (
-        _MX_ALIASES,
-        MX_FORMATS,  # lazy: mx imports this module
-    )
-
-    mx = MX_FORMATS.get(_MX_ALIASES.get(key, key))
-    where = "mixprec.mx (mx_quantize, mx_encode, mx_decode) and Policy take MX formats"
-    if mx is not None:
-        return (
-            f"{fmt!r} is an MX block format, not an element format: {where}; its element "
-            f"format is {mx.element.name!r}"
-        )
-    names = {n: n for n in MX_FORMATS} | dict(_MX_ALIASES)
-    hint = did_you_mean(_prefixed(key, names) or close_matches(key, names))
-    return f"unknown format {fmt!r}{hint} ({where})"
-
-
 def _unknown_format_message(fmt: str, key: str) -> str:
     if key.startswith("mx"):
-        return _mx_message(fmt, key)
-    return f"unknown format {fmt!r}{did_you_mean(_suggestions(key))} ({_LIST_HINT})"
+        # lazy: the MX registry is built from this module's FORMATS
+        from mixprec.formats.mx_format import not_an_element_message
+
+        return not_an_element_message(fmt, key)
+    return f"unknown format {fmt!r}{did_you_mean(suggest_format_names(key))} ({_LIST_HINT})"
+
+
+def find_format(name: str) -> FloatFormat | None:
+    """The format of a canonical name, alias or plain ``eXmY`` (case and blanks ignored).
+
+    None for an unknown name; ``ValueError`` for an ``eXmY`` whose widths are out of range.
+    """
+    return _resolve(name.strip().lower(), name)
 
 
 def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
@@ -386,10 +383,9 @@ def get_format(fmt: str | FloatFormat | torch.dtype) -> FloatFormat:
     if isinstance(fmt, FloatFormat):
         return fmt
     if isinstance(fmt, str):
-        key = fmt.strip().lower()
-        found = _resolve(key, fmt)
+        found = find_format(fmt)
         if found is None:
-            raise ValueError(_unknown_format_message(fmt, key))
+            raise ValueError(_unknown_format_message(fmt, fmt.strip().lower()))
         return found
     import torch
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from mixprec.precision.accumulate import (
+    DEFAULT_ACCUMULATE_BLOCK,
+    Accumulate,
+)
+from mixprec.precision.executor import (
+    Executor,
+)
 from mixprec.precision.fp8 import (
     CurrentScaling,
     DelayedScaling,
@@ -24,7 +31,6 @@ from mixprec.precision.policy import (
     resolve_format,
 )
 from mixprec.precision.region import (
-    DEFAULT_ACCUMULATE_BLOCK,
     Autocast,
     PolicyHandle,
     apply_policy,
@@ -39,9 +45,11 @@ __all__ = [
     "DEFAULT_FP32",
     "DEFAULT_LOW",
     "REASONS",
+    "Accumulate",
     "Autocast",
     "CurrentScaling",
     "DelayedScaling",
+    "Executor",
     "FormatSpec",
     "Fp8Recipe",
     "OpLists",

@@ -1,12 +1,12 @@
 """Emulated execution of a precision policy (the engine behind ``mixprec.autocast(emulate=True)``).
 
 Level: ``torch.nn.functional`` / ``torch`` function level, through a ``TorchFunctionMode``
-(see :mod:`mixprec.autocast`). Every rounding is autograd-visible: an input rounding is a
-straight-through function (:class:`_Round`) whose backward rounds the incoming gradient, and a
-freshly computed result is rounded in place with a gradient-rounding tensor hook
-(:func:`round_result`). So the backward pass follows the policy *wherever* ``backward()`` is
-called (inside or outside the region) - the autograd graph carries the roundings, as it carries
-torch.autocast's casts.
+(see :mod:`mixprec.precision.region`). Every rounding is autograd-visible: an input rounding is
+a straight-through function (:func:`mixprec.quantization.straight_through`) whose backward
+rounds the incoming gradient, and a freshly computed result is rounded in place with a
+gradient-rounding tensor hook (:func:`round_result`). So the backward pass follows the policy
+*wherever* ``backward()`` is called (inside or outside the region) - the autograd graph carries
+the roundings, as it carries torch.autocast's casts.
 
 Emulation of one low-precision op ``y = f(a, b, bias)`` (matmul, linear, conv, attention):
 
@@ -28,46 +28,28 @@ rounded again. All tensors stay float32 containers: every op runs at fp32 speed.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import itertools
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mixprec.formats.float_format import FloatFormat
-from mixprec.precision.policy import FormatSpec, OpLists, Policy
+from mixprec.precision.accumulate import Accumulate, accumulated
+from mixprec.precision.fp8 import Fp8Recipe
+from mixprec.precision.ops import iter_tensors, map_outputs, map_tensors, op_category
+from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
+from mixprec.quantization.autograd_rounding import Rounder, straight_through
+from mixprec.quantization.blocks import mx_quantize
 from mixprec.quantization.elementwise import quantize
 
 TAG = "_mixprec_fmt"
 
-Rounder = Callable[[torch.Tensor], torch.Tensor]
-
 # ----------------------------------------------------------------------------------------------
-# op names
+# op categories of emulation
 # ----------------------------------------------------------------------------------------------
-
-_RENAME = {
-    "__matmul__": "matmul", "__rmatmul__": "matmul", "__imatmul__": "matmul_",
-    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow_",
-    "__add__": "add", "__radd__": "add", "__iadd__": "add_",
-    "__sub__": "sub", "__rsub__": "sub", "__isub__": "sub_",
-    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_",
-    "__truediv__": "div", "__rtruediv__": "div", "__itruediv__": "div_",
-    "__neg__": "neg", "__abs__": "abs",
-}  # fmt: skip
-_VIEW_PROPS = frozenset({"T", "mT", "H", "mH", "data", "real"})
-_NAME_CACHE: dict[Any, str | None] = {}
-
-#: ops that never produce a tensor worth tracking (metadata, Python conversions): pass through
-META = frozenset({
-    "size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
-    "element_size", "item", "tolist", "__len__", "__bool__", "__format__", "__repr__",
-    "__index__", "__int__", "__float__", "is_floating_point", "is_complex", "requires_grad_",
-    "retain_grad", "register_hook", "backward", "ndimension", "nelement", "get_device",
-    "untyped_storage", "_is_view", "__reduce_ex__", "__deepcopy__", "is_nonzero", "__hash__",
-    "__setstate__", "dim_order", "__dlpack__", "numpy",
-})  # fmt: skip
 
 #: follow ops whose result is exactly representable in their input's format (no rounding)
 EXACT = frozenset({
@@ -110,30 +92,6 @@ def _is_device(v: object) -> bool:
     return False
 
 
-def func_name(func: Any) -> str | None:
-    """Normalised op name of a function seen by a TorchFunctionMode (None: pass through)."""
-    try:
-        return _NAME_CACHE[func]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable callable
-        return getattr(func, "__name__", None)
-    name = getattr(func, "__name__", None)
-    if name == "__get__":
-        prop = getattr(getattr(func, "__self__", None), "__name__", None)
-        name = prop if prop in _VIEW_PROPS else None
-    elif name is not None:
-        name = _RENAME.get(name, name)
-        if name in META:
-            name = None
-    _NAME_CACHE[func] = name
-    return name
-
-
-def is_inplace(name: str) -> bool:
-    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
-
-
 # ----------------------------------------------------------------------------------------------
 # tags
 # ----------------------------------------------------------------------------------------------
@@ -155,69 +113,9 @@ def set_tag(t: torch.Tensor, fmt_name: str | None) -> None:
     setattr(t, TAG, (fmt_name, t._version))
 
 
-def iter_tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
-    """Tensors among the arguments, one level into lists/tuples (cat, stack, einsum)."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    yield b
-    for a in kwargs.values():
-        if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    yield b
-
-
-def map_tensors(
-    fn: Callable[[torch.Tensor], torch.Tensor], args: tuple, kwargs: dict
-) -> tuple[tuple, dict]:
-    def one(a: Any) -> Any:
-        if isinstance(a, torch.Tensor):
-            return fn(a)
-        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in a):
-            return type(a)(fn(b) if isinstance(b, torch.Tensor) else b for b in a)
-        return a
-
-    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
-
-
-def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, tuple) and any(isinstance(o, torch.Tensor) for o in out):
-        vals = [fn(o) if isinstance(o, torch.Tensor) else o for o in out]
-        if hasattr(out, "_fields"):  # named tuples (torch.return_types)
-            return type(out)(vals)
-        return tuple(vals)
-    if isinstance(out, list):
-        return [fn(o) if isinstance(o, torch.Tensor) else o for o in out]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
-# straight-through rounding with gradient rounding
+# roundings (autograd-visible through the one straight-through Function of quantization)
 # ----------------------------------------------------------------------------------------------
-
-
-class _Round(torch.autograd.Function):
-    """forward: ``fwd(x)`` (a fresh tensor); backward: ``bwd(grad)`` (or grad unchanged)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, fwd: Rounder, bwd: Rounder | None
-    ) -> torch.Tensor:
-        ctx.bwd = bwd
-        return fwd(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        bwd = ctx.bwd
-        return (grad if bwd is None or grad is None else bwd(grad)), None, None
 
 
 def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tensor:
@@ -229,7 +127,7 @@ def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tens
     if fwd is None:
         return t
     if t.requires_grad and torch.is_grad_enabled():
-        return _Round.apply(t, fwd, bwd)
+        return straight_through(t, fwd, bwd)
     return fwd(t)
 
 
@@ -253,14 +151,41 @@ def round_result(
             out.register_hook(bwd)
         return out
     if fmt is not None:
-        d = y.data
-        if d.is_contiguous():
-            quantize(d, fmt, out=d)
-        else:
-            d.copy_(quantize(d, fmt))
+        round_storage(y, fmt)
     if bwd is not None and y.requires_grad:
         y.register_hook(bwd)
     return y
+
+
+def round_output(t: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """A module output in a policy's output format (:func:`mixprec.apply_policy`, emulated).
+
+    Rounded forward and backward (the gradient entering the module is in that format too),
+    unless it is tagged with the format already. For a float32 output the values are already
+    held exactly: a tagged tensor becomes an untagged view, whose gradient its producer rounds.
+    """
+    if not t.is_floating_point():
+        return t
+    tag = get_tag(t)
+    if spec.is_float32:
+        return t if tag is None else t.view_as(t)
+    if tag == spec.name:
+        return t
+    rounder = spec_rounder(spec)
+    r = ste(t, rounder, rounder)
+    if not spec.is_mx:
+        set_tag(r, spec.name)
+    return r
+
+
+def round_storage(t: torch.Tensor, fmt: FloatFormat) -> None:
+    """Round ``t``'s values in place through ``t.data``, which autograd does not version-count
+    (a straight-through rounding). One pass; a temporary only for a non-contiguous ``t``."""
+    d = t.data
+    if d.is_contiguous():
+        quantize(d, fmt, out=d)
+    else:
+        d.copy_(quantize(d, fmt))
 
 
 def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
@@ -274,8 +199,6 @@ def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
 
 def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
     def r(t: torch.Tensor) -> torch.Tensor:
-        from mixprec.quantization.blocks import mx_quantize
-
         if t.dim() == 0:
             return quantize(t, spec.element, saturate=True)
         return mx_quantize(t, spec.element, block_size=spec.block_size or 32, axis=axis)
@@ -290,81 +213,6 @@ def spec_rounder(spec: FormatSpec, axis: int = -1) -> Rounder | None:
     if spec.is_mx:
         return mx_rounder(spec, axis)
     return element_rounder(spec.element)
-
-
-# ----------------------------------------------------------------------------------------------
-# emulated accumulation precision (blocked over K)
-# ----------------------------------------------------------------------------------------------
-
-_BLOCK_BUDGET = 1 << 23  # elements of partial products materialised at once (32 MiB fp32)
-
-
-def blocked_matmul(a: torch.Tensor, b: torch.Tensor, acc: FloatFormat, block: int) -> torch.Tensor:
-    """``a @ b`` (torch.matmul semantics) accumulated in ``acc`` over blocks of ``block`` of K.
-
-    Each block's partial product is computed in fp32; the running sum is rounded to ``acc``
-    after every block is added (the first block initialises it, rounded). No autograd (the
-    caller attaches the fp32-accumulation gradient).
-    """
-    squeeze_a = a.dim() == 1
-    squeeze_b = b.dim() == 1
-    if squeeze_a:
-        a = a.unsqueeze(0)
-    if squeeze_b:
-        b = b.unsqueeze(-1)
-    k = a.shape[-1]
-    nb = max(1, -(-k // block))
-    pad = nb * block - k
-    if pad:
-        a = torch.nn.functional.pad(a, (0, pad))
-        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
-    a_b = a.unflatten(-1, (nb, block)).movedim(-2, 0)  # (nb, ..., M, block)
-    b_b = b.unflatten(-2, (nb, block)).movedim(-3, 0)  # (nb, ..., block, N)
-    out_shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
-    per_block = max(1, math.prod(out_shape))
-    group = max(1, _BLOCK_BUDGET // per_block)
-    acc_t: torch.Tensor | None = None
-    for g0 in range(0, nb, group):
-        parts = torch.matmul(a_b[g0 : g0 + group], b_b[g0 : g0 + group])
-        for p in parts.unbind(0):
-            if acc_t is None:
-                acc_t = quantize(p, acc)
-            else:
-                acc_t.add_(p)
-                quantize(acc_t, acc, out=acc_t)
-    assert acc_t is not None
-    if squeeze_a:
-        acc_t = acc_t.squeeze(-2)
-    if squeeze_b:
-        acc_t = acc_t.squeeze(-1)
-    return acc_t
-
-
-def _accumulated(
-    func_name_: str, args: tuple, kwargs: dict, acc: FloatFormat, block: int
-) -> torch.Tensor | None:
-    """Blocked-accumulation result of a matmul-family call, or None if not supported."""
-    if func_name_ in ("matmul", "mm", "bmm") and len(args) == 2 and not kwargs:
-        a, b = args
-        return blocked_matmul(a, b, acc, block)
-    if func_name_ == "linear":
-        x, w = args[0], args[1]
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        y = blocked_matmul(x, w.t() if w.dim() == 2 else w, acc, block)
-        if bias is not None:
-            y.add_(bias)
-            quantize(y, acc, out=y)
-        return y
-    if func_name_ in ("addmm", "baddbmm") and len(args) == 3:
-        beta = float(kwargs.get("beta", 1))
-        alpha = float(kwargs.get("alpha", 1))
-        y = blocked_matmul(args[1], args[2], acc, block)
-        if alpha != 1:
-            y.mul_(alpha)
-        y.add_(args[0], alpha=beta)
-        quantize(y, acc, out=y)
-        return y
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +256,27 @@ def reduction_axis(name: str, k: int, t: torch.Tensor) -> int:
     return -1
 
 
+def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
+    """(any floating tensor is tagged, the one tag they share or None when formats mix).
+
+    An untagged floating tensor of one or more dimensions mixes (fp32 wins, as in torch's
+    promotion); 0-dim tensors do not promote (torch's rule).
+    """
+    target: str | None = None
+    tagged = mixed = False
+    for t in tensors:
+        if not t.is_floating_point():
+            continue
+        tag = get_tag(t)
+        if tag is None:
+            mixed = mixed or t.dim() > 0
+        elif target is None:
+            tagged, target = True, tag
+        elif tag != target:
+            mixed = True
+    return tagged, None if mixed else target
+
+
 class EmulatedExecutor:
     """Executes ops of one autocast region by rounding fp32 values (see the module docstring).
 
@@ -423,8 +292,8 @@ class EmulatedExecutor:
         policy: Policy,
         op_lists: OpLists,
         *,
-        accumulate: tuple[FloatFormat, int] | None,
-        recipe: Any,
+        accumulate: Accumulate | None,
+        recipe: Fp8Recipe | None,
         scope: str,
     ) -> None:
         self.policy = policy
@@ -444,27 +313,25 @@ class EmulatedExecutor:
         self.grads = policy.grads_format
         params = policy.params_format
         self.params = None if params.is_float32 else params
-        self._cats: dict[Any, str] = {}
         self._param_cache: dict[int, tuple[Any, int, bool, torch.Tensor]] = {}
         # rounded leaf operands (weights, inputs) of this region, valid while t._version holds
         self._operand_cache: dict[tuple[int, object, bool], tuple[Any, int, torch.Tensor]] = {}
+        self._stack = contextlib.ExitStack()
 
-    # -- dispatch ---------------------------------------------------------------------------
-    def category(self, func: Any, name: str) -> str:
-        cat = self._cats.get(name)
-        if cat is None:
-            # in-place ops (add_, copy_, __setitem__, also addmm_) keep their tensor's format
-            cat = "inplace" if is_inplace(name) else self.op_lists.category(name)
-            self._cats[name] = cat
-        return cat
+    # -- the Executor protocol --------------------------------------------------------------
+    def enter(self) -> None:
+        # a native region outside must not cast underneath the emulation
+        self._stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            self._stack.enter_context(torch.autocast("cuda", enabled=False))
 
-    def handle(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        name = func_name(func)
-        if name is None:
-            return func(*args, **kwargs)
+    def exit(self) -> None:
+        self._stack.close()
+
+    def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         if self.params is not None:
             args, kwargs = map_tensors(self._read_param, args, kwargs)
-        cat = self.category(func, name)
+        cat = op_category(self.op_lists, name)
         if cat == "low":
             return self._low(func, name, args, kwargs)
         if cat == "fp32":
@@ -475,16 +342,16 @@ class EmulatedExecutor:
 
     # -- parameters -------------------------------------------------------------------------
     def _read_param(self, t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter) or not t.is_floating_point():
+        params = self.params
+        if params is None or not isinstance(t, torch.nn.Parameter) or not t.is_floating_point():
             return t
-        assert self.params is not None
         grad = torch.is_grad_enabled()
         hit = self._param_cache.get(id(t))
         if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == grad:
             return hit[3]
-        r = ste(t, spec_rounder(self.params), None)  # gradients reach the stored parameter as-is
-        if not self.params.is_mx:
-            set_tag(r, self.params.name)
+        r = ste(t, spec_rounder(params), None)  # gradients reach the stored parameter as-is
+        if not params.is_mx:
+            set_tag(r, params.name)
         self._param_cache[id(t)] = (weakref.ref(t), t._version, grad, r)
         return r
 
@@ -539,50 +406,51 @@ class EmulatedExecutor:
 
         return self._cached(t, "additive", make)
 
-    def _low(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    def _low(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         idx = self.counter
         self.counter += 1
-        additive = _ADDITIVE_POS.get(name, frozenset())
-        masks = _MASKS_POS.get(name, frozenset())
-        k = 0
-        new_args = list(args)
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                if not a.is_floating_point() or i in masks:
-                    continue
-                if i in additive:
-                    new_args[i] = self._additive(a)
-                else:
-                    new_args[i] = self._operand(name, k, a, (self.scope, idx, k))
-                    k += 1
-            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-                vals = []
-                for b in a:
-                    if isinstance(b, torch.Tensor) and b.is_floating_point():
-                        b = self._operand(name, k, b, (self.scope, idx, k))
-                        k += 1
-                    vals.append(b)
-                new_args[i] = type(a)(vals)
-        new_kwargs = dict(kwargs)
-        for key, a in kwargs.items():
-            if isinstance(a, torch.Tensor) and a.is_floating_point() and key not in _MASK_KW:
-                if key in _ADDITIVE_KW:
-                    new_kwargs[key] = self._additive(a)
-                else:
-                    new_kwargs[key] = self._operand(name, k, a, (self.scope, idx, k))
-                    k += 1
-        args_t = tuple(new_args)
+        args, kwargs = self._round_operands(name, idx, args, kwargs)
         out = None
         if self.accumulate is not None:
             with torch.no_grad():
-                out_acc = _accumulated(name, args_t, new_kwargs, *self.accumulate)
+                out_acc = accumulated(name, args, kwargs, self.accumulate)
             if out_acc is not None:
-                ref = func(*args_t, **new_kwargs)  # fp32-accumulated: carries the gradient
+                ref = func(*args, **kwargs)  # fp32-accumulated: carries the gradient
                 out = ref + (out_acc - ref).detach() if ref.requires_grad else out_acc
         if out is None:
-            out = func(*args_t, **new_kwargs)
-        ins = tuple(iter_tensors(args_t, new_kwargs))
+            out = func(*args, **kwargs)
+        ins = tuple(iter_tensors(args, kwargs))
         return map_outputs(lambda y: self._result(y, (self.scope, idx, "grad"), ins), out)
+
+    def _round_operands(self, name: str, idx: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A low op's arguments with operands and additive terms rounded (masks untouched).
+
+        Operands are numbered in order (positional, then keyword): the k-th is fp8 slot
+        ``(scope, idx, k)`` and decides the MX reduction axis.
+        """
+        additive = _ADDITIVE_POS.get(name, frozenset())
+        masks = _MASKS_POS.get(name, frozenset())
+        count = itertools.count()  # operand numbers, in order
+
+        def operand(t: torch.Tensor) -> torch.Tensor:
+            k = next(count)
+            return self._operand(name, k, t, (self.scope, idx, k))
+
+        new_args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if a.is_floating_point() and i not in masks:
+                    new_args[i] = self._additive(a) if i in additive else operand(a)
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+                new_args[i] = type(a)(
+                    operand(b) if isinstance(b, torch.Tensor) and b.is_floating_point() else b
+                    for b in a
+                )
+        new_kwargs = dict(kwargs)
+        for key, a in kwargs.items():
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and key not in _MASK_KW:
+                new_kwargs[key] = self._additive(a) if key in _ADDITIVE_KW else operand(a)
+        return tuple(new_args), new_kwargs
 
     def _result(self, y: torch.Tensor, slot: Any, inputs: tuple) -> torch.Tensor:
         if not y.is_floating_point():
@@ -601,24 +469,9 @@ class EmulatedExecutor:
         return func(*args, **kwargs)
 
     # -- follow ops -------------------------------------------------------------------------
-    def _follow(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
-        target: str | None = None
-        mixed = False
-        any_tag = False
-        for t in iter_tensors(args, kwargs):
-            if not t.is_floating_point():
-                continue
-            tag = get_tag(t)
-            if tag is None:
-                if t.dim() > 0:  # 0-dim tensors do not promote (torch's rule)
-                    mixed = True
-            else:
-                any_tag = True
-                if target is None:
-                    target = tag
-                elif tag != target:
-                    mixed = True
-        if not any_tag:
+    def _follow(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
+        tagged, target = _common_tag(iter_tensors(args, kwargs))
+        if not tagged:
             return func(*args, **kwargs)
         if name in _CASTS and _is_dtype_cast(name, args, kwargs):
             out = func(*args, **kwargs)
@@ -626,14 +479,11 @@ class EmulatedExecutor:
             if isinstance(out, torch.Tensor) and any(out is t for t in iter_tensors(args, {})):
                 out = out.view_as(out)
             return out
-        if mixed:
+        if target is None:  # mixed formats: fp32, as torch's type promotion
             return func(*args, **kwargs)
-        assert target is not None
         out = func(*args, **kwargs)
         if name in EXACT:
             return map_outputs(lambda y: self._tag_exact(y, target), out)
-        from mixprec.precision.policy import resolve_format
-
         spec = resolve_format(target)
         ins = tuple(iter_tensors(args, kwargs))
         return map_outputs(lambda y: self._round_follow(y, spec, ins), out)
@@ -653,21 +503,13 @@ class EmulatedExecutor:
         return r
 
     # -- in-place ops -----------------------------------------------------------------------
-    def _inplace(self, func: Any, args: tuple, kwargs: dict) -> Any:
+    def _inplace(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self_t = args[0] if args and isinstance(args[0], torch.Tensor) else None
         tag = None if self_t is None else get_tag(self_t)
         out = func(*args, **kwargs)
         if tag is not None and self_t is not None:
-            from mixprec.precision.policy import resolve_format
-
             spec = resolve_format(tag)
-            if not spec.is_mx:
-                # an in-place op keeps its tensor's format: round the storage in place (via
-                # .data, which autograd does not version-count: a straight-through rounding)
-                d = self_t.data
-                if d.is_contiguous():
-                    quantize(d, spec.element, out=d)
-                else:
-                    d.copy_(quantize(d, spec.element))
+            if not spec.is_mx:  # an in-place op keeps its tensor's format
+                round_storage(self_t, spec.element)
             set_tag(self_t, tag)
         return out

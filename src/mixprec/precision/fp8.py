@@ -19,12 +19,34 @@ multiplication and division are fp32 operations, as on hardware).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
 from mixprec.formats.float_format import FloatFormat, get_format
 from mixprec.quantization.elementwise import quantize_
+
+
+@runtime_checkable
+class Fp8Recipe(Protocol):
+    """What an emulated region asks of an fp8 scaling recipe (both recipes below are ones).
+
+    ``quantize`` rounds ``t`` to ``fmt`` through a per-tensor scale; ``slot`` names the operand
+    (region scope, op index, operand index) so a stateful recipe can keep per-tensor history.
+    """
+
+    @property
+    def forward_format(self) -> FloatFormat:
+        """Operand format of forward GEMMs."""
+        ...
+
+    @property
+    def backward_format(self) -> FloatFormat:
+        """Format of the gradient operand of backward GEMMs."""
+        ...
+
+    def quantize(self, t: torch.Tensor, fmt: FloatFormat, slot: object) -> torch.Tensor: ...
+
 
 _FORMATS = ("HYBRID", "E4M3")
 _ALGOS = ("max", "most_recent")
@@ -37,7 +59,9 @@ def _check_common(fp8_format: str, margin: int) -> None:
         raise ValueError(f"margin must be a non-negative int, got {margin!r}")
 
 
-def _scale_from_amax(amax: torch.Tensor, fmax: float, margin: int, fallback: torch.Tensor):
+def _scale_from_amax(
+    amax: torch.Tensor, fmax: float, margin: int, fallback: torch.Tensor
+) -> torch.Tensor:
     """``fmax / amax / 2^margin`` where amax is finite and positive, else ``fallback``."""
     ok = torch.isfinite(amax) & (amax > 0)
     s = (fmax / amax) * (2.0**-margin)
@@ -148,21 +172,27 @@ class DelayedScaling(CurrentScaling):
         return q
 
 
-Fp8Recipe = CurrentScaling  # DelayedScaling is a CurrentScaling
-
-
-def coerce_recipe(recipe: object) -> CurrentScaling | None:
-    """None, a recipe object, or ``"current"`` (a default :class:`CurrentScaling`)."""
-    if recipe is None or isinstance(recipe, CurrentScaling):
-        return recipe  # type: ignore[return-value]
-    if recipe == "current":
-        return CurrentScaling()
-    if recipe == "delayed":
+def coerce_recipe(recipe: Fp8Recipe | str | None) -> Fp8Recipe | None:
+    """None, a recipe object (:class:`CurrentScaling`, :class:`DelayedScaling`, or any
+    :class:`Fp8Recipe`), or ``"current"`` (a default :class:`CurrentScaling`)."""
+    if recipe is None:
+        return None
+    if isinstance(recipe, str):
+        if recipe == "current":
+            return CurrentScaling()
+        if recipe == "delayed":
+            raise ValueError(
+                "fp8_recipe='delayed' would start a fresh amax history every step; create one "
+                "DelayedScaling() object, keep it, and pass it on every step"
+            )
         raise ValueError(
-            "fp8_recipe='delayed' would start a fresh amax history every step; create one "
-            "DelayedScaling() object, keep it, and pass it on every step"
+            f"fp8_recipe must be None, 'current', a CurrentScaling or a DelayedScaling object, "
+            f"got {recipe!r}"
         )
-    raise ValueError(
-        f"fp8_recipe must be None, 'current', a CurrentScaling or a DelayedScaling object, "
-        f"got {recipe!r}"
+    if isinstance(recipe, Fp8Recipe):
+        return recipe
+    raise TypeError(
+        f"fp8_recipe must be None, 'current', a CurrentScaling or a DelayedScaling object (or an "
+        f"Fp8Recipe: forward_format, backward_format, quantize), got {type(recipe).__name__}: "
+        f"{recipe!r}"
     )

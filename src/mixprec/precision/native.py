@@ -2,8 +2,8 @@
 
 ``torch.autocast`` does the low-precision casts of its own list in C++ (fast, with a cast cache
 for parameters). A thin ``TorchFunctionMode`` handler (this executor, driven by
-:mod:`mixprec.autocast`) makes the result follow :class:`~mixprec.policy.OpLists` instead of
-torch's built-in lists:
+:mod:`mixprec.precision.region`) makes the result follow :class:`~mixprec.precision.OpLists`
+instead of torch's built-in lists:
 
 * ``low`` ops: floating arguments are cast to the compute dtype (``.to``, differentiable) - this
   covers ops torch.autocast does not list (e.g. ``einsum`` on CPU);
@@ -18,13 +18,23 @@ Also here: :func:`cpu_has_fast_bf16` / :func:`native_is_fast`, the rule ``emulat
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from mixprec.precision.emulated import func_name, is_inplace, map_tensors
-from mixprec.precision.policy import TORCH_AUTOCAST_LOW, OpLists, Policy
+from mixprec.formats.float_format import FloatFormat
+from mixprec.precision.accumulate import Accumulate
+from mixprec.precision.fp8 import Fp8Recipe
+from mixprec.precision.ops import map_tensors, op_category
+from mixprec.precision.policy import (
+    TORCH_AUTOCAST_LOW,
+    FormatSpec,
+    OpLists,
+    Policy,
+    resolve_format,
+)
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -58,13 +68,28 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def native_is_fast(dtype: torch.dtype | None, device_type: str) -> bool:
-    """Whether torch.autocast with ``dtype`` beats fp32 emulation on ``device_type``.
+def _dtype_of(fmt: FloatFormat | FormatSpec | torch.dtype | str | None) -> torch.dtype | None:
+    if fmt is None or isinstance(fmt, torch.dtype):
+        return fmt
+    if isinstance(fmt, FloatFormat):
+        return fmt.torch_dtype
+    return resolve_format(fmt).torch_dtype  # names and FormatSpecs (MX formats: None)
 
-    CUDA: fp16 always, bf16 where ``torch.cuda.is_bf16_supported()``. CPU: bf16 only with
-    AVX512-BF16/AMX; fp16 never (no AVX512-FP16/AMX-FP16 kernels are used; torch.autocast fp16
-    on CPU is tens of times slower than fp32 here).
+
+def native_is_fast(
+    fmt: FloatFormat | FormatSpec | torch.dtype | str | None, device_type: str
+) -> bool:
+    """Whether torch runs ``fmt`` natively at least as fast as fp32 emulation on ``device_type``.
+
+    ``fmt`` is a format (name, :class:`~mixprec.formats.FloatFormat`, FormatSpec) or a torch
+    dtype. float32 and float64 are trivially native (nothing narrower to emulate). CUDA: fp16
+    always, bf16 where ``torch.cuda.is_bf16_supported()``. CPU: bf16 only with AVX512-BF16/AMX;
+    fp16 never (no AVX512-FP16/AMX-FP16 kernels are used; torch.autocast fp16 on CPU is tens of
+    times slower than fp32 here). Every other format (fp8, MX, customs; None) is False.
     """
+    dtype = _dtype_of(fmt)
+    if dtype in (torch.float32, torch.float64):
+        return True
     if dtype not in _LOW_DTYPES:
         return False
     if device_type == "cuda":
@@ -76,7 +101,9 @@ def native_is_fast(dtype: torch.dtype | None, device_type: str) -> bool:
     return False
 
 
-def native_unsupported_reason(policy: Policy, *, accumulate: Any, recipe: Any) -> str | None:
+def native_unsupported_reason(
+    policy: Policy, *, accumulate: Accumulate | None, recipe: Fp8Recipe | None
+) -> str | None:
     """Why ``policy`` cannot run natively (None if it can)."""
     if accumulate is not None:
         return "accumulate= is emulated only (hardware accumulators are fixed)"
@@ -114,7 +141,6 @@ class NativeExecutor:
         self.dtype: torch.dtype = policy.compute_format.torch_dtype  # type: ignore[assignment]
         pd = policy.params_format.torch_dtype
         self.params_dtype = None if pd == torch.float32 else pd
-        self._cats: dict[str, str] = {}
         self._stack = contextlib.ExitStack()
 
     # context of the region: torch.autocast on (low dtype) or off (fp32 compute)
@@ -141,16 +167,11 @@ class NativeExecutor:
             return t.to(self.params_dtype)
         return t
 
-    def handle(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        name = func_name(func)
-        if name is None:
-            return func(*args, **kwargs)
+    def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         if self.params_dtype is not None:
             args, kwargs = map_tensors(self._read_param, args, kwargs)
-        cat = self._cats.get(name)
-        if cat is None:
-            cat = "follow" if is_inplace(name) else self.op_lists.category(name)
-            self._cats[name] = cat
+        # in-place ops ("inplace") keep their tensor's dtype: they run as they are, below
+        cat = op_category(self.op_lists, name)
         if cat == "low":
             args, kwargs = map_tensors(self._cast_low, args, kwargs)
             if self.dtype in _LOW_DTYPES:
@@ -165,6 +186,13 @@ class NativeExecutor:
             with _autocast_off(self.device_type):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def cast_output(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A module output cast to the policy's output dtype (:func:`mixprec.apply_policy`, native)."""
+    if t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:

@@ -1,7 +1,7 @@
 """Precision policies: which format parameters, computations, outputs and gradients use.
 
 Two frozen configs live here, independent of how a policy is executed (that is
-:mod:`mixprec.autocast`):
+:mod:`mixprec.precision.region`):
 
 * :class:`Policy` - the four formats (``params``, ``compute``, ``output``, ``grads``) with
   jmp's string grammar: ``Policy.from_string("params=float32,compute=bfloat16,output=float32")``
@@ -10,8 +10,9 @@ Two frozen configs live here, independent of how a policy is executed (that is
   with the reason for every default (:data:`REASONS`).
 
 Format names are everything :func:`mixprec.formats.get_format` accepts plus the OCP MX block
-formats (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``, ``mxfp6_e2m3``, ``mxfp4_e2m1``;
-:func:`resolve_format` turns either kind into a :class:`FormatSpec`).
+formats of :func:`mixprec.formats.get_mx_format` (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
+``mxfp6_e2m3``, ``mxfp4_e2m1`` and the short ``mxfp8``, ``mxfp6``, ``mxfp4``);
+:func:`resolve_format` turns either kind into a :class:`FormatSpec`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from mixprec.formats.float_format import ALIASES, FORMATS, FloatFormat, get_format
+from mixprec.formats.float_format import FloatFormat, format_names, get_format
+from mixprec.formats.mx_format import MXFormat, get_element_or_mx_format, mx_format_names
 
 if TYPE_CHECKING:
     import torch
@@ -31,17 +33,6 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------------------------
 # formats (element formats and MX block formats)
 # ----------------------------------------------------------------------------------------------
-
-#: OCP MX v1.0 block formats: name -> element format (block size 32, E8M0 scales).
-_MX_ELEMENTS: dict[str, str] = {
-    "mxfp8_e4m3": "float8_e4m3fn",
-    "mxfp8_e5m2": "float8_e5m2",
-    "mxfp6_e3m2": "float6_e3m2fn",
-    "mxfp6_e2m3": "float6_e2m3fn",
-    "mxfp4_e2m1": "float4_e2m1fn",
-}
-_MX_ALIASES: dict[str, str] = {"mxfp8": "mxfp8_e4m3", "mxfp4": "mxfp4_e2m1"}
-_MX_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -89,35 +80,23 @@ class FormatSpec:
 
 def policy_format_names() -> list[str]:
     """Every format name a :class:`Policy` accepts (canonical, aliases, MX), ``eXmY`` aside."""
-    return [*FORMATS, *ALIASES, *_MX_ELEMENTS, *_MX_ALIASES]
-
-
-def _valid_formats_text() -> str:
-    return (
-        f"valid formats are {', '.join(FORMATS)}, the MX formats {', '.join(_MX_ELEMENTS)} "
-        f"(aliases {', '.join(_MX_ALIASES)}), the aliases {', '.join(ALIASES)}, or 'eXmY' for "
-        "an IEEE-style custom format"
-    )
+    return [*format_names(), *mx_format_names()]
 
 
 @lru_cache(maxsize=256)
-def _resolve_name(key: str) -> FormatSpec:
-    k = key.strip().lower()
-    k = _MX_ALIASES.get(k, k)
-    if k in _MX_ELEMENTS:
-        return FormatSpec(k, get_format(_MX_ELEMENTS[k]), _MX_BLOCK)
-    try:
-        f = get_format(k)
-    except ValueError:
-        raise ValueError(f"unknown format {key!r}; {_valid_formats_text()}") from None
-    return FormatSpec(f.name, f, None)
+def _resolve_name(name: str) -> FormatSpec:
+    fmt = get_element_or_mx_format(name)
+    if isinstance(fmt, MXFormat):
+        return FormatSpec(fmt.name, fmt.element, fmt.block_size)
+    return FormatSpec(fmt.name, fmt, None)
 
 
 def resolve_format(fmt: str | FloatFormat | FormatSpec | torch.dtype) -> FormatSpec:
     """Resolve a format name, alias, ``eXmY``, MX name, FloatFormat or torch dtype.
 
-    Raises ``ValueError`` naming the bad value and the valid names, ``TypeError`` for
-    non-format objects.
+    MX names and aliases (``"mxfp8"`` is ``mxfp8_e4m3``) come from the one registry in
+    :mod:`mixprec.formats`. Raises a short ``ValueError`` naming the bad value with the closest
+    valid names, ``TypeError`` for non-format objects.
     """
     if isinstance(fmt, FormatSpec):
         return fmt
@@ -251,11 +230,8 @@ class Policy:
                 )
             try:
                 fields[field_name] = _resolve_name(value).name
-            except ValueError:
-                raise ValueError(
-                    f"policy string {text!r}: unknown format {value!r} in token {token_s!r}; "
-                    f"{_valid_formats_text()}"
-                ) from None
+            except ValueError as err:
+                raise ValueError(f"policy string {text!r}, token {token_s!r}: {err}") from None
         return cls(**fields)
 
     @classmethod

@@ -9,7 +9,7 @@ Two executors, one entry point:
   narrow accumulators, at close to fp32 speed.
 
 Interception level: a ``TorchFunctionMode`` (``torch`` / ``torch.nn.functional`` / Tensor-method
-names, the names of :class:`~mixprec.policy.OpLists`). The roundings themselves are autograd
+names, the names of :class:`~mixprec.precision.OpLists`). The roundings themselves are autograd
 functions, so backward ops follow the policy through the autograd graph whether ``backward()``
 runs inside the region or after it (as with torch.autocast). A dispatch-level mode would see
 backward aten ops too, but only while the region is active, and its roundings would be invisible
@@ -20,6 +20,8 @@ Nothing is monkeypatched.
 
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,17 +31,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats.float_format import FloatFormat
-from mixprec.precision import emulated as _emu
-from mixprec.precision.fp8 import coerce_recipe
+from mixprec.precision.accumulate import Accumulate, AccumulateLike
+from mixprec.precision.emulated import EmulatedExecutor, round_output
+from mixprec.precision.executor import Executor
+from mixprec.precision.fp8 import Fp8Recipe, coerce_recipe
 from mixprec.precision.native import (
     NativeExecutor,
+    cast_output,
     native_is_fast,
     native_unsupported_reason,
 )
-from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
-
-#: K-block size of emulated narrow accumulation when ``accumulate=`` names only a format.
-DEFAULT_ACCUMULATE_BLOCK = 32
+from mixprec.precision.ops import func_name, map_outputs
+from mixprec.precision.policy import FormatSpec, OpLists, Policy
 
 PolicyLike = Policy | str | FloatFormat | FormatSpec | torch.dtype
 
@@ -51,7 +54,7 @@ PolicyLike = Policy | str | FloatFormat | FormatSpec | torch.dtype
 
 class _Local(threading.local):
     def __init__(self) -> None:
-        self.entries: list[Any] = []  # executors, innermost last
+        self.entries: list[Executor] = []  # innermost last
         self.mode: _PolicyMode | None = None
 
 
@@ -70,10 +73,17 @@ class _PolicyMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if torch.compiler.is_compiling():
             return _handle_opaque(entries[-1], func, args, kwargs)
-        return entries[-1].handle(func, args, kwargs)
+        return _dispatch(entries[-1], func, args, kwargs)
 
 
-def _handle_opaque(executor: Any, func: Any, args: tuple, kwargs: dict) -> Any:
+def _dispatch(executor: Executor, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    name = func_name(func)
+    if name is None:  # metadata and conversions (size, item, ...): nothing to decide
+        return func(*args, **kwargs)
+    return executor.handle(func, name, args, kwargs)
+
+
+def _handle_opaque(executor: Executor, func: Any, args: tuple, kwargs: dict) -> Any:
     # Opaque to torch.compile: emulation calls a C kernel on raw storage and tags tensors, which
     # dynamo cannot trace. A compiled model called inside a region therefore runs its ops
     # eagerly through this handler (graph breaks): same results as eager, no compile speed-up.
@@ -81,14 +91,14 @@ def _handle_opaque(executor: Any, func: Any, args: tuple, kwargs: dict) -> Any:
     # use because torch.compiler.disable imports torch._dynamo, about a second at import time.
     global _OPAQUE
     if _OPAQUE is None:
-        _OPAQUE = torch.compiler.disable(lambda ex, f, a, k: ex.handle(f, a, k))
+        _OPAQUE = torch.compiler.disable(_dispatch)
     return _OPAQUE(executor, func, args, kwargs)
 
 
 _OPAQUE: Any = None
 
 
-def _push(executor: Any) -> None:
+def _push(executor: Executor) -> None:
     local = _LOCAL
     if local.mode is None:
         mode = _PolicyMode()
@@ -97,7 +107,7 @@ def _push(executor: Any) -> None:
     local.entries.append(executor)
 
 
-def _pop(executor: Any) -> None:
+def _pop(executor: Executor) -> None:
     local = _LOCAL
     if not local.entries or local.entries[-1] is not executor:
         # exits out of order (a generator left open, ...): drop it wherever it is
@@ -131,26 +141,6 @@ def _default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _coerce_accumulate(acc: Any) -> tuple[FloatFormat, int] | None:
-    if acc is None:
-        return None
-    block = DEFAULT_ACCUMULATE_BLOCK
-    if isinstance(acc, tuple):
-        if len(acc) != 2 or not isinstance(acc[1], int) or isinstance(acc[1], bool) or acc[1] < 1:
-            raise ValueError(
-                f"accumulate must be a format or (format, block_k) with block_k a positive int, "
-                f"got {acc!r}"
-            )
-        acc, block = acc
-    spec = resolve_format(acc)
-    if spec.is_mx:
-        raise ValueError(
-            f"accumulate={spec.name!r}: an accumulator is an element format (float16, "
-            "bfloat16, e8m13, ...), not an MX block format"
-        )
-    return spec.element, block
-
-
 def _coerce_op_lists(op_lists: Any) -> OpLists:
     if op_lists is None:
         return OpLists()
@@ -182,9 +172,10 @@ class Autocast:
     """A policy region (returned by :func:`autocast`); a context manager and a decorator.
 
     Attributes: ``policy``, ``emulated`` (the executor chosen), ``op_lists``, ``accumulate``
-    (``(FloatFormat, block_k)`` or None), ``fp8_recipe``, ``device_type``. The same object may
-    be entered again (also nested); every entry gets fresh per-region state (operand caches,
-    op counters for fp8 slots).
+    (an :class:`~mixprec.precision.Accumulate` or None), ``fp8_recipe`` (an
+    :class:`~mixprec.precision.Fp8Recipe` or None), ``device_type``. The same object may be
+    entered again (also nested); every entry gets a fresh :class:`~.executor.Executor` (operand
+    caches, op counters for fp8 slots).
     """
 
     def __init__(
@@ -193,15 +184,15 @@ class Autocast:
         *,
         emulate: bool | None = None,
         op_lists: OpLists | None = None,
-        accumulate: Any = None,
-        fp8_recipe: Any = None,
+        accumulate: AccumulateLike = None,
+        fp8_recipe: Fp8Recipe | str | None = None,
         device_type: str | None = None,
         scope: str = "",
     ) -> None:
         self.policy = Policy.coerce(policy_or_format)
         emulate = _check_emulate(emulate)
         self.op_lists = _coerce_op_lists(op_lists)
-        self.accumulate = _coerce_accumulate(accumulate)
+        self.accumulate = Accumulate.coerce(accumulate)
         self.fp8_recipe = coerce_recipe(fp8_recipe)
         self.device_type = _check_device_type(device_type)
         self.scope = scope
@@ -211,16 +202,21 @@ class Autocast:
         if emulate is False and reason is not None:
             raise ValueError(f"emulate=False (native execution) is impossible: {reason}")
         if emulate is None:
-            compute = self.policy.compute_format
-            emulate = reason is not None or not (
-                compute.is_float32 or native_is_fast(compute.torch_dtype, self.device_type)
-            )
+            fast = native_is_fast(self.policy.compute_format, self.device_type)
+            emulate = reason is not None or not fast
         self.emulated: bool = emulate
-        self._active: list[Any] = []
+        self._active: list[Executor] = []
 
-    def _executor(self) -> Any:
+    def _for_scope(self, scope: str) -> Autocast:
+        """The same region for one module of :func:`apply_policy` (``scope`` names fp8 slots)."""
+        region = copy.copy(self)
+        region.scope = scope
+        region._active = []
+        return region
+
+    def _executor(self) -> Executor:
         if self.emulated:
-            return _emu.EmulatedExecutor(
+            return EmulatedExecutor(
                 self.policy,
                 self.op_lists,
                 accumulate=self.accumulate,
@@ -233,30 +229,19 @@ class Autocast:
 
     def __enter__(self) -> Autocast:
         ex = self._executor()
-        if self.emulated:
-            # a native region outside must not cast underneath the emulation
-            ex_stack = _autocast_off_all()
-            ex_stack.__enter__()
-            ex._off = ex_stack  # type: ignore[attr-defined]
-        else:
-            ex.enter()
+        ex.enter()
         _push(ex)
         self._active.append(ex)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         ex = self._active.pop()
         try:
             _pop(ex)
         finally:
-            if self.emulated:
-                ex._off.__exit__(None, None, None)
-            else:
-                ex.exit()
+            ex.exit()
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        import functools
-
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             with self:
@@ -268,31 +253,10 @@ class Autocast:
         how = "emulated" if self.emulated else f"native {self.device_type}"
         extra = ""
         if self.accumulate is not None:
-            extra += f", accumulate={self.accumulate[0].name}/{self.accumulate[1]}"
+            extra += f", accumulate={self.accumulate}"
         if self.fp8_recipe is not None:
             extra += f", fp8_recipe={type(self.fp8_recipe).__name__}"
         return f"autocast({str(self.policy)!r}, {how}{extra})"
-
-
-class _AutocastOff:
-    """torch.autocast switched off on CPU (and CUDA where present) for an emulated region."""
-
-    def __init__(self) -> None:
-        self._ctx = [torch.autocast("cpu", enabled=False)]
-        if torch.cuda.is_available():
-            self._ctx.append(torch.autocast("cuda", enabled=False))
-
-    def __enter__(self) -> None:
-        for c in self._ctx:
-            c.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for c in reversed(self._ctx):
-            c.__exit__(None, None, None)
-
-
-def _autocast_off_all() -> _AutocastOff:
-    return _AutocastOff()
 
 
 def autocast(
@@ -300,21 +264,21 @@ def autocast(
     *,
     emulate: bool | None = None,
     op_lists: OpLists | None = None,
-    accumulate: Any = None,
-    fp8_recipe: Any = None,
+    accumulate: AccumulateLike = None,
+    fp8_recipe: Fp8Recipe | str | None = None,
     device_type: str | None = None,
 ) -> Autocast:
     """Run the ops inside a ``with`` block under a precision policy.
 
     Args:
-        policy_or_format: a :class:`~mixprec.policy.Policy`, a policy string
+        policy_or_format: a :class:`~mixprec.precision.Policy`, a policy string
             (``"p=f32,c=bf16,o=f32"``) or a single format (``"bf16"``, ``"e4m3"``,
             ``"mxfp4_e2m1"``, ``torch.float16``), which means ``Policy(compute=format)``.
         emulate: ``None`` picks native torch.autocast when the compute format is a dtype the
             device runs fast (CUDA bf16/fp16; CPU bf16 with AVX512-BF16/AMX) and the policy
             needs nothing native cannot do, else emulation. ``True``/``False`` force it
             (``False`` raises ``ValueError`` when native execution cannot express the policy).
-        op_lists: :class:`~mixprec.policy.OpLists` (default: ``OpLists()``).
+        op_lists: :class:`~mixprec.precision.OpLists` (default: ``OpLists()``).
         accumulate: emulate a narrower accumulator in matmul-family ops: a format
             (``"float16"``) or ``(format, block_k)``; the running sum is rounded after every
             block of ``block_k`` (default 32) products of K. Emulated only.
@@ -376,48 +340,8 @@ class PolicyHandle:
 def _cast_outputs(out: Any, ac: Autocast) -> Any:
     spec = ac.policy.output_format
     if ac.emulated:
-        rnd = _emu.spec_rounder(spec)
-
-        def one(t: torch.Tensor) -> torch.Tensor:
-            if not t.is_floating_point():
-                return t
-            tag = _emu.get_tag(t)
-            if spec.is_float32:
-                if tag is None:
-                    return t
-                from mixprec.precision.policy import resolve_format as _rf
-
-                r = _emu.ste(t, None, _emu.spec_rounder(_rf(tag)))
-                return r if r is not t else t.view_as(t)
-            if tag == spec.name:
-                return t
-            r = _emu.ste(t, rnd, rnd)
-            if not spec.is_mx:
-                _emu.set_tag(r, spec.name)
-            return r
-
-    else:
-        dtype = spec.torch_dtype
-
-        def one(t: torch.Tensor) -> torch.Tensor:
-            if t.is_floating_point() and t.dtype != dtype:
-                return t.to(dtype)
-            return t
-
-    return _map_nested(one, out)
-
-
-def _map_nested(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, tuple):
-        vals = [_map_nested(fn, o) for o in out]
-        return type(out)(*vals) if hasattr(out, "_fields") else tuple(vals)
-    if isinstance(out, list):
-        return [_map_nested(fn, o) for o in out]
-    if isinstance(out, dict):
-        return type(out)((k, _map_nested(fn, v)) for k, v in out.items())
-    return out
+        return map_outputs(lambda t: round_output(t, spec), out)
+    return map_outputs(lambda t: cast_output(t, spec.torch_dtype), out)
 
 
 def _iter_targets(
@@ -438,8 +362,8 @@ def apply_policy(
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
     emulate: bool | None = None,
     op_lists: OpLists | None = None,
-    accumulate: Any = None,
-    fp8_recipe: Any = None,
+    accumulate: AccumulateLike = None,
+    fp8_recipe: Fp8Recipe | str | None = None,
     device_type: str | None = None,
 ) -> PolicyHandle:
     """Run ``module`` (or the submodules ``filter_fn`` picks) under ``policy``.
@@ -475,12 +399,7 @@ def apply_policy(
     hooks: list[Any] = []
     names: list[str] = []
     for fqn, m in _iter_targets(module, filter_fn):
-        ac = Autocast(
-            proto.policy, emulate=proto.emulated, op_lists=proto.op_lists,
-            accumulate=proto.accumulate, fp8_recipe=proto.fp8_recipe,
-            device_type=proto.device_type, scope=fqn,
-        )  # fmt: skip
-        hooks.extend(_install(m, ac))
+        hooks.extend(_install(m, proto._for_scope(fqn)))
         names.append(fqn)
     return PolicyHandle(names, proto.policy, proto.emulated, hooks)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from mixprec.quantization.blocks import (
+from mixprec.formats.mx_format import (  # MX names live in formats; re-exported as before
     MX_FORMATS,
     MXFormat,
     get_mx_format,
+)
+from mixprec.quantization.autograd_rounding import (
+    straight_through,
+)
+from mixprec.quantization.blocks import (
     mx_decode,
     mx_encode,
     mx_quantize,
@@ -19,6 +24,9 @@ from mixprec.quantization.elementwise import (
     has_c_kernel,
     quantize,
     quantize_,
+)
+from mixprec.quantization.observers import (
+    register_rounding_observer,
 )
 from mixprec.quantization.params import (
     ROUNDING_MODES,
@@ -40,4 +48,6 @@ __all__ = [
     "mx_scale_exponents",
     "quantize",
     "quantize_",
+    "register_rounding_observer",
+    "straight_through",
 ]

@@ -28,30 +28,25 @@ and ``ceil(n / block_size)`` scales along ``axis``.
 
 **Exactness.** ``floor(log2(amax))`` comes from ``torch.frexp`` (exact, subnormals included), the
 scales are built from their bit patterns, and ``x / X`` is a multiplication by an exact power of
-two, so the only rounding is the element rounding done by :func:`mixprec.quantize.quantize` (bit
+two, so the only rounding is the element rounding done by :func:`mixprec.quantize` (bit
 exact, every rounding mode). float16/bfloat16 inputs are processed in float32 and the result is
 cast back; the cast is exact except for products below that dtype's smallest subnormal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mixprec.formats.float_format import (
-    ALIASES,
-    FloatFormat,
-    close_matches,
-    did_you_mean,
-    get_format,
-)
+from mixprec.formats.float_format import FloatFormat
+from mixprec.formats.mx_format import MXFormat, get_mx_format
 from mixprec.quantization.elementwise import (
     _check_code_range,
     _check_codes_tensor,
     _check_flag,
+    _check_float_dtype,
     _check_generator,
     _check_rounding,
+    _pack_nibbles,
     decode,
     encode,
     quantize_,
@@ -65,98 +60,6 @@ _SCALE_BIAS = 127
 # subnormal, 2^-17 for E5M2); a nonzero element that underflowed to 0 in the working dtype is
 # replaced by it so that up/down/odd rounding still sees "nonzero" (exact results, see below).
 _TINY_EXP = -64
-
-
-@dataclass(frozen=True)
-class MXFormat:
-    """An OCP MX format: an element format sharing one E8M0 scale per block.
-
-    Attributes:
-        name: the spec's name (``"mxfp8_e4m3"``, ...).
-        element: the element :class:`~mixprec.formats.FloatFormat`.
-        block_size: the spec's block size (32 for every concrete MX format of v1.0).
-    """
-
-    name: str
-    element: FloatFormat
-    block_size: int = 32
-
-    @property
-    def emax_elem(self) -> int:
-        """Exponent of the element format's largest binade (the spec's ``emax_elem``)."""
-        return self.element.emax
-
-    @property
-    def scale_format(self) -> FloatFormat:
-        return get_format("float8_e8m0fnu")
-
-    @property
-    def bits_per_element(self) -> float:
-        """Storage cost per element, the shared scale included (e.g. 8.25 for MXFP8)."""
-        return self.element.bits + 8 / self.block_size
-
-    def __str__(self) -> str:
-        return self.name
-
-
-#: The concrete MX formats of OCP MX v1.0 (MXINT8 is not a float format and is not provided).
-MX_FORMATS: dict[str, MXFormat] = {
-    m.name: m
-    for m in (
-        MXFormat("mxfp8_e4m3", get_format("float8_e4m3fn")),
-        MXFormat("mxfp8_e5m2", get_format("float8_e5m2")),
-        MXFormat("mxfp6_e3m2", get_format("float6_e3m2fn")),
-        MXFormat("mxfp6_e2m3", get_format("float6_e2m3fn")),
-        MXFormat("mxfp4_e2m1", get_format("float4_e2m1fn")),
-    )
-}
-_MX_ALIASES: dict[str, str] = {"mxfp4": "mxfp4_e2m1"}
-_BY_ELEMENT: dict[str, MXFormat] = {m.element.name: m for m in MX_FORMATS.values()}
-
-
-def _valid_names() -> str:
-    return f"MX formats: {', '.join(MX_FORMATS)} (or their element formats)"
-
-
-def _mx_suggestions(key: str) -> list[str]:
-    """Closest MX names: MX names extending ``key`` (``mxfp8`` -> both fp8 ones), or difflib."""
-    names = [*MX_FORMATS, *_MX_ALIASES]
-    elements = [*_BY_ELEMENT, *(a for a, n in ALIASES.items() if n in _BY_ELEMENT)]
-    prefixed = [n for n in names if n.startswith(key + "_")]
-    return prefixed or close_matches(key, [*names, *elements])
-
-
-def get_mx_format(name: str | MXFormat | FloatFormat) -> MXFormat:
-    """The :class:`MXFormat` for an MX name (``"mxfp8_e4m3"``) or an element format name.
-
-    Element formats may be given by any name or alias :func:`~mixprec.formats.get_format`
-    accepts (``"float8_e4m3fn"``, ``"e4m3"``, ``"fp4"``, ...), but only the five element formats
-    of the spec are MX formats; anything else raises ``ValueError`` naming the bad value, the
-    closest valid names and the MX formats.
-    """
-    if isinstance(name, MXFormat):
-        return name
-    if isinstance(name, str):
-        key = name.strip().lower()
-        key = _MX_ALIASES.get(key, key)
-        if key in MX_FORMATS:
-            return MX_FORMATS[key]
-        try:
-            elem = get_format(key)
-        except ValueError:
-            hint = did_you_mean(_mx_suggestions(key))
-            raise ValueError(f"unknown MX format {name!r}{hint} ({_valid_names()})") from None
-    elif isinstance(name, FloatFormat):
-        elem = name
-    else:
-        raise TypeError(
-            f"expected an MX format name, MXFormat or FloatFormat, got {type(name).__name__}: "
-            f"{name!r}"
-        )
-    mx = _BY_ELEMENT.get(elem.name)
-    if mx is None:
-        raise ValueError(f"{elem.name} is not an MX element format ({_valid_names()})")
-    return mx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,14 +93,29 @@ def _check_float(x: object) -> torch.Tensor:
     return x
 
 
-def _check_options(
-    x: torch.Tensor, rounding: object, saturate: object, subnormals: object, generator: object
-) -> None:
-    """The element-rounding arguments, checked before any work (also for empty ``x``)."""
+def _check_call(
+    x: object, elem_format: object, block_size: object, axis: object, rounding: object,
+    saturate: object, subnormals: object, generator: object,
+) -> tuple[MXFormat, int]:  # fmt: skip
+    """Every argument of mx_quantize / mx_encode, checked before any work (also for an empty
+    ``x``); returns the format and the normalized axis."""
+    x = _check_float(x)
+    mx = get_mx_format(elem_format)  # type: ignore[arg-type]
+    ax, _ = _check_args(x, block_size, axis)  # type: ignore[arg-type]
     _check_rounding(rounding)
     _check_flag(saturate, "saturate")
     _check_flag(subnormals, "subnormals")
     _check_generator(generator, x)
+    return mx, ax
+
+
+def _blocked(
+    x: torch.Tensor, mx: MXFormat, block_size: int, axis: int
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """(blocks, length along axis, shared exponents, NaN-scale mask): see :func:`_to_blocks`."""
+    blocks, n = _to_blocks(x, block_size, axis)
+    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    return blocks, n, shared, bad
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,8 +218,7 @@ def mx_scale_exponents(
     _check_float(x)
     mx = get_mx_format(elem_format)
     ax, _ = _check_args(x, block_size, axis)
-    blocks, _ = _to_blocks(x, block_size, ax)
-    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    _, _, shared, bad = _blocked(x, mx, block_size, ax)
     out = shared.to(torch.float32).masked_fill(bad, float("nan"))
     return out.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, out.shape[-1]))
 
@@ -339,7 +256,7 @@ def mx_quantize(
             is zero-padded when the length is not a multiple (padding never changes a scale).
         axis: the dimension the blocks run along (for a matmul ``A @ B``: ``-1`` for ``A``,
             ``0`` for ``B``, the reduction dimension).
-        rounding: element rounding, one of :data:`mixprec.quantize.ROUNDING_MODES`;
+        rounding: element rounding, one of :data:`mixprec.ROUNDING_MODES`;
             ``"stochastic"`` draws from ``generator``.
         saturate: the spec clamps elements that overflow (``V_i / X`` can round past the
             element max, e.g. 480 in E4M3) to ±max; ``False`` gives the element format's
@@ -355,14 +272,12 @@ def mx_quantize(
     copy back when ``axis`` is not last or ``x`` is float16/bfloat16. No device sync (except
     stochastic rounding's one seed draw on CUDA generators).
     """
-    _check_float(x)
-    mx = get_mx_format(elem_format)
-    ax, _ = _check_args(x, block_size, axis)
-    _check_options(x, rounding, saturate, subnormals, generator)
+    mx, ax = _check_call(
+        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator
+    )
     if x.numel() == 0:
         return x.clone()
-    blocks, n = _to_blocks(x, block_size, ax)
-    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    blocks, n, shared, bad = _blocked(x, mx, block_size, ax)
     scaled = _scaled_elements(blocks, shared, bad, rounding)
     quantize_(
         scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
@@ -390,7 +305,7 @@ def mx_encode(
     Returns:
         scales: uint8 E8M0 codes (``2^(code - 127)``, ``0xFF`` = NaN), shape of ``x`` with
             ``axis`` replaced by ``ceil(n / block_size)``.
-        codes: uint8 element codes (see :func:`mixprec.quantize.encode`), shape of ``x``
+        codes: uint8 element codes (see :func:`mixprec.encode`), shape of ``x``
             (padding dropped). Elements of NaN-scale blocks get code 0 (the spec ignores them;
             fp6/fp4 have no NaN code). ``pack=True`` (MXFP4 only) stores two codes per byte
             along the last dimension, first element in the low nibble; it needs an even last
@@ -399,17 +314,15 @@ def mx_encode(
     Same arguments and rounding as :func:`mx_quantize`;
     ``mx_decode(*mx_encode(x, f), f, dtype=x.dtype) == mx_quantize(x, f)`` (the same random
     draws too, given equally seeded generators). Cost: as ``mx_quantize`` plus the encoding
-    passes of :func:`mixprec.quantize.encode` (int64 temporaries; one device sync for its NaN
+    passes of :func:`mixprec.encode` (int64 temporaries; one device sync for its NaN
     check).
     """
-    _check_float(x)
-    mx = get_mx_format(elem_format)
-    ax, _ = _check_args(x, block_size, axis)
-    _check_options(x, rounding, saturate, subnormals, generator)
+    mx, ax = _check_call(
+        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator
+    )
     if _check_flag(pack, "pack") and mx.element.bits > 4:
         raise ValueError(f"pack=True needs a 4-bit element format (mxfp4); got {mx.name}")
-    blocks, n = _to_blocks(x, block_size, ax)
-    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    blocks, n, shared, bad = _blocked(x, mx, block_size, ax)
     scales = torch.where(bad, _SCALE_NAN_CODE, shared + _SCALE_BIAS).to(torch.uint8)
     nblocks = scales.shape[-1]
     scales = scales.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, nblocks))
@@ -424,15 +337,8 @@ def mx_encode(
         )  # fmt: skip
         codes = _from_blocks(codes, n, ax, x.shape, torch.uint8)
     if pack:
-        codes = _pack_nibbles(codes)
+        codes = _pack_nibbles(codes, mx.element)
     return scales, codes
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    if codes.dim() == 0 or codes.shape[-1] % 2:
-        raise ValueError(f"pack=True needs an even last dimension, got shape {tuple(codes.shape)}")
-    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def mx_decode(
@@ -458,8 +364,8 @@ def mx_decode(
             padded codes.
 
     Raises ``ValueError`` when the shapes of ``scales``, ``codes`` and ``shape`` disagree, and
-    for codes or scales out of range (naming the first; see :func:`mixprec.quantize.decode`).
-    Cost: one table look-up pass (:func:`mixprec.quantize.decode`), one multiply, and a copy
+    for codes or scales out of range (naming the first; see :func:`mixprec.decode`).
+    Cost: one table look-up pass (:func:`mixprec.decode`), one multiply, and a copy
     when ``axis`` is not last. The range checks cost one host sync each, except where the
     dtype cannot hold a bad value (uint8/int8 scales, and codes of the 8-bit formats).
     """
@@ -469,11 +375,30 @@ def mx_decode(
     _check_code_range(scales, 8, "float8_e8m0fnu scales", "scales")
     if _check_flag(packed, "packed") and mx.element.bits > 4:
         raise ValueError(f"packed=True needs a 4-bit element format (mxfp4); got {mx.name}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    work = _work_dtype(dtype)
+    work = _work_dtype(_check_float_dtype(dtype))
     values = decode(codes, mx.element, dtype=work, packed=packed)
     ax, _ = _check_args(values, block_size, axis, "codes")
+    out_shape = _decode_shape(values, ax, axis, shape)
+    n = out_shape[ax] if out_shape else 1
+    nblocks = -(-n // block_size)
+    blocks = _value_blocks(values, ax, axis, n, block_size)
+    expected = _blocked_shape(torch.Size(out_shape), ax, nblocks)
+    if tuple(scales.shape) != expected:
+        raise ValueError(
+            f"scales have shape {tuple(scales.shape)}; expected {expected} for {n} elements "
+            f"along axis {axis} in blocks of {block_size}"
+        )
+    sc = scales.reshape(expected).movedim(ax, -1).to(torch.int64) & 0xFF
+    scale = _pow2(sc - _SCALE_BIAS, work)
+    scale = torch.where(sc == _SCALE_NAN_CODE, torch.full_like(scale, float("nan")), scale)
+    blocks = blocks * scale.unsqueeze(-1)
+    return _from_blocks(blocks, n, ax, torch.Size(out_shape), dtype)
+
+
+def _decode_shape(
+    values: torch.Tensor, ax: int, axis: int, shape: tuple[int, ...] | torch.Size | None
+) -> tuple[int, ...]:
+    """The output shape: ``shape``, or the codes' own; they may differ only along ``axis``."""
     out_shape = tuple(values.shape) if shape is None else tuple(int(s) for s in shape)
     if len(out_shape) != values.dim() or any(
         a != b for i, (a, b) in enumerate(zip(out_shape, values.shape, strict=True)) if i != ax
@@ -482,7 +407,16 @@ def mx_decode(
             f"shape {out_shape} does not match codes of shape {tuple(values.shape)} "
             f"(they may differ only along axis {axis})"
         )
-    n = out_shape[ax] if out_shape else 1
+    return out_shape
+
+
+def _value_blocks(
+    values: torch.Tensor, ax: int, axis: int, n: int, block_size: int
+) -> torch.Tensor:
+    """Decoded element values as (..., nblocks, block_size), ``ax`` moved last.
+
+    The codes hold ``n`` elements along ``ax``, or that many padded to whole blocks.
+    """
     nblocks = -(-n // block_size)
     length = values.shape[ax] if values.dim() else 1
     if length not in (n, nblocks * block_size):
@@ -490,19 +424,8 @@ def mx_decode(
             f"codes have {length} elements along axis {axis}; expected {n} or "
             f"{nblocks * block_size} (padded to whole blocks of {block_size})"
         )
-    expected = _blocked_shape(torch.Size(out_shape), ax, nblocks)
-    if tuple(scales.shape) != expected:
-        raise ValueError(
-            f"scales have shape {tuple(scales.shape)}; expected {expected} for {n} elements "
-            f"along axis {axis} in blocks of {block_size}"
-        )
     vals = values.reshape(1) if values.dim() == 0 else values
     vals = vals.movedim(ax, -1)
     if length != nblocks * block_size:  # unpadded codes: pad the last block with zeros
         vals = torch.nn.functional.pad(vals, (0, nblocks * block_size - length))
-    blocks = vals.reshape(*vals.shape[:-1], nblocks, block_size)
-    sc = scales.reshape(expected).movedim(ax, -1).to(torch.int64) & 0xFF
-    scale = _pow2(sc - _SCALE_BIAS, work)
-    scale = torch.where(sc == _SCALE_NAN_CODE, torch.full_like(scale, float("nan")), scale)
-    blocks = blocks * scale.unsqueeze(-1)
-    return _from_blocks(blocks, n, ax, torch.Size(out_shape), dtype)
+    return vals.reshape(*vals.shape[:-1], nblocks, block_size)

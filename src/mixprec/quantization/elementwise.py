@@ -1,6 +1,6 @@
 """Rounding tensors into floating-point formats: ``quantize``, ``encode``, ``decode``.
 
-Semantics (DESIGN.md "Quantize semantics"): the result has the input's dtype and shape and every
+Semantics (docs/design.md, "Quantize"): the result has the input's dtype and shape and every
 value is exactly representable in the target format. Six rounding modes, IEEE 754 overflow rules
 for directed modes, OCP rules for saturation, NaN propagation, ``fnuz`` zero rules, and the e8m0
 scale format.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -25,6 +24,8 @@ import torch
 
 from mixprec.formats.float_format import FloatFormat, close_matches, did_you_mean, get_format
 from mixprec.quantization import torch_kernel as _quantize_torch
+from mixprec.quantization.autograd_rounding import straight_through
+from mixprec.quantization.observers import notify_rounding
 from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
 
 try:  # the optional C kernel
@@ -36,11 +37,6 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
 _BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
-
-# Callbacks (src, result, format) run after every quantize. The C kernel writes raw storage that
-# dispatch-level tools cannot see, so the sanitizer (a higher layer) registers one while active
-# to learn which tensors hold emulated formats. Empty otherwise: the check costs nanoseconds.
-_ROUNDING_OBSERVERS: list[Callable[[torch.Tensor, torch.Tensor, FloatFormat], None]] = []
 
 
 def has_c_kernel() -> bool:
@@ -295,11 +291,6 @@ def _round(
     return out
 
 
-def _observe(x: torch.Tensor, res: torch.Tensor, f: FloatFormat) -> None:
-    for observe in _ROUNDING_OBSERVERS:
-        observe(x, res, f)
-
-
 def quantize(
     x: torch.Tensor,
     fmt: str | FloatFormat | torch.dtype,
@@ -350,10 +341,10 @@ def quantize(
         def q(t: torch.Tensor) -> torch.Tensor:
             return _round(t, f, rounding, saturate, subnormals, generator, None)
 
-        res = _Quantize.apply(x, q, torch.zeros_like)
+        res = straight_through(x, q, torch.zeros_like)
     else:
         res = _round(x, f, rounding, saturate, subnormals, generator, None)
-    _observe(x, res, f)
+    notify_rounding(x, res, f)  # e.g. the sanitizer: the C kernel is invisible to it
     return res
 
 
@@ -385,7 +376,7 @@ def quantize_(
         x.copy_(_round(x.detach(), f, rounding, saturate, subnormals, generator, None))
     else:
         _round(x, f, rounding, saturate, subnormals, generator, x)
-    _observe(x, x, f)
+    notify_rounding(x, x, f)
     return x
 
 
@@ -640,33 +631,8 @@ def decode(
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd: quantize (gradient zero) and fake_quantize (straight-through) share one Function
+# straight-through rounding (quantization-aware training)
 # ----------------------------------------------------------------------------------------------
-
-
-class _Quantize(torch.autograd.Function):
-    """Forward ``q(x)``; backward ``grad_q(grad)``, or ``grad`` itself (straight-through).
-
-    :func:`quantize` passes ``torch.zeros_like`` (the true derivative of a rounding, as
-    ``torch.round`` has it); :func:`fake_quantize` passes None or a gradient rounding.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        q: Callable[[torch.Tensor], torch.Tensor],
-        grad_q: Callable[[torch.Tensor], torch.Tensor] | None,
-    ) -> torch.Tensor:
-        ctx.grad_q = grad_q  # type: ignore[attr-defined]
-        return q(x)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, None, None]:
-        grad_q = ctx.grad_q  # type: ignore[attr-defined]
-        return (grad if grad_q is None else grad_q(grad)), None, None
 
 
 def fake_quantize(
@@ -700,4 +666,4 @@ def fake_quantize(
         def grad_q(g: torch.Tensor) -> torch.Tensor:
             return quantize(g, gf, rounding=grad_rounding)
 
-    return _Quantize.apply(x, q, grad_q)
+    return straight_through(x, q, grad_q)

@@ -57,51 +57,85 @@ def _quantize_bits(
     rounding: str,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    P, bias, itype = _LAYOUT[p.width]
+    P, _, itype = _LAYOUT[p.width]
     mode = ROUNDING_CODES[rounding]
-    u = x.contiguous().view(itype).to(torch.int64)
-    mask_w = (1 << p.width) - 1
-    u = u & mask_w
-    sign_bit = 1 << (p.width - 1)
-    inf_bits = ((1 << (p.width - 1 - P)) - 1) << P
-    neg = (u & sign_bit) != 0
-    a = u & (sign_bit - 1)
+    u = x.contiguous().view(itype).to(torch.int64) & ((1 << p.width) - 1)
+    neg = (u & (1 << (p.width - 1))) != 0
+    a = u & ((1 << (p.width - 1)) - 1)  # magnitude bits
+    m, ulp_in = _significand(a, P, p.width)
+    e = _ilog2(m) + ulp_in
+    qe = e.clamp(min=p.emin) - p.mantissa_bits  # exponent of the target's quantum at x
+    d = qe - ulp_in  # bits to drop
+    k = _round_significand(m, d, neg, mode, p, x.shape, generator)
+    r = torch.where(d <= 0, a, _rebuild(k, qe, p.width))
+    out = _finish(r, a, u, neg, mode, p)
+    if p.width == 32:
+        out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.to(itype).view(x.dtype).reshape(x.shape)
+
+
+def _significand(a: torch.Tensor, P: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer significand with the implicit bit, exponent of its last bit) of magnitudes."""
+    bias = _LAYOUT[width][1]
     ef = a >> P
     mant = a & ((1 << P) - 1)
     m = torch.where(ef > 0, mant | (1 << P), mant)
-    ulp_in = ef.clamp(min=1) - (bias + P)
-    e = _ilog2(m) + ulp_in
-    qe = e.clamp(min=p.emin) - p.mantissa_bits
-    d = qe - ulp_in
-    dc = d.clamp(1, P + 2)
+    return m, ef.clamp(min=1) - (bias + P)
+
+
+def _round_significand(
+    m: torch.Tensor,
+    d: torch.Tensor,
+    neg: torch.Tensor,
+    mode: int,
+    p: KernelParams,
+    shape: torch.Size,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``m`` with its low ``d`` bits rounded off (per ``mode``): the target's significand k."""
+    dc = d.clamp(1, _LAYOUT[p.width][0] + 2)
     one = torch.ones_like(dc)
     k = m >> dc
     rem = m & ((one << dc) - 1)
     half = one << (dc - 1)
     inexact = rem != 0
     if mode == ROUNDING_CODES["nearest"]:
-        k = k + ((rem > half) | ((rem == half) & ((k & 1) == 1))).to(torch.int64)
-    elif mode == ROUNDING_CODES["stochastic"]:
-        r_bits = 62 if p.width == 64 else 32
-        rnd = (
-            torch.randint(
-                0, 1 << r_bits, x.shape, generator=generator, device=x.device, dtype=torch.int64
-            )
-            .reshape(-1)
-            .reshape(m.shape)
-        )
-        dd = d.clamp(1, r_bits + 63)
-        up_shift = (r_bits - dd).clamp(min=0)
-        down_shift = (dd - r_bits).clamp(0, 63)
-        thr = torch.where(dd <= r_bits, rem << up_shift, m >> down_shift)
-        k = k + (rnd < thr).to(torch.int64)
-    elif mode == ROUNDING_CODES["up"]:
-        k = k + (inexact & ~neg).to(torch.int64)
-    elif mode == ROUNDING_CODES["down"]:
-        k = k + (inexact & neg).to(torch.int64)
-    elif mode == ROUNDING_CODES["odd"]:
-        k = k | inexact.to(torch.int64)
-    # rebuild k * 2^qe in the container's bits
+        return k + ((rem > half) | ((rem == half) & ((k & 1) == 1))).to(torch.int64)
+    if mode == ROUNDING_CODES["stochastic"]:
+        return k + _stochastic_carry(m, d, rem, p.width, shape, generator)
+    if mode == ROUNDING_CODES["up"]:
+        return k + (inexact & ~neg).to(torch.int64)
+    if mode == ROUNDING_CODES["down"]:
+        return k + (inexact & neg).to(torch.int64)
+    if mode == ROUNDING_CODES["odd"]:
+        return k | inexact.to(torch.int64)
+    return k  # toward_zero: truncation
+
+
+def _stochastic_carry(
+    m: torch.Tensor,
+    d: torch.Tensor,
+    rem: torch.Tensor,
+    width: int,
+    shape: torch.Size,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """1 where a uniform random draw falls below the dropped fraction ``rem / 2^d``, else 0."""
+    r_bits = 62 if width == 64 else 32
+    rnd = torch.randint(
+        0, 1 << r_bits, shape, generator=generator, device=m.device, dtype=torch.int64
+    ).reshape(m.shape)
+    dd = d.clamp(1, r_bits + 63)
+    up_shift = (r_bits - dd).clamp(min=0)
+    down_shift = (dd - r_bits).clamp(0, 63)
+    thr = torch.where(dd <= r_bits, rem << up_shift, m >> down_shift)
+    return (rnd < thr).to(torch.int64)
+
+
+def _rebuild(k: torch.Tensor, qe: torch.Tensor, width: int) -> torch.Tensor:
+    """The container bits of ``k * 2^qe`` (normal, subnormal, inf on overflow, 0 for k = 0)."""
+    P, bias, _ = _LAYOUT[width]
+    inf_bits = ((1 << (width - 1 - P)) - 1) << P
     safe_k = k.clamp(min=1)
     lk = _ilog2(safe_k)
     big_e = lk + qe
@@ -110,21 +144,17 @@ def _quantize_bits(
     sub = k << (qe + (bias - 1 + P)).clamp(0, 62)
     r = torch.where(big_e >= 1 - bias, normal, sub)
     r = torch.where(big_e > bias, torch.full_like(r, inf_bits), r)
-    r = torch.where(k == 0, torch.zeros_like(r), r)
-    r = torch.where(d <= 0, a, r)
-    # overflow, flush, zero and sign rules
-    is_inf = a == inf_bits
-    ovf = torch.full_like(r, p.ovf_bits)
-    mx = torch.full_like(r, p.max_bits)
-    if mode in (ROUNDING_CODES["nearest"], ROUNDING_CODES["stochastic"]):
-        ov = ovf
-    elif mode == ROUNDING_CODES["up"]:
-        ov = torch.where(is_inf | ~neg, ovf, mx)
-    elif mode == ROUNDING_CODES["down"]:
-        ov = torch.where(is_inf | neg, ovf, mx)
-    else:
-        ov = torch.where(is_inf, ovf, mx)
-    r = torch.where(r > p.max_bits, ov, r)
+    return torch.where(k == 0, torch.zeros_like(r), r)
+
+
+def _finish(
+    r: torch.Tensor, a: torch.Tensor, u: torch.Tensor, neg: torch.Tensor, mode: int,
+    p: KernelParams,
+) -> torch.Tensor:  # fmt: skip
+    """Overflow, flush, zero, sign and NaN rules applied to rounded magnitude bits ``r``."""
+    P = _LAYOUT[p.width][0]
+    inf_bits = ((1 << (p.width - 1 - P)) - 1) << P
+    r = torch.where(r > p.max_bits, _overflow_bits(r, a == inf_bits, neg, mode, p), r)
     if p.flags & F_FLUSH:
         r = torch.where(r < p.minnorm_bits, torch.zeros_like(r), r)
     r = torch.where(r == 0, torch.full_like(r, p.zero_bits), r)
@@ -136,7 +166,20 @@ def _quantize_bits(
         if p.flags & F_NO_NEGZERO:
             s = s & (r != 0)
         out = r | (s.to(torch.int64) << (p.width - 1))
-    out = torch.where(a > inf_bits, u | (1 << (P - 1)), out)
-    if p.width == 32:
-        out = torch.where(out >= 1 << 31, out - (1 << 32), out)
-    return out.to(itype).view(x.dtype).reshape(x.shape)
+    return torch.where(a > inf_bits, u | (1 << (P - 1)), out)  # NaN in: quiet NaN out
+
+
+def _overflow_bits(
+    r: torch.Tensor, is_inf: torch.Tensor, neg: torch.Tensor, mode: int, p: KernelParams
+) -> torch.Tensor:
+    """What an overflowing result becomes: the overflow value, or max in a directed mode
+    rounding toward zero from a finite input (IEEE 754 section 7.4)."""
+    ovf = torch.full_like(r, p.ovf_bits)
+    mx = torch.full_like(r, p.max_bits)
+    if mode in (ROUNDING_CODES["nearest"], ROUNDING_CODES["stochastic"]):
+        return ovf
+    if mode == ROUNDING_CODES["up"]:
+        return torch.where(is_inf | ~neg, ovf, mx)
+    if mode == ROUNDING_CODES["down"]:
+        return torch.where(is_inf | neg, ovf, mx)
+    return torch.where(is_inf, ovf, mx)

@@ -1,0 +1,129 @@
+"""What both executors of a policy region share: op names and walking op arguments/results.
+
+A ``TorchFunctionMode`` sees functions, methods and dunders; :func:`func_name` turns each into
+the name :class:`~mixprec.precision.OpLists` uses (``__matmul__`` -> ``matmul``), or None for
+metadata calls that pass through untouched. Nested arguments and results (lists of tensors for
+``cat``, named tuples of ``max``, dicts of module outputs) are walked with
+``torch.utils._pytree``, the walker torch itself uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+from mixprec.precision.policy import OpLists
+
+# ----------------------------------------------------------------------------------------------
+# op names
+# ----------------------------------------------------------------------------------------------
+
+_RENAME = {
+    "__matmul__": "matmul", "__rmatmul__": "matmul", "__imatmul__": "matmul_",
+    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow_",
+    "__add__": "add", "__radd__": "add", "__iadd__": "add_",
+    "__sub__": "sub", "__rsub__": "sub", "__isub__": "sub_",
+    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_",
+    "__truediv__": "div", "__rtruediv__": "div", "__itruediv__": "div_",
+    "__neg__": "neg", "__abs__": "abs",
+}  # fmt: skip
+_VIEW_PROPS = frozenset({"T", "mT", "H", "mH", "data", "real"})
+_NAME_CACHE: dict[Any, str | None] = {}
+
+#: ops that never produce a tensor worth tracking (metadata, Python conversions): pass through
+META = frozenset({
+    "size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
+    "element_size", "item", "tolist", "__len__", "__bool__", "__format__", "__repr__",
+    "__index__", "__int__", "__float__", "is_floating_point", "is_complex", "requires_grad_",
+    "retain_grad", "register_hook", "backward", "ndimension", "nelement", "get_device",
+    "untyped_storage", "_is_view", "__reduce_ex__", "__deepcopy__", "is_nonzero", "__hash__",
+    "__setstate__", "dim_order", "__dlpack__", "numpy",
+})  # fmt: skip
+
+
+def func_name(func: Any) -> str | None:
+    """Normalised op name of a function seen by a TorchFunctionMode (None: pass through)."""
+    try:
+        return _NAME_CACHE[func]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable callable
+        return getattr(func, "__name__", None)
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", None)
+        name = prop if prop in _VIEW_PROPS else None
+    elif name is not None:
+        name = _RENAME.get(name, name)
+        if name in META:
+            name = None
+    _NAME_CACHE[func] = name
+    return name
+
+
+def is_inplace(name: str) -> bool:
+    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
+
+
+@lru_cache(maxsize=4096)
+def op_category(op_lists: OpLists, name: str) -> str:
+    """``"inplace"`` for in-place ops (``add_``, ``__setitem__``: they keep their tensor's
+    format), else the op's :meth:`~mixprec.precision.OpLists.category`. Cached per op list."""
+    return "inplace" if is_inplace(name) else op_lists.category(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# walking arguments and results (torch.utils._pytree)
+# ----------------------------------------------------------------------------------------------
+
+
+def _nested(a: object) -> bool:
+    """Whether ``a`` is a container with something for the tree walk: a tensor or another
+    container inside (a shape tuple of ints has nothing: it is passed on as it is)."""
+    if isinstance(a, dict):
+        a = a.values()
+    elif not isinstance(a, (list, tuple)):
+        return False
+    return any(isinstance(b, (torch.Tensor, list, tuple, dict)) for b in a)
+
+
+def iter_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Every tensor among the arguments, at any depth (``cat``'s list, ``einsum``'s operands)."""
+    found: list[torch.Tensor] = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif _nested(a):
+            found.extend(t for t in tree_leaves(a) if isinstance(t, torch.Tensor))
+    return found
+
+
+def _map_one(fn: Callable[[torch.Tensor], torch.Tensor], a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return fn(a)
+    return tree_map_only(torch.Tensor, fn, a) if _nested(a) else a
+
+
+def map_tensors(
+    fn: Callable[[torch.Tensor], torch.Tensor], args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with every tensor, at any depth, replaced by ``fn(tensor)``.
+
+    Cost: the top level is looked at directly (a few microseconds for the flat argument lists
+    of most ops, once per op inside a region); only containers holding tensors go through the
+    tree walk (about 10 microseconds each).
+    """
+    return tuple(_map_one(fn, a) for a in args), {k: _map_one(fn, v) for k, v in kwargs.items()}
+
+
+def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
+    """An op's or module's result with every tensor replaced by ``fn(tensor)``.
+
+    Containers keep their types (named tuples such as ``torch.return_types.max``, dicts);
+    a single tensor, the common case, skips the tree walk.
+    """
+    return _map_one(fn, out)
