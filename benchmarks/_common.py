@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixprec.cli.bench_command import best_of, machine, markdown_table
+from mixprec.cli.bench_command import best_of, markdown_table
+from mixprec.machine import summary as machine
 
 __all__ = ["RESULTS", "best_of", "machine", "markdown_table", "write_result"]
 

@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mixprec
+from mixprec.machine import cpu_flags
 from mixprec.precision import DelayedScaling
-from mixprec.precision.native import cpu_flags, cpu_has_fast_bf16
+from mixprec.precision.native import cpu_has_fast_bf16
 
 
 class Block(nn.Module):

@@ -2,9 +2,9 @@
 :func:`mixprec.apply_policy` (the policy autocast), kept apart so amp's weight/master/scaler
 machinery does not depend on the autocast internals.
 
-The adapter decides native vs emulated execution (:func:`native_is_fast`), builds the
-:class:`~mixprec.precision.Policy` and :class:`~mixprec.precision.OpLists` of each opt level
-and attaches them to a model with a removable handle.
+The adapter builds the :class:`~mixprec.precision.Policy` and
+:class:`~mixprec.precision.OpLists` of each opt level and attaches them to a model with a
+removable handle.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from mixprec.formats import FloatFormat
 from mixprec.precision import OpLists, Policy, PolicyHandle, apply_policy
-from mixprec.precision import native_is_fast as _dtype_is_fast
 
 _NATIVE = (torch.float16, torch.bfloat16)
 
@@ -24,16 +23,6 @@ def native_dtype(fmt: FloatFormat) -> torch.dtype | None:
     """The torch dtype amp would store/compute ``fmt`` in natively (fp16/bf16/fp32/fp64)."""
     dt = fmt.torch_dtype
     return dt if dt in (*_NATIVE, torch.float32, torch.float64) else None
-
-
-def native_is_fast(fmt: FloatFormat, device_type: str) -> bool:
-    """True when ``fmt`` runs natively and fast on ``device_type`` (the autocast layer's rule:
-    CUDA fp16, bf16 where supported; CPU bf16 only with AVX-512-BF16/AMX). fp32/fp64 are
-    trivially native."""
-    dt = native_dtype(fmt)
-    if dt in (torch.float32, torch.float64):
-        return True
-    return _dtype_is_fast(dt, device_type)
 
 
 def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Policy, OpLists] | None:

@@ -37,6 +37,7 @@ from mixprec.amp.scaling import (
 )
 from mixprec.amp.state import ATTR, as_list
 from mixprec.formats import FloatFormat, get_format
+from mixprec.precision import native_is_fast
 
 _UNSUPPORTED_OPTIMIZERS = {
     "LBFGS": "it re-evaluates the loss through a closure, which bypasses scale_loss",
@@ -339,7 +340,7 @@ def _resolve_emulate(options: AmpOptions, device_type: str) -> bool:
     fmt = options.compute_format
     emulate = options.emulate
     if emulate is None:
-        emulate = not _levels.native_is_fast(fmt, device_type)
+        emulate = not native_is_fast(fmt, device_type)
     elif emulate is False and _levels.native_dtype(fmt) is None:
         raise ValueError(
             f"emulate=False: {fmt.name} has no native torch execution (only float16, bfloat16, "

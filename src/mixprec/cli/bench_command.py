@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mixprec.cli.arguments import format_list, int_at_least
+from mixprec.machine import summary
 
 if TYPE_CHECKING:
     import torch
@@ -36,28 +36,6 @@ def best_of(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def machine() -> str:
-    """One line: CPU, vector capability torch uses, threads, and the relevant CPU flags."""
-    import torch
-
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
-                    have = set(line.split(":", 1)[1].split())
-                    flags = " ".join(f for f in wanted if f in have)
-                    break
-    except OSError:
-        pass
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"capability {torch.backends.cpu.get_cpu_capability()}, threads "
-        f"{torch.get_num_threads()}, flags: {flags or 'n/a'}"
-    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -84,7 +62,7 @@ def quantize_table(n: int, repeat: int, formats: Sequence[str], slow: bool) -> s
               "torch cast pair / clone", "ml_dtypes / clone", "torch path / clone"]  # fmt: skip
     return (
         f"### quantize: {n:,} float32 elements, best of {repeat}\n\n"
-        f"Machine: {machine()}\n\n"
+        f"Machine: {summary()}\n\n"
         f"Anchors: clone {t_clone * 1e3:.2f} ms, copy_ into a preallocated tensor "
         f"{t_copy * 1e3:.2f} ms.\n\n" + markdown_table(header, rows) + "\n"
     )

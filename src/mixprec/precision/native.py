@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import torch
 
 from mixprec.formats.float_format import FloatFormat
+from mixprec.machine import cpu_flags
 from mixprec.precision.accumulate import Accumulate
 from mixprec.precision.fp8 import Fp8Recipe
 from mixprec.precision.ops import map_tensors, op_category
@@ -38,19 +38,6 @@ from mixprec.precision.policy import (
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
 from mixprec.formats.float_format import FloatFormat, close_matches, did_you_mean, get_format
+from mixprec.machine import run_parallel
 from mixprec.quantization import torch_kernel as _quantize_torch
 from mixprec.quantization.autograd_rounding import straight_through
 from mixprec.quantization.observers import notify_rounding
@@ -215,11 +215,6 @@ def _check_inplace_autograd(x: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixprec-quantize")
-
-
 def _seed(generator: torch.Generator | None) -> int:
     """Draw a 62-bit seed from a CPU generator (or torch's default one): reproducible streams."""
     return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
@@ -245,7 +240,7 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
     chunk = -(-n // threads)
     chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    list(_pool(threads).map(lambda b: run(*b), bounds))
+    run_parallel([partial(run, start, stop) for start, stop in bounds])
 
 
 def _quantize_work(
