@@ -87,7 +87,7 @@ def test_tiny_demo_json_validates_and_is_complete(tiny_report: tuple[Path, dict,
     on_disk = json.loads((out / "report.json").read_text(), parse_constant=no_nan)
     assert on_disk == json.loads(json.dumps(doc))
     validate_report(on_disk)
-    assert on_disk["schema_version"] == "1.0"
+    assert on_disk["schema_version"] == 1
     env = on_disk["environment"]
     assert env["torch"] == torch.__version__
     assert env["torch_threads"] == 1
@@ -149,7 +149,7 @@ def test_validator_rejects_broken_reports(tiny_report: tuple[Path, dict, str]) -
     del bad["environment"]
     cases.append((bad, "environment"))
     bad = copy.deepcopy(good)
-    bad["schema_version"] = "0.9"
+    bad["schema_version"] = 0
     cases.append((bad, "schema_version"))
     bad = copy.deepcopy(good)
     bad["tasks"][0]["runs"][1]["val_metric"] = float("nan")

@@ -53,7 +53,7 @@ EXPECTED = {
     "float4_e2m1fn": (2, 1, 1, 4, 6.0, 1.0, 0.5, 0.5, False, False, True, None),
 }  # fmt: skip
 
-ALIASES = {  # DESIGN.md's short names (and the usual spellings) -> canonical name
+ALIASES = {  # docs/design.md's short names (and the usual spellings) -> canonical name
     "fp64": "float64", "fp32": "float32", "tf32": "tfloat32", "bf16": "bfloat16",
     "fp16": "float16", "half": "float16", "e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2",
     "e2m1": "float4_e2m1fn", "e3m2": "float6_e3m2fn", "e2m3": "float6_e2m3fn",
@@ -159,7 +159,7 @@ def _custom_expected(x: int, y: int) -> tuple:
             float(Fraction(1, 1 << y)), True, has_nan, True)  # fmt: skip
 
 
-# DESIGN.md's short aliases win over the eXmY rule (e4m3 is the OCP float8_e4m3fn, ...)
+# docs/design.md's short aliases win over the eXmY rule (e4m3 is the OCP float8_e4m3fn, ...)
 ALIASED_EXMY = {"e4m3", "e5m2", "e2m1", "e3m2", "e2m3", "e8m0", "e3m4"}
 
 

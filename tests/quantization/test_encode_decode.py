@@ -174,7 +174,7 @@ def test_encode_matches_torch_codes(name, backend, fp16_patterns, bf16_patterns,
     x = torch.cat([fp16_patterns, bf16_patterns, specials])
     x = x[~torch.isnan(x)]  # torch keeps the sign of a NaN; mixprec's NaN code is canonical
     if name == "float8_e8m0fnu":
-        x = x[~(x < 0)]  # torch maps negatives to their magnitude, DESIGN.md says NaN
+        x = x[~(x < 0)]  # torch maps negatives to their magnitude, docs/design.md says NaN
         x = x[~_e8m0_bottom(x)]  # torch 2.13 rounds all of (2^-127, 2^-126) up
     saturate = name == "float8_e4m3fn"  # torch 2.13's e4m3fn cast saturates
     ref = x.to(TORCH_NATIVE[name])

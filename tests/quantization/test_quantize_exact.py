@@ -123,7 +123,7 @@ def _e8m0_bottom(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ml_mask(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Inputs where ml_dtypes' documented behaviour differs from DESIGN.md on purpose."""
+    """Inputs where ml_dtypes' documented behaviour differs from docs/design.md on purpose."""
     keep = torch.ones_like(x, dtype=torch.bool)
     if name in NO_NAN:
         # ml_dtypes turns NaN into (-)0 for fp6/fp4; mixprec keeps NaN in the container
@@ -147,7 +147,7 @@ def test_fp32_matches_torch_cast(
     dtype, saturate = TORCH_NATIVE[name]
     x = _inputs(name, backend, fp16_patterns, bf16_patterns, specials, random_fp32)
     if name == "float8_e8m0fnu":
-        # torch maps a negative input to the e8m0 of its magnitude; DESIGN.md (and ml_dtypes)
+        # torch maps a negative input to the e8m0 of its magnitude; docs/design.md (and ml_dtypes)
         # say NaN. Negative inputs are checked against ml_dtypes and the oracle instead; inputs
         # in (0, 2^-126), which torch 2.13 rounds up to 2^-126, against the oracle only.
         x = x[~(x < 0) & ~_e8m0_bottom(x)]

@@ -12,7 +12,7 @@ Two oracles, both independent of mixprec's code:
   arithmetic, evaluated per element on a sample; and one for e8m0 (``round_e8m0_exact``), with a
   closed form on the bit pattern for every float32 subnormal input.
 
-Rules encoded (DESIGN.md "Quantize semantics", IEEE 754 for directed modes):
+Rules encoded (docs/design.md, "Quantize"; IEEE 754 for directed modes):
   nearest: ties to even; toward_zero never overflows (gives ±max, finite inputs); up overflows to
   +inf only for positive inputs (negative ones stop at -max), down mirrors it; odd truncates and
   sets the last significand bit when inexact (so, like toward_zero, finite overflow gives ±max);

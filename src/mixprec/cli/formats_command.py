@@ -18,8 +18,7 @@ from typing import Any
 from mixprec.cli.arguments import format_name
 from mixprec.cli.output import table_console
 from mixprec.formats import format_info, format_table, get_format
-
-SCHEMA_VERSION = 1
+from mixprec.schema import SCHEMA_VERSION
 
 _COLUMNS = (
     ("name", "left"), ("bits", "right"), ("E", "right"), ("M", "right"), ("bias", "right"),

@@ -22,8 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from mixprec.cli.arguments import python_file
-
-SCHEMA_VERSION = 1
+from mixprec.schema import SCHEMA_VERSION
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

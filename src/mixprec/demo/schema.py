@@ -10,8 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
-
+from mixprec.schema import SCHEMA_VERSION
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}

@@ -29,8 +29,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from mixprec.formats.float_format import ALIASES, FORMATS, FloatFormat, get_format
-
-SCHEMA_VERSION = 1  # of Explanation.to_json()'s document
+from mixprec.schema import SCHEMA_VERSION
 
 # the deterministic rounding modes, in the order explain reports them; with "stochastic" these
 # are quantize's modes (mixprec.ROUNDING_MODES: formats sits below quantization, so the names are

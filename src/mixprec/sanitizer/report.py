@@ -12,8 +12,7 @@ import torch
 from mixprec.formats import FloatFormat, get_format
 from mixprec.sanitizer.findings import KINDS, Finding
 from mixprec.sanitizer.gradients import GradHistogram, make_histogram
-
-SCHEMA_VERSION = 1
+from mixprec.schema import SCHEMA_VERSION
 
 
 class LiveRun(Protocol):
