@@ -62,7 +62,6 @@ def test_no_torch_at_import() -> None:
 
 
 def test_modes_match_quantize() -> None:
-    assert set(describe_module._EXPLAIN_MODES) == set(ROUNDING_MODES)
     assert set(describe_module.DETERMINISTIC_MODES) == set(ROUNDING_MODES) - {"stochastic"}
 
 

@@ -18,6 +18,7 @@ from mixprec.formats.describe import (
 from mixprec.formats.float_format import (
     ALIASES,
     FORMATS,
+    ROUNDING_MODES,
     FloatFormat,
     format_names,
     get_format,
@@ -35,6 +36,7 @@ __all__ = [
     "FORMATS",
     "MX_ALIASES",
     "MX_FORMATS",
+    "ROUNDING_MODES",
     "ExactValue",
     "Explanation",
     "FloatFormat",

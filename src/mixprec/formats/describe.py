@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
 
-from mixprec.formats.float_format import ALIASES, FORMATS, FloatFormat, get_format
+from mixprec.formats.float_format import (
+    ALIASES,
+    FORMATS,
+    ROUNDING_MODES,
+    FloatFormat,
+    get_format,
+)
 from mixprec.schema import SCHEMA_VERSION
 
-# the deterministic rounding modes, in the order explain reports them; with "stochastic" these
-# are quantize's modes (mixprec.ROUNDING_MODES: formats sits below quantization, so the names are
-# repeated here and a test keeps the two lists equal)
-DETERMINISTIC_MODES: tuple[str, ...] = ("nearest", "toward_zero", "up", "down", "odd")
-_EXPLAIN_MODES = ("nearest", "stochastic", "toward_zero", "up", "down", "odd")
+# the deterministic rounding modes, in the order explain reports them
+DETERMINISTIC_MODES: tuple[str, ...] = tuple(m for m in ROUNDING_MODES if m != "stochastic")
 
 # A value is used exactly, so its size is bounded (its exact decimals, errors and JSON strings
 # grow with it): magnitudes from 1e-1000 up to below 1e1000 (every format's range, 2^-1074 ..
@@ -404,15 +407,6 @@ def round_exact(
     return -mag if negative else mag
 
 
-def _nan_code(f: FloatFormat) -> int:
-    """The canonical NaN: quiet (top mantissa bit) for IEEE-style formats, sign bit clear."""
-    if f.encoding == "ieee":
-        return (((1 << f.exponent_bits) - 1) << f.mantissa_bits) | (1 << (f.mantissa_bits - 1))
-    magnitude_bits = f.exponent_bits + f.mantissa_bits
-    # fn: all ones but the sign; fnuz: the negative-zero pattern; e8m0 (unsigned): all ones
-    return {"fn": (1 << magnitude_bits) - 1, "fnuz": 1 << magnitude_bits, "e8m0": 0xFF}[f.encoding]
-
-
 def bit_pattern(x: float, fmt: str | FloatFormat) -> int | None:
     """The code (bit pattern, as a non-negative int) of ``x``, a value of ``fmt``: what
     :func:`mixprec.encode` gives. NaN gives the canonical NaN code, or None in a format without
@@ -426,7 +420,7 @@ def bit_pattern(x: float, fmt: str | FloatFormat) -> int | None:
         raise ValueError(f"{_short(repr(x), 40)} is not a value of {f.name} (past float64's range)")
     x = float(x)
     if math.isnan(x):
-        return _nan_code(f) if f.has_nan else None
+        return f.nan_code
     if round_exact(x, f, "toward_zero") != x or (math.isinf(x) and not f.has_infinity):
         raise ValueError(f"{x!r} is not a value of {f.name}; round it first (round_exact)")
     m = f.mantissa_bits
@@ -470,7 +464,7 @@ def _nan_pattern(f: FloatFormat) -> str:
         return f"S.{_run_of('1', e)}.{mant * m if m <= 8 else mant}≠0"
     if f.encoding == "fn":
         return f"S.{_run_of('1', e)}.{_run_of('1', m)}"
-    return f"0x{_nan_code(f):0{(f.bits + 3) // 4}X}"  # one code: fnuz's -0 pattern, e8m0's 0xFF
+    return f"0x{f.nan_code:0{(f.bits + 3) // 4}X}"  # one code: fnuz's -0 pattern, e8m0's 0xFF
 
 
 def encoding_patterns(fmt: str | FloatFormat) -> dict[str, str]:
@@ -830,7 +824,7 @@ def explain(
     """
     f = get_format(fmt)
     v = _as_exact(value)
-    rounding = _check_mode(rounding, _EXPLAIN_MODES)
+    rounding = _check_mode(rounding, ROUNDING_MODES)
     saturate = _check_bool(saturate, "saturate")
     if v.exact is None:
         x = v.nearest_float()

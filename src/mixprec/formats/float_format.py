@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 Encoding = Literal["ieee", "fn", "fnuz", "finite", "e8m0"]
 _ENCODINGS = ("ieee", "fn", "fnuz", "finite", "e8m0")
 
+#: The rounding directions of a conversion into a format (IEEE 754's four, stochastic rounding
+#: and round-to-odd): the vocabulary of quantize and of the exact reference in ``describe``.
+ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero", "up", "down", "odd")
+
 
 def _pow2(exponent: int) -> float:
     """Exact 2**exponent as a Python float (binary64), for exponents binary64 can hold."""
@@ -86,6 +90,22 @@ class FloatFormat:
         return self.encoding != "finite" and not (
             self.encoding == "ieee" and self.mantissa_bits == 0
         )
+
+    @property
+    def nan_code(self) -> int | None:
+        """The canonical NaN's code (None without NaN): a quiet NaN (top mantissa bit set, sign
+        clear) for IEEE-style formats, all ones but the sign for ``fn``, the negative-zero
+        pattern for ``fnuz``, ``0xFF`` for e8m0. What ``encode`` gives for every NaN."""
+        if not self.has_nan:
+            return None
+        magnitude_bits = self.exponent_bits + self.mantissa_bits
+        if self.encoding == "ieee":
+            return (((1 << self.exponent_bits) - 1) << self.mantissa_bits) | (
+                1 << (self.mantissa_bits - 1)
+            )
+        return {"fn": (1 << magnitude_bits) - 1, "fnuz": 1 << magnitude_bits, "e8m0": 0xFF}[
+            self.encoding
+        ]
 
     @property
     def has_negative_zero(self) -> bool:

@@ -392,19 +392,6 @@ def code_dtype(fmt: str | FloatFormat) -> torch.dtype:
     return torch.int64
 
 
-def _nan_code(f: FloatFormat) -> int:
-    m, e = f.mantissa_bits, f.exponent_bits
-    if f.encoding == "ieee":
-        return (((1 << e) - 1) << m) | (1 << (m - 1) if m else 0)
-    if f.encoding == "fn":
-        return (1 << (e + m)) - 1
-    if f.encoding == "fnuz":
-        return 1 << (e + m)
-    if f.encoding == "e8m0":
-        return 0xFF
-    raise ValueError(f"{f.name} has no NaN encoding")
-
-
 def _codes_from_values(q: torch.Tensor, f: FloatFormat) -> torch.Tensor:
     """Codes of values already exactly representable in f (float64 tensor)."""
     u = q.view(torch.int64)
@@ -471,7 +458,7 @@ def encode(
             bits = torch.iinfo(dt).bits
             codes = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes).to(dt)
     if f.has_nan:  # one canonical NaN code, whatever the sign or payload
-        nan_code = _nan_code(f)
+        nan_code = f.nan_code
         if dt != torch.uint8 and nan_code >= 1 << (torch.iinfo(dt).bits - 1):
             nan_code -= 1 << torch.iinfo(dt).bits
         codes = torch.where(nan, torch.tensor(nan_code, dtype=dt, device=codes.device), codes)

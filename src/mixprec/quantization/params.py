@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-from mixprec.formats.float_format import FloatFormat
+from mixprec.formats.float_format import ROUNDING_MODES, FloatFormat
 
-ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "toward_zero", "up", "down", "odd")
 ROUNDING_CODES: dict[str, int] = {name: code for code, name in enumerate(ROUNDING_MODES)}
 
 F_FLUSH = 1
