@@ -27,6 +27,13 @@ ML_FORMATS = [
 NUMPY_FORMATS = ["float64", "float32", "float16"]
 
 
+@pytest.fixture(autouse=True)
+def piped_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables here are the piped layout (200 columns), whatever COLUMNS the shell exports;
+    tests/cli/test_cli_width.py covers other widths."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()

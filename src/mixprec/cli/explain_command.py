@@ -12,7 +12,8 @@ gives (stochastic: both candidates and their probabilities), with overflow and u
 
 The analysis is :func:`mixprec.formats.explain`, in exact rational arithmetic that follows
 :func:`mixprec.quantize` bit for bit; this command parses, calls it and prints the tables (or
-``Explanation.to_json()`` with ``--json``).
+``Explanation.to_json()`` with ``--json``), laid out for the terminal's width or ``--width N``
+(:mod:`mixprec.cli.output`): long values wrap, whole, and are never cut.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 from typing import Any
 
 from mixprec.cli.arguments import format_name
-from mixprec.cli.output import table_console
+from mixprec.cli.output import Column, Printer, add_width_argument
 from mixprec.formats import ExactValue, Explanation, exact_decimal, explain, hexfloat, parse_value
 
 
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--saturate", action="store_true", help="clamp overflow to ±max (quantize's saturate=True)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_width_argument(parser)
 
 
 def _value_arg(text: str) -> ExactValue:
@@ -59,11 +61,6 @@ def _value_arg(text: str) -> ExactValue:
 # ----------------------------------------------------------------------------------------------
 # text for table cells
 # ----------------------------------------------------------------------------------------------
-
-
-def _short(s: str, limit: int = 96) -> str:
-    """Cut a long string for a table cell (the JSON output keeps it whole)."""
-    return s if len(s) <= limit else f"{s[: limit - 1]}…"
 
 
 def _fmt_num(x: float | None) -> str:
@@ -94,13 +91,12 @@ def _input_text(v: ExactValue) -> str:
     if v.exact == 0:
         return "-0" if v.negative else "0"
     if v.exact.denominator & (v.exact.denominator - 1) == 0:
-        return _short(exact_decimal(v.exact), 96)
+        return exact_decimal(v.exact)
     as_text = str(v.exact) if len(str(v.exact)) <= 40 else v.text.strip()
     near = v.nearest_float()
-    return _short(
+    return (
         f"{as_text} exactly (not a binary fraction; nearest float64 {_fmt_num(near)} = "
-        f"{hexfloat(near)})",
-        96,
+        f"{hexfloat(near)})"
     )
 
 
@@ -134,8 +130,8 @@ def _result_rows(e: Explanation, d: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("decoded", r["class"]))
     if math.isfinite(e.result):
         dec = r["decimal"]
-        ndig = len(dec.lstrip("-0.").replace(".", ""))
-        rows.append(("exact decimal", dec if len(dec) <= 96 else f"{_short(dec)} ({ndig} digits)"))
+        ndig = len(dec.lstrip("-0.").replace(".", ""))  # a long one wraps: say how long it is
+        rows.append(("exact decimal", dec if len(dec) <= 96 else f"{dec} ({ndig} digits)"))
         rows.append(("hex", r["hex"]))
     for key, x in (("below", e.below), ("above", e.above)):
         nb = d["neighbours"][key]
@@ -148,46 +144,40 @@ def _result_rows(e: Explanation, d: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _head_table(e: Explanation, d: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    head = Table(title=f"{e.value.text} in {e.fmt.name}", show_header=False, title_justify="left")
-    head.add_column("field", style="bold")
-    head.add_column("value", overflow="fold")
-    head.add_row("input", _input_text(e.value))
-    for label, text in _result_rows(e, d):
-        head.add_row(label, text)
-    return head
+_MODE_COLUMNS = (
+    Column("mode"), Column("result", "right", "value"), Column("hex", group="value"),
+    Column("code", "right", "value"), Column("error (ulp)", "right", "error"),
+    Column("relative error", "right", "error"),
+)  # fmt: skip
 
 
-def _modes_table(e: Explanation, d: dict[str, Any]) -> Any:
-    from rich.table import Table
+def _head_rows(e: Explanation, d: dict[str, Any]) -> list[tuple[str, str]]:
+    return [("input", _input_text(e.value)), *_result_rows(e, d)]
 
-    modes = Table(title="rounding modes", title_justify="left")
-    for col in ("mode", "result", "hex", "code", "error (ulp)", "relative error"):
-        modes.add_column(col, justify="left" if col in ("mode", "hex") else "right")
+
+def _mode_rows(e: Explanation, d: dict[str, Any]) -> list[list[str]]:
+    rows = []
     for m, x in e.results.items():
         md = d["modes"][m]
-        ulps, rel = _fmt_err(md["error"])
-        modes.add_row(m, _fmt_num(x), md["hex"], md.get("code_hex", "-"), ulps, rel)
+        rows.append([m, _fmt_num(x), md["hex"], md.get("code_hex", "-"), *_fmt_err(md["error"])])
     for x, p in e.stochastic:
         md = e.value_info(x) or {}
-        ulps, rel = _fmt_err(e.error(x))
-        modes.add_row(
+        rows.append([
             f"stochastic (p={float(p):.6g})", _fmt_num(x), md.get("hex", "-"),
-            md.get("code_hex", "-"), ulps, rel,
-        )  # fmt: skip
-    return modes
+            md.get("code_hex", "-"), *_fmt_err(e.error(x)),
+        ])  # fmt: skip
+    return rows
 
 
-def render(e: Explanation) -> None:
-    """Print an explanation as two tables (the value, then every rounding mode) and its notes."""
+def render(e: Explanation, width: int | None = None) -> None:
+    """Print an explanation as tables (the value, then every rounding mode) and its notes, laid
+    out for ``width`` columns (default :func:`mixprec.cli.output.output_width`)."""
     d = e.to_json()
-    console = table_console()
-    console.print(_head_table(e, d))
-    console.print(_modes_table(e, d))
+    printer = Printer.for_width(width)
+    printer.pairs(f"{e.value.text} in {e.fmt.name}", _head_rows(e, d))
+    printer.columns("rounding modes", _MODE_COLUMNS, _mode_rows(e, d))
     for note in e.notes:
-        console.print(f"note: {note}")
+        printer.text(f"note: {note}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,5 +185,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(e.to_json(), indent=2))
     else:
-        render(e)
+        render(e, args.width)
     return 0

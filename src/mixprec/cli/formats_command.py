@@ -1,8 +1,10 @@
 """List the floating-point formats mixprec knows: layout, range, precision, special values.
 
 ``mixprec formats`` prints one row per named format; ``--format NAME`` describes one format
-(any name, alias or custom ``eXmY``) in detail; ``--json`` prints the same data as JSON. The
-data comes from :func:`mixprec.formats.format_info` and :func:`mixprec.formats.format_table`.
+(any name, alias or custom ``eXmY``) in detail; ``--json`` prints the same data as JSON;
+``--width N`` lays the tables out for N columns (:mod:`mixprec.cli.output`: a narrow terminal
+gets the columns split between tables, never a cut value). The data comes from
+:func:`mixprec.formats.format_info` and :func:`mixprec.formats.format_table`.
 
 Special-value encodings are written as ``S.EEEEE.MM`` bit patterns: ``S`` is the sign bit (either
 value), a run of more than 8 equal bits is abbreviated ``1{11}``, ``M{23}≠0`` means any nonzero
@@ -16,15 +18,25 @@ import json
 from typing import Any
 
 from mixprec.cli.arguments import format_name
-from mixprec.cli.output import table_console
+from mixprec.cli.output import Column, Printer, add_width_argument
 from mixprec.formats import format_info, format_table, get_format
 from mixprec.schema import SCHEMA_VERSION
 
+# groups: where the table is split between several (a narrow terminal), each group stays in one
+# table if it fits there
 _COLUMNS = (
-    ("name", "left"), ("bits", "right"), ("E", "right"), ("M", "right"), ("bias", "right"),
-    ("max", "right"), ("min normal", "right"), ("min subnormal", "right"), ("eps", "right"),
-    ("inf", "left"), ("NaN", "left"), ("torch", "left"), ("numpy/ml_dtypes", "left"),
+    Column("name"),
+    Column("bits", "right", "layout"), Column("E", "right", "layout"),
+    Column("M", "right", "layout"), Column("bias", "right", "layout"),
+    Column("max", "right", "range"), Column("min normal", "right", "range"),
+    Column("min subnormal", "right", "range"), Column("eps", "right", "range"),
+    Column("inf", group="special values"), Column("NaN", group="special values"),
+    Column("torch", group="types"), Column("numpy/ml_dtypes", group="types"),
 )  # fmt: skip
+_LEGEND = (
+    "S = sign bit; 1{n} = n one bits; M≠0 = any nonzero mantissa. "
+    "Aliases and custom eXmY formats: mixprec formats --format NAME"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="describe one format (a name, an alias such as bf16 or e4m3, or a custom eXmY)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_width_argument(parser)
 
 
 def _g(v: float) -> str:
@@ -66,37 +79,22 @@ def _detail_rows(d: dict[str, Any], signed: bool) -> list[tuple[str, str]]:
     ]
 
 
-def _print_one(d: dict[str, Any], signed: bool) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{d['name']}", show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    for k, v in _detail_rows(d, signed):
-        table.add_row(k, v)
-    table_console().print(table)
+def _print_one(d: dict[str, Any], signed: bool, printer: Printer) -> None:
+    printer.pairs(d["name"], _detail_rows(d, signed))
 
 
-def _print_all(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+def _row(d: dict[str, Any]) -> list[str]:
+    return [
+        d["name"], str(d["bits"]), str(d["exponent_bits"]), str(d["mantissa_bits"]),
+        str(d["bias"]), _g(d["max"]), _g(d["min_normal"]), _g(d["min_subnormal"]),
+        _g(d["eps"]), d["inf_encoding"], d["nan_encoding"],
+        (d["torch_dtype"] or "-").removeprefix("torch."), d["ml_dtype"] or "-",
+    ]  # fmt: skip
 
-    table = Table(title="mixprec formats")
-    for col, justify in _COLUMNS:
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for d in rows:
-        table.add_row(
-            d["name"], str(d["bits"]), str(d["exponent_bits"]), str(d["mantissa_bits"]),
-            str(d["bias"]), _g(d["max"]), _g(d["min_normal"]), _g(d["min_subnormal"]),
-            _g(d["eps"]), d["inf_encoding"], d["nan_encoding"],
-            (d["torch_dtype"] or "-").removeprefix("torch."),
-            d["ml_dtype"] or "-",
-        )  # fmt: skip
-    console = table_console()
-    console.print(table)
-    console.print(
-        "S = sign bit; 1{n} = n one bits; M≠0 = any nonzero mantissa. "
-        "Aliases and custom eXmY formats: mixprec formats --format NAME"
-    )
+
+def _print_all(rows: list[dict[str, Any]], printer: Printer) -> None:
+    printer.columns("mixprec formats", _COLUMNS, [_row(d) for d in rows])
+    printer.text(_LEGEND)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "formats": rows}, indent=2))
     elif args.fmt:
-        _print_one(rows[0], get_format(args.fmt).is_signed)
+        _print_one(rows[0], get_format(args.fmt).is_signed, Printer.for_width(args.width))
     else:
-        _print_all(rows)
+        _print_all(rows, Printer.for_width(args.width))
     return 0
