@@ -75,8 +75,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 UPDATE = os.environ.get("MIXPREC_UPDATE_DOCS", "") not in ("", "0")
 
-# rich renders tables at a fixed width when stdout is not a terminal (the `mixprec formats` table
-# is 200 columns wide); COLUMNS pins the width of anything that asks the environment instead
+# the width console blocks render at: `mixprec formats`/`explain` and rich read COLUMNS, so the
+# docs' wide tables (up to 200 columns) are reproducible; pages show narrow layouts with --width
 COLUMNS = 200
 
 # command-line prefix -> why it is not run (its arguments are still parsed)
