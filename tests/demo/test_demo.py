@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from mixprec.demo import (
     train_run,
     validate_report,
 )
-from mixprec.demo.data import VOCAB, _synthetic_digits, encode_text, load_digits, load_text
+from mixprec.demo import data as demo_data
+from mixprec.demo.data import VOCAB, encode_text, load_digits, load_text, read_digits
 from mixprec.demo.models import MatMul
 from mixprec.demo.probes import GradientProbe, probe_gradients
+from mixprec.demo.progress import PlainLines
 
 EXPECTED_RECIPES = ["fp32", "fp16-O2", "fp16-O3", "fp16-noscale", "bf16-O2", "fp8-hybrid"]
 FILES = ("report.md", "report.json", "curves.png", "grad_hist.png")
@@ -356,22 +359,83 @@ def test_train_run_is_deterministic() -> None:
 
 
 def test_shipped_data() -> None:
+    x, y = read_digits()
+    assert x.shape == (1797, 64) and y.shape == (1797,)
+    assert x.dtype == y.dtype == torch.int64
+    assert int(x.min()) == 0 and int(x.max()) == 16  # set pixels per 4x4 block of a 32x32 bitmap
+    assert torch.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     d = load_digits()
-    assert d.source == "sklearn-digits"  # scikit-learn is installed in the dev environment
-    assert len(d.y_train) + len(d.y_val) == 1797
+    assert d.source == "uci-optdigits"
+    assert (len(d.y_train), len(d.y_val)) == (1348, 449)
     assert set(d.y_train.tolist()) == set(range(10))
     assert float(d.x_train.min()) == 0.0 and float(d.x_train.max()) == 1.0
-    x, y = _synthetic_digits(n_per_class=12, seed=0)
-    assert x.shape == (120, 64) and sorted(y.tolist()) == sorted(list(range(10)) * 12)
-    # 17 grey levels (0..16), like the real data, and every image has ink
-    assert torch.equal(x, x.round()) and float(x.min()) == 0 and float(x.max()) == 16
-    assert bool((x.sum(1) > 0).all())
-    x2, _ = _synthetic_digits(n_per_class=12, seed=0)
-    assert torch.equal(x, x2)
+    # the digest the reports carry (the same images and split as every earlier report)
+    assert d.sha256 == "65e5b4619795efb40c1082f4c350c049e4ad552200d369b6ae99e21eef5e72c5"
+    assert load_digits(seed=1).sha256 == d.sha256  # the digest names the data, not the split
+    assert not torch.equal(load_digits(seed=1).y_val, d.y_val)
     t = load_text(max_chars=5000)
     assert t.n_chars == 5000 and len(t.train) + len(t.val) == 5000
     assert t.modules[0] == "difflib"
     assert encode_text("a\tb").tolist() == [VOCAB.index("a"), *[VOCAB.index(" ")] * 4,
                                             VOCAB.index("b")]  # fmt: skip
-    with pytest.raises(ValueError, match="source"):
-        load_digits(source="mnist")
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_digits(val_fraction=1.0)
+
+
+def test_shipped_digits_equal_scikit_learns_copy() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")  # a dev extra; the demo never needs it
+    ref = datasets.load_digits()
+    x, y = read_digits()
+    assert ref.data.shape == (1797, 64)
+    assert torch.equal(torch.from_numpy(ref.data), x.double())  # float64 there, exact
+    assert torch.equal(torch.from_numpy(ref.target).to(torch.int64), y)
+
+
+def test_shipped_digits_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_data, "DIGITS_CSV_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match=r"sha256.*modified; reinstall"):
+        read_digits()
+    monkeypatch.setattr(demo_data, "DIGITS_FILE", "data_files/missing.csv.gz")
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv\.gz.*reinstall"):
+        read_digits()
+
+
+def test_plain_progress_lines_at_their_cadence() -> None:
+    """Oracle: a fake clock (seconds) read once per call, and the lines it implies."""
+    ticks = iter([0.0, 1.0, 4.0, 12.0, 15.0, 30.0, 31.0, 31.5])
+    buf = io.StringIO()
+    lines = PlainLines(Console(file=buf, width=40), runs=2, interval_s=10.0,
+                       clock=lambda: next(ticks))  # fmt: skip
+    on_step = lines.run("text · fp16-O2", 100)  # starts at t=0
+    for done, loss in ((10, 4.0), (20, 3.5), (30, 3.25), (40, 3.0), (100, 2.5)):
+        on_step(done, loss)  # t = 1, 4, 12, 15, 30
+    on_step2 = lines.run("text · bf16-O2", 5)  # t=31
+    on_step2(5, 2.0)  # t=31.5
+    assert buf.getvalue().splitlines() == [
+        # t=12: 12 s since the last line (the start), 30 of 100 steps: 28 s to go
+        "[text · fp16-O2 1/2] step 30/100 loss 3.2500 eta 28s",
+        "[text · fp16-O2 1/2] done 100/100 loss 2.5000 in 30.0s",
+        "[text · bf16-O2 2/2] done 5/5 loss 2.0000 in 0.5s",
+    ]  # lines are never wrapped to the console's width
+    with pytest.raises(ValueError, match="interval_s"):
+        PlainLines(Console(file=buf), runs=1, interval_s=-1)
+
+
+def test_progress_is_plain_when_piped_and_bars_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # the CLI's own console on a captured (non-terminal) stdout: plain lines, flushed as it goes
+    rc = cli.main(["demo", "--preset", "tiny", "--task", "digits", "--formats", "fp32",
+                   "--out", str(tmp_path / "piped")])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    progress = out.split("digits (uci-optdigits)")[0].splitlines()  # what comes before the table
+    tag = re.escape("[digits · fp32 1/1]")
+    assert progress and all(re.fullmatch(tag + r" (step|done) .*s", x) for x in progress)
+    assert re.fullmatch(tag + r" done 24/24 loss \d+\.\d{4} in \d+\.\ds", progress[-1])
+    buf = io.StringIO()
+    run_demo(DemoConfig.tiny(tasks="digits", formats="fp32"), tmp_path / "tty",
+             console=Console(file=buf, force_terminal=True, width=120))  # fmt: skip
+    shown = buf.getvalue()
+    assert "digits · fp32" in shown and "24/24" in shown
+    assert "] done " not in shown

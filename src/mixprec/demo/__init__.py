@@ -2,8 +2,8 @@
 
 Modules: ``config`` (what to train), ``data`` and ``models`` (the two tasks), ``recipes`` (the
 precision recipes and their adapter onto mixprec's public API), ``probes`` (which gradients
-flush to zero), ``training`` (one run), ``runner`` (the whole demo), ``schema``, ``report`` and
-``plots`` (its outputs).
+flush to zero), ``training`` (one run), ``runner`` (the whole demo), ``progress`` (bars on a
+terminal, plain lines in a log), ``schema``, ``report`` and ``plots`` (its outputs).
 """
 
 from __future__ import annotations

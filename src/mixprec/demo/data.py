@@ -1,11 +1,9 @@
 """Data for ``mixprec demo``: nothing is downloaded, everything ships with the install.
 
-* **digits**: the 1,797 8x8 handwritten digits (UCI optdigits) that scikit-learn bundles as
-  ``sklearn/datasets/data/digits.csv.gz``. The file is located with ``importlib`` *without importing
-  scikit-learn* (which costs ~1 s) and parsed with the standard library. Where scikit-learn is not
-  installed, a deterministic stand-in is rendered from the DejaVu Sans glyphs that matplotlib (a
-  runtime dependency) ships: random affine distortions of "0".."9" rasterised to 8x8 with 17 grey
-  levels, the same shape and value range as the real data. The report says which one was used.
+* **digits**: the 1,797 8x8 handwritten digits of the UCI "Optical Recognition of Handwritten
+  Digits" test set (Alpaydin & Kaynak, CC BY 4.0), shipped as ``data_files/digits.csv.gz`` (53 KB;
+  source, licence and provenance in ``data_files/README.txt``). Its checksum is verified on
+  every load, so every install trains on exactly the same images.
 * **text**: docstrings of a fixed list of standard-library modules, read from the running
   interpreter's own ``.py`` sources (parsed with :mod:`ast`, so nothing is imported or executed).
   Where sources are not installed (zipped or ``.pyc``-only stdlib), the modules' runtime
@@ -17,8 +15,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import importlib.util
-import math
+import importlib.resources
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -26,18 +23,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = [
-    "VOCAB",
-    "DigitsData",
-    "TextData",
-    "encode_text",
-    "load_digits",
-    "load_text",
-]
-
 # --------------------------------------------------------------------------------------------
 # digits
 # --------------------------------------------------------------------------------------------
+
+DIGITS_FILE = "data_files/digits.csv.gz"  # relative to the mixprec.demo package
+#: sha256 of the decompressed CSV (byte-identical to scikit-learn 1.9.1's bundled copy)
+DIGITS_CSV_SHA256 = "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"
+DIGITS_NAME = "uci-optdigits"
 
 
 @dataclass(frozen=True)
@@ -48,101 +41,54 @@ class DigitsData:
     y_train: torch.Tensor  # (n,) int64
     x_val: torch.Tensor
     y_val: torch.Tensor
-    source: str  # "sklearn-digits" or "synthetic-digits"
+    source: str  # DIGITS_NAME
     sha256: str  # of the raw pixel/label bytes, so a report names exactly what it trained on
 
 
-def _sklearn_digits_path() -> Path | None:
-    """Path of scikit-learn's bundled ``digits.csv.gz``, found without importing sklearn."""
+def _shipped_digits_csv() -> bytes:
+    """The shipped CSV's bytes, checked against :data:`DIGITS_CSV_SHA256`."""
+    resource = importlib.resources.files("mixprec.demo").joinpath(DIGITS_FILE)
     try:
-        spec = importlib.util.find_spec("sklearn")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
-    return None
+        text = gzip.decompress(resource.read_bytes())
+    except OSError as exc:  # missing, unreadable or not gzip
+        raise FileNotFoundError(
+            f"mixprec/demo/{DIGITS_FILE} is missing or unreadable ({exc}); the installation is "
+            "incomplete: reinstall mixprec"
+        ) from None
+    digest = hashlib.sha256(text).hexdigest()
+    if digest != DIGITS_CSV_SHA256:
+        raise ValueError(
+            f"mixprec/demo/{DIGITS_FILE} has sha256 {digest}, expected {DIGITS_CSV_SHA256}: "
+            "the file was modified; reinstall mixprec"
+        )
+    return text
 
 
-def _read_digits_csv(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with gzip.open(path, "rt", encoding="ascii") as fh:
-        rows = [line.split(",") for line in fh.read().splitlines() if line.strip()]
-    data = torch.tensor([[int(float(v)) for v in row] for row in rows], dtype=torch.int64)
-    if data.ndim != 2 or data.shape[1] != 65:
-        raise ValueError(f"{path} is not the 8x8 digits table (shape {tuple(data.shape)})")
-    return data[:, :64].to(torch.float32), data[:, 64].clone()
+def read_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 images as (pixels (1797, 64) int64 in 0..16, labels (1797,) int64 in 0..9).
 
-
-def _synthetic_digits(n_per_class: int = 180, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render "0".."9" from matplotlib's DejaVu Sans under random affine maps, 8x8, levels 0..16.
-
-    Deterministic for a given matplotlib (the glyph outlines come from its bundled font file).
+    Cost: decompressing, hashing and parsing 53 KB (~50 ms).
     """
-    import numpy as np
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import TextPath
-
-    rng = np.random.default_rng(seed)
-    font = FontProperties(family="DejaVu Sans", weight="bold")
-    sub = 4  # 4x4 supersampling per pixel -> 17 grey levels, as in optdigits
-    grid = (np.arange(8 * sub) + 0.5) / (8 * sub)
-    gx, gy = np.meshgrid(grid, 1.0 - grid)  # image rows go downwards
-    pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    images, labels = [], []
-    for digit in range(10):
-        path = TextPath((0, 0), str(digit), size=1.0, prop=font)
-        verts = path.vertices
-        lo, hi = verts.min(axis=0), verts.max(axis=0)
-        centre, extent = (lo + hi) / 2, float((hi - lo).max())
-        for _ in range(n_per_class):
-            angle = rng.normal(0.0, 0.15)
-            scale = rng.uniform(0.7, 0.95) / extent
-            shear = rng.normal(0.0, 0.15)
-            aspect = rng.uniform(0.8, 1.15)
-            c, s = math.cos(angle), math.sin(angle)
-            m = np.array([[c, -s], [s, c]]) @ np.array([[aspect, shear], [0.0, 1.0]]) * scale
-            shift = np.array([0.5, 0.5]) + rng.normal(0.0, 0.04, size=2)
-            # map image points back into glyph space and test which fall inside the outline
-            inv = np.linalg.inv(m)
-            glyph_pts = (pts - shift) @ inv.T + centre
-            inside = path.contains_points(glyph_pts).reshape(8 * sub, 8 * sub)
-            img = inside.reshape(8, sub, 8, sub).sum(axis=(1, 3)).astype(np.float32)
-            images.append(img.reshape(64))
-            labels.append(digit)
-    order = rng.permutation(len(labels))
-    x = torch.from_numpy(np.stack(images)[order])
-    return x, torch.tensor(labels, dtype=torch.int64)[order]
+    rows = _shipped_digits_csv().decode("ascii").split()
+    data = torch.tensor([[int(v) for v in row.split(",")] for row in rows], dtype=torch.int64)
+    return data[:, :64].clone(), data[:, 64].clone()
 
 
-def load_digits(*, val_fraction: float = 0.25, seed: int = 0, source: str = "auto") -> DigitsData:
-    """The 8x8 digits, split with a fixed permutation (``seed``) into train and validation.
+def load_digits(*, val_fraction: float = 0.25, seed: int = 0) -> DigitsData:
+    """The shipped 8x8 digits, split with a fixed permutation (``seed``) into train and validation.
 
-    ``source``: ``"auto"`` (scikit-learn's file if present, else synthetic), ``"sklearn"`` or
-    ``"synthetic"``. Cost: parsing a 1,797-line CSV (~20 ms), or rendering 1,800 glyphs (~1 s).
+    Cost: :func:`read_digits` (~50 ms).
     """
-    if source not in ("auto", "sklearn", "synthetic"):
-        raise ValueError(f"source must be 'auto', 'sklearn' or 'synthetic', got {source!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    path = None if source == "synthetic" else _sklearn_digits_path()
-    if path is None and source == "sklearn":
-        raise FileNotFoundError("scikit-learn's digits.csv.gz was not found; is sklearn installed?")
-    if path is not None:
-        x, y = _read_digits_csv(path)
-        name = "sklearn-digits"
-    else:
-        x, y = _synthetic_digits(seed=seed)
-        name = "synthetic-digits"
+    x, y = read_digits()
     digest = hashlib.sha256(x.to(torch.uint8).numpy().tobytes() + y.numpy().tobytes()).hexdigest()
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=gen)
     n_val = round(len(y) * val_fraction)
     val, train = perm[:n_val], perm[n_val:]
-    x = x / 16.0  # pixel counts 0..16 -> [0, 1]
-    return DigitsData(x[train], y[train], x[val], y[val], name, digest)
+    pixels = x.to(torch.float32) / 16.0  # pixel counts 0..16 -> [0, 1]
+    return DigitsData(pixels[train], y[train], pixels[val], y[val], DIGITS_NAME, digest)
 
 
 # --------------------------------------------------------------------------------------------

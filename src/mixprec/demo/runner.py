@@ -1,11 +1,11 @@
 """``mixprec demo``: the mixed-precision paper's ablation, on data that ships with the install.
 
-Trains two small models — an MLP on scikit-learn's bundled 8x8 digits and a character-level
-transformer on the standard library's own docstrings — once per precision recipe (fp32; fp16 O2
-with master weights and dynamic loss scaling; fp16 without master weights; fp16 without loss
-scaling; bf16; fp8 e4m3/e5m2 HYBRID with per-tensor scaling), all emulated bit-exactly on any
-CPU through mixprec's public API, and writes ``report.md``, ``report.json``, ``curves.png`` and
-``grad_hist.png``.
+Trains two small models — an MLP on the UCI 8x8 handwritten digits (shipped with mixprec) and
+a character-level transformer on the standard library's own docstrings — once per precision
+recipe (fp32; fp16 O2 with master weights and dynamic loss scaling; fp16 without master
+weights; fp16 without loss scaling; bf16; fp8 e4m3/e5m2 HYBRID with per-tensor scaling), all
+emulated bit-exactly on any CPU through mixprec's public API, and writes ``report.md``,
+``report.json``, ``curves.png`` and ``grad_hist.png``.
 
 >>> from mixprec.demo import DemoConfig, run_demo
 >>> doc = run_demo(DemoConfig.quick(), out_dir="mixprec-report")  # doctest: +SKIP
@@ -19,7 +19,7 @@ import contextlib
 import datetime
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from mixprec.demo import report as rep
 from mixprec.demo.config import TASKS, DemoConfig, TaskSpec
 from mixprec.demo.plots import write_plots
+from mixprec.demo.progress import OnStep, Progress, make_progress
 from mixprec.demo.schema import SCHEMA_VERSION, validate_report
 from mixprec.demo.training import Task, merge_repeats, train_run
 
@@ -98,48 +99,22 @@ def _task_json(task: Task, preset: str) -> dict[str, Any]:
     }
 
 
-def _progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:>8}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
+def _offset(on_step: OnStep, steps: int, repeat: int) -> OnStep:
+    """``on_step`` for repeat ``repeat`` of a run: its steps continue the previous repeats'."""
+    return lambda step, loss: on_step(repeat * steps + step, loss)
 
 
-def _bar_callback(bars: Any, bar: Any, steps: int, repeat: int) -> Callable[[int, float], None]:
-    def on_step(step: int, loss: float) -> None:
-        if step % 10 == 0 or step == steps:  # a redraw per step would cost more than the step
-            bars.update(bar, completed=repeat * steps + step, loss=f"{loss:.4f}")
-
-    return on_step
-
-
-def _run_task(spec: TaskSpec, config: DemoConfig, bars: Any) -> dict[str, Any]:
+def _run_task(spec: TaskSpec, config: DemoConfig, progress: Progress) -> dict[str, Any]:
     """Every recipe of ``config`` on one task (all seeds); the task's report section."""
     task = Task(spec, config.seed)
     tj = _task_json(task, config.preset)
     for recipe in config.recipes:
-        bar = bars.add_task(f"{spec.name} · {recipe.id}", total=spec.steps * spec.seeds, loss="")
+        on_step = progress.run(f"{spec.name} · {recipe.id}", spec.steps * spec.seeds)
         records = [
             train_run(
                 task,
                 recipe,
-                on_step=_bar_callback(bars, bar, spec.steps, k),
+                on_step=_offset(on_step, spec.steps, k),
                 histogram=recipe.id == "fp32" and k == 0,
                 repeat=k,
             )
@@ -222,7 +197,9 @@ def run_demo(
 
     Writes ``report.md``, ``report.json``, ``curves.png``, ``grad_hist.png`` (creating
     ``out_dir``) and returns the JSON document. ``console``: a ``rich.console.Console`` for the
-    progress bars and the final table (default: stdout); ``progress=False`` hides the bars.
+    progress and the final table (default: stdout). Progress is a rich bar per run on a terminal
+    and, when the console is not one (a pipe, a log file), a plain line per run every 5 s and at
+    its end (:mod:`mixprec.demo.progress`); ``progress=False`` prints neither.
     ``threads``: torch CPU threads during training (default 1: the models are small, one thread is
     as fast on two cores, immune to a busy machine, and makes the numbers independent of the
     core count; ``None`` keeps the current setting). Everything is restored on return.
@@ -236,8 +213,9 @@ def run_demo(
     doc = _new_doc(config, threads)
     with _threads(threads), _deterministic(config.deterministic):
         doc["environment"] = rep.environment()
-        with _progress(console, progress) as bars:
-            doc["tasks"] = [_run_task(spec, config, bars) for spec in config.tasks]
+        runs = len(config.tasks) * len(config.recipes)
+        with make_progress(console, progress, runs) as shown:
+            doc["tasks"] = [_run_task(spec, config, shown) for spec in config.tasks]
     doc["wall_time_s"] = time.perf_counter() - t_start
     _write(doc, out)
     _print_results(console, doc, out)
