@@ -19,7 +19,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # dotted names in docs, e.g. `mixprec.amp.get_config` or mixprec.stable.softplus(...)
 DOTTED = re.compile(r"\bmixprec(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 # subpackages in layer order: a package may import those before it, never those after it
-LAYERS = ["formats", "quantization", "precision", "amp", "demo", "cli"]
+LAYERS = ["formats", "quantization", "precision", "amp", "integrations", "demo", "cli"]
 BESIDE = {"sanitizer": "precision", "stable": "precision"}  # same rank as precision
 ALWAYS_OK = {"machine", "schema", "testing"}  # bottom-layer utilities and test helpers
 

@@ -20,6 +20,7 @@ from mixprec.amp.config import (
 )
 from mixprec.amp.iteration import scale_loss
 from mixprec.amp.lifecycle import deinitialize, initialize
+from mixprec.amp.opt_levels import level_policy
 from mixprec.amp.scaling import (
     DivergenceError,
     DynamicLossScaler,
@@ -58,6 +59,7 @@ __all__ = [
     "initialize",
     "is_norm",
     "last_step_skipped",
+    "level_policy",
     "master_params",
     "scale_loss",
     "skipped_steps",

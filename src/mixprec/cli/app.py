@@ -1,4 +1,4 @@
-"""The ``mixprec`` command line: formats, explain, demo, sanitize, stabilize, bench.
+"""The ``mixprec`` command line: formats, explain, demo, sanitize, run, stabilize, bench.
 
 Each subcommand lives in its own module ``mixprec.cli.NAME_command`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``check(args, parser)`` for
@@ -22,7 +22,7 @@ import sys
 from importlib import import_module
 from types import ModuleType
 
-COMMANDS: tuple[str, ...] = ("formats", "explain", "demo", "sanitize", "stabilize", "bench")
+COMMANDS: tuple[str, ...] = ("formats", "explain", "demo", "sanitize", "run", "stabilize", "bench")
 
 
 def _load(name: str) -> ModuleType | None:

@@ -100,7 +100,10 @@ def _is_device(v: object) -> bool:
 def get_tag(t: torch.Tensor) -> str | None:
     """The logical format a tensor was tagged with, if its storage is unchanged since."""
     tag = getattr(t, TAG, None)
-    if tag is None or tag[1] != t._version:
+    if tag is None:
+        return None
+    # inference tensors (torch.inference_mode) have no version counter: the tag is trusted
+    if not t.is_inference() and tag[1] != t._version:
         return None
     return tag[0]
 
@@ -110,7 +113,7 @@ def set_tag(t: torch.Tensor, fmt_name: str | None) -> None:
         if getattr(t, TAG, None) is not None:
             setattr(t, TAG, None)
         return
-    setattr(t, TAG, (fmt_name, t._version))
+    setattr(t, TAG, (fmt_name, None if t.is_inference() else t._version))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +379,7 @@ class EmulatedExecutor:
         self, t: torch.Tensor, kind: object, make: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """``make()`` for t, reused while t (a leaf: weight, bias, input) keeps its version."""
-        if not t.is_leaf:
+        if not t.is_leaf or t.is_inference():  # no version counter to validate a cache entry
             return make()
         key = (id(t), kind, torch.is_grad_enabled() and t.requires_grad)
         hit = self._operand_cache.get(key)
