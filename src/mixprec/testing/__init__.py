@@ -3,7 +3,7 @@ references are computed), shared by the test suite and ``benchmarks/ulp_audit.py
 
 from __future__ import annotations
 
-from mixprec.testing import ulp
+from mixprec.testing import corpus, ulp
 from mixprec.testing.ulp import (
     ELEMENTWISE,
     LEVELS,
@@ -25,6 +25,7 @@ __all__ = [
     "ElementwiseSpec",
     "audit_elementwise",
     "audit_rows",
+    "corpus",
     "ulp",
     "ulp_error",
 ]
