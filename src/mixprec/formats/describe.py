@@ -33,6 +33,8 @@ from mixprec.formats.float_format import (
     FORMATS,
     ROUNDING_MODES,
     FloatFormat,
+    check_flag,
+    check_rounding,
     get_format,
 )
 from mixprec.schema import SCHEMA_VERSION
@@ -311,18 +313,6 @@ def _floor_log2(x: Fraction) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_mode(rounding: object, modes: tuple[str, ...]) -> str:
-    if not isinstance(rounding, str) or rounding not in modes:
-        raise ValueError(f"unknown rounding mode {rounding!r}; valid modes are {', '.join(modes)}")
-    return rounding
-
-
-def _check_bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False, got {type(value).__name__}: {value!r}")
-    return value
-
-
 def _sign_magnitude(x: object) -> tuple[bool, Fraction | float]:
     """(negative, |x|): |x| a Fraction, or math.inf / math.nan; -0.0 counts as negative."""
     if isinstance(x, bool) or not isinstance(x, (Fraction, int, float)):
@@ -387,8 +377,8 @@ def round_exact(
     for tensors (use quantize).
     """
     f = get_format(fmt)
-    mode = _check_mode(rounding, DETERMINISTIC_MODES)
-    saturate = _check_bool(saturate, "saturate")
+    mode = check_rounding(rounding, modes=DETERMINISTIC_MODES)
+    saturate = check_flag(saturate, "saturate")
     negative, a = _sign_magnitude(x)
     if isinstance(a, float) and math.isnan(a):
         return math.nan
@@ -396,7 +386,7 @@ def round_exact(
         return math.nan  # unsigned: no negative value (and -0 is 0)
     infinite = isinstance(a, float)
     r = math.inf if infinite else _round_magnitude(Fraction(a), f, mode, negative)
-    if r > Fraction(f.max):
+    if r > f.max_exact:
         mag = _overflow(f, mode, negative, infinite, saturate)
     elif r == 0 and not f.has_zero:
         mag = f.min_normal  # e8m0: [0, 2^-127] gives its smallest value
@@ -723,7 +713,7 @@ def _stochastic(
     """The candidates of stochastic rounding and their exact probabilities: the value rounded
     down and up, up with P = (v - lo) / (hi - lo) (so the mean is v)."""
     top = Fraction(2) ** (f.emax + 1)  # past ±max, the bracket's outer end is ±2^(emax+1)
-    vmax = Fraction(f.max)
+    vmax = f.max_exact
     lo: Fraction | None = None
     hi: Fraction | None = None
     if below is not None and math.isfinite(below):
@@ -778,7 +768,7 @@ def _range_notes(v: Fraction, f: FloatFormat) -> list[str]:
     a = abs(v)
     if v < 0 and not f.is_signed:
         return [f"{f.name} is unsigned (a scale format): negative inputs give NaN"]
-    if a > Fraction(f.max):
+    if a > f.max_exact:
         return [_overflow_note(f)]
     if f.encoding == "e8m0" and a < Fraction(f.min_normal):
         return [f"{f.name} has no zero: values below 2^-127 give 2^-127"]
@@ -824,8 +814,8 @@ def explain(
     """
     f = get_format(fmt)
     v = _as_exact(value)
-    rounding = _check_mode(rounding, ROUNDING_MODES)
-    saturate = _check_bool(saturate, "saturate")
+    rounding = check_rounding(rounding, modes=ROUNDING_MODES)
+    saturate = check_flag(saturate, "saturate")
     if v.exact is None:
         x = v.nearest_float()
         results = {m: round_exact(x, f, m, saturate) for m in DETERMINISTIC_MODES}

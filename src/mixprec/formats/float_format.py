@@ -147,7 +147,7 @@ class FloatFormat:
 
     # -- derived values (exact) -----------------------------------------------------------
     @cached_property
-    def _max_fraction(self) -> Fraction:
+    def max_exact(self) -> Fraction:
         m = self.mantissa_bits
         top_mantissa = (1 << m) - 1
         if self.encoding == "fn" and m > 0:
@@ -157,7 +157,7 @@ class FloatFormat:
     @property
     def max(self) -> float:
         """Largest finite value."""
-        return float(self._max_fraction)
+        return float(self.max_exact)
 
     @property
     def min_normal(self) -> float:
@@ -322,6 +322,29 @@ def did_you_mean(suggestions: list[str]) -> str:
     quoted = [repr(s) for s in suggestions]
     text = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
     return f"; did you mean {text}?"
+
+
+def check_rounding(
+    rounding: object, what: str = "rounding", modes: tuple[str, ...] = ROUNDING_MODES
+) -> str:
+    """``rounding`` if it is one of ``modes``; ``TypeError``/``ValueError`` (with a suggestion)
+    naming the bad value and the valid modes otherwise."""
+    if not isinstance(rounding, str):
+        raise TypeError(
+            f"{what} must be a str, one of {', '.join(modes)}; got "
+            f"{type(rounding).__name__}: {rounding!r}"
+        )
+    if rounding not in modes:
+        hint = did_you_mean(close_matches(rounding, modes))
+        raise ValueError(f"unknown {what} mode {rounding!r}{hint} (valid: {', '.join(modes)})")
+    return rounding
+
+
+def check_flag(value: object, what: str) -> bool:
+    """A bool option (``numpy.bool_`` too): ``saturate="no"`` would otherwise be silently true."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{what} must be a bool, got {type(value).__name__}: {value!r}")
 
 
 def _custom_format(key: str, shown: str) -> FloatFormat | None:

@@ -6,7 +6,7 @@
  * format and rounding mode. Pure integer arithmetic on the bit patterns: exact whatever the
  * FPU's flush-to-zero / denormals-are-zero flags are (torch.set_flush_denormal sets them).
  *
- * The algorithm (mirrored in _quantize_torch.py, the device-agnostic reference):
+ * The algorithm (mirrored in torch_kernel.py, the device-agnostic reference):
  *   |x| = m * 2^ulp_in                  m: significand with the implicit bit, ulp_in: its unit
  *   e   = floor(log2 |x|)               from the exponent of (float)m, exact since m < 2^(P+1)
  *   qe  = max(e, emin) - M              the target's quantum at |x| (subnormals: fixed quantum)

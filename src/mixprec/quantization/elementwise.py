@@ -5,8 +5,8 @@ value is exactly representable in the target format. Six rounding modes, IEEE 75
 for directed modes, OCP rules for saturation, NaN propagation, ``fnuz`` zero rules, and the e8m0
 scale format.
 
-Fast paths: on CPU a C kernel (``mixprec._kernels``, built at install time from the Python
-headers only) does one read and one write per element and splits large tensors over
+Fast paths: on CPU a C kernel (``mixprec.quantization._kernels``, built at install time from
+the Python headers only) does one read and one write per element and splits large tensors over
 ``torch.get_num_threads()`` threads. Elsewhere (CUDA, or no C compiler at install) a torch
 integer-op kernel with identical results runs instead. float16/bfloat16 inputs are widened to
 float32 (exact), rounded, and narrowed back (a second rounding only where the target format is
@@ -21,12 +21,17 @@ from functools import lru_cache, partial
 
 import torch
 
-from mixprec.formats.float_format import FloatFormat, close_matches, did_you_mean, get_format
+from mixprec.formats.float_format import (
+    FloatFormat,
+    check_flag,
+    check_rounding,
+    get_format,
+)
 from mixprec.machine import run_parallel
-from mixprec.quantization import torch_kernel as _quantize_torch
+from mixprec.quantization import torch_kernel
 from mixprec.quantization.autograd_rounding import straight_through
 from mixprec.quantization.observers import notify_rounding
-from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
+from mixprec.quantization.params import ROUNDING_CODES, KernelParams, kernel_params
 
 try:  # the optional C kernel
     from mixprec.quantization import _kernels  # type: ignore[attr-defined]
@@ -70,27 +75,6 @@ _INFERENCE_MSG = (
 )
 
 
-def _check_rounding(rounding: object, what: str = "rounding") -> str:
-    if not isinstance(rounding, str):
-        raise TypeError(
-            f"{what} must be a str, one of {', '.join(ROUNDING_MODES)}; got "
-            f"{type(rounding).__name__}: {rounding!r}"
-        )
-    if rounding not in ROUNDING_CODES:
-        hint = did_you_mean(close_matches(rounding, ROUNDING_MODES))
-        raise ValueError(
-            f"unknown {what} mode {rounding!r}{hint} (valid: {', '.join(ROUNDING_MODES)})"
-        )
-    return rounding
-
-
-def _check_flag(value: object, what: str) -> bool:
-    """A bool option: ``saturate="no"`` would otherwise be silently true."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
-        return bool(value)
-    raise TypeError(f"{what} must be a bool, got {type(value).__name__}: {value!r}")
-
-
 def _check_tensor(x: object, what: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -127,9 +111,9 @@ def _check_args(
     """Validate every argument of quantize-like calls; returns the format."""
     _check_tensor(x)
     f = get_format(fmt)
-    _check_rounding(rounding)
-    _check_flag(saturate, "saturate")
-    _check_flag(subnormals, "subnormals")
+    check_rounding(rounding)
+    check_flag(saturate, "saturate")
+    check_flag(subnormals, "subnormals")
     _check_generator(generator, x)  # type: ignore[arg-type]
     return f
 
@@ -262,7 +246,7 @@ def _quantize_work(
             # the kernel wrote raw memory: tell autograd, as torch's in-place ops do
             torch.autograd.graph.increment_version(dst)
         return target
-    res = _quantize_torch.quantize_bits(work, p, rounding, generator)
+    res = torch_kernel.quantize_bits(work, p, rounding, generator)
     if dst is not None:
         dst.copy_(res)
         return dst
@@ -400,7 +384,7 @@ def _codes_from_values(q: torch.Tensor, f: FloatFormat) -> torch.Tensor:
     e64 = a >> 52
     m64 = torch.where(e64 > 0, (a & ((1 << 52) - 1)) | (1 << 52), a & ((1 << 52) - 1))
     ulp_in = e64.clamp(min=1) - 1075
-    e_true = _quantize_torch._ilog2(m64.clamp(min=1)) + ulp_in
+    e_true = torch_kernel.ilog2(m64.clamp(min=1)) + ulp_in
     M = f.mantissa_bits
     if f.encoding == "e8m0":
         return (e_true + f.bias).clamp(0, 254)
@@ -462,7 +446,7 @@ def encode(
         if dt != torch.uint8 and nan_code >= 1 << (torch.iinfo(dt).bits - 1):
             nan_code -= 1 << torch.iinfo(dt).bits
         codes = torch.where(nan, torch.tensor(nan_code, dtype=dt, device=codes.device), codes)
-    if _check_flag(pack, "pack"):
+    if check_flag(pack, "pack"):
         codes = _pack_nibbles(codes, f)
     return codes
 
@@ -592,7 +576,7 @@ def decode(
     f = get_format(fmt)
     codes = _check_codes_tensor(codes, "codes")
     _check_float_dtype(dtype)
-    if _check_flag(packed, "packed"):
+    if check_flag(packed, "packed"):
         if f.bits > 4:
             raise ValueError(f"packed=True needs a format of at most 4 bits; {f.name} has {f.bits}")
         if codes.dim() == 0:
@@ -635,7 +619,7 @@ def fake_quantize(
     """
     f = _check_args(x, fmt, rounding, saturate, subnormals, generator)
     gf = None if grad_format is None else get_format(grad_format)
-    _check_rounding(grad_rounding, "grad_rounding")
+    check_rounding(grad_rounding, "grad_rounding")
 
     def q(t: torch.Tensor) -> torch.Tensor:
         return quantize(

@@ -95,7 +95,7 @@ def kernel_params(
 ) -> KernelParams:
     c = FLOAT32 if width == 32 else FLOAT64
     two = Fraction(2)
-    max_bits = c.bits_of(fmt._max_fraction)
+    max_bits = c.bits_of(fmt.max_exact)
     emin = fmt.emin  # the same grid for every rounding mode (``rounding`` is part of the key only)
     if fmt.encoding == "e8m0":
         # e8m0 rounds on its own grid, the powers of two 2^-127 .. 2^127, in every mode: linear

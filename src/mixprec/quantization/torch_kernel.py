@@ -23,7 +23,7 @@ from mixprec.quantization.params import (
 _LAYOUT = {32: (23, 127, torch.int32), 64: (52, 1023, torch.int64)}
 
 
-def _ilog2(v: torch.Tensor) -> torch.Tensor:
+def ilog2(v: torch.Tensor) -> torch.Tensor:
     """floor(log2(v)) for 0 < v < 2^53 (int64), exact via the float64 exponent field."""
     return (v.to(torch.float64).view(torch.int64) >> 52) - 1023
 
@@ -63,7 +63,7 @@ def _quantize_bits(
     neg = (u & (1 << (p.width - 1))) != 0
     a = u & ((1 << (p.width - 1)) - 1)  # magnitude bits
     m, ulp_in = _significand(a, P, p.width)
-    e = _ilog2(m) + ulp_in
+    e = ilog2(m) + ulp_in
     qe = e.clamp(min=p.emin) - p.mantissa_bits  # exponent of the target's quantum at x
     d = qe - ulp_in  # bits to drop
     k = _round_significand(m, d, neg, mode, p, x.shape, generator)
@@ -137,7 +137,7 @@ def _rebuild(k: torch.Tensor, qe: torch.Tensor, width: int) -> torch.Tensor:
     P, bias, _ = _LAYOUT[width]
     inf_bits = ((1 << (width - 1 - P)) - 1) << P
     safe_k = k.clamp(min=1)
-    lk = _ilog2(safe_k)
+    lk = ilog2(safe_k)
     big_e = lk + qe
     frac = (safe_k << (P - lk).clamp(min=0)) & ((1 << P) - 1)
     normal = ((big_e + bias).clamp(min=0) << P) | frac

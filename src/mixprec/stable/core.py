@@ -39,7 +39,6 @@ __all__ = [
     "float_pair",
     "map_elementwise",
     "map_rows",
-    "to_wide",
 ]
 
 #: The dtype formulas are evaluated in.
@@ -99,11 +98,6 @@ def float_pair(x: object, y: object, names: tuple[str, str] = ("x", "y")) -> tup
         raise ValueError(f"{names[0]} is on {xt.device} but {names[1]} is on {yt.device}")
     device = xt.device if xt.dim() or not yt.dim() else yt.device
     return xt.to(device=device, dtype=dtype), yt.to(device=device, dtype=dtype)
-
-
-def to_wide(x: Tensor) -> Tensor:
-    """``x`` in the wide dtype (no copy when it already is float64)."""
-    return x.to(WIDE)
 
 
 def _workers() -> int:

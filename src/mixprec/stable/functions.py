@@ -6,7 +6,7 @@ Internally the formula runs in float64 and the result is rounded once, so for fl
 narrower the error is at most half an ulp plus a hair (the ULP audit in ``docs/stable.md`` and
 ``benchmarks/ulp_audit.py`` measures it against mpmath); float64 inputs use the same careful
 formulas (a few ulps). On CPU the float64 work is done in cache-sized chunks, which keeps the
-functions about as fast as the naive expressions they replace (see ``_stable_core``).
+functions about as fast as the naive expressions they replace (see :mod:`mixprec.stable.core`).
 
 Gradients are analytic (``torch.autograd.Function``), evaluated in float64 from the saved inputs,
 and finite wherever the true derivative is; they are themselves differentiable (double backward
@@ -727,7 +727,7 @@ def lambertw(z: Tensor, branch: int = 0) -> Tensor:
 
     ``branch=0`` (principal): ``z >= -1/e``, ``w >= -1``; ``branch=-1``: ``-1/e <= z < 0``,
     ``w <= -1``. NaN outside the domain. Evaluated with a fixed number of Halley steps from a
-    piecewise closed-form guess (no data-dependent loop; see ``_stable_lambertw``).
+    piecewise closed-form guess (no data-dependent loop; see :mod:`mixprec.stable.lambert`).
     Gradient ``W / (z (1 + W))`` (1 at ``z = 0`` on branch 0). Cost: about 30 float64
     elementwise ops (70 more for float64 inputs, which use a 40-term series near ``-1/e``).
     """
