@@ -50,15 +50,30 @@ def float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[st
     return parse
 
 
-def format_name(text: str) -> str:
-    """A format name, alias or custom ``eXmY`` that :func:`mixprec.formats.get_format` accepts."""
-    from mixprec.formats import get_format
+def checked_by(check: Callable[[str], object], name: str) -> Callable[[str], str]:
+    """An argparse type that lets the library judge a value: ``check(text)``'s ValueError or
+    TypeError (whose message names the valid choices) becomes the usage error, and the text is
+    passed on unchanged, so the subcommand hands the library what the user wrote."""
 
-    try:
-        get_format(text)
-    except (ValueError, TypeError) as exc:  # the library's message names the valid formats
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def _get_format(text: str) -> object:
+    from mixprec.formats import get_format  # not at import time: ``mixprec --help`` stays light
+
+    return get_format(text)
+
+
+#: A format name, alias or custom ``eXmY`` that :func:`mixprec.formats.get_format` accepts.
+format_name = checked_by(_get_format, "format")
 
 
 def format_list(text: str) -> str:

@@ -20,23 +20,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mixprec.cli.arguments import int_at_least, output_dir
+from mixprec.cli.arguments import checked_by, int_at_least, output_dir
 
 
 def _checked_by(resolver: str) -> Callable[[str], str]:
-    """An argparse type: ``mixprec.demo.<resolver>`` judges the value (its ValueError names the
-    accepted values) and the text is passed on unchanged."""
+    """``mixprec.demo.<resolver>`` judges the value (imported when used: ``mixprec --help``
+    stays light)."""
 
-    def parse(text: str) -> str:
-        import mixprec.demo  # not at import time: ``mixprec --help`` stays light
+    def check(text: str) -> object:
+        import mixprec.demo
 
-        try:
-            getattr(mixprec.demo, resolver)(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
+        return getattr(mixprec.demo, resolver)(text)
 
-    return parse
+    return checked_by(check, resolver)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 
+from mixprec.cli.arguments import checked_by
 from mixprec.cli.scripts import (
     ScriptOption,
     add_script_arguments,
@@ -38,15 +39,14 @@ from mixprec.cli.scripts import (
 )
 
 
-def policy_text(text: str) -> str:
-    """A format name or a policy string that :func:`mixprec.autocast` accepts."""
+def _coerce_policy(text: str) -> object:
     from mixprec import Policy
 
-    try:
-        Policy.coerce(text)
-    except (ValueError, TypeError) as exc:  # the library's message names the valid choices
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return Policy.coerce(text)
+
+
+#: A format name or a policy string that :func:`mixprec.autocast` accepts.
+policy_text = checked_by(_coerce_policy, "policy")
 
 
 _OPTIONS = (

@@ -24,6 +24,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     from mixprec import __version__
+    from mixprec.machine import cpu_capability
     from mixprec.quantization import has_c_kernel
 
     try:
@@ -43,7 +44,7 @@ def environment() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "ml_dtypes": mld,
         "mixprec": __version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "c_kernel": has_c_kernel(),
         "device": "cpu",
