@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mixprec.stable.capture import CaptureError
 from mixprec.stable.functions import (
     lambertw,
     log1mexp,
@@ -30,6 +31,7 @@ from mixprec.stable.rewrite import (
 )
 
 __all__ = [
+    "CaptureError",
     "DEFAULT_RULES",
     "Alt",
     "Change",
