@@ -31,9 +31,9 @@ from mixprec.stable.rewrite import (
 )
 
 __all__ = [
-    "CaptureError",
     "DEFAULT_RULES",
     "Alt",
+    "CaptureError",
     "Change",
     "Const",
     "Match",

@@ -1,0 +1,161 @@
+"""Benchmark: one training step of each corpus model under mixprec.sanitize ÷ plain fp32.
+
+Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA from small configs, a nanoGPT-style
+GPT; random init, nothing downloaded), their example batch (2 x 16 tokens) repeated ``--repeat``
+times along the batch (default 1 and 16: the corpus configs are tiny, so at the corpus batch the
+step is dominated by the sanitizer's fixed cost per op, ~0.1 ms of Python, not by arithmetic).
+Step = forward, the entry's loss, backward. Time: minimum wall-clock over ``--steps`` interleaved
+rounds after a warm-up step, one torch thread. Memory: one step per (model, mode) in a fresh
+subprocess, peak RSS (VmHWM) minus RSS before the step.
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sanitize_corpus.py [--steps N]
+[--repeat N ...] [--no-memory]`` (writes benchmarks/results/sanitize_corpus.md). Targets
+(issue 13): time <= 3x, never above 5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from _common import machine, markdown_table, write_result
+from mixprec.sanitizer import sanitize
+from mixprec.testing import corpus
+
+
+def _repeat(x: Any, k: int) -> Any:
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and k > 1:
+        return x.repeat(k, *([1] * (x.dim() - 1)))
+    return x
+
+
+class Runner:
+    """One corpus model with its example batch repeated ``repeat`` times."""
+
+    def __init__(self, name: str, repeat: int) -> None:
+        self.entry = corpus.get(name)
+        self.model, args, kwargs = self.entry.example(0)
+        self.args = tuple(_repeat(a, repeat) for a in args)
+        self.kwargs = {k: _repeat(v, repeat) for k, v in kwargs.items()}
+
+    def step(self) -> None:
+        self.entry.loss(self.model, self.args, self.kwargs).backward()
+        self.model.zero_grad(set_to_none=True)
+
+
+def _mode(sanitized: bool) -> contextlib.AbstractContextManager[Any]:
+    return sanitize() if sanitized else contextlib.nullcontext()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(name: str, repeat: int, sanitized: bool) -> None:
+    """Child process: one step; prints {before, peak} in KiB."""
+    r = Runner(name, repeat)
+    r.step()  # warm-up: lazy inits are not the sanitizer's memory
+    before = _status_kib("VmRSS")
+    with _mode(sanitized):
+        r.step()
+    print(json.dumps({"before": before, "peak": _status_kib("VmHWM")}))
+
+
+def _memory(name: str, repeat: int, sanitized: bool) -> float:
+    cmd = [sys.executable, __file__, "--probe", name, str(repeat), str(int(sanitized))]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    return (d["peak"] - d["before"]) / 1024
+
+
+def _times(name: str, repeat: int, steps: int) -> tuple[float, float, dict[str, Any]]:
+    """(plain seconds, sanitized seconds, the sanitized run's stats and finding count)."""
+    runs = {False: Runner(name, repeat), True: Runner(name, repeat)}
+    best = {False: float("inf"), True: float("inf")}
+    info: dict[str, Any] = {}
+    for i in range(steps + 1):  # round 0 warms up
+        for sanitized, r in runs.items():
+            with _mode(sanitized) as report:
+                t0 = time.perf_counter()
+                r.step()
+                dt = time.perf_counter() - t0
+            if i:
+                best[sanitized] = min(best[sanitized], dt)
+            if report is not None:
+                info = {"findings": len(report.findings), **report.stats}
+    return best[False], best[True], info
+
+
+def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
+    plain, san, info = _times(name, repeat, steps)
+    row = [
+        name,
+        f"{2 * repeat} x 16",
+        f"{1e3 * plain:.1f}",
+        f"{1e3 * san:.1f}",
+        f"{san / plain:.1f}",
+    ]
+    if memory:
+        mp, ms = _memory(name, repeat, False), _memory(name, repeat, True)
+        row.append(f"{mp:.1f} / {ms:.1f}")
+    row.append(
+        f"{info['ops']} / {info['ops_shadowed']} / {info['ops_slow_path']} / {info['findings']}"
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (minimum is reported)")
+    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
+    ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    ap.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.probe:
+        memory_probe(args.probe[0], int(args.probe[1]), bool(int(args.probe[2])))
+        return 0
+    rows = [
+        _row(name, k, args.steps, not args.no_memory)
+        for k in args.repeat
+        for name in corpus.available()
+    ]
+    header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain"]
+    if not args.no_memory:
+        header.append("step RSS growth MiB, plain / sanitize")
+    header.append("ops / shadowed / slow path / findings")
+    text = "\n".join(
+        [
+            "# sanitize on the corpus models: one training step, sanitize() ÷ plain fp32",
+            "",
+            machine(),
+            "",
+            markdown_table(header, rows),
+            "",
+            f"Minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; memory "
+            "from one step per (model, mode) in a fresh process after a warm-up step. Target "
+            "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise.",
+            "",
+        ]
+    )
+    print(text)
+    write_result("sanitize_corpus", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
