@@ -267,7 +267,7 @@ def test_hybrid_gradient_operands_are_e5m2() -> None:
     torch.manual_seed(10)
     lin = nn.Linear(32, 16, bias=False)
     x = torch.randn(8, 32, requires_grad=True)
-    with autocast("p=f32,c=e4m3,o=f32,g=e5m2", emulate=True):
+    with autocast("p=f32,c=e4m3,o=f32,g=e5m2", emulate=True, fp8_recipe=None):  # raw rounding
         y = lin(x)
     e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
     assert not rep(y, e4m3)  # fp8 GEMMs write fp32 results
@@ -377,7 +377,7 @@ def test_current_scaling_rounds_scaled_operands() -> None:
         expected = (t * s).to(torch.float8_e4m3fn).float() / s  # torch's saturating cast
         assert torch.allclose(got, expected, rtol=1e-6, atol=0)
     assert torch.isfinite(y).all()
-    with autocast("e4m3", emulate=True):
+    with autocast("e4m3", emulate=True, fp8_recipe=None):
         assert torch.isnan(a @ b).any()  # unscaled e4m3fn overflow gives NaN
 
 
@@ -683,3 +683,122 @@ def test_apply_policy_bad_arguments() -> None:
         apply_policy(nn.Linear(2, 2), "bf16", filter_fn="Linear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fp8_format"):
         CurrentScaling(fp8_format="E5M2")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# the default fp8 recipe, power-of-two scales, MX scale rounding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp8_formats_default_to_current_scaling() -> None:
+    from mixprec.precision import DEFAULT_RECIPE, default_recipe
+
+    r = autocast("e4m3").fp8_recipe
+    assert isinstance(r, CurrentScaling) and not r.power_of_two
+    assert (r.forward_format.name, r.backward_format.name) == ("float8_e4m3fn",) * 2
+    hybrid = autocast("p=f32,c=e4m3,o=f32,g=e5m2").fp8_recipe
+    assert hybrid is not None and hybrid.backward_format.name == "float8_e5m2"
+    assert autocast("e5m2").fp8_recipe.forward_format.name == "float8_e5m2"  # type: ignore[union-attr]
+    for fmt in ("bf16", "fp16", "mxfp8", "e6m9", "float32"):
+        assert autocast(fmt).fp8_recipe is None, fmt
+    assert autocast("e4m3", fp8_recipe=None).fp8_recipe is None  # raw rounding, on request
+    assert autocast("e4m3", fp8_recipe=DEFAULT_RECIPE).fp8_recipe is not None
+    assert default_recipe(Policy(compute="float8_e8m0fnu")) is None  # a scale format, no mantissa
+    assert autocast("p=f32,c=e4m3,o=f32,g=mxfp8_e5m2").fp8_recipe is None  # per-block gradients
+    assert repr(DEFAULT_RECIPE) == "DEFAULT_RECIPE"
+
+
+def test_default_recipe_equals_explicit_current_scaling() -> None:
+    torch.manual_seed(30)
+    a = torch.randn(8, 32) * 1000  # unscaled e4m3 rounding would overflow to NaN
+    b = torch.randn(32, 4) * 1e-4
+    with autocast("e4m3", emulate=True):
+        y = a @ b
+    with autocast("e4m3", emulate=True, fp8_recipe=CurrentScaling(fp8_format="E4M3")):
+        ref = a @ b
+    assert torch.isfinite(y).all() and torch.equal(y, ref)
+    lin = nn.Linear(32, 4)
+    handle = apply_policy(lin, "e4m3", emulate=True)
+    with torch.no_grad():
+        out = lin(a)
+    handle.remove()
+    explicit = CurrentScaling(fp8_format="E4M3")
+    with torch.no_grad(), autocast("e4m3", emulate=True, fp8_recipe=explicit):
+        assert torch.equal(out, lin(a))
+
+
+def test_default_recipe_leaves_wide_gradients_unscaled() -> None:
+    torch.manual_seed(31)
+    lin = nn.Linear(32, 16, bias=False)
+    x = torch.randn(8, 32, requires_grad=True)
+    with autocast("p=f32,c=e4m3,o=f32,g=bf16", emulate=True):
+        y = lin(x)
+    probe = Probe()
+    dy = torch.linspace(0.3, 3, 16) * 1.001
+    with probe:
+        (y * dy).sum().backward()
+    want = dy.to(torch.bfloat16).float().expand(8, 16)  # plain bf16 rounding, no scale
+    mms = probe.find("mm")
+    assert len(mms) == 2
+    for _, ins, _ in mms:
+        assert any(torch.equal(i, want) or torch.equal(i, want.t()) for i in ins)
+
+
+def test_power_of_two_scales() -> None:
+    torch.manual_seed(32)
+    a = torch.randn(8, 32) * 1000
+    b = torch.randn(32, 4) * 1e-4
+    probe = Probe()
+    recipe = CurrentScaling(fp8_format="E4M3", power_of_two=True)
+    with autocast("bf16", emulate=True, fp8_recipe=recipe), probe:
+        a @ b
+    ((_, ins, _),) = probe.find("mm")
+    for got, t in zip(ins, (a, b), strict=True):
+        s = 2.0 ** math.floor(math.log2(448.0 / t.abs().amax().item()))
+        expected = (t * s).to(torch.float8_e4m3fn).float() / s  # exact: s is a power of two
+        assert torch.equal(got, expected)
+
+
+def test_scale_overflow_falls_back_to_one() -> None:
+    """An amax so small that 448 / amax overflows float32 must not turn zeros into NaN."""
+    x = torch.zeros(4, 4)
+    x[0, 0] = 1e-44
+    for recipe in (CurrentScaling(), CurrentScaling(power_of_two=True), DelayedScaling()):
+        for _ in range(2):
+            q = recipe.quantize(x, get_format("e4m3"), slot="s")
+            assert torch.isfinite(q).all()
+
+
+def test_recipe_argument_checks() -> None:
+    with pytest.raises(TypeError, match="power_of_two must be a bool"):
+        CurrentScaling(power_of_two="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="forward: unknown format 'e4m9x'"):
+        CurrentScaling(forward="e4m9x")
+    with pytest.raises(ValueError, match="backward"):
+        DelayedScaling(backward="nope")
+    assert DelayedScaling(forward="e5m2").forward_format.name == "float8_e5m2"
+
+
+@pytest.mark.parametrize("rule", ["rceil", "ceil", "even"])
+def test_mx_scale_rounding_in_autocast(rule: str) -> None:
+    from mixprec.quantization import mx_quantize
+
+    torch.manual_seed(33)
+    a, b = torch.randn(8, 64) * 3, torch.randn(64, 4)
+    a[:, ::32] = 470.0  # the block maxima where floor and rceil/ceil differ
+    for region in (
+        autocast("mxfp8", scale_rounding=rule),
+        autocast(Policy(compute="mxfp8", scale_rounding=rule)),
+        autocast(f"c=mxfp8,scale_rounding={rule}"),
+    ):
+        probe = Probe()
+        with region, probe:
+            a @ b
+        ((_, ins, _),) = probe.find("mm")
+        assert torch.equal(ins[0], mx_quantize(a, "e4m3", axis=-1, scale_rounding=rule))
+        assert torch.equal(ins[1], mx_quantize(b, "e4m3", axis=0, scale_rounding=rule))
+        assert not torch.equal(ins[0], mx_quantize(a, "e4m3", axis=-1)) or rule == "even"
+    with pytest.raises(ValueError, match="applies to MX formats only"):
+        autocast("bf16", scale_rounding="rceil")
+    with pytest.raises(ValueError, match="scale_rounding must be one of"):
+        apply_policy(nn.Linear(2, 2), "mxfp8", scale_rounding="round")

@@ -214,3 +214,32 @@ def test_torch_amp_lists_differ_where_torch_differs() -> None:
     assert cpu.category("softmax") == "follow" and cuda.category("softmax") == "fp32"
     assert cpu.category("linear") == cuda.category("linear") == "low"
     assert DEFAULT_LOW.isdisjoint(DEFAULT_FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# MX scale rounding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["floor", "rceil", "ceil", "even"])
+def test_scale_rounding_field_string_and_specs(rule: str) -> None:
+    p = Policy(compute="mxfp8", output="bf16", scale_rounding=rule)
+    assert p.compute_format.scale_rounding == rule and p.compute_format.is_mx
+    assert p.output_format.scale_rounding == "floor"  # element formats keep the default
+    text = str(p)
+    assert text.endswith(f",scale_rounding={rule}") == (rule != "floor")
+    assert Policy.from_string(text) == p
+    assert Policy.from_string(f"c=mxfp4,scale_rounding={rule}").scale_rounding == rule
+
+
+def test_scale_rounding_refused_where_it_changes_nothing_or_is_unknown() -> None:
+    with pytest.raises(ValueError, match="applies to MX formats only"):
+        Policy(compute="bf16", scale_rounding="rceil")
+    with pytest.raises(ValueError, match=r"Policy\.scale_rounding must be one of \('floor'"):
+        Policy(compute="mxfp8", scale_rounding="up")
+    with pytest.raises(TypeError, match=r"Policy\.scale_rounding must be a str"):
+        Policy(compute="mxfp8", scale_rounding=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token 'scale_rounding=nearest'"):
+        Policy.from_string("c=mxfp8,scale_rounding=nearest")
+    # an MX format anywhere in the policy is enough (here: the gradients)
+    assert Policy(compute="e4m3", grads="mxfp8_e5m2", scale_rounding="ceil").grads_format.is_mx

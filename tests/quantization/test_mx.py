@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mixprec.formats import MX_FORMATS, MXFormat, get_mx_format
-from mixprec.quantization import mx_decode, mx_encode, mx_quantize
+from mixprec.quantization import mx_decode, mx_encode, mx_quantize, mx_scale_exponents
 
 # name -> (exponent bits, mantissa bits, bias, encoding, emax_elem from the spec's table,
 #          ml_dtypes type)
@@ -99,13 +99,45 @@ def floor_log2(a: Fraction) -> int:
     return e
 
 
-def ref_block(values: list[float], name: str, mode: str) -> tuple[int | None, list[float]]:
+def ceil_log2(a: Fraction) -> int:
+    e = floor_log2(a)
+    return e if a == Fraction(2) ** e else e + 1
+
+
+def round_mantissa(a: Fraction, m_bits: int) -> Fraction:
+    """``a`` rounded to ``m_bits`` fraction bits in its binade, ties to even."""
+    ulp = Fraction(2) ** (floor_log2(a) - m_bits)
+    q, r = divmod(a, ulp)
+    if r * 2 > ulp or (r * 2 == ulp and q % 2 == 1):
+        q += 1
+    return q * ulp
+
+
+def shared_exponent(amax: Fraction, name: str, rule: str, work: type) -> int:
+    """The shared exponent of a block by a scale-rounding rule, from the rules' definitions
+    (``work``: the float type the rceil quotient amax / max is rounded to)."""
+    if amax == 0:
+        return -127
+    emax, m_bits = SPEC[name][4], SPEC[name][1]
+    if rule == "floor":
+        return floor_log2(amax) - emax
+    if rule == "ceil":
+        return ceil_log2(amax) - emax
+    if rule == "even":
+        return floor_log2(round_mantissa(amax, m_bits)) - emax
+    assert rule == "rceil", rule
+    d = Fraction(float(work(float(amax / VALUES[name][-1]))))  # float64 then float32: exact
+    return -127 if d == 0 else ceil_log2(d)
+
+
+def ref_block(
+    values: list[float], name: str, mode: str, rule: str = "floor", work: type = float
+) -> tuple[int | None, list[float]]:
     """(shared exponent or None for the NaN scale, element values times scale) of one block."""
     if any(not math.isfinite(v) for v in values):
         return None, [math.nan] * len(values)
-    emax = SPEC[name][4]
     amax = max(abs(Fraction(v)) for v in values)
-    shared = -127 if amax == 0 else floor_log2(amax) - emax
+    shared = shared_exponent(amax, name, rule, work)
     if shared > 127:
         return None, [math.nan] * len(values)
     shared = max(shared, -127)
@@ -118,15 +150,18 @@ def ref_block(values: list[float], name: str, mode: str) -> tuple[int | None, li
     return shared, out
 
 
-def ref_mx(x: torch.Tensor, name: str, mode: str, block_size: int, axis: int) -> torch.Tensor:
+def ref_mx(
+    x: torch.Tensor, name: str, mode: str, block_size: int, axis: int, rule: str = "floor"
+) -> torch.Tensor:
     """Apply ref_block to consecutive chunks along axis (the last chunk may be short)."""
+    work = float if x.dtype == torch.float64 else np.float32
     a = np.moveaxis(x.double().numpy(), axis, -1)
     out = np.empty_like(a)
     for idx in np.ndindex(*a.shape[:-1]):
         row = a[idx].tolist()
         res: list[float] = []
         for start in range(0, len(row), block_size):
-            res.extend(ref_block(row[start : start + block_size], name, mode)[1])
+            res.extend(ref_block(row[start : start + block_size], name, mode, rule, work)[1])
         out[idx] = res
     return torch.from_numpy(np.moveaxis(out, -1, axis).copy())
 
@@ -593,6 +628,10 @@ def test_bad_options_refused_even_for_empty_input(fn) -> None:
         fn(empty, rounding=None)
     with pytest.raises(ValueError, match="did you mean 'nearest'"):
         fn(empty, rounding="nearst")
+    with pytest.raises(ValueError, match=r"scale_rounding must be one of \('floor'"):
+        fn(empty, scale_rounding="round")
+    with pytest.raises(TypeError, match="scale_rounding must be a str"):
+        fn(empty, scale_rounding=None)
 
 
 def test_generator_on_another_device() -> None:
@@ -616,3 +655,180 @@ def test_decode_refuses_out_of_range_scales_and_codes() -> None:
         mx_decode(torch.tensor([127]), torch.tensor([0, -1000] + [0] * 14), "mxfp4", packed=True)
     with pytest.raises(TypeError, match="packed must be a bool"):
         mx_decode(torch.tensor([127]), c, "mxfp8_e4m3", packed="no")
+
+
+# ----------------------------------------------------------------------------------------------
+# scale rounding (floor / rceil / ceil / even)
+# ----------------------------------------------------------------------------------------------
+
+RULES = ["floor", "rceil", "ceil", "even"]
+
+
+def edge_blocks(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Blocks whose maximum sits where the rules differ: powers of two and one ulp above, the
+    element max and one ulp above, and the even rule's carry threshold (exact tie) with its
+    neighbours; times 2^k for several k; the other elements random below the maximum."""
+    _, m_bits, _, _, emax, _ = SPEC[name]
+    top = float(VALUES[name][-1])
+    carry = 2.0**emax * (2 - 2.0 ** -(m_bits + 1))  # rounds up to the next binade (a tie)
+    ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-52
+    maxima = [2.0**emax, 2.0**emax * (1 + ulp), top, top * (1 + ulp), carry, carry * (1 - ulp)]
+    maxima += [carry * (1 + ulp), 2.0**emax * (2 - ulp)]
+    g = torch.Generator().manual_seed(len(name))
+    rows = []
+    for k in (-100, -7, 0, 3, 60):
+        for m in maxima:
+            row = torch.rand(32, generator=g, dtype=torch.float64) * 2 - 1
+            row[int(torch.randint(32, (1,), generator=g))] = -m
+            rows.append(row * 2.0**k)
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_rounding_matches_fraction_oracle(name: str, rule: str, dtype: torch.dtype) -> None:
+    x = torch.cat([edge_blocks(name, dtype), varied_blocks(12, 32, 3, -30, 30).to(dtype)])
+    for mode in ("nearest", "toward_zero"):
+        expected = ref_mx(x, name, mode, 32, -1, rule)
+        assert_same(mx_quantize(x, name, rounding=mode, scale_rounding=rule), expected)
+    work = float if dtype == torch.float64 else np.float32
+    scales, _ = mx_encode(x, name, scale_rounding=rule)
+    for r, row in enumerate(x.double().tolist()):
+        for b in range(len(row) // 32):
+            shared = ref_block(row[32 * b : 32 * b + 32], name, "nearest", rule, work)[0]
+            assert int(scales[r, b]) == max(shared, -127) + 127, (r, b, rule)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scale_rounding_rules_on_known_maxima(name: str) -> None:
+    """Spot values: amax = 2^emax, just above, the element max, and the even rule's tie."""
+    _, m_bits, _, _, emax, _ = SPEC[name]
+    top = float(VALUES[name][-1])
+    carry = 2.0**emax * (2 - 2.0 ** -(m_bits + 1))
+    cases = {  # amax -> {rule: shared exponent}
+        2.0**emax: {"floor": 0, "ceil": 0, "even": 0, "rceil": 0},
+        2.0**emax * (1 + 2**-23): {"floor": 0, "ceil": 1, "even": 0, "rceil": 0},
+        top: {"floor": 0, "ceil": 1 if top > 2**emax else 0, "even": 0, "rceil": 0},
+        carry: {"floor": 0, "ceil": 1, "even": 1, "rceil": 1 if carry > top else 0},
+    }
+    for amax, want in cases.items():
+        x = torch.zeros(1, 32)
+        x[0, 5] = amax
+        for rule, shared in want.items():
+            got = mx_scale_exponents(x, name, scale_rounding=rule)
+            assert got.item() == shared, (name, amax, rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scale_rounding_keeps_the_specials(rule: str) -> None:
+    """NaN/inf blocks get the NaN scale, all-zero blocks 2^-127, under every rule."""
+    x = torch.zeros(3, 32)
+    x[0, 1] = float("inf")
+    x[1, 2] = float("nan")
+    scales, _ = mx_encode(x, "mxfp8", scale_rounding=rule)
+    assert scales[:, 0].tolist() == [255, 255, 0]
+    q = mx_quantize(x, "mxfp8", scale_rounding=rule)
+    assert torch.isnan(q[:2]).all() and torch.equal(q[2], x[2])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_scale_rounding_encode_decode_roundtrip(rule: str) -> None:
+    x = varied_blocks(8, 96, 5, -20, 20).float()
+    for name in NAMES:
+        s, c = mx_encode(x, name, scale_rounding=rule)
+        assert_same(mx_decode(s, c, name), mx_quantize(x, name, scale_rounding=rule))
+
+
+def test_rceil_never_clamps_and_floor_can() -> None:
+    """rceil picks the smallest scale with amax / X <= max; floor can put amax above max."""
+    x = torch.zeros(1, 32)
+    x[0, 0] = 470.0  # e4m3: floor gives X = 1, 470 clamps to 448; rceil gives X = 2
+    assert mx_quantize(x, "mxfp8", scale_rounding="floor")[0, 0].item() == 448.0
+    assert mx_quantize(x, "mxfp8", scale_rounding="rceil")[0, 0].item() == 480.0
+
+
+# ----------------------------------------------------------------------------------------------
+# torchao's to_mx (when importable): same bits on ordinary blocks, documented departures
+# ----------------------------------------------------------------------------------------------
+
+
+def _torchao() -> tuple[object, object, dict[str, object]]:
+    mx_tensor = pytest.importorskip(
+        "torchao.prototype.mx_formats.mx_tensor",
+        reason="torchao is not installed (optional: compared against when present)",
+    )
+    from torchao.prototype.mx_formats import constants, kernels
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    decoders = {
+        "mxfp8_e4m3": (torch.float8_e4m3fn, lambda d: d.float()),
+        "mxfp8_e5m2": (torch.float8_e5m2, lambda d: d.float()),
+        "mxfp6_e2m3": (constants.DTYPE_FP6_E2M3, kernels.f6_e2m3_unpacked_to_f32),
+        "mxfp6_e3m2": (constants.DTYPE_FP6_E3M2, kernels.f6_e3m2_unpacked_to_f32),
+        "mxfp4_e2m1": (
+            torch.float4_e2m1fn_x2,
+            lambda d: kernels.f4_unpacked_to_f32(kernels.unpack_uint4(d)),
+        ),
+    }
+    return mx_tensor.to_mx, ScaleCalculationMode, decoders
+
+
+def _torchao_mx(x: torch.Tensor, name: str, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E8M0 codes, dequantized values) of torchao's to_mx."""
+    to_mx, mode, decoders = _torchao()
+    dtype, decode_elements = decoders[name]
+    scales, data = to_mx(x, dtype, 32, scaling_mode=mode(rule))  # type: ignore[operator]
+    codes = scales.view(torch.uint8)
+    elements = decode_elements(data).reshape(x.shape)
+    scale = torch.exp2(codes.float() - 127).repeat_interleave(32, -1)
+    return codes, elements * scale
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_torchao_on_ordinary_blocks(name: str, rule: str, dtype: torch.dtype) -> None:
+    x = torch.cat([edge_blocks(name), varied_blocks(128, 32, 7, -40, 40).float()]).to(dtype)
+    if rule == "rceil":  # leave out departure (3): d = amax / max just above a power of two
+        m, _ = torch.frexp(x.float().abs().amax(-1) / float(VALUES[name][-1]))
+        x = x[(m == 0.5) | (m > 0.5 * (1 + 2.0**-18))]
+    codes, values = _torchao_mx(x, name, rule)
+    scales, _ = mx_encode(x, name, scale_rounding=rule)
+    assert torch.equal(scales, codes)
+    assert_same(mx_quantize(x.float(), name, scale_rounding=rule), values)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_torchao_departs_on_smallest_scale_blocks(rule: str) -> None:
+    """A block with scale 2^-127: mixprec multiplies by 2^127 (the spec's V_i / X); torchao
+    divides by 2^-126 (floor/ceil/even) or multiplies by 1 (rceil)."""
+    x = torch.zeros(1, 32)
+    x[0, :2] = torch.tensor([2.0**-130, 2.0**-131])  # shared exponent below -127: clamped
+    codes, values = _torchao_mx(x, "mxfp8_e4m3", rule)
+    scales, _ = mx_encode(x, "mxfp8_e4m3", scale_rounding=rule)
+    assert scales.tolist() == codes.tolist() == [[0]]
+    ours = mx_quantize(x, "mxfp8_e4m3", scale_rounding=rule)
+    assert_same(ours, ref_mx(x, "mxfp8_e4m3", "nearest", 32, -1, rule))
+    assert ours[0, 0].item() == 2.0**-130  # 2^-130 / 2^-127 = 2^-3 is an e4m3 value
+    assert not torch.equal(values, ours)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_torchao_departs_on_inf_blocks(rule: str) -> None:
+    """±inf in a block: the spec (and mixprec) give the NaN scale; torchao a finite code."""
+    x = torch.ones(1, 32)
+    x[0, 3] = float("-inf")
+    codes, _ = _torchao_mx(x, "mxfp8_e4m3", rule)
+    scales, _ = mx_encode(x, "mxfp8_e4m3", scale_rounding=rule)
+    assert scales.tolist() == [[255]] and codes.item() != 255
+
+
+def test_torchao_rceil_log2_rounding() -> None:
+    """torchao's eager rceil takes ceil(log2(d)) in float32, which misses d = 2^10 (1 + 2^-23);
+    mixprec decides from d's bits (as cvt.rp.satfinite.ue8m0 does): the next power of two."""
+    x = torch.zeros(1, 32)
+    x[0, 0] = torch.tensor(448.0 * 2**10).nextafter(torch.tensor(float("inf")))
+    codes, _ = _torchao_mx(x, "mxfp8_e4m3", "rceil")
+    scales, _ = mx_encode(x, "mxfp8_e4m3", scale_rounding="rceil")
+    assert scales.item() == 127 + 11 and codes.item() == 127 + 10

@@ -75,6 +75,22 @@ MX_FORMATS: dict[str, MXFormat] = {
 #: Short MX names (see the module docstring for the choice of variant).
 MX_ALIASES: dict[str, str] = {"mxfp8": "mxfp8_e4m3", "mxfp6": "mxfp6_e2m3", "mxfp4": "mxfp4_e2m1"}
 
+#: The rules for a block's shared exponent (:mod:`mixprec.quantization.blocks`), the spec's first.
+SCALE_ROUNDINGS: tuple[str, ...] = ("floor", "rceil", "ceil", "even")
+
+
+def check_scale_rounding(scale_rounding: object) -> str:
+    """``scale_rounding`` if it is one of :data:`SCALE_ROUNDINGS`, else a ValueError/TypeError."""
+    if not isinstance(scale_rounding, str):
+        raise TypeError(
+            f"scale_rounding must be a str, one of {SCALE_ROUNDINGS}, got "
+            f"{type(scale_rounding).__name__}: {scale_rounding!r}"
+        )
+    if scale_rounding not in SCALE_ROUNDINGS:
+        raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, got {scale_rounding!r}")
+    return scale_rounding
+
+
 _BY_ELEMENT: dict[str, MXFormat] = {m.element.name: m for m in MX_FORMATS.values()}
 _MX_HINT = f"MX formats: {', '.join(MX_FORMATS)} (or their element formats)"
 

@@ -10,10 +10,12 @@ from mixprec.precision.executor import (
     Executor,
 )
 from mixprec.precision.fp8 import (
+    DEFAULT_RECIPE,
     CurrentScaling,
     DelayedScaling,
     Fp8Recipe,
     coerce_recipe,
+    default_recipe,
 )
 from mixprec.precision.native import (
     cpu_has_fast_bf16,
@@ -44,6 +46,7 @@ __all__ = [
     "DEFAULT_FOLLOW",
     "DEFAULT_FP32",
     "DEFAULT_LOW",
+    "DEFAULT_RECIPE",
     "REASONS",
     "Accumulate",
     "Autocast",
@@ -60,6 +63,7 @@ __all__ = [
     "coerce_recipe",
     "cpu_has_fast_bf16",
     "current_policy",
+    "default_recipe",
     "is_emulating",
     "native_is_fast",
     "policy_format_names",

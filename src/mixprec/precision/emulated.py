@@ -204,7 +204,10 @@ def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
     def r(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
             return quantize(t, spec.element, saturate=True)
-        return mx_quantize(t, spec.element, block_size=spec.block_size or 32, axis=axis)
+        return mx_quantize(
+            t, spec.element, block_size=spec.block_size or 32, axis=axis,
+            scale_rounding=spec.scale_rounding,
+        )  # fmt: skip
 
     return r
 

@@ -13,18 +13,30 @@ multiplication and division are fp32 operations, as on hardware).
   step uses ``s = 1``. The state lives in the recipe object: reuse one recipe across steps.
 
 ``fp8_format``: ``"HYBRID"`` (e4m3 forward operands, e5m2 gradients: TE's default) or ``"E4M3"``
-(e4m3 everywhere). No device sync anywhere: amaxes and scales stay tensors.
+(e4m3 everywhere); ``forward=`` / ``backward=`` name other operand formats. ``power_of_two=True``
+rounds each scale down to a power of two (torchao's ``round_scales_to_power_of_2``), so scaling
+itself is exact. A format wider than 8 bits (e.g. ``backward="bfloat16"``) is rounded without a
+scale: its range needs none. No device sync anywhere: amaxes and scales stay tensors.
+
+**The default recipe.** Every fp8 training system scales per tensor by default, so a policy
+whose compute format is an 8-bit float gets :func:`default_recipe`: current scaling with that
+format forward and the policy's grads format backward. ``fp8_recipe=DEFAULT_RECIPE`` (the default
+of :func:`mixprec.autocast` and :func:`mixprec.apply_policy`) means exactly that;
+``fp8_recipe=None`` asks for raw, unscaled rounding (for studies of the format itself).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
 
 import torch
 
 from mixprec.formats.float_format import FloatFormat, get_format
-from mixprec.quantization.elementwise import quantize_
+from mixprec.quantization.elementwise import quantize, quantize_
+
+if TYPE_CHECKING:
+    from mixprec.precision.policy import FormatSpec, Policy
 
 
 @runtime_checkable
@@ -60,12 +72,32 @@ def _check_common(fp8_format: str, margin: int) -> None:
 
 
 def _scale_from_amax(
-    amax: torch.Tensor, fmax: float, margin: int, fallback: torch.Tensor
+    amax: torch.Tensor, fmax: float, margin: int, fallback: torch.Tensor, power_of_two: bool
 ) -> torch.Tensor:
-    """``fmax / amax / 2^margin`` where amax is finite and positive, else ``fallback``."""
-    ok = torch.isfinite(amax) & (amax > 0)
+    """``fmax / amax / 2^margin`` (rounded down to a power of two on request) where amax is
+    finite and positive and the scale finite, else ``fallback``."""
     s = (fmax / amax) * (2.0**-margin)
+    if power_of_two:
+        # s = m * 2^e with m in [0.5, 1): the power of two at or below s is 2^(e-1), exactly
+        _, e = torch.frexp(s)
+        s = torch.ldexp(torch.full_like(s, 0.5), e)
+    # a tiny amax can overflow the scale to inf, which would turn zeros into NaN
+    ok = torch.isfinite(amax) & (amax > 0) & torch.isfinite(s)
     return torch.where(ok, s, fallback)
+
+
+def _operand_format(name: str | None, default: str, what: str) -> FloatFormat:
+    try:
+        return get_format(name if name is not None else default)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{what}: {err}") from None
+
+
+def _unscaled(t: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
+    """Plain rounding for formats wider than 8 bits (their range needs no scale), else None."""
+    if fmt.bits > 8:
+        return quantize(t.detach(), fmt)
+    return None
 
 
 def _apply_scale(t: torch.Tensor, s: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -83,29 +115,48 @@ class CurrentScaling:
     Args:
         fp8_format: ``"HYBRID"`` (e4m3 forward, e5m2 backward) or ``"E4M3"``.
         margin: the scale is divided by ``2**margin`` (headroom against overflow).
+        power_of_two: round each scale down to a power of two (keyword only).
+        forward, backward: operand format names overriding ``fp8_format``'s (keyword only;
+            e.g. ``forward="float8_e5m2"``); a format wider than 8 bits is rounded unscaled.
+
+    Cost per operand: one amax reduction, one scaled copy rounded and divided in place.
     """
 
     fp8_format: Literal["HYBRID", "E4M3"] = "HYBRID"
     margin: int = 0
+    power_of_two: bool = field(default=False, kw_only=True)
+    forward: str | None = field(default=None, kw_only=True)
+    backward: str | None = field(default=None, kw_only=True)
+    _formats: tuple[FloatFormat, FloatFormat] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_common(self.fp8_format, self.margin)
+        if not isinstance(self.power_of_two, bool):
+            raise TypeError(f"power_of_two must be a bool, got {self.power_of_two!r}")
+        # resolve once: a bad name fails here, not at the first GEMM
+        fwd = _operand_format(self.forward, "float8_e4m3fn", "forward")
+        default_bwd = "float8_e5m2" if self.fp8_format == "HYBRID" else "float8_e4m3fn"
+        bwd = _operand_format(self.backward, default_bwd, "backward")
+        object.__setattr__(self, "_formats", (fwd, bwd))
 
     @property
     def forward_format(self) -> FloatFormat:
-        """Operand format of forward GEMMs (e4m3 with OCP's finite encoding)."""
-        return get_format("float8_e4m3fn")
+        """Operand format of forward GEMMs (default: e4m3 with OCP's finite encoding)."""
+        return self._formats[0]
 
     @property
     def backward_format(self) -> FloatFormat:
         """Format of the gradient operand of backward GEMMs."""
-        return get_format("float8_e5m2" if self.fp8_format == "HYBRID" else "float8_e4m3fn")
+        return self._formats[1]
 
     def quantize(self, t: torch.Tensor, fmt: FloatFormat, slot: object) -> torch.Tensor:
         """Scaled rounding of ``t`` to ``fmt`` (``slot`` names the tensor; unused here)."""
         del slot
+        plain = _unscaled(t, fmt)
+        if plain is not None:
+            return plain
         amax = t.detach().abs().amax().float()
-        s = _scale_from_amax(amax, fmt.max, self.margin, torch.ones_like(amax))
+        s = _scale_from_amax(amax, fmt.max, self.margin, torch.ones_like(amax), self.power_of_two)
         return _apply_scale(t, s, fmt)
 
 
@@ -154,6 +205,9 @@ class DelayedScaling(CurrentScaling):
         return None if st is None else st.history
 
     def quantize(self, t: torch.Tensor, fmt: FloatFormat, slot: object) -> torch.Tensor:
+        plain = _unscaled(t, fmt)
+        if plain is not None:
+            return plain
         st = self._state.get(slot)
         if st is None or st.history.device != t.device:
             st = _SlotState(
@@ -168,8 +222,54 @@ class DelayedScaling(CurrentScaling):
         hist[0] = amax
         st.history = hist
         ref = hist.amax() if self.amax_compute_algo == "max" else hist[0]
-        st.scale = _scale_from_amax(ref, fmt.max, self.margin, st.scale)
+        st.scale = _scale_from_amax(ref, fmt.max, self.margin, st.scale, self.power_of_two)
         return q
+
+
+class _DefaultRecipe:
+    """Type of :data:`DEFAULT_RECIPE` (a singleton)."""
+
+    _instance: _DefaultRecipe | None = None
+
+    def __new__(cls) -> _DefaultRecipe:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEFAULT_RECIPE"
+
+    def __reduce__(self) -> str:
+        return "DEFAULT_RECIPE"  # pickles as the module attribute: stays the singleton
+
+
+#: ``fp8_recipe`` default: "the default recipe for the policy's format" (:func:`default_recipe`).
+DEFAULT_RECIPE: Final = _DefaultRecipe()
+
+RecipeLike = Fp8Recipe | str | _DefaultRecipe | None
+
+
+def is_fp8(spec: FormatSpec) -> bool:
+    """True for an element (not MX) 8-bit float format with mantissa bits (not E8M0)."""
+    return not spec.is_mx and spec.element.bits == 8 and spec.element.mantissa_bits > 0
+
+
+def default_recipe(policy: Policy) -> CurrentScaling | None:
+    """The recipe a policy gets by default: per-tensor current scaling when its compute format
+    is an 8-bit float (forward operands in it, gradient operands in ``policy.grads_format``,
+    scaled too when that is an 8-bit float), else None (no recipe). MX gradients (a recipe
+    rounds per tensor, not per block) also mean no recipe: the policy then rounds as written."""
+    compute = policy.compute_format
+    if not is_fp8(compute) or policy.grads_format.is_mx:
+        return None
+    return CurrentScaling(forward=compute.name, backward=policy.grads_format.name)
+
+
+def resolve_recipe(recipe: RecipeLike, policy: Policy) -> Fp8Recipe | None:
+    """:func:`default_recipe` for :data:`DEFAULT_RECIPE`, else :func:`coerce_recipe`."""
+    if recipe is DEFAULT_RECIPE:
+        return default_recipe(policy)
+    return coerce_recipe(recipe)  # type: ignore[arg-type]
 
 
 def coerce_recipe(recipe: Fp8Recipe | str | None) -> Fp8Recipe | None:

@@ -94,11 +94,13 @@ def native_unsupported_reason(
     """Why ``policy`` cannot run natively (None if it can)."""
     if accumulate is not None:
         return "accumulate= is emulated only (hardware accumulators are fixed)"
-    if recipe is not None:
-        return "fp8 scaling recipes are emulated only (no fp8 GEMMs through torch.autocast)"
+    # the format first: an fp8 compute format brings its default recipe, and the format is the
+    # cause to name
     c = policy.compute_format
     if c.torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"compute format {c.name} is not a dtype torch.autocast runs (bfloat16, float16)"
+    if recipe is not None:
+        return "fp8 scaling recipes are emulated only (no fp8 GEMMs through torch.autocast)"
     for what in ("params", "output"):
         spec = getattr(policy, f"{what}_format")
         if spec.torch_dtype not in _NATIVE_DTYPES:

@@ -24,7 +24,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 from mixprec.formats.float_format import FloatFormat, format_names, get_format
-from mixprec.formats.mx_format import MXFormat, get_element_or_mx_format, mx_format_names
+from mixprec.formats.mx_format import (
+    MXFormat,
+    check_scale_rounding,
+    get_element_or_mx_format,
+    mx_format_names,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,11 +48,14 @@ class FormatSpec:
         name: canonical name (``"bfloat16"``, ``"float8_e4m3fn"``, ``"e6m9"``, ``"mxfp4_e2m1"``).
         element: the element :class:`~mixprec.formats.FloatFormat`.
         block_size: MX block size (32) or ``None`` for a plain element-wise format.
+        scale_rounding: how MX blocks choose their shared exponent (``"floor"``, ``"rceil"``,
+            ``"ceil"``, ``"even"``: see :func:`mixprec.mx_quantize`); unused by element formats.
     """
 
     name: str
     element: FloatFormat
     block_size: int | None = None
+    scale_rounding: str = "floor"
 
     @property
     def is_mx(self) -> bool:
@@ -126,8 +134,10 @@ _KEYS: dict[str, str] = {
     "compute": "compute", "c": "compute",
     "output": "output", "o": "output", "out": "output",
     "grads": "grads", "g": "grads", "grad": "grads",
+    "scale_rounding": "scale_rounding",
 }  # fmt: skip
-_VALID_KEYS_TEXT = "params (p), compute (c), output (o), grads (g)"
+_VALID_KEYS_TEXT = "params (p), compute (c), output (o), grads (g), scale_rounding"
+_FORMAT_FIELDS = ("params", "compute", "output", "grads")
 
 
 @dataclass(frozen=True)
@@ -143,18 +153,24 @@ class Policy:
             cast to (``autocast()`` alone does not touch a region's outputs).
         grads: operand format of incoming gradients in the backward GEMMs of low ops (e.g.
             ``float8_e5m2`` for fp8 HYBRID); ``None`` means "same as compute".
+        scale_rounding: how the MX formats of the policy choose a block's shared exponent:
+            ``"floor"`` (OCP MX v1.0), ``"rceil"`` (NVIDIA's MXFP8 recipe), ``"ceil"`` or
+            ``"even"`` (see :func:`mixprec.mx_quantize`). Anything but ``"floor"`` needs an MX
+            format in the policy (``ValueError`` otherwise: it would change nothing).
 
     ``str(policy)`` gives ``"params=float32,compute=bfloat16,output=float32"`` (plus
-    ``",grads=..."`` when set) and :meth:`from_string` parses it back.
+    ``",grads=..."`` and ``",scale_rounding=..."`` when set) and :meth:`from_string` parses
+    it back.
     """
 
     params: str = "float32"
     compute: str = "float32"
     output: str = "float32"
     grads: str | None = None
+    scale_rounding: str = "floor"
 
     def __post_init__(self) -> None:
-        for name in ("params", "compute", "output", "grads"):
+        for name in _FORMAT_FIELDS:
             value = getattr(self, name)
             if value is None and name == "grads":
                 continue
@@ -163,24 +179,43 @@ class Policy:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"Policy.{name}: {err}") from None
             object.__setattr__(self, name, spec.name)
+        try:
+            check_scale_rounding(self.scale_rounding)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"Policy.{err}") from None
+        if self.scale_rounding != "floor" and not self._has_mx():
+            raise ValueError(
+                f"Policy.scale_rounding={self.scale_rounding!r} applies to MX formats only, and "
+                f"the policy {self} has none (use an MX format such as 'mxfp8')"
+            )
+
+    def _has_mx(self) -> bool:
+        names = (self.params, self.compute, self.output, self.grads)
+        return any(n is not None and _resolve_name(n).is_mx for n in names)
 
     # -- resolved formats -------------------------------------------------------------------
+    def _spec(self, name: str) -> FormatSpec:
+        spec = _resolve_name(name)
+        if spec.is_mx and self.scale_rounding != spec.scale_rounding:
+            return dataclasses.replace(spec, scale_rounding=self.scale_rounding)
+        return spec
+
     @property
     def params_format(self) -> FormatSpec:
-        return _resolve_name(self.params)
+        return self._spec(self.params)
 
     @property
     def compute_format(self) -> FormatSpec:
-        return _resolve_name(self.compute)
+        return self._spec(self.compute)
 
     @property
     def output_format(self) -> FormatSpec:
-        return _resolve_name(self.output)
+        return self._spec(self.output)
 
     @property
     def grads_format(self) -> FormatSpec:
         """The gradient operand format (``compute`` when ``grads`` is None)."""
-        return _resolve_name(self.grads if self.grads is not None else self.compute)
+        return self._spec(self.grads if self.grads is not None else self.compute)
 
     def replace(self, **changes: object) -> Policy:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -189,7 +224,11 @@ class Policy:
     # -- string grammar ---------------------------------------------------------------------
     def __str__(self) -> str:
         s = f"params={self.params},compute={self.compute},output={self.output}"
-        return s if self.grads is None else f"{s},grads={self.grads}"
+        if self.grads is not None:
+            s += f",grads={self.grads}"
+        if self.scale_rounding != "floor":
+            s += f",scale_rounding={self.scale_rounding}"
+        return s
 
     @classmethod
     def from_string(cls, text: str) -> Policy:
@@ -197,8 +236,9 @@ class Policy:
 
         Comma-separated ``key=value`` tokens; keys ``params``/``p``, ``compute``/``c``,
         ``output``/``o``, ``grads``/``g`` (each at most once, any order, whitespace ignored);
-        values are any format name or alias. Missing keys take the defaults (float32, grads
-        unset). Raises ``ValueError`` naming the bad token and the valid keys / formats.
+        values are any format name or alias (``scale_rounding``: one of its rules). Missing keys
+        take the defaults (float32, grads unset, floor). Raises ``ValueError`` naming the bad
+        token and the valid keys / formats.
         """
         if not isinstance(text, str):
             raise TypeError(f"policy string must be a str, got {type(text).__name__}: {text!r}")
@@ -229,7 +269,7 @@ class Policy:
                     f"policy string {text!r}: key {field_name!r} given twice (token {token_s!r})"
                 )
             try:
-                fields[field_name] = _resolve_name(value).name
+                fields[field_name] = _parse_value(field_name, value)
             except ValueError as err:
                 raise ValueError(f"policy string {text!r}, token {token_s!r}: {err}") from None
         return cls(**fields)
@@ -253,6 +293,12 @@ class Policy:
                 f"format, got {type(value).__name__}: {value!r}"
             ) from None
         return cls(compute=spec.name)
+
+
+def _parse_value(field_name: str, value: str) -> str:
+    if field_name == "scale_rounding":
+        return check_scale_rounding(value)
+    return _resolve_name(value).name
 
 
 # ----------------------------------------------------------------------------------------------

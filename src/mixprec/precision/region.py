@@ -34,7 +34,7 @@ from mixprec.formats.float_format import FloatFormat
 from mixprec.precision.accumulate import Accumulate, AccumulateLike
 from mixprec.precision.emulated import EmulatedExecutor, round_output
 from mixprec.precision.executor import Executor
-from mixprec.precision.fp8 import Fp8Recipe, coerce_recipe
+from mixprec.precision.fp8 import DEFAULT_RECIPE, RecipeLike, resolve_recipe
 from mixprec.precision.native import (
     NativeExecutor,
     cast_output,
@@ -163,6 +163,12 @@ def _check_device_type(device_type: Any) -> str:
     return device_type
 
 
+def _with_scale_rounding(policy: Policy, scale_rounding: str | None) -> Policy:
+    if scale_rounding is None or scale_rounding == policy.scale_rounding:
+        return policy
+    return policy.replace(scale_rounding=scale_rounding)
+
+
 # ----------------------------------------------------------------------------------------------
 # autocast
 # ----------------------------------------------------------------------------------------------
@@ -172,8 +178,9 @@ class Autocast:
     """A policy region (returned by :func:`autocast`); a context manager and a decorator.
 
     Attributes: ``policy``, ``emulated`` (the executor chosen), ``op_lists``, ``accumulate``
-    (an :class:`~mixprec.precision.Accumulate` or None), ``fp8_recipe`` (an
-    :class:`~mixprec.precision.Fp8Recipe` or None), ``device_type``. The same object may be
+    (an :class:`~mixprec.precision.Accumulate` or None), ``fp8_recipe`` (the
+    :class:`~mixprec.precision.Fp8Recipe` in use, the policy's default one included, or None),
+    ``device_type``. The same object may be
     entered again (also nested); every entry gets a fresh :class:`~.executor.Executor` (operand
     caches, op counters for fp8 slots).
     """
@@ -185,15 +192,16 @@ class Autocast:
         emulate: bool | None = None,
         op_lists: OpLists | None = None,
         accumulate: AccumulateLike = None,
-        fp8_recipe: Fp8Recipe | str | None = None,
+        fp8_recipe: RecipeLike = DEFAULT_RECIPE,
+        scale_rounding: str | None = None,
         device_type: str | None = None,
         scope: str = "",
     ) -> None:
-        self.policy = Policy.coerce(policy_or_format)
+        self.policy = _with_scale_rounding(Policy.coerce(policy_or_format), scale_rounding)
         emulate = _check_emulate(emulate)
         self.op_lists = _coerce_op_lists(op_lists)
         self.accumulate = Accumulate.coerce(accumulate)
-        self.fp8_recipe = coerce_recipe(fp8_recipe)
+        self.fp8_recipe = resolve_recipe(fp8_recipe, self.policy)
         self.device_type = _check_device_type(device_type)
         self.scope = scope
         reason = native_unsupported_reason(
@@ -265,7 +273,8 @@ def autocast(
     emulate: bool | None = None,
     op_lists: OpLists | None = None,
     accumulate: AccumulateLike = None,
-    fp8_recipe: Fp8Recipe | str | None = None,
+    fp8_recipe: RecipeLike = DEFAULT_RECIPE,
+    scale_rounding: str | None = None,
     device_type: str | None = None,
 ) -> Autocast:
     """Run the ops inside a ``with`` block under a precision policy.
@@ -286,7 +295,13 @@ def autocast(
             or ``"current"``: per-tensor scaled fp8 operands (e4m3 forward; e5m2 gradients
             for ``fp8_format="HYBRID"``). The policy's compute format then only decides how
             results are stored (e.g. ``"bf16"``: fp8 GEMMs writing bf16, Transformer Engine
-            style). Emulated only.
+            style). Emulated only. The default, ``DEFAULT_RECIPE``, gives an 8-bit float
+            compute format (``"e4m3"``, ...) per-tensor current scaling
+            (:func:`~mixprec.precision.default_recipe`), other formats none; ``None`` means
+            raw, unscaled rounding.
+        scale_rounding: the shared-exponent rule of the policy's MX formats (``"floor"``,
+            ``"rceil"``, ``"ceil"``, ``"even"``; see :func:`mixprec.mx_quantize`); ``None``
+            keeps the policy's (``Policy.scale_rounding``, default ``"floor"``).
         device_type: ``"cpu"`` or ``"cuda"`` for native execution (default: cuda if available).
 
     Returns an :class:`Autocast` (context manager / decorator). Entering is cheap; inside,
@@ -298,6 +313,7 @@ def autocast(
         op_lists=op_lists,
         accumulate=accumulate,
         fp8_recipe=fp8_recipe,
+        scale_rounding=scale_rounding,
         device_type=device_type,
     )
 
@@ -363,7 +379,8 @@ def apply_policy(
     emulate: bool | None = None,
     op_lists: OpLists | None = None,
     accumulate: AccumulateLike = None,
-    fp8_recipe: Fp8Recipe | str | None = None,
+    fp8_recipe: RecipeLike = DEFAULT_RECIPE,
+    scale_rounding: str | None = None,
     device_type: str | None = None,
 ) -> PolicyHandle:
     """Run ``module`` (or the submodules ``filter_fn`` picks) under ``policy``.
@@ -382,7 +399,8 @@ def apply_policy(
         filter_fn: ``filter_fn(submodule, qualified_name) -> bool``; every module of
             ``module.named_modules()`` (the root has name ``""``) for which it returns True gets
             the policy. ``None``: the root only.
-        emulate, op_lists, accumulate, fp8_recipe, device_type: as :func:`autocast`.
+        emulate, op_lists, accumulate, fp8_recipe, scale_rounding, device_type: as
+            :func:`autocast`.
 
     Returns a :class:`PolicyHandle`; ``handle.remove()`` (or ``with apply_policy(...):``)
     restores the module.
@@ -394,7 +412,7 @@ def apply_policy(
     # validate once (raises on bad arguments before any hook is installed)
     proto = Autocast(
         policy, emulate=emulate, op_lists=op_lists, accumulate=accumulate,
-        fp8_recipe=fp8_recipe, device_type=device_type,
+        fp8_recipe=fp8_recipe, scale_rounding=scale_rounding, device_type=device_type,
     )  # fmt: skip
     hooks: list[Any] = []
     names: list[str] = []

@@ -26,6 +26,33 @@ padded with zeros (which never change a block's maximum) and the padding is drop
 result: ``mx_quantize`` returns ``x``'s shape, ``mx_encode`` returns element codes of ``x``'s shape
 and ``ceil(n / block_size)`` scales along ``axis``.
 
+**Scale rounding** (``scale_rounding=``). The spec's rule above rounds ``log2(amax)`` down
+(``"floor"``), which can put a block's largest element above the element maximum (it then
+clamps). Hardware and torchao (``ScaleCalculationMode``) offer three more rules, each giving the
+shared exponent of a block with largest magnitude ``amax`` (before the same clamping):
+
+* ``"floor"``: ``floor(log2(amax)) - emax_elem`` (OCP MX v1.0, the default);
+* ``"ceil"``: ``ceil(log2(amax)) - emax_elem``: ``amax / X <= 2^emax_elem``, never clamps, but
+  wastes up to one binade of range;
+* ``"even"``: ``floor(log2(amax')) - emax_elem`` where ``amax'`` is ``amax`` rounded to the
+  element format's mantissa width (round-to-nearest; a carry into the next binade only happens
+  from an all-ones mantissa, where ties-to-even and ties-away agree): the block maximum then
+  never rounds past the top binade;
+* ``"rceil"``: ``ceil(log2(d))`` with ``d = amax / max_elem`` rounded to the working dtype (fp32
+  for fp32/fp16/bf16 inputs): NVIDIA's MXFP8 recipe (cuBLAS block scaling, the
+  ``cvt.rp.satfinite.ue8m0`` conversion): the smallest power of two with ``amax / X <= max_elem``
+  (up to the rounding of ``d``). A ``d`` that underflows to 0 gets the smallest scale.
+
+Compared with torchao 0.18's ``to_mx`` (float32/bfloat16 inputs), every rule gives the same
+scales and elements bit for bit on ordinary blocks. torchao departs from the spec where mixprec
+follows it: (1) a block whose scale is 2^-127 (code 0: all-zero or tiny blocks): torchao divides
+by 2^-126 (``floor``/``ceil``/``even``) or multiplies by 1 (``rceil``) instead of by 2^127, so
+its elements are not ``V_i / X``; (2) a block holding ±inf: torchao gives a finite scale
+(``floor``/``ceil``/``even``; code 254 for ``rceil``) and clamped elements, the spec a NaN
+scale; (3) ``rceil`` in torchao's eager fallback takes ``ceil(torch.log2(d))``, whose rounded
+``log2`` can miss the next power of two when ``d`` lies a few float32 ulps above a power of
+two; mixprec decides it exactly from ``d``'s bits, as the hardware conversion does.
+
 **Exactness.** ``floor(log2(amax))`` comes from ``torch.frexp`` (exact, subnormals included), the
 scales are built from their bit patterns, and ``x / X`` is a multiplication by an exact power of
 two, so the only rounding is the element rounding done by :func:`mixprec.quantize` (bit
@@ -37,15 +64,17 @@ from __future__ import annotations
 
 import torch
 
-from mixprec.formats.float_format import FloatFormat
-from mixprec.formats.mx_format import MXFormat, get_mx_format
+from mixprec.formats.float_format import FloatFormat, check_flag, check_rounding
+from mixprec.formats.mx_format import (
+    MXFormat,
+    check_scale_rounding,
+    get_mx_format,
+)
 from mixprec.quantization.elementwise import (
     _check_code_range,
     _check_codes_tensor,
-    _check_flag,
     _check_float_dtype,
     _check_generator,
-    _check_rounding,
     _pack_nibbles,
     decode,
     encode,
@@ -95,26 +124,27 @@ def _check_float(x: object) -> torch.Tensor:
 
 def _check_call(
     x: object, elem_format: object, block_size: object, axis: object, rounding: object,
-    saturate: object, subnormals: object, generator: object,
+    saturate: object, subnormals: object, generator: object, scale_rounding: object,
 ) -> tuple[MXFormat, int]:  # fmt: skip
     """Every argument of mx_quantize / mx_encode, checked before any work (also for an empty
     ``x``); returns the format and the normalized axis."""
     x = _check_float(x)
     mx = get_mx_format(elem_format)  # type: ignore[arg-type]
     ax, _ = _check_args(x, block_size, axis)  # type: ignore[arg-type]
-    _check_rounding(rounding)
-    _check_flag(saturate, "saturate")
-    _check_flag(subnormals, "subnormals")
+    check_rounding(rounding)
+    check_flag(saturate, "saturate")
+    check_flag(subnormals, "subnormals")
     _check_generator(generator, x)
+    check_scale_rounding(scale_rounding)
     return mx, ax
 
 
 def _blocked(
-    x: torch.Tensor, mx: MXFormat, block_size: int, axis: int
+    x: torch.Tensor, mx: MXFormat, block_size: int, axis: int, scale_rounding: str
 ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """(blocks, length along axis, shared exponents, NaN-scale mask): see :func:`_to_blocks`."""
     blocks, n = _to_blocks(x, block_size, axis)
-    shared, bad = _shared_exponents(blocks, mx.emax_elem)
+    shared, bad = _shared_exponents(blocks, mx, scale_rounding)
     return blocks, n, shared, bad
 
 
@@ -155,7 +185,31 @@ def _from_blocks(
     return flat.movedim(-1, axis).to(dtype).contiguous().reshape(shape)
 
 
-def _shared_exponents(blocks: torch.Tensor, emax_elem: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unclamped_exponents(amax: torch.Tensor, mx: MXFormat, scale_rounding: str) -> torch.Tensor:
+    """The shared exponent of each block by ``scale_rounding`` (int32; meaningful where ``amax``
+    is finite and positive). Exact: only ``frexp`` and comparisons, plus ``rceil``'s division,
+    which is the rule's own rounding."""
+    if scale_rounding == "rceil":
+        d = amax / mx.element.max
+        m, e = torch.frexp(d)  # d = m * 2^e, m in [0.5, 1): ceil(log2 d) = e - (m == 0.5)
+        up = e - (m == 0.5).to(e.dtype)
+        return torch.where(d == 0, torch.full_like(up, _SCALE_EMIN), up)
+    # frexp: amax = m * 2^e with m in [0.5, 1), exact also for subnormals -> floor(log2) = e - 1
+    m, e = torch.frexp(amax)
+    log2 = e - 1
+    if scale_rounding == "ceil":
+        log2 = log2 + (m != 0.5).to(e.dtype)
+    elif scale_rounding == "even":
+        # amax rounded to the element's mantissa width reaches the next binade exactly when its
+        # mantissa is at least 2 - 2^-(mbits+1), i.e. m >= 1 - 2^-(mbits+2)
+        carry = m >= 1.0 - 2.0 ** -(mx.element.mantissa_bits + 2)
+        log2 = log2 + carry.to(e.dtype)
+    return log2 - mx.emax_elem
+
+
+def _shared_exponents(
+    blocks: torch.Tensor, mx: MXFormat, scale_rounding: str = "floor"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block: (shared exponent as int32 clamped to [-127, 127], NaN-scale mask).
 
     One read of ``blocks`` (``aminmax``, which propagates NaN, avoids an ``abs`` temporary).
@@ -168,9 +222,7 @@ def _shared_exponents(blocks: torch.Tensor, emax_elem: int) -> tuple[torch.Tenso
         )
     lo, hi = torch.aminmax(blocks, dim=-1)
     amax = torch.maximum(hi, -lo)
-    # frexp: amax = m * 2^e with m in [0.5, 1), exact also for subnormals -> floor(log2) = e - 1
-    _, e = torch.frexp(amax)
-    shared = e - 1 - emax_elem
+    shared = _unclamped_exponents(amax, mx, scale_rounding)
     shared = torch.where(amax == 0, torch.full_like(shared, _SCALE_EMIN), shared)
     bad = ~torch.isfinite(amax) | (shared > _SCALE_EMAX)
     shared = shared.clamp(_SCALE_EMIN, _SCALE_EMAX)
@@ -208,17 +260,19 @@ def mx_scale_exponents(
     *,
     block_size: int = 32,
     axis: int = -1,
+    scale_rounding: str = "floor",
 ) -> torch.Tensor:
     """The shared exponent of every block as float (``log2`` of the scale; NaN for NaN scales).
 
     Shape: ``x``'s with ``axis`` replaced by the number of blocks. Useful for inspecting how
-    much of a tensor's range the blocks use. Cost: one pass over ``x`` (plus a copy when
-    ``axis`` is not last or padding is needed).
+    much of a tensor's range the blocks use; ``scale_rounding`` as :func:`mx_quantize`. Cost:
+    one pass over ``x`` (plus a copy when ``axis`` is not last or padding is needed).
     """
     _check_float(x)
     mx = get_mx_format(elem_format)
     ax, _ = _check_args(x, block_size, axis)
-    _, _, shared, bad = _blocked(x, mx, block_size, ax)
+    check_scale_rounding(scale_rounding)
+    _, _, shared, bad = _blocked(x, mx, block_size, ax, scale_rounding)
     out = shared.to(torch.float32).masked_fill(bad, float("nan"))
     return out.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, out.shape[-1]))
 
@@ -244,6 +298,7 @@ def mx_quantize(
     saturate: bool = True,
     subnormals: bool = True,
     generator: torch.Generator | None = None,
+    scale_rounding: str = "floor",
 ) -> torch.Tensor:
     """Round ``x`` to an MX format: blocks along ``axis`` share an E8M0 power-of-two scale.
 
@@ -262,6 +317,10 @@ def mx_quantize(
             element max, e.g. 480 in E4M3) to ±max; ``False`` gives the element format's
             non-saturating overflow (NaN for E4M3, inf for E5M2; fp6/fp4 always saturate).
         subnormals: ``False`` flushes element subnormals to zero.
+        scale_rounding: how a block's shared exponent is chosen from its largest magnitude:
+            ``"floor"`` (the spec's rule), ``"ceil"``, ``"even"`` or ``"rceil"`` (NVIDIA's
+            MXFP8 recipe); see the module docstring. Each matches torchao's
+            ``ScaleCalculationMode`` of that name bit for bit on ordinary blocks.
 
     Returns a tensor of ``x``'s dtype and shape (contiguous) whose values are ``X * P_i``.
     NaN or inf anywhere in a block makes the whole block NaN (the spec's NaN scale).
@@ -273,11 +332,12 @@ def mx_quantize(
     stochastic rounding's one seed draw on CUDA generators).
     """
     mx, ax = _check_call(
-        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator
-    )
+        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator,
+        scale_rounding,
+    )  # fmt: skip
     if x.numel() == 0:
         return x.clone()
-    blocks, n, shared, bad = _blocked(x, mx, block_size, ax)
+    blocks, n, shared, bad = _blocked(x, mx, block_size, ax, scale_rounding)
     scaled = _scaled_elements(blocks, shared, bad, rounding)
     quantize_(
         scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
@@ -299,6 +359,7 @@ def mx_encode(
     subnormals: bool = True,
     generator: torch.Generator | None = None,
     pack: bool = False,
+    scale_rounding: str = "floor",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` in an MX format: ``(scales, codes)``.
 
@@ -311,18 +372,19 @@ def mx_encode(
             along the last dimension, first element in the low nibble; it needs an even last
             dimension.
 
-    Same arguments and rounding as :func:`mx_quantize`;
+    Same arguments and rounding (``scale_rounding`` included) as :func:`mx_quantize`;
     ``mx_decode(*mx_encode(x, f), f, dtype=x.dtype) == mx_quantize(x, f)`` (the same random
     draws too, given equally seeded generators). Cost: as ``mx_quantize`` plus the encoding
     passes of :func:`mixprec.encode` (int64 temporaries; one device sync for its NaN
     check).
     """
     mx, ax = _check_call(
-        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator
-    )
-    if _check_flag(pack, "pack") and mx.element.bits > 4:
+        x, elem_format, block_size, axis, rounding, saturate, subnormals, generator,
+        scale_rounding,
+    )  # fmt: skip
+    if check_flag(pack, "pack") and mx.element.bits > 4:
         raise ValueError(f"pack=True needs a 4-bit element format (mxfp4); got {mx.name}")
-    blocks, n, shared, bad = _blocked(x, mx, block_size, ax)
+    blocks, n, shared, bad = _blocked(x, mx, block_size, ax, scale_rounding)
     scales = torch.where(bad, _SCALE_NAN_CODE, shared + _SCALE_BIAS).to(torch.uint8)
     nblocks = scales.shape[-1]
     scales = scales.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, nblocks))
@@ -373,7 +435,7 @@ def mx_decode(
     _check_codes_tensor(scales, "scales")
     _check_codes_tensor(codes, "codes")
     _check_code_range(scales, 8, "float8_e8m0fnu scales", "scales")
-    if _check_flag(packed, "packed") and mx.element.bits > 4:
+    if check_flag(packed, "packed") and mx.element.bits > 4:
         raise ValueError(f"packed=True needs a 4-bit element format (mxfp4); got {mx.name}")
     work = _work_dtype(_check_float_dtype(dtype))
     values = decode(codes, mx.element, dtype=work, packed=packed)
