@@ -96,6 +96,11 @@ def modes_for(steps: int, slow_steps: int) -> list[Mode]:
         ("emulated fp16", lambda: mixprec.autocast("fp16", emulate=True), steps),
         (
             "emulated fp8 (c=e4m3, g=e5m2, unscaled)",
+            lambda: mixprec.autocast("p=f32,c=e4m3,o=f32,g=e5m2", emulate=True, fp8_recipe=None),
+            steps,
+        ),
+        (
+            "emulated fp8 (c=e4m3, g=e5m2, current scaling: the default)",
             lambda: mixprec.autocast("p=f32,c=e4m3,o=f32,g=e5m2", emulate=True),
             steps,
         ),
