@@ -11,6 +11,7 @@ import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -102,3 +103,95 @@ def test_two_gloo_ranks_skip_the_same_steps(tmp_path):
     # control: without the all-reduce only the corrupted rank skips
     for rank, res in enumerate((r0, r1)):
         assert [s for _, s in res["local"]] == [BAD.get(it) == rank for it in range(STEPS)]
+
+
+# ---------------------------------------------------------------------------- FSDP2
+
+FSDP_CASES = (("O1", None), ("O2", False), ("O2", True))  # (opt_level, emulate)
+
+
+def _fully_shard() -> object | None:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return None
+    return fully_shard
+
+
+def _fsdp_train(model: torch.nn.Module, level: str, emulate: bool | None, batches) -> dict:
+    """initialize + STEPS iterations; ``batches(it)`` gives (x, y) and whether to inject an inf
+    into this process's shard of the first weight's gradient."""
+    import mixprec
+    from mixprec import amp
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = mixprec.initialize(
+        model, opt, opt_level=level, compute="bfloat16", emulate=emulate
+    )
+    skipped = []
+    for it in range(STEPS):
+        opt.zero_grad()
+        x, y, inject = batches(it)
+        with mixprec.scale_loss(torch.nn.functional.mse_loss(model(x), y), opt) as scaled:
+            scaled.backward()
+            if inject:
+                g = model[0].weight.grad
+                (g.to_local() if hasattr(g, "to_local") else g)[0, 0] = math.inf
+        opt.step()
+        skipped.append(amp.last_step_skipped(opt))
+    masters = amp.master_params(opt)
+    return {
+        "skipped": skipped,
+        "params": [
+            (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone()
+            for p in model.parameters()
+        ],
+        "dtypes": [p.dtype for p in model.parameters()],
+        "masters_sharded": all(hasattr(m, "to_local") for m in masters),
+    }
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fully_shard = _fully_shard()
+    try:
+        result = {}
+        for level, emulate in FSDP_CASES:
+            model = _model()
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            result[level, emulate] = _fsdp_train(
+                model, level, emulate, lambda it: (*_batch(rank, it), BAD.get(it) == rank)
+            )
+        torch.save(result, os.path.join(out, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _both_ranks(it: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The two ranks' batches as one (FSDP averages the ranks' gradients)."""
+    (x0, y0), (x1, y1) = _batch(0, it), _batch(1, it)
+    return torch.cat([x0, x1]), torch.cat([y0, y1]), it in BAD
+
+
+@pytest.mark.skipif(_fully_shard() is None, reason="torch without FSDP2 (fully_shard)")
+def test_fsdp2_fully_shard_o1_o2_on_two_gloo_ranks(tmp_path):
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"fsdp{r}.pt") for r in (0, 1))
+    for case in FSDP_CASES:
+        level, emulate = case
+        ref = _fsdp_train(_model(), level, emulate, _both_ranks)
+        assert r0[case]["skipped"] == r1[case]["skipped"] == ref["skipped"], case
+        assert r0[case]["skipped"] == [it in BAD for it in range(STEPS)], case
+        for a, b, c in zip(r0[case]["params"], r1[case]["params"], ref["params"], strict=True):
+            assert torch.equal(a, b), case  # the ranks agree
+            # bf16 gradients reduced across ranks round differently from one big batch
+            torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-3, msg=str(case))
+        if level == "O2":
+            assert r0[case]["masters_sharded"], case  # float32 masters are shards too
+            expect = torch.float32 if emulate else torch.bfloat16
+            assert r0[case]["dtypes"][0] == expect, case

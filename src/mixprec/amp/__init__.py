@@ -3,7 +3,8 @@
 Modules, one concept each: ``scaling`` (the loss scalers and their state machine), ``overflow``
 (the one check+unscale+all-reduce path), ``config`` (opt levels, typed arguments, AmpConfig),
 ``plan`` (validate and plan ``initialize``), ``lifecycle`` (``initialize``/``deinitialize``),
-``masters`` (compute-format weights, float32 masters), ``iteration`` (``scale_loss`` and the
+``masters`` (compute-format weights, float32 masters), ``optimizer_check`` (O3: the
+optimizer's ``eps`` against the format), ``iteration`` (``scale_loss`` and the
 wrapped ``optimizer.step``), ``checkpoint`` (state-dict hooks), ``state`` (per-object state and
 its accessors), ``opt_levels`` (each level's op policy).
 """
@@ -15,6 +16,8 @@ from mixprec.amp.config import (
     AmpConfig,
     KeepFp32,
     LossScaleSpec,
+    OptimizerPrecisionWarning,
+    OptimizerStateSpec,
     OptLevel,
     is_norm,
 )
@@ -22,6 +25,7 @@ from mixprec.amp.iteration import scale_loss
 from mixprec.amp.lifecycle import deinitialize, initialize
 from mixprec.amp.opt_levels import level_policy
 from mixprec.amp.scaling import (
+    SCALE_FLOOR,
     DivergenceError,
     DynamicLossScaler,
     LossScaleCollapseWarning,
@@ -41,6 +45,7 @@ from mixprec.amp.state import (
 
 __all__ = [
     "OPT_LEVELS",
+    "SCALE_FLOOR",
     "AmpConfig",
     "DivergenceError",
     "DynamicLossScaler",
@@ -51,6 +56,8 @@ __all__ = [
     "NoOpLossScaler",
     "OptLevel",
     "OptState",
+    "OptimizerPrecisionWarning",
+    "OptimizerStateSpec",
     "SkippedStep",
     "StaticLossScaler",
     "deinitialize",

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from mixprec.amp.masters import adopt_model_values, after_step
+from mixprec.amp.masters import adopt_model_values, after_step, round_
 from mixprec.amp.state import AmpHandle, AmpOptimizerState
-from mixprec.quantization import quantize_
 
 STATE_KEY = "mixprec_amp"
 
@@ -112,6 +111,6 @@ def model_load_hook(handle: AmpHandle) -> Callable[..., None]:
                 adopt_model_values(handle.optimizer_states())
             if cfg.emulate:  # loaded values may not be representable in compute
                 for p in handle.lowered.values():
-                    quantize_(p.data, cfg.compute)
+                    round_(p.data, cfg.compute)
 
     return hook

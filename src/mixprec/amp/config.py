@@ -41,6 +41,17 @@ LOSS_SCALE_CHOICES = (
 #: ``compute`` of :func:`mixprec.initialize`: a format name, a FloatFormat or a torch dtype.
 ComputeSpec: TypeAlias = str | FloatFormat | torch.dtype
 
+#: ``optimizer_state`` of :func:`mixprec.initialize`: where O3 keeps the optimizer's state
+#: (moments etc.): ``"compute"`` (the paper's O3: rounded like the weights) or ``"float32"``
+#: (emulated O3 only: the state is never rounded, so an ``eps`` below the format's range works).
+OptimizerStateSpec = Literal["compute", "float32"]
+OPTIMIZER_STATES: tuple[OptimizerStateSpec, ...] = ("compute", "float32")
+
+
+class OptimizerPrecisionWarning(UserWarning):
+    """An optimizer hyperparameter the update divides by (``eps``) that the compute format
+    cannot represent while the optimizer state lives in that format (O3)."""
+
 
 class KeepFp32(Protocol):
     """``keep_fp32`` of :func:`mixprec.initialize`: True for the modules whose parameters stay
@@ -59,6 +70,8 @@ class AmpConfig:
         emulate: weights/ops emulated (float32 storage, rounded values) rather than native.
         master_weights: the optimizer holds float32 masters (O2).
         num_losses: number of loss scalers (``loss_id`` in ``0..num_losses-1``).
+        optimizer_state: ``"compute"`` or ``"float32"``: where O3 keeps the optimizer state
+            (other levels keep it in float32 anyway).
     """
 
     opt_level: OptLevel
@@ -66,13 +79,20 @@ class AmpConfig:
     emulate: bool
     master_weights: bool
     num_losses: int
+    optimizer_state: OptimizerStateSpec = "compute"
 
     def __repr__(self) -> str:
+        extra = "" if self.optimizer_state == "compute" else ", optimizer_state='float32'"
         return (
             f"AmpConfig(opt_level={self.opt_level!r}, compute={self.compute.name!r}, "
             f"emulate={self.emulate}, master_weights={self.master_weights}, "
-            f"num_losses={self.num_losses})"
+            f"num_losses={self.num_losses}{extra})"
         )
+
+    @property
+    def rounds_optimizer_state(self) -> bool:
+        """O3 with the optimizer state in ``compute``."""
+        return self.opt_level == "O3" and self.optimizer_state == "compute"
 
     @property
     def lowers_weights(self) -> bool:

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from mixprec.amp.masters import after_step
+from mixprec.amp.masters import after_step, round_
 from mixprec.amp.scaling import LossScaler
 from mixprec.amp.state import AmpOptimizerState, as_list, optimizer_state
-from mixprec.quantization import quantize, quantize_
 
 # ----------------------------------------------------------------------------------------------
 # optimizer.step
@@ -121,7 +120,7 @@ def _direct_grads(st: AmpOptimizerState, direct: list[torch.Tensor]) -> list[tor
             p.grad = g
             g = g._values()
         elif cfg.emulate and cfg.opt_level == "O3" and id(p) in st.handle.lowered:
-            quantize_(g, cfg.compute)  # the gradient is stored in compute, like the weight
+            round_(g, cfg.compute)  # the gradient is stored in compute, like the weight
         grads.append(g)
     return grads
 
@@ -135,10 +134,9 @@ def _master_grads(st: AmpOptimizerState) -> list[tuple[torch.nn.Parameter, torch
         g = model_p.grad
         if g is None:
             continue
+        g32 = g.detach().to(torch.float32, copy=True)
         if cfg.emulate:
-            g32 = quantize(g.detach(), cfg.compute)  # stored in compute, like the weight
-        else:
-            g32 = g.detach().to(torch.float32, copy=True)
+            round_(g32, cfg.compute)  # stored in compute, like the weight
         model_p.grad = None
         out.append((master, g32))
     return out

@@ -33,7 +33,7 @@ import torch
 
 from mixprec.amp import opt_levels as _levels
 from mixprec.amp.checkpoint import install_state_dict_hooks, model_load_hook
-from mixprec.amp.config import ComputeSpec, KeepFp32, LossScaleSpec, OptLevel
+from mixprec.amp.config import ComputeSpec, KeepFp32, LossScaleSpec, OptimizerStateSpec, OptLevel
 from mixprec.amp.iteration import install_step
 from mixprec.amp.masters import install_masters, lower_, remove_masters, round_optimizer_state
 from mixprec.amp.plan import AmpOptions, AmpPlan, plan_amp
@@ -55,6 +55,7 @@ def initialize(
     max_loss_scale: float | None = 2.0**24,
     on_skip: Callable[[SkippedStep], object] | None = None,
     on_divergence: DivergenceMode = "raise",
+    optimizer_state: OptimizerStateSpec = "compute",
 ) -> Any:
     """Set up models and optimizers for mixed-precision training at ``opt_level``.
 
@@ -77,8 +78,12 @@ def initialize(
         min_loss_scale, max_loss_scale: floor and ceiling of the dynamic scale.
         on_skip: callback for every overflowing ``scale_loss`` (a
             :class:`~mixprec.amp.SkippedStep`; the following ``optimizer.step()`` is skipped).
-        on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"`` for a NaN/inf loss at
-            a loss scale <= 1.
+        on_divergence: ``"raise"`` (default), ``"warn"`` or ``"ignore"`` for a loss that
+            stays NaN/inf (at a loss scale <= 1, or 16 skipped iterations in a row).
+        optimizer_state: where O3 keeps the optimizer state: ``"compute"`` (default, rounded
+            like the weights) or ``"float32"`` (emulated O3 only). With ``"compute"`` an
+            ``eps`` below the format's smallest normal number (AdamW's 1e-8 in float16) warns
+            (:class:`~mixprec.amp.OptimizerPrecisionWarning`) with a value that works.
 
     Returns ``(models, optimizers)`` shaped as given (just ``models`` if ``optimizers`` is None).
 
@@ -91,6 +96,7 @@ def initialize(
         opt_level=opt_level, compute=compute, loss_scale=loss_scale, num_losses=num_losses,
         emulate=emulate, keep_fp32=keep_fp32, min_loss_scale=min_loss_scale,
         max_loss_scale=max_loss_scale, on_skip=on_skip, on_divergence=on_divergence,
+        optimizer_state=optimizer_state,
     )  # fmt: skip
     plan = plan_amp(models, optimizers, options)
     apply_plan(plan)

@@ -5,6 +5,9 @@ state (O3): put in place by ``initialize``, kept consistent after every step, ta
 At O2 the optimizer's ``param_groups`` hold float32 masters instead of the model's lowered
 parameters; the model holds ``round(master)`` after every step. Emulated storage is float32
 holding values exactly representable in ``compute``; native storage is the torch dtype.
+
+Parameters sharded by FSDP2 (``fully_shard``: DTensors) work too: rounding runs on each rank's
+local shard (:func:`local`), and masters built from sharded parameters are shards themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +18,29 @@ import torch
 
 from mixprec.amp.config import AmpConfig
 from mixprec.amp.state import AmpOptimizerState
+from mixprec.formats import FloatFormat
 from mixprec.quantization import quantize, quantize_
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``t``'s values on this rank: a DTensor's local shard (same
+    storage) or ``t`` itself. mixprec's rounding kernels take plain tensors only."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
+def round_(t: torch.Tensor, fmt: FloatFormat) -> None:
+    """Round ``t`` into ``fmt`` in place (its local shard when sharded)."""
+    quantize_(local(t), fmt)
+
+
+def rounded_copy_(dst: torch.Tensor, src: torch.Tensor, fmt: FloatFormat) -> None:
+    """``dst = round(src)``: one pass for plain tensors; copy then round for shards."""
+    if local(dst) is dst and local(src) is src:
+        quantize(src, fmt, out=dst)
+    else:
+        dst.copy_(src)
+        round_(dst, fmt)
 
 
 def lower_(p: torch.nn.Parameter, config: AmpConfig) -> None:
@@ -26,7 +51,7 @@ def lower_(p: torch.nn.Parameter, config: AmpConfig) -> None:
     if dt != torch.float32:
         p.data = p.data.to(dt)
     else:
-        quantize_(p.data, config.compute)
+        round_(p.data, config.compute)
 
 
 def install_masters(st: AmpOptimizerState, lowered: Mapping[int, torch.nn.Parameter]) -> None:
@@ -72,8 +97,11 @@ def remove_masters(st: AmpOptimizerState) -> None:
 
 
 def round_optimizer_state(st: AmpOptimizerState, lowered: Mapping[int, torch.nn.Parameter]) -> None:
-    """O3: optimizer state tensors shaped like their (lowered) parameter live in compute."""
+    """O3: optimizer state tensors shaped like their (lowered) parameter live in compute
+    (nothing with ``optimizer_state="float32"``)."""
     cfg = st.handle.config
+    if not cfg.rounds_optimizer_state:
+        return
     with torch.no_grad():
         for p in st.direct():
             if id(p) not in lowered:
@@ -83,7 +111,7 @@ def round_optimizer_state(st: AmpOptimizerState, lowered: Mapping[int, torch.nn.
                     if v.dtype != p.dtype:
                         st.optimizer.state[p][key] = v.to(p.dtype)
                     if cfg.emulate and v.dtype.is_floating_point:
-                        quantize_(st.optimizer.state[p][key], cfg.compute)
+                        round_(st.optimizer.state[p][key], cfg.compute)
 
 
 def after_step(st: AmpOptimizerState) -> None:
@@ -98,15 +126,25 @@ def after_step(st: AmpOptimizerState) -> None:
                 return
             if cfg.emulate:
                 for model_p, master in pairs:
-                    quantize(master.data, cfg.compute, out=model_p.data)
+                    rounded_copy_(model_p.data, master.data, cfg.compute)
             else:
-                torch._foreach_copy_([m.data for m, _ in pairs], [p.data for _, p in pairs])
+                _copy_all([m.data for m, _ in pairs], [p.data for _, p in pairs])
         elif cfg.opt_level == "O3" and cfg.emulate:
             lowered = st.handle.lowered
             params = [p for p in st.direct() if id(p) in lowered]
             for p in params:
-                quantize_(p.data, cfg.compute)
+                round_(p.data, cfg.compute)
             round_optimizer_state(st, lowered)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])``: one foreach call for plain tensors; per tensor for tensor
+    subclasses (FSDP2's DTensor shards have no sharding rule for the foreach op)."""
+    if all(type(t) is torch.Tensor for t in (*dst, *src)):
+        torch._foreach_copy_(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
 
 
 def adopt_model_values(states: list[AmpOptimizerState]) -> None:
@@ -115,9 +153,7 @@ def adopt_model_values(states: list[AmpOptimizerState]) -> None:
     for st in states:
         cfg = st.handle.config
         for model_p, master in st.pairs():
-            if cfg.emulate:
-                expect = quantize(master.detach(), cfg.compute)
-            else:
-                expect = master.detach().to(model_p.dtype)
-            if not torch.equal(expect, model_p.detach()):
+            master_v, model_v = local(master.detach()), local(model_p.detach())
+            expect = quantize(master_v, cfg.compute) if cfg.emulate else master_v.to(model_v.dtype)
+            if not torch.equal(expect, model_v):
                 master.data.copy_(model_p.detach().to(torch.float32))

@@ -167,13 +167,14 @@ class ParamNames:
             return str(names[pi])
         return f"param_groups[{gi}]['params'][{pi}] {tuple(p.shape)}"
 
-    def offenders(self, optimizer: Any) -> tuple[str, ...]:
-        """Names of the optimizer's parameters whose gradient holds NaN/inf. Cost: one device
-        sync per parameter, so it is only called on the rare collapse/divergence path."""
+    def offenders(self, optimizer: Any, *, values: bool = False) -> tuple[str, ...]:
+        """Names of the optimizer's parameters whose gradient (``values=True``: whose value)
+        holds NaN/inf. Cost: one device sync per parameter, so it is only called on the rare
+        collapse/divergence path."""
         bad = []
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
-                g = p.grad
+                g = p.detach() if values else p.grad
                 if g is None:
                     continue
                 vals = g._values() if g.is_sparse else g

@@ -17,14 +17,17 @@ from mixprec.amp import opt_levels as _levels
 from mixprec.amp.config import (
     LOSS_SCALE_CHOICES,
     OPT_LEVELS,
+    OPTIMIZER_STATES,
     AmpConfig,
     ComputeSpec,
     KeepFp32,
     LossScaleSpec,
+    OptimizerStateSpec,
     OptLevel,
     is_norm,
     keep_nothing,
 )
+from mixprec.amp.optimizer_check import check_divisors
 from mixprec.amp.scaling import (
     DivergenceMode,
     DynamicLossScaler,
@@ -66,6 +69,7 @@ class AmpOptions:
     max_loss_scale: float | None = 2.0**24
     on_skip: Callable[[SkippedStep], object] | None = None
     on_divergence: DivergenceMode = "raise"
+    optimizer_state: OptimizerStateSpec = "compute"
     compute_format: FloatFormat = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +87,11 @@ class AmpOptions:
                 f"keep_fp32 must be callable (module, fqn) -> bool, got {self.keep_fp32!r}"
             )
         check_divergence_mode(self.on_divergence)
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"optimizer_state must be one of {', '.join(map(repr, OPTIMIZER_STATES))}, got "
+                f"{self.optimizer_state!r}"
+            )
         _check_loss_scale(self.loss_scale, self.num_losses, self.builds_scalers_with_callbacks)
         fmt = get_format(self.compute) if self.opt_level != "O0" else get_format("float32")
         if fmt.bits > 32:
@@ -231,7 +240,10 @@ def plan_amp(
         emulate=_resolve_emulate(options, device_type),
         master_weights=options.opt_level == "O2",
         num_losses=options.num_losses,
+        optimizer_state=options.optimizer_state,
     )
+    _check_optimizer_state(config)
+    check_divisors(opt_list, config, stacklevel=4)  # warn -> check_divisors -> plan -> init
     lowered: dict[int, torch.nn.Parameter] = {}
     if config.lowers_weights:
         _check_float32(model_list, config.opt_level)
@@ -252,6 +264,21 @@ def plan_amp(
         optimizers_is_list=opts_is_list,
         has_optimizers=optimizers is not None,
     )
+
+
+def _check_optimizer_state(config: AmpConfig) -> None:
+    """``optimizer_state="float32"`` at O3 needs emulation: natively the optimizer creates its
+    state in the parameters' dtype and cannot mix it with float32 state."""
+    if (
+        config.opt_level == "O3"
+        and config.optimizer_state == "float32"
+        and not (config.emulate or config.compute.name == "float32")
+    ):
+        raise ValueError(
+            f"optimizer_state='float32' at O3 needs emulated {config.compute.name} "
+            "(emulate=True): natively, torch optimizers create their state in the parameters' "
+            "dtype; use emulate=True, or opt_level='O2' (float32 masters and state)"
+        )
 
 
 def _check_fresh(models: Sequence[torch.nn.Module], opts: Sequence[torch.optim.Optimizer]) -> None:

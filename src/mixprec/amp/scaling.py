@@ -22,16 +22,25 @@ The API is a superset of :class:`torch.amp.GradScaler`::
 
 With torch's arguments (``max_scale=None``, ``min_scale=None``, ``hysteresis=1``) the scale
 trajectory and the skipped steps are identical to ``torch.amp.GradScaler``'s for the same
-gradients (same float32 scale arithmetic, same fp64 reciprocal, same fused kernel).
+gradients (same float32 scale arithmetic, same fp64 reciprocal, same fused kernel) as long as
+the scale stays above :data:`SCALE_FLOOR` (2**-126, where torch would go on to 0).
 
 Additions: a floor and a ceiling on the scale, hysteresis (back off only after ``hysteresis``
 overflows in a row), an observable record of skipped steps (:attr:`last_step_skipped`,
 :attr:`skipped_steps`, an ``on_skip`` callback), a warning naming the parameters whose gradients
 overflowed when the scale collapses to ``min_scale``, an all-reduce of the overflow flag when
 ``torch.distributed`` is initialised (every rank skips the same steps, also with sharded
-gradients as in FSDP), and divergence detection: a NaN/inf *loss* at a scale of at most 1 is not
-an overflow that scaling could cure, so it raises :class:`DivergenceError` (after skipping the
-step; ``on_divergence="warn"`` or ``"ignore"`` to carry on).
+gradients as in FSDP), and divergence detection: a NaN/inf *loss* is not an overflow that
+scaling could cure (the loss is computed before it is scaled), so when it persists -- at a scale
+of at most 1, or in ``max_nonfinite_losses`` skipped iterations in a row whatever the scale -- it
+raises :class:`DivergenceError` (after skipping the step; ``on_divergence="warn"`` or
+``"ignore"`` to carry on). The scale never drops below float32's smallest normal number
+(:data:`SCALE_FLOOR`), so it cannot underflow to 0 and turn the next clean gradients into NaN.
+
+Optimizers that declare ``_step_supports_amp_scaling`` (torch's fused Adam/AdamW/SGD, custom
+ones) get torch's contract: ``step`` checks the still-scaled gradients without unscaling them and
+hands the optimizer ``optimizer.grad_scale`` and ``optimizer.found_inf`` (or itself as
+``grad_scaler=`` when ``step`` takes that keyword); the optimizer unscales and skips by itself.
 
 For code that manages gradients itself (``mixprec.amp``'s ``scale_loss``) the same machine is
 public one level down: :meth:`LossScaler.unscale_grads_` (unscale given tensors on behalf of an
@@ -49,6 +58,7 @@ all-reduce of a scalar; ``step`` reads the overflow flag back (one device sync, 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import struct
 import warnings
@@ -79,13 +89,20 @@ except ImportError:  # pragma: no cover - very old torch
 DivergenceMode = Literal["raise", "warn", "ignore"]
 DIVERGENCE_MODES: tuple[DivergenceMode, ...] = ("raise", "warn", "ignore")
 _MAX_NAMES = 8  # offending parameter names shown in one message
+#: The lowest scale any scaler reaches: float32's smallest normal number. Its float32 reciprocal
+#: (2**126) is finite, so unscaling never multiplies by inf (a scale of 0 would make the next
+#: clean iteration's gradients 0 * inf = NaN).
+SCALE_FLOOR = 2.0**-126
 
 
 class DivergenceError(FloatingPointError):
-    """The loss itself was NaN/inf at a loss scale of at most 1: a divergence, not an overflow.
+    """The loss itself stayed NaN/inf: a divergence, not an overflow that scaling can cure.
 
-    Raised by ``update()`` after the step was skipped and the scaler's state advanced, so the
-    parameters are intact and training can resume (e.g. from a checkpoint with a lower LR).
+    Raised by ``update()`` after the step was skipped and the scaler's state advanced, when the
+    loss was non-finite at a loss scale of at most 1 or in ``max_nonfinite_losses`` skipped
+    iterations in a row. The message says whether the parameters are still finite (then
+    training can resume, e.g. with a lower LR) or already hold NaN/inf (an earlier step broke
+    them: resume from a checkpoint).
     """
 
 
@@ -119,6 +136,7 @@ class ScalerKeywords(TypedDict, total=False):
 
     on_skip: Callable[[SkippedStep], object] | None
     on_divergence: DivergenceMode
+    max_nonfinite_losses: int
     distributed: bool | None
     process_group: ProcessGroup | None
 
@@ -178,7 +196,10 @@ class LossScaler:
         on_skip: called with a :class:`SkippedStep` at every ``update()`` whose iteration
             overflowed (e.g. to hold back an LR scheduler or log).
         on_divergence: ``"raise"`` (default) a :class:`DivergenceError`, ``"warn"`` or
-            ``"ignore"`` when the loss itself is NaN/inf at a scale of at most 1.
+            ``"ignore"`` when the loss itself stays NaN/inf (see ``max_nonfinite_losses``).
+        max_nonfinite_losses: a NaN/inf loss in this many skipped iterations in a row is a
+            divergence whatever the scale (>= 1; default 16). At a scale of at most 1 one such
+            iteration is enough.
         distributed: ``None`` (auto: all-reduce the overflow flag iff ``torch.distributed`` is
             initialised), ``True`` (require it) or ``False`` (never).
         process_group: the group to all-reduce over (default: the world).
@@ -191,11 +212,13 @@ class LossScaler:
         check_finite: bool = True,
         on_skip: Callable[[SkippedStep], object] | None = None,
         on_divergence: DivergenceMode = "raise",
+        max_nonfinite_losses: int = 16,
         distributed: bool | None = None,
         process_group: ProcessGroup | None = None,
     ) -> None:
         _check_positive("scale", scale)
         check_divergence_mode(on_divergence)
+        _check_count("max_nonfinite_losses", max_nonfinite_losses)
         if on_skip is not None and not callable(on_skip):
             raise TypeError(f"on_skip must be callable or None, got {type(on_skip).__name__}")
         if distributed not in (None, True, False):
@@ -204,6 +227,8 @@ class LossScaler:
         self.check_finite = bool(check_finite)
         self.on_skip = on_skip
         self.on_divergence = on_divergence
+        self.max_nonfinite_losses = max_nonfinite_losses
+        self.nonfinite_losses = 0  # skipped iterations in a row whose loss was NaN/inf
         self.distributed = distributed
         self.process_group = process_group
         self._scale_tensors: dict[torch.device, torch.Tensor] = {}
@@ -367,31 +392,14 @@ class LossScaler:
         rec.stage = OptState.UNSCALED
         return rec.found_inf
 
-    def _optimizer_grads(self, optimizer: Any) -> list[torch.Tensor]:
-        """The tensors to unscale for an optimizer's ``.grad``s (none when there is nothing to
-        do: scale 1 and no check, so a no-op scaler never touches the gradients)."""
-        unscale = self._scale != 1.0
+    def _optimizer_grads(self, optimizer: Any, *, unscale: bool = True) -> list[torch.Tensor]:
+        """The tensors to unscale (or, ``unscale=False``, only check) for an optimizer's
+        ``.grad``s (none when there is nothing to do: scale 1 and no check, so a no-op scaler
+        never touches the gradients)."""
+        unscale = unscale and self._scale != 1.0
         if not self.check_finite and not unscale:
             return []
-        grads = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if unscale and g.dtype == torch.float16:
-                    raise ValueError(
-                        "Attempting to unscale FP16 gradients: dividing them in fp16 by "
-                        f"the scale {self._scale:g} would flush small gradients to zero. "
-                        "Keep the optimizer's parameters in float32 (fp32 master weights: "
-                        "mixprec.initialize(..., opt_level='O2'))."
-                    )
-                if g.is_sparse:
-                    if g.dtype is torch.float16:
-                        p.grad = g = g.coalesce()  # duplicates could overflow when summed
-                    g = g._values()
-                grads.append(g)
-        return grads
+        return _grads_of(optimizer, self._scale if unscale else None)
 
     def read_found_infs(self, optimizers: Sequence[object]) -> list[bool]:
         """Whether each optimizer's gradients held NaN/inf in this iteration (each one unscaled
@@ -446,6 +454,10 @@ class LossScaler:
         rec = self._record(optimizer)
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            retval = self._step_amp_aware(optimizer, rec, args, kwargs)
+            rec.stage = OptState.STEPPED
+            return retval
         if rec.stage is OptState.READY:
             self.unscale_(optimizer)
         retval = None
@@ -457,6 +469,37 @@ class LossScaler:
             retval = optimizer.step(*args, **kwargs)
         rec.stage = OptState.STEPPED
         return retval
+
+    def _step_amp_aware(
+        self, optimizer: Any, rec: _OptRecord, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """torch.amp.GradScaler's contract for an optimizer that unscales and skips by itself
+        (``_step_supports_amp_scaling``): gradients not unscaled yet are only checked, and the
+        optimizer reads ``grad_scale`` (None when already unscaled) and ``found_inf`` during
+        its ``step``. No device sync here: ``update`` reads the flag."""
+        if "grad_scaler" in inspect.signature(optimizer.step).parameters:
+            raise TypeError(
+                f"{type(optimizer).__name__}.step takes grad_scaler=, torch's deprecated "
+                "contract, which mixprec scalers do not implement; read optimizer.grad_scale "
+                "and optimizer.found_inf in step() instead (torch's current contract)"
+            )
+        if rec.stage is OptState.READY:
+            self._check_only(optimizer, rec)
+        home = next(iter(self._scale_tensors), torch.device("cpu"))
+        scale = None if rec.stage is OptState.UNSCALED else self._scale_tensor(home)
+        return _step_with_scale(optimizer, scale, rec.found_inf, home, args, kwargs)
+
+    def _check_only(self, optimizer: Any, rec: _OptRecord) -> None:
+        """Flag NaN/inf in the optimizer's still-scaled gradients (float16 ones too: nothing is
+        divided) and all-reduce the flag. Cost: one fused read+write pass (a multiply by 1)."""
+        self._require_scaled("step()")
+        home = next(iter(self._scale_tensors), None)
+        with torch.no_grad():
+            grads = self._optimizer_grads(optimizer, unscale=False)
+            rec.found_inf = check_and_unscale_(grads, 1.0, check=self.check_finite, home=home)
+        if rec.found_inf is not None:
+            all_reduce_max_(rec.found_inf, self.distributed, self.process_group)
+            rec.reduced = True
 
     # ------------------------------------------------------------------ update
     def update(self, new_scale: float | torch.Tensor | None = None, *, stacklevel: int = 1) -> None:
@@ -502,11 +545,15 @@ class LossScaler:
         self.last_step_skipped = bool(found and self.check_finite)
         if not self.last_step_skipped:
             self.consecutive_skips = 0
+            self.nonfinite_losses = 0
             self._collapse_warned = False
             self.iteration += 1
             return
         self.consecutive_skips += 1
         self.skipped_steps += 1
+        # reading the loss flag syncs, but only on this rare path
+        loss_bad = loss_flag is not None and bool(loss_flag)
+        self.nonfinite_losses = self.nonfinite_losses + 1 if loss_bad else 0
         event = SkippedStep(
             iteration=self.iteration,
             scale=used,
@@ -518,7 +565,7 @@ class LossScaler:
         self.iteration += 1
         if self.on_skip is not None:
             self.on_skip(event)
-        self._report(used, records, loss_flag, stacklevel + 1)
+        self._report(used, records, loss_bad, stacklevel + 1)
 
     def _wants_names(self) -> bool:
         """Whether an overflow at the current scale will need the offending names."""
@@ -537,48 +584,47 @@ class LossScaler:
             if not offenders and rec.stage is OptState.UNSCALED and rec.optimizer is not None:
                 offenders = self._names.offenders(rec.optimizer)
             names.extend(offenders)
-        shown = ", ".join(names[:_MAX_NAMES]) or "(gradients no longer available)"
-        if len(names) > _MAX_NAMES:
-            shown += f" and {len(names) - _MAX_NAMES} more"
-        return shown
+        return _listed(names) or "(gradients no longer available)"
 
     def _report(
-        self,
-        used: float,
-        records: Sequence[_OptRecord],
-        loss_flag: torch.Tensor | None,
-        stacklevel: int,
+        self, used: float, records: Sequence[_OptRecord], loss_bad: bool, stacklevel: int
     ) -> None:
         """Divergence error / collapse warning after an overflowing iteration (rare path)."""
-        diverged = used <= 1.0 and loss_flag is not None and bool(loss_flag)
+        persistent = used <= 1.0 or self.nonfinite_losses >= self.max_nonfinite_losses
+        diverged = loss_bad and persistent and self.on_divergence != "ignore"
         collapsed = self._collapsed(used) and not self._collapse_warned
         self._collapse_warned = self._collapse_warned or collapsed
-        if not (diverged and self.on_divergence != "ignore") and not collapsed:
+        if not diverged and not collapsed:
             return
         shown = self._offender_names(records)
-        if diverged and self.on_divergence != "ignore":
-            msg = (
-                f"training diverged: the loss itself is NaN/inf at loss scale {used:g} (<= 1), "
-                "so this is not an overflow that loss scaling can cure. The optimizer step was "
-                f"skipped (parameters are intact). Non-finite gradients in: {shown}. Lower the "
-                "learning rate, check the inputs, or resume from a checkpoint; pass "
-                "on_divergence='warn' or 'ignore' to continue anyway."
-            )
+        if diverged:
+            broken = [
+                n
+                for r in records
+                if r.optimizer is not None
+                for n in self._names.offenders(r.optimizer, values=True)
+            ]
+            limit = (self.nonfinite_losses, self.max_nonfinite_losses)
+            msg = _divergence_message(used, limit, broken, shown)
             if self.on_divergence == "raise":
                 raise DivergenceError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
         if collapsed:
             warnings.warn(
-                f"loss scale collapsed to its floor min_scale={self._scale:g} and gradients "
-                f"still overflow ({self.consecutive_skips} skipped steps in a row). Non-finite "
-                f"gradients in: {shown}. These parameters' gradients exceed the format's range "
-                "even unscaled: keep their layers in float32 or lower the learning rate.",
+                f"loss scale collapsed to its floor {self._floor_name()}={self._scale:g} and "
+                f"gradients still overflow ({self.consecutive_skips} skipped steps in a row). "
+                f"Non-finite gradients in: {shown}. These parameters' gradients exceed the "
+                "format's range even unscaled: keep their layers in float32 or lower the "
+                "learning rate.",
                 LossScaleCollapseWarning,
                 stacklevel=stacklevel,
             )
 
     def _collapsed(self, used: float) -> bool:
         return False
+
+    def _floor_name(self) -> str:
+        return "min_scale"
 
     def _next_scale(self, found: bool) -> float:
         return self._scale
@@ -626,6 +672,101 @@ class LossScaler:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def _grads_of(optimizer: Any, unscale_by: float | None) -> list[torch.Tensor]:
+    """The dense tensors holding an optimizer's gradients (a sparse one's values). As torch,
+    ``ValueError`` for float16 gradients that are to be divided by ``unscale_by``."""
+    grads = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if unscale_by is not None and g.dtype == torch.float16:
+                raise ValueError(
+                    "Attempting to unscale FP16 gradients: dividing them in fp16 by the scale "
+                    f"{unscale_by:g} would flush small gradients to zero. Keep the optimizer's "
+                    "parameters in float32 (fp32 master weights: "
+                    "mixprec.initialize(..., opt_level='O2'))."
+                )
+            if g.is_sparse:
+                if g.dtype is torch.float16:  # duplicates could overflow when summed
+                    p.grad = g = g.coalesce()
+                g = g._values()
+            grads.append(g)
+    return grads
+
+
+def _step_with_scale(
+    optimizer: Any,
+    scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    home: torch.device,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``optimizer.step()`` with ``grad_scale``/``found_inf`` set on it for the call, as torch
+    sets them (``scale`` None: gradients unscaled already, keep the optimizer's own)."""
+    if found_inf is None:  # check_finite off: nothing overflowed as far as we know
+        found_inf = torch.zeros((), dtype=torch.float32, device=home)
+    if scale is None:
+        grad_scale = getattr(optimizer, "grad_scale", None)
+    else:  # as torch: a product with a grad_scale the user set on the optimizer
+        grad_scale = scale * getattr(optimizer, "grad_scale", 1)
+    optimizer.grad_scale = grad_scale
+    optimizer.found_inf = found_inf
+    try:
+        return optimizer.step(*args, **kwargs)
+    finally:
+        del optimizer.grad_scale
+        del optimizer.found_inf
+
+
+def _divergence_message(
+    used: float, limit: tuple[int, int], broken: Sequence[str], shown: str
+) -> str:
+    """What is true after a divergence: why it counts as one (``limit``: non-finite losses in a
+    row and ``max_nonfinite_losses``) and whether parameters (``broken``) already hold NaN/inf."""
+    if used <= 1.0:
+        why = f"at loss scale {used:g} (<= 1)"
+    else:
+        why = (
+            f"in {limit[0]} skipped iterations in a row "
+            f"(max_nonfinite_losses={limit[1]}), now at loss scale {used:g}"
+        )
+    if broken:
+        params = (
+            f"the parameters already hold NaN/inf (an earlier step wrote them): "
+            f"{_listed(broken)}. Resume from a checkpoint with a lower learning rate (in a "
+            "narrow compute format, also an optimizer eps the format can represent)"
+        )
+    else:
+        params = (
+            "the parameters are intact (all finite). Lower the learning rate, check the "
+            "inputs, or resume from a checkpoint"
+        )
+    return (
+        f"training diverged: the loss itself is NaN/inf {why}, so this is not an overflow "
+        f"that loss scaling can cure. The optimizer step was skipped; {params}. Non-finite "
+        f"gradients in: {shown}. Pass on_divergence='warn' or 'ignore' to continue anyway."
+    )
+
+
+def _listed(names: Sequence[str]) -> str:
+    """At most ``_MAX_NAMES`` names, then how many more."""
+    shown = ", ".join(names[:_MAX_NAMES])
+    if len(names) > _MAX_NAMES:
+        shown += f" and {len(names) - _MAX_NAMES} more"
+    return shown
+
+
+def _check_count(name: str, value: object) -> None:
+    """``TypeError``/``ValueError`` unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -689,6 +830,27 @@ class StaticLossScaler(LossScaler):
         super().__init__(scale, **kwargs)
 
 
+def _check_bounds(init_scale: float, min_scale: float | None, max_scale: float | None) -> None:
+    """Floor and ceiling against each other and the initial scale; errors name the fix."""
+    if min_scale is not None:
+        _check_positive("min_scale", min_scale)
+    if max_scale is not None:
+        _check_positive("max_scale", max_scale)
+    if min_scale is not None and max_scale is not None and min_scale > max_scale:
+        raise ValueError(f"min_scale={min_scale!r} exceeds max_scale={max_scale!r}")
+    if max_scale is not None and init_scale > max_scale:
+        raise ValueError(
+            f"init_scale={init_scale!r} exceeds max_scale={max_scale!r} (the default ceiling "
+            f"is 2**24); pass max_scale={init_scale!r} (or max_scale=None for no ceiling, as "
+            "torch.amp.GradScaler) or a smaller init_scale"
+        )
+    if min_scale is not None and init_scale < min_scale:
+        raise ValueError(
+            f"init_scale={init_scale!r} is below min_scale={min_scale!r}; pass "
+            f"min_scale={init_scale!r} (or None) or a larger init_scale"
+        )
+
+
 class DynamicLossScaler(LossScaler):
     """Dynamic loss scaling: back off on overflow, grow after ``growth_interval`` clean steps.
 
@@ -699,7 +861,8 @@ class DynamicLossScaler(LossScaler):
         backoff_factor: in (0, 1); the scale is multiplied by it on an overflow (never below
             ``min_scale``).
         growth_interval: clean iterations in a row before growing (>= 1).
-        min_scale: floor (``None``: none, as torch). Hitting it while the gradients still
+        min_scale: floor (``None``: only :data:`SCALE_FLOOR`, float32's smallest normal, where
+            torch would go on halving to 0). Hitting the floor while the gradients still
             overflow warns with the offending parameter names (:class:`LossScaleCollapseWarning`).
         max_scale: ceiling (``None``: none, as torch; default 2**24 keeps fp16 gradients from
             being pushed to the top of the range for nothing).
@@ -732,26 +895,16 @@ class DynamicLossScaler(LossScaler):
             raise ValueError(f"growth_factor must be > 1.0, got {growth_factor!r}")
         if backoff_factor >= 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        for name, value in (("growth_interval", growth_interval), ("hysteresis", hysteresis)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if min_scale is not None:
-            _check_positive("min_scale", min_scale)
-        if max_scale is not None:
-            _check_positive("max_scale", max_scale)
-        if min_scale is not None and max_scale is not None and min_scale > max_scale:
-            raise ValueError(f"min_scale={min_scale!r} exceeds max_scale={max_scale!r}")
-        if max_scale is not None and init_scale > max_scale:
-            raise ValueError(f"init_scale={init_scale!r} exceeds max_scale={max_scale!r}")
-        if min_scale is not None and init_scale < min_scale:
-            raise ValueError(f"init_scale={init_scale!r} is below min_scale={min_scale!r}")
+        _check_count("growth_interval", growth_interval)
+        _check_count("hysteresis", hysteresis)
+        _check_bounds(init_scale, min_scale, max_scale)
         super().__init__(init_scale, **kwargs)
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)
         self._growth_interval = growth_interval
         self.min_scale = None if min_scale is None else _f32(float(min_scale))
+        # the floor actually applied: min_scale, or SCALE_FLOOR so the scale never reaches 0
+        self._floor = SCALE_FLOOR if min_scale is None else max(self.min_scale, SCALE_FLOOR)
         self.max_scale = None if max_scale is None else _f32(float(max_scale))
         self.hysteresis = hysteresis
         self._growth_tracker = 0
@@ -791,9 +944,7 @@ class DynamicLossScaler(LossScaler):
             self._growth_tracker = 0
             self._hysteresis_tracker -= 1
             if self._hysteresis_tracker <= 0:
-                s = _f32(s * self._backoff_factor)
-                if self.min_scale is not None and s < self.min_scale:
-                    s = self.min_scale
+                s = max(_f32(s * self._backoff_factor), self._floor)
             return s
         self._hysteresis_tracker = self.hysteresis
         successful = self._growth_tracker + 1
@@ -809,13 +960,15 @@ class DynamicLossScaler(LossScaler):
         return s
 
     def _at_floor_after_backoff(self) -> bool:
-        return self.min_scale is not None and self._scale * self._backoff_factor <= self.min_scale
+        return self._scale * self._backoff_factor <= self._floor
+
+    def _floor_name(self) -> str:
+        return "min_scale" if self.min_scale is not None else "SCALE_FLOOR"
 
     def _collapsed(self, used: float) -> bool:
         return (
-            self.min_scale is not None
-            and self._scale == self.min_scale
-            and used * self._backoff_factor <= self.min_scale
+            self._scale == self._floor
+            and used * self._backoff_factor <= self._floor
             and self._hysteresis_tracker <= 0
         )
 
@@ -844,6 +997,8 @@ class DynamicLossScaler(LossScaler):
         self._growth_tracker = int(state_dict.get("_growth_tracker", 0))
         if "min_scale" in state_dict:
             self.min_scale = state_dict["min_scale"]
+            floor = self.min_scale
+            self._floor = SCALE_FLOOR if floor is None else max(float(floor), SCALE_FLOOR)
         if "max_scale" in state_dict:
             self.max_scale = state_dict["max_scale"]
         self.hysteresis = int(state_dict.get("hysteresis", self.hysteresis))
