@@ -327,3 +327,31 @@ def test_mx_quantize_gradient_is_the_same_on_both_backends() -> None:
     x = torch.linspace(-2, 2, 64).requires_grad_()
     mx_quantize(x, "mxfp8_e4m3").sum().backward()
     assert torch.equal(x.grad, torch.zeros(64))
+
+
+class _Wrapper(torch.Tensor):
+    """A minimal wrapper subclass with its own dispatch, as DTensor is."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> _Wrapper:
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        unwrap = lambda t: t.inner if isinstance(t, _Wrapper) else t  # noqa: E731
+        return func(*[unwrap(a) for a in args], **(kwargs or {}))
+
+
+@pytest.mark.parametrize("call", ["quantize", "quantize_", "out"])
+def test_wrapper_subclasses_are_refused_not_misread(call: str) -> None:
+    w = _Wrapper(torch.randn(8))
+    with pytest.raises(TypeError, match="_Wrapper, a tensor subclass with its own dispatch"):
+        if call == "quantize":
+            quantize(w, "bf16")
+        elif call == "quantize_":
+            quantize_(w, "bf16")
+        else:
+            quantize(torch.randn(8), "bf16", out=w)

@@ -85,6 +85,13 @@ def _check_tensor(x: object, what: str = "x") -> torch.Tensor:
         )
     if x.layout != torch.strided:
         raise TypeError(f"{what} has layout {x.layout}; quantize takes dense (strided) tensors")
+    if type(x).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        # a wrapper subclass (DTensor, ...): its data_ptr is not its data, so the kernels would
+        # read and write the wrong memory
+        raise TypeError(
+            f"{what} is a {type(x).__name__}, a tensor subclass with its own dispatch; round the "
+            f"plain tensor it holds (for a DTensor: its local shard, x.to_local())"
+        )
     return x
 
 
