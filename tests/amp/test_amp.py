@@ -575,3 +575,32 @@ def test_deinitialize_restores_and_allows_initialize_again():
     model, opt = mixprec.initialize(model, opt, opt_level="O1", compute="fp16", emulate=True)
     losses = _train(model, opt, 3, x, y)
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_mx_compute_at_o1_runs_mx_operands() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 64)
+    ref = model(x).detach()
+    model, opt = mixprec.initialize(model, opt, opt_level="O1", compute="mxfp8")
+    cfg = mixprec.amp.get_config(model)
+    assert cfg.policy_compute == "mxfp8_e4m3" and cfg.compute.name == "float8_e4m3fn"
+    assert "compute='mxfp8_e4m3'" in repr(cfg)
+    with mixprec.autocast("mxfp8", emulate=True, fp8_recipe=None):
+        expected = model[2](model[1](model[0](x)))  # the same MX policy applied by hand
+    out = model(x)
+    assert torch.equal(out, expected) and not torch.equal(out, ref)
+    loss = out.square().mean()
+    with mixprec.scale_loss(loss, opt) as scaled:
+        scaled.backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_mx_compute_needs_o1(level: str) -> None:
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"block-scaled MX format.*opt_level='O1'.*float8_e4m3fn"):
+        mixprec.initialize(model, opt, opt_level=level, compute="mxfp8")

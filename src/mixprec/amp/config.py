@@ -72,6 +72,8 @@ class AmpConfig:
         num_losses: number of loss scalers (``loss_id`` in ``0..num_losses-1``).
         optimizer_state: ``"compute"`` or ``"float32"``: where O3 keeps the optimizer state
             (other levels keep it in float32 anyway).
+        mx_format: the MX format of the ops (O1 with ``compute="mxfp8"`` etc.); ``compute`` is
+            then its element format. None otherwise.
     """
 
     opt_level: OptLevel
@@ -80,11 +82,17 @@ class AmpConfig:
     master_weights: bool
     num_losses: int
     optimizer_state: OptimizerStateSpec = "compute"
+    mx_format: str | None = None
+
+    @property
+    def policy_compute(self) -> str:
+        """The compute format as the op policy names it (the MX name where there is one)."""
+        return self.mx_format or self.compute.name
 
     def __repr__(self) -> str:
         extra = "" if self.optimizer_state == "compute" else ", optimizer_state='float32'"
         return (
-            f"AmpConfig(opt_level={self.opt_level!r}, compute={self.compute.name!r}, "
+            f"AmpConfig(opt_level={self.opt_level!r}, compute={self.policy_compute!r}, "
             f"emulate={self.emulate}, master_weights={self.master_weights}, "
             f"num_losses={self.num_losses}{extra})"
         )

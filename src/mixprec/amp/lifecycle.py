@@ -140,7 +140,7 @@ def apply_plan(plan: AmpPlan) -> AmpHandle:
                 _levels.attach_policy(
                     model,
                     config.opt_level,
-                    config.compute,
+                    config.policy_compute,
                     config.emulate,
                     plan.policy_keep_fp32,
                     plan.device_type,

@@ -25,7 +25,9 @@ def native_dtype(fmt: FloatFormat) -> torch.dtype | None:
     return dt if dt in (*_NATIVE, torch.float32, torch.float64) else None
 
 
-def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Policy, OpLists] | None:
+def level_policy(
+    opt_level: str, fmt: FloatFormat | str, emulate: bool
+) -> tuple[Policy, OpLists] | None:
     """(Policy, OpLists) of an opt level, or None for O0 (nothing to execute).
 
     O1: fp32 parameters read as they are, low ops in ``fmt``, fp32 ops in fp32, module output
@@ -36,7 +38,7 @@ def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Polic
     """
     if opt_level == "O0":
         return None
-    name = fmt.name
+    name = fmt if isinstance(fmt, str) else fmt.name
     lists = OpLists.default()
     if opt_level == "O1":
         return Policy(params="float32", compute=name, output="float32"), lists
@@ -49,7 +51,7 @@ def level_policy(opt_level: str, fmt: FloatFormat, emulate: bool) -> tuple[Polic
 def attach_policy(
     model: torch.nn.Module,
     opt_level: str,
-    fmt: FloatFormat,
+    fmt: FloatFormat | str,
     emulate: bool,
     keep_fp32: Callable[[torch.nn.Module, str], bool] | None,
     device_type: str,

@@ -39,8 +39,8 @@ from mixprec.amp.scaling import (
     check_divergence_mode,
 )
 from mixprec.amp.state import ATTR, as_list
-from mixprec.formats import FloatFormat, get_format
-from mixprec.precision import native_is_fast
+from mixprec.formats import FloatFormat
+from mixprec.precision import native_is_fast, resolve_format
 
 _UNSUPPORTED_OPTIMIZERS = {
     "LBFGS": "it re-evaluates the loss through a closure, which bypasses scale_loss",
@@ -57,7 +57,8 @@ _UNSUPPORTED_OPTIMIZERS = {
 class AmpOptions:
     """``initialize``'s arguments besides the objects, validated on construction (``ValueError``
     / ``TypeError`` naming the bad value and the valid choices); ``compute_format`` is the
-    resolved format (float32 at O0, where ``compute`` is ignored)."""
+    resolved format (float32 at O0, where ``compute`` is ignored), ``mx_format`` the MX format's
+    name when ``compute`` names one (O1 only: ``compute_format`` is then its element format)."""
 
     opt_level: OptLevel = "O1"
     compute: ComputeSpec = "float16"
@@ -71,6 +72,7 @@ class AmpOptions:
     on_divergence: DivergenceMode = "raise"
     optimizer_state: OptimizerStateSpec = "compute"
     compute_format: FloatFormat = field(init=False, repr=False)
+    mx_format: str | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_opt_level(self.opt_level)
@@ -93,13 +95,22 @@ class AmpOptions:
                 f"{self.optimizer_state!r}"
             )
         _check_loss_scale(self.loss_scale, self.num_losses, self.builds_scalers_with_callbacks)
-        fmt = get_format(self.compute) if self.opt_level != "O0" else get_format("float32")
+        spec = resolve_format(self.compute if self.opt_level != "O0" else "float32")
+        if spec.is_mx and self.opt_level != "O1":
+            raise ValueError(
+                f"compute={spec.name!r} is a block-scaled MX format: at {self.opt_level} the "
+                "weights (and at O3 the optimizer state) would be stored in it, which needs a "
+                "shared scale per block of 32; use opt_level='O1' (MX operands, float32 weights) "
+                f"or its element format compute={spec.element.name!r}"
+            )
+        fmt = spec.element
         if fmt.bits > 32:
             raise ValueError(
                 "compute must be a format of at most 32 bits (the masters are float32), got "
                 f"{fmt.name}"
             )
         object.__setattr__(self, "compute_format", fmt)
+        object.__setattr__(self, "mx_format", spec.name if spec.is_mx else None)
 
     @property
     def builds_scalers_with_callbacks(self) -> bool:
@@ -241,6 +252,7 @@ def plan_amp(
         master_weights=options.opt_level == "O2",
         num_losses=options.num_losses,
         optimizer_state=options.optimizer_state,
+        mx_format=options.mx_format,
     )
     _check_optimizer_state(config)
     check_divisors(opt_list, config, stacklevel=4)  # warn -> check_divisors -> plan -> init

@@ -295,7 +295,7 @@ def _step_region(model: torch.nn.Module) -> Autocast | None:
     """The policy ``initialize`` attached to the model's forward, as a region for a whole step
     (None at O0). Regions nest, so the model's own hooks inside it change nothing."""
     cfg = get_config(model)
-    spec = level_policy(cfg.opt_level, cfg.compute, cfg.emulate)
+    spec = level_policy(cfg.opt_level, cfg.policy_compute, cfg.emulate)
     if spec is None:
         return None
     policy, op_lists = spec
