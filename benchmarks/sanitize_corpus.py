@@ -6,7 +6,9 @@ times along the batch (default 1 and 16: the corpus configs are tiny, so at the 
 step is dominated by the sanitizer's fixed cost per op, ~0.1 ms of Python, not by arithmetic).
 Step = forward, the entry's loss, backward. Time: minimum wall-clock over ``--steps`` interleaved
 rounds after a warm-up step, one torch thread. Memory: one step per (model, mode) in a fresh
-subprocess, peak RSS (VmHWM) minus RSS before the step.
+subprocess after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step
+(MiB; plain steps reuse their allocator's blocks, so their growth is near 0 and no ratio is
+given).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sanitize_corpus.py [--steps N]
 [--repeat N ...] [--no-memory]`` (writes benchmarks/results/sanitize_corpus.md). Targets
@@ -68,7 +70,8 @@ def _status_kib(field: str) -> int:
 def memory_probe(name: str, repeat: int, sanitized: bool) -> None:
     """Child process: one step; prints {before, peak} in KiB."""
     r = Runner(name, repeat)
-    r.step()  # warm-up: lazy inits are not the sanitizer's memory
+    with _mode(sanitized):  # warm-up in the same mode: lazy imports and inits are not per step
+        r.step()
     before = _status_kib("VmRSS")
     with _mode(sanitized):
         r.step()
@@ -138,20 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
     header.append("ops / shadowed / slow path / findings")
-    text = "\n".join(
-        [
-            "# sanitize on the corpus models: one training step, sanitize() ÷ plain fp32",
-            "",
-            machine(),
-            "",
-            markdown_table(header, rows),
-            "",
-            f"Minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; memory "
-            "from one step per (model, mode) in a fresh process after a warm-up step. Target "
-            "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise.",
-            "",
-        ]
+    title = "# sanitize on the corpus models: one training step, sanitize() ÷ plain fp32"
+    note = (
+        f"Minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; memory "
+        "from one step per (model, mode) in a fresh process after a warm-up step. Target "
+        "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )
+    text = "\n\n".join((title, machine(), markdown_table(header, rows), note)) + "\n"
     print(text)
     write_result("sanitize_corpus", text)
     return 0

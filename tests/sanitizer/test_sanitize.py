@@ -17,25 +17,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sanitizer_helpers import marker_line, only
 
 import mixprec
 from mixprec import cli
-from mixprec.sanitizer import KINDS, SCHEMA_VERSION, Finding, Report, record_rounding, sanitize
-
-HERE = os.path.basename(__file__)
+from mixprec.sanitizer import KINDS, SCHEMA_VERSION, Report, record_rounding, sanitize
 
 
 def line_of(marker: str) -> str:
     """'test_sanitize.py:LINE' of the source line carrying ``# <marker>``."""
-    with open(__file__) as fh:
-        for i, line in enumerate(fh, 1):
-            if line.rstrip().endswith(f"# <{marker}>"):
-                return f"{HERE}:{i}"
-    raise AssertionError(f"marker {marker} not found")
-
-
-def only(findings: list[Finding], **match: object) -> list[Finding]:
-    return [f for f in findings if all(getattr(f, k) == v for k, v in match.items())]
+    return marker_line(__file__, marker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +549,8 @@ if "--exit3" in sys.argv:
 
 def test_cli_sanitize_script(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may land in the caller's directory
+    # the piped layout (200 columns): pytest-xdist workers set COLUMNS=80, which the CLI obeys
+    monkeypatch.delenv("COLUMNS", raising=False)
     script = tmp_path / "tiny.py"
     script.write_text(SCRIPT)
     out = tmp_path / "rep"

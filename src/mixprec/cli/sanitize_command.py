@@ -32,6 +32,7 @@ import argparse
 import sys
 
 from mixprec.cli.arguments import float_in, format_name, int_at_least, output_dir
+from mixprec.cli.output import PIPE_WIDTH, output_width
 from mixprec.cli.scripts import (
     ScriptOption,
     add_script_arguments,
@@ -128,6 +129,14 @@ _OPTIONS = (
         type=int_at_least(0),
         metavar="N",
     ),
+    ScriptOption(
+        "--width",
+        None,
+        "lay the table out for N columns (default: $COLUMNS, else the terminal's width, "
+        f"else {PIPE_WIDTH} when piped)",
+        type=int_at_least(1),
+        metavar="N",
+    ),
 )
 
 
@@ -153,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mixprec.sanitizer import sanitize
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    width = output_width(args.width)
+    console = Console(width=width, highlight=False)
     with sanitize(
         shadow=args.shadow,
         threshold_bits=args.threshold_bits,
@@ -162,9 +172,13 @@ def run(args: argparse.Namespace) -> int:
     ) as report:
         status = run_script(script, script_argv)
 
-    report.print(console=console, max_rows=args.max_rows, fmt=args.hist_format)
+    if sys.stdout.isatty():
+        report.print(console=console, max_rows=args.max_rows, fmt=args.hist_format)
+    else:  # piped: plain text, no padding to the width
+        print(report.render(width, max_rows=args.max_rows, fmt=args.hist_format))
     paths = report.save(args.out, fmt=args.hist_format)
-    console.print(f"report written to {paths['json']}, {paths['text']}, {paths['png']}")
+    written = f"report written to {paths['json']}, {paths['text']}, {paths['png']}"
+    console.print(written, soft_wrap=True, markup=False)
     if status:
         console.print(f"[red]the script exited with status {status}[/red]")
         return status

@@ -17,10 +17,14 @@ Modules, in the order a checked op passes through them:
 * ``attribution``: source lines and module names of ops;
 * ``shadows`` and ``store``: shadow arguments, and the storage-keyed shadow table;
 * ``tolerances`` and ``measurement``: the bits-lost measure, real against shadow results,
-  local error, finding kinds;
-* ``findings``: :class:`Finding` and the aggregation of hits into findings;
+  local error, finding kinds; non-finite values judged element by element (which output
+  elements an input's NaN/Inf reaches), root causes (``Finding.cause``);
+* ``findings``: :class:`Finding` (``label``, ``cause``) and the aggregation of hits into findings;
 * ``gradients``: gradient histograms (:class:`GradHistogram`);
-* ``report`` and ``render``: :class:`Report`, its JSON (``SCHEMA_VERSION``), table and figures.
+* ``report`` and ``render``: :class:`Report`, its JSON (``SCHEMA_VERSION``), cause chains,
+  the table laid out for a given width, and figures.
+
+``torch.compile``d code runs eagerly while the sanitizer is active (``mode``), so it is checked.
 
 Cost: each shadowed op runs once more in float64 plus a handful of elementwise passes for the
 comparison (the fast path); the local re-run happens only for suspicious ops. Shadows live in a

@@ -50,6 +50,11 @@ def format_location(where: Where | None) -> tuple[str | None, str | None]:
 ModuleFilter = Callable[[torch.nn.Module, str], bool]
 
 
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Is ``module`` the wrapper ``torch.compile`` returns for a module (OptimizedModule)?"""
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
 class ModuleTracker:
     """Module stack for attribution, via global forward pre/post hooks registered on enter.
 
@@ -68,6 +73,7 @@ class ModuleTracker:
         self.on_output: Callable[[torch.nn.Module, Any], None] | None = None
         self.on_root: Callable[[], None] | None = None
         self.seen_module = False
+        self.compiled: dict[str, str] = {}  # torch.compile'd modules seen: fqn -> class name
         self._keep: list[torch.nn.Module] = []  # watched modules stay alive (ids stay theirs)
         if isinstance(watch, torch.nn.Module):
             for fqn, m in watch.named_modules(remove_duplicate=False):
@@ -118,7 +124,9 @@ class ModuleTracker:
         if self.stack:
             parent, pfqn, _ = self.stack[-1]
             found = self._child_name(parent, module)
-            if found is not None:
+            if found is not None and _is_compiled(parent) and found == "_orig_mod":
+                name = pfqn  # the compiled wrapper's module: the user knows it by that name
+            elif found is not None:
                 name = f"{pfqn}.{found}" if pfqn else found
         self.names[module] = name
         return name
@@ -140,6 +148,8 @@ class ModuleTracker:
         fqn = self.names.get(module)
         if fqn is None:
             fqn = self._name_of(module)
+        if _is_compiled(module):
+            self.compiled[fqn or "(root)"] = type(module._orig_mod).__name__
         self.stack.append((module, fqn, self._watched(module, fqn)))
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import linecache
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import CodeType
 from typing import Any
 
@@ -20,6 +20,15 @@ KINDS: tuple[str, ...] = (
     "precision_loss",
 )
 PHASES: tuple[str, ...] = ("forward", "backward")
+# kinds whose values (inf, NaN, flushed zeros) feed later findings: their labels become causes
+CAUSE_KINDS = frozenset({"nan", "inf", "overflow", "underflow"})
+
+
+def finding_label(kind: str, op: str, phase: str, module: str | None, location: str | None) -> str:
+    """A finding's label, ``"underflow at aten._softmax.default (forward, attn, f.py:12)"``:
+    what :attr:`Finding.cause` holds."""
+    where = ", ".join(x for x in (phase, module or None, location) if x)
+    return f"{kind} at {op} ({where})"
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,9 @@ class Finding:
     elements. ``count`` is the number of affected elements summed over ``occurrences`` op calls,
     ``elements`` the number of elements those calls produced. ``first_step`` counts backward
     passes completed before the first occurrence. ``real_value`` / ``shadow_value`` show the
-    worst element. ``code`` is the source line at ``location``.
+    worst element. ``code`` is the source line at ``location``. ``cause``: the :attr:`label`
+    of an earlier nan / inf / overflow / underflow finding whose values fed this op's inputs
+    (its root cause, or the next link of a chain; see :meth:`Report.chain`), else None.
     """
 
     kind: str
@@ -55,6 +66,13 @@ class Finding:
     real_value: float | None = None
     shadow_value: float | None = None
     shape: tuple[int, ...] = ()
+    cause: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``"<kind> at <op> (<phase>, <module>, <location>)"``: what another finding's
+        ``cause`` names this one by."""
+        return finding_label(self.kind, self.op, self.phase, self.module, self.location)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings "inf", "-inf", "nan")."""
@@ -116,6 +134,7 @@ class Hit:
     propagated: float | None = None
     cancelled: float | None = None
     example: tuple[float, float] | None = None  # (real, shadow) of the worst element
+    cause: str | None = None  # label of the finding that fed the op's inputs
 
 
 @dataclass
@@ -130,6 +149,7 @@ class _Accumulator:
     location: str | None
     path: str | None
     dtype: str
+    cause: str | None = None  # the first linked cause among the hits
     bits_lost: float | None = None
     rel_error: float | None = None
     count: int = 0
@@ -144,6 +164,7 @@ class _Accumulator:
 
     def add(self, hit: Hit) -> None:
         self.count += hit.count
+        self.cause = self.cause or hit.cause
         self.elements += hit.elements
         self.occurrences += 1
         if hit.bits is not None and (self.bits_lost is None or hit.bits > self.bits_lost):
@@ -178,8 +199,12 @@ class FindingLog:
     step: int = 0  # the current step: a new key's first_step
     _accs: dict[tuple[Any, ...], _Accumulator] = field(default_factory=dict)
 
-    def add(self, op: str, phase: str, site: Site, hit: Hit) -> None:
+    def add(self, op: str, phase: str, site: Site, hit: Hit) -> str:
+        """Count ``hit`` in its finding; returns the finding's label."""
         location, path = format_location(site.where)
+        label = finding_label(hit.kind, op, phase, site.module, location)
+        if hit.cause == label:  # a loop feeding an op its own earlier output: no self-link
+            hit = replace(hit, cause=None)
         key = (hit.kind, op, phase, site.module, location)
         acc = self._accs.get(key)
         if acc is None:
@@ -196,6 +221,7 @@ class FindingLog:
                 shape=hit.shape,
             )
         acc.add(hit)
+        return label
 
     def findings(self) -> list[Finding]:
         """The findings, worst first (ties in order of first occurrence)."""

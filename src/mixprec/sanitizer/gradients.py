@@ -75,7 +75,8 @@ class GradCollector:
         if not self.counts:
             return {"counts": {}} if track_grads else None
         nonzero = [i for c in self.counts.values() for i in c.nonzero().reshape(-1).tolist()]
-        lo, hi = min(nonzero), max(nonzero)
+        # every gradient zero or non-finite: keep one (empty) bin, at 2^0
+        lo, hi = (min(nonzero), max(nonzero)) if nonzero else (HIST_OFFSET, HIST_OFFSET)
         return {
             "bin_lo": lo - HIST_OFFSET,
             "counts": {k: c[lo : hi + 1].tolist() for k, c in self.counts.items()},

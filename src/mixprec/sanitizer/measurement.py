@@ -24,6 +24,7 @@ backward-stable evaluation can err by. The definitions are in :mod:`.tolerances`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 from mixprec.formats import FloatFormat
 from mixprec.quantization import quantize
 from mixprec.sanitizer.attribution import user_frame
-from mixprec.sanitizer.findings import FindingLog, Hit, Site, Stats
+from mixprec.sanitizer.findings import CAUSE_KINDS, FindingLog, Hit, Site, Stats
 from mixprec.sanitizer.ops import OpInfo, RealCall
 from mixprec.sanitizer.shadows import LOW, ShadowInputs, Shadows
 from mixprec.sanitizer.tolerances import FmtInfo, bits_lost, make_fmt_info
@@ -49,6 +50,9 @@ from mixprec.sanitizer.trees import (
 _TINY = 2.0**-1022  # smallest normal float64: keeps 0/0 out of the fast path
 _AMP = 4.0  # re-check an op locally only if its error is > _AMP x the error it inherited
 _PRECISION = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+
+_NONFINITE_KINDS = ("nan", "inf", "overflow")  # the findings linked to a cause
+_NONFINITE = "nonfinite"  # _suspicious: the result holds inf or NaN (always the slow path)
 
 Slow = tuple[int, torch.Tensor, torch.Tensor]  # (result position, real, shadow)
 
@@ -114,18 +118,70 @@ class _SlowPath:
     def __init__(self, call: ShadowedCall) -> None:
         self.call = call
 
-    @cached_property
-    def inputs_nonfinite(self) -> tuple[bool, bool]:
-        """(any NaN, any Inf) among the inputs (mutated ones: their shadows, the old values)."""
+    def _input_args(self) -> list[Any]:
+        """The real positional arguments; mutated ones: their shadows (the old values)."""
         written = {w for w in self.call.info.written if isinstance(w, int)}
-        args = [
+        return [
             s if i in written else a
             for i, (a, s) in enumerate(zip(self.call.args, self.call.sargs, strict=False))
         ]
+
+    @cached_property
+    def inputs_nonfinite(self) -> tuple[bool, bool]:
+        """(any NaN, any Inf) among the inputs (mutated ones: their shadows, the old values)."""
+        args = [*self._input_args(), *self.call.kwargs.values()]
         floats = [t for t in tensors(args) if t.is_floating_point() and t.numel()]
         has_nan = any(bool(torch.isnan(t).any()) for t in floats)
         has_inf = any(bool(torch.isinf(t).any()) for t in floats)
         return has_nan, has_inf
+
+    def _reach(self, marked: Callable[[torch.Tensor], torch.Tensor]) -> list[Any] | None:
+        """Which output elements depend on the ``marked`` input elements: the op run on probes
+        (marked elements NaN, every other float element 1; NaN propagates through arithmetic,
+        reductions and products alike), NaN where reached. One shadow-dtype op run."""
+        call = self.call
+
+        def probe(a: Any, s: Any) -> Any:
+            if (
+                isinstance(a, torch.Tensor)
+                and a.is_floating_point()
+                and isinstance(s, torch.Tensor)
+            ):
+                return torch.where(marked(a), math.nan, 1.0).to(s.dtype)
+            return s
+
+        args = map_pairs(probe, self._input_args(), call.sargs)
+        kwargs = map_pair_kwargs(probe, call.kwargs, call.skwargs)
+        try:
+            return [
+                torch.isnan(o) if isinstance(o, torch.Tensor) else o
+                for o in leaves(call.func(*args, **kwargs))
+            ]
+        except Exception:
+            return None
+
+    @cached_property
+    def _taints(self) -> tuple[list[Any] | None, list[Any] | None]:
+        """(reached by a NaN input, reached by a NaN or Inf input) per output; None: no such
+        input. Only ops with non-finite inputs pay for it (one or two probe runs)."""
+        has_nan, has_inf = self.inputs_nonfinite
+        nan_t = self._reach(torch.isnan) if has_nan else None
+        any_t = self._reach(lambda t: ~torch.isfinite(t)) if has_inf else nan_t
+        return nan_t, any_t
+
+    def taint(self, i: int, r: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Result ``i``'s elements reached by a NaN input, and by any non-finite input (None:
+        none). Where the probe fails every element counts as reached (the old, per-op rule)."""
+        has_nan, has_inf = self.inputs_nonfinite
+        out: list[torch.Tensor | None] = []
+        for flag, probes in zip((has_nan, has_nan or has_inf), self._taints, strict=True):
+            if not flag:
+                out.append(None)
+                continue
+            t = probes[i] if probes is not None and i < len(probes) else None
+            ok = isinstance(t, torch.Tensor) and t.shape == r.shape
+            out.append(t if ok else torch.ones_like(r, dtype=torch.bool))
+        return out[0], out[1]
 
     @cached_property
     def abs_outputs(self) -> list[Any] | None:
@@ -239,6 +295,7 @@ class Measurer:
         # True while we round shadows with mixprec.quantize ourselves (local inputs in an
         # emulated format): the quantize observer must not take that for the user's rounding
         self.rounding = False
+        self._new_cause: str | None = None  # label of a range finding of the op being checked
 
     def measure(self, call: ShadowedCall, reals: list[Any], souts: list[Any]) -> None:
         """Check the results of a rounding op; the slow path for the suspicious ones."""
@@ -259,28 +316,34 @@ class Measurer:
                     continue
                 s = s if s.dtype == sdt else s.to(sdt)
                 suspicious, e_out, smax = self._suspicious(r, s, self.fmts[r.dtype])
-                self.shadows.store.put(r, s, e_out, smax)
-                # the local re-run only where this op made the error worse: more than _AMP times
-                # the error it inherited (non-finite inherited errors: nothing new to report)
-                if suspicious and e_out > _AMP * call.err and math.isfinite(call.err):
+                origin = (call.info.name, call.phase, call.site)
+                self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
+                if suspicious is _NONFINITE or (
+                    # the local re-run only where this op made the error worse: more than _AMP
+                    # times the error it inherited (non-finite inherited errors: only non-finite
+                    # results are news, judged element by element on the slow path)
+                    suspicious and e_out > _AMP * call.err and math.isfinite(call.err)
+                ):
                     slow.append((i, r, s))
             elif call.has_shadow and not r.is_floating_point() and not r.is_complex():
                 self._decision(call, r, s)
         return slow
 
     @staticmethod
-    def _suspicious(r: torch.Tensor, s: torch.Tensor, fi: FmtInfo) -> tuple[bool, float, float]:
+    def _suspicious(r: torch.Tensor, s: torch.Tensor, fi: FmtInfo) -> tuple[Any, float, float]:
         """Could any element of ``r`` be a finding? Cheap sufficient test first.
 
-        Returns (suspicious, e, smax) with ``e = max|r - s| / (floor * max|s|)``, the error bound
-        kept with the shadow (inf when non-finite values are involved), and an upper bound of
-        ``max|s|`` (kept for the gradient histogram).
+        Returns (suspicious, e, smax) with ``e = max|r - s| / (floor * max|s|)`` over the
+        elements where real and shadow differ, the error bound kept with the shadow (inf where a
+        real non-finite value has a different shadow), and an upper bound of ``max|s|`` over the
+        finite shadows (kept for the gradient histogram). ``suspicious`` is ``_NONFINITE`` when
+        ``r`` holds inf or NaN (the slow path decides, element by element, which are new).
 
         Cheap (4 float32 passes, one sync): if ``max|r - s| <= tol * floor * max|s|`` then every
         element satisfies ``|r_i - s_i| <= tol * max(|s_i|, floor * max|s|)``, the flagging
         criterion, so nothing can be flagged. Computing the difference in float32 against the
         shadow rounded to float32 adds at most half a float32 ulp, far below any threshold.
-        Otherwise the exact elementwise test in float64 decides. NaN/inf make both tests fail.
+        Otherwise the exact elementwise test in float64 decides.
         """
         rf = r if r.dtype == torch.float32 else r.float()
         s32 = s.float()
@@ -288,25 +351,71 @@ class Measurer:
         dmin, dmax = torch.aminmax(s32.sub_(rf))  # s - r in place: one temporary, not two
         dn, dx, sn, sx = torch.stack((dmin, dmax, smin, smax)).tolist()
         dm, sm = max(-dn, dx), max(-sn, sx)
+        if not (math.isfinite(dm) and math.isfinite(sm)):
+            return Measurer._suspicious_nonfinite(r, s, fi)
         smax = sm * (1.0 + 2.0**-23)  # s32 is s rounded to nearest: bound max|s| from above
         if sm > 0:
             e = dm / (fi.floor * sm)
             if e <= fi.tol:
                 return False, e, smax
+            if Measurer._fine_in_float32(s, s32, sm * fi.floor, fi.tol):
+                return False, e, smax
         else:
             e = 0.0 if dm == 0 else math.inf
-        if not math.isfinite(e) or not math.isfinite(sm):
+        if not math.isfinite(e):
             e = math.inf
         if dm == 0 and sm == 0 and not bool(s.any()):
             return False, 0.0, 0.0  # exactly zero
         a = s.abs()
         floor = (a.amax() * fi.floor).clamp_(min=_TINY)
         rmax = float(torch.sub(r, s).abs_().div_(a.clamp_(min=floor)).amax())
-        return not rmax <= fi.tol, e, smax  # NaN (non-finite somewhere) is suspicious
+        return not rmax <= fi.tol, e, smax
+
+    @staticmethod
+    def _fine_in_float32(s: torch.Tensor, d32: torch.Tensor, floor: float, tol: float) -> bool:
+        """The elementwise test of :meth:`_suspicious` in float32 (``d32 = s - r``, in float32;
+        ``d32`` is overwritten): True when every element passes with a margin that covers the
+        float32 rounding of ``s`` and of the test (each element's ratio is off by at most a few
+        2^-24, so 2^-21 covers it; float32 results' default tolerance is 2^-12.5). 4 float32
+        passes instead of 6 float64 ones; False: decide in float64."""
+        if not (floor >= 2.0**-100 and tol > 2.0**-19):  # normal float32 clamp, a real margin
+            return False
+        den = s.float().abs_().clamp_(min=floor)
+        return float(d32.abs_().div_(den).amax()) <= tol - 2.0**-21
+
+    @staticmethod
+    def _suspicious_nonfinite(
+        r: torch.Tensor, s: torch.Tensor, fi: FmtInfo
+    ) -> tuple[Any, float, float]:
+        """:meth:`_suspicious` where ``r`` or ``s`` holds inf or NaN: elements whose real and
+        shadow values agree (the same inf, or both NaN) count as exact. Cost: ~8 float64 passes."""
+        rs = r.to(s.dtype)
+        same = (rs == s) | (torch.isnan(rs) & torch.isnan(s))
+        fin = torch.isfinite(s)
+        a = torch.where(fin, s.abs(), 0.0)
+        sm = float(a.amax())
+        d = torch.where(same, 0.0, torch.sub(rs, s).abs_())
+        dm = float(d.amax())  # NaN / inf where a non-finite value disagrees
+        floor = max(sm * fi.floor, _TINY)
+        e = dm / floor if math.isfinite(dm) else math.inf
+        if not bool(torch.isfinite(r).all()):
+            return _NONFINITE, e, sm
+        rmax = float(d.div_(torch.maximum(a, torch.tensor(floor, dtype=a.dtype))).amax())
+        return not rmax <= fi.tol, e, sm
 
     # -- slow path -----------------------------------------------------------------------------
     def _slow_path(self, call: ShadowedCall, slow: list[Slow]) -> None:
         self.stats.ops_slow_path += 1
+        self._new_cause = None
+        try:
+            self._check_slow(call, slow)
+        finally:
+            cause, self._new_cause = self._new_cause, None
+        if cause is not None:  # the results carry this op's finding to whatever they feed
+            for _, r, _ in slow:
+                self.shadows.store.set_cause(r, cause)
+
+    def _check_slow(self, call: ShadowedCall, slow: list[Slow]) -> None:
         extra = _SlowPath(call)
         locals_ = self._local_outputs(call, slow[0][1].dtype) if call.has_shadow else None
         for i, r, s in slow:
@@ -356,17 +465,60 @@ class Measurer:
             self.rounding = False
 
     def _record(self, call: ShadowedCall, hit: Hit) -> None:
-        self.log.add(call.info.name, call.phase, call.site, hit)
+        """Log ``hit`` linked to the finding its inputs carry; a range finding (overflow, ...)
+        becomes the cause carried by this call's results (set in :meth:`_slow_path`)."""
+        cause = None
+        if hit.kind in _NONFINITE_KINDS:  # what a flushed or infinite input can cause
+            cause = call.inputs.cause or self._flushed_input(call)
+        label = self.log.add(call.info.name, call.phase, call.site, replace(hit, cause=cause))
+        if hit.kind in CAUSE_KINDS and self._new_cause is None:
+            self._new_cause = label
+
+    def _flushed_input(self, call: ShadowedCall) -> str | None:
+        """The root cause of a non-finite result whose inputs carry no finding: an input that
+        holds zeros where its shadow does not (an underflow below the noise floor of the op that
+        computed it, harmless until, say, a log or a division) or infs where its shadow is
+        finite. That op gets the underflow / overflow finding, labelled as the cause. Cost: two
+        passes per tensor input, only when a non-finite finding is recorded."""
+        written = set(call.info.written)
+        for i, (a, s) in enumerate(zip(call.args, call.sargs, strict=False)):
+            if i in written or not (isinstance(a, torch.Tensor) and isinstance(s, torch.Tensor)):
+                continue
+            origin = self.shadows.store.origin(a)
+            if origin is None or a.dtype not in self.fmts or s.shape != a.shape:
+                continue
+            label = self._flush_finding(origin, a, s)
+            if label is not None:
+                return label
+        return None
+
+    def _flush_finding(self, origin: Any, a: torch.Tensor, s: torch.Tensor) -> str | None:
+        """Log an underflow (zeros with non-zero shadows) or overflow (infs with finite
+        shadows) of ``a`` at the op call ``origin`` that computed it; its label, or None."""
+        res = _Result(0, a, s, a, self.fmts[a.dtype])
+        op, phase, site = origin
+        flushed = (a == 0) & (s != 0)
+        n = int(flushed.sum())
+        if n:  # relative error 1: the value is gone, its sign and magnitude with it
+            hit = replace(res.all_bits_lost("underflow", flushed, n), rel=1.0)
+            return self.log.add(op, phase, site, hit)
+        over = torch.isinf(a) & torch.isfinite(s)
+        n = int(over.sum())
+        return self.log.add(op, phase, site, res.all_bits_lost("overflow", over, n)) if n else None
 
     def _nonfinite(self, call: ShadowedCall, extra: _SlowPath, res: _Result) -> None:
-        """nan / overflow / inf findings, unless the inputs already held NaN or Inf."""
-        if any(extra.inputs_nonfinite):
-            return  # inherited
+        """nan / overflow / inf findings, element by element: a NaN reached by a NaN input, or
+        an inf reached by any non-finite input, is inherited; every other one is new."""
+        nan_t, any_t = extra.taint(res.i, res.r)
         nan_r = torch.isnan(res.r)
+        if nan_t is not None:
+            nan_r &= ~nan_t
         n_nan = int(nan_r.sum())
         if n_nan:
             self._record(call, res.all_bits_lost("nan", nan_r, n_nan))
         inf_r = torch.isinf(res.r)
+        if any_t is not None:
+            inf_r &= ~any_t
         if not bool(inf_r.any()):
             return
         fin_s = torch.isfinite(res.s)
@@ -410,10 +562,13 @@ class Measurer:
         """(denominator, local relative error, flagged elements, their count)."""
         s, loc, fi = res.s, res.loc, res.fi
         valid = fin_r & torch.isfinite(s) & torch.isfinite(loc)
+        any_t = extra.taint(res.i, res.r)[1]
+        if any_t is not None:  # elements fed by inf / NaN inputs: judged by _nonfinite only
+            valid &= ~any_t
         amax = torch.where(valid, a, 0.0).amax()
         den = torch.maximum(a, (amax * fi.floor).clamp_(min=_TINY))
         lerr, flag, n_flag = _over_tol(loc, s, den, valid, fi.tol)
-        if n_flag and call.info.multilinear:
+        if n_flag and (call.info.multilinear or res.i in call.info.sum_results):
             # a sum of products is judged against the sum of |products| (what a backward-
             # stable evaluation can err by), not against a result that cancelled to ~0
             outs = extra.abs_outputs

@@ -18,12 +18,13 @@ on their autograd node in the forward pass. Gradients are binned into histograms
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -53,6 +54,8 @@ from mixprec.sanitizer.trees import leaves, tensors
 aten = torch.ops.aten
 
 _META_KEY = "mixprec.sanitize"  # key in an autograd node's metadata dict
+
+_OP_INFO: dict[Any, OpInfo] = {}  # classify(func) per OpOverload, shared by all runs
 
 # process-wide, not thread-local: on CUDA the autograd engine runs backward (and our gradient
 # hooks) on its own device threads, which inherit the dispatch mode but not Python thread-locals
@@ -106,7 +109,7 @@ class ShadowMode(TorchDispatchMode):
         )
         self.grads = GradCollector()
         self.backward_passes = 0
-        self.ops: dict[Any, OpInfo] = {}
+        self.ops = _OP_INFO  # classification is per overload, the same in every run
         self._need_step = False
         self._last_backward = False
         self._pending: list[torch.Tensor] = []  # outputs of the last op, to label (see _pend)
@@ -115,6 +118,7 @@ class ShadowMode(TorchDispatchMode):
         self._hooked = WeakIdKeyDictionary()
         self._hook_handles: list[Any] = []
         self._observer: RemovableHandle | None = None  # our quantize observer, while active
+        self._stance: Any = None  # torch.compiler's force_eager stance, while active
         tracker.on_output = self._on_module_output if track_grads else None
         tracker.on_root = self._on_root
 
@@ -131,6 +135,7 @@ class ShadowMode(TorchDispatchMode):
         try:
             self.tracker.install()
             self._observer = register_rounding_observer(self._observe_rounding)
+            self._run_compiled_eagerly()
             self.__enter__()
         except BaseException:
             self._uninstall()
@@ -148,7 +153,18 @@ class ShadowMode(TorchDispatchMode):
             self._hook_handles.clear()
             self.shadows.clear()
 
+    def _run_compiled_eagerly(self) -> None:
+        """torch.compile'd code runs eagerly while we are active: compiled kernels bypass
+        dispatch, so they could not be checked (the report lists the compiled modules seen).
+        Only where torch._dynamo is loaded: nothing was compiled otherwise."""
+        if "torch._dynamo" in sys.modules:
+            self._stance = torch.compiler.set_stance("force_eager")
+            self._stance.__enter__()
+
     def _uninstall(self) -> None:
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(None, None, None)
         if self._observer is not None:
             self._observer.remove()
             self._observer = None
@@ -168,7 +184,10 @@ class ShadowMode(TorchDispatchMode):
         return self.log.findings()
 
     def report_stats(self) -> dict[str, Any]:
-        return self.stats.to_dict(self.step, self.backward_passes)
+        stats = self.stats.to_dict(self.step, self.backward_passes)
+        if self.tracker.compiled:  # additive: only present when compiled modules ran
+            stats["compiled_run_eagerly"] = sorted(self.tracker.compiled)
+        return stats
 
     def report_gradients(self) -> dict[str, Any] | None:
         return self.grads.data(self.track_grads)
@@ -232,9 +251,11 @@ class ShadowMode(TorchDispatchMode):
                 return
             eng._internal = True
             try:
-                ent = eng.shadows.store.get(grad)
-                shadow = grad if ent is None else ent[0]
-                eng.grads.add(kind, shadow, eng.shadows.store.smax(grad))
+                # binning is ~15 small ops: run them outside the mode, not through dispatch
+                with _disable_current_modes():
+                    ent = eng.shadows.store.get(grad)
+                    shadow = grad if ent is None else ent[0]
+                    eng.grads.add(kind, shadow, eng.shadows.store.smax(grad))
             finally:
                 eng._internal = False
 
@@ -365,7 +386,8 @@ class ShadowMode(TorchDispatchMode):
         if inputs.has_shadow:
             p = call.args[1]
             scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
-            self.shadows.store.put(out[0], inputs.args[0] * out[1] * scale, inputs.err)
+            shadow = inputs.args[0] * out[1] * scale
+            self.shadows.store.put(out[0], shadow, inputs.err, cause=inputs.cause)
         return out
 
     def _shadowed(
@@ -377,6 +399,8 @@ class ShadowMode(TorchDispatchMode):
         skwargs = self.shadows.kwargs(call.kwargs)
         if info.half_to_float is not None and len(sargs) > info.half_to_float:
             sargs[info.half_to_float] = False
+        if info.written:
+            _own_view_shadows(info, call, sargs)
         out = call.run()
         self.stats.ops_shadowed += 1
         sfunc = info.functional or call.func
@@ -389,7 +413,7 @@ class ShadowMode(TorchDispatchMode):
             return out
         reals, souts = self._results(info, call, out, sout)
         if info.kind == EXACT:
-            self.shadows.put(reals, souts, inputs.err)
+            self.shadows.put(reals, souts, inputs.err, cause=inputs.cause)
             if call.func is aten.where.self:
                 self.measurer.check_where(info.name, call.args, phase, site)
         else:
@@ -411,3 +435,23 @@ class ShadowMode(TorchDispatchMode):
         """A mutation we did not shadow: the mutated tensors are exact from now on."""
         for w in info.written:
             self.shadows.forget(call.arg(w))
+
+
+def _own_view_shadows(info: OpInfo, call: RealCall, sargs: list[Any]) -> None:
+    """Copy the shadows of mutated arguments that are views of part of a storage.
+
+    Such a shadow is a view of its storage's flat shadow, which the op's new shadow is written
+    into (so the base and other views see the update); the checks after that still need the
+    old values. A mutated whole storage gets a new flat shadow instead: no copy. Cost: one copy
+    of the view's shadow per in-place op on a partial view.
+    """
+    for w in info.written:
+        a = call.arg(w)
+        if not (isinstance(w, int) and w < len(sargs) and isinstance(a, torch.Tensor)):
+            continue
+        s = sargs[w]
+        if (
+            isinstance(s, torch.Tensor)
+            and a.numel() * a.element_size() < a.untyped_storage().nbytes()
+        ):
+            sargs[w] = s.clone()

@@ -46,6 +46,9 @@ _MULTILINEAR = {
     "mv", "dot", "vdot", "convolution", "convolution_backward", "_convolution",
     "embedding_dense_backward", "trace", "_trilinear", "addr", "outer",
 }  # fmt: skip
+# ops with some results that are sums (means) of their first input: those results are judged
+# like a multilinear op's (layer norm's saved mean: a row mean that cancels to ~0 is no finding)
+_SUM_RESULTS = {"native_layer_norm": (1,), "native_group_norm": (1,)}
 _INDEX_DECISIONS = {  # packet -> (input position, dim position, default dim); None dim = flat
     "argmax": (0, 1, None),
     "argmin": (0, 1, None),
@@ -71,6 +74,7 @@ class OpInfo:
     functional: Any = None  # out-of-place variant for in-place ops
     addsub: bool = False
     multilinear: bool = False  # a sum of products of its tensor inputs (see Measurer._abs_run)
+    sum_results: tuple[int, ...] = ()  # results that are sums of the inputs, if not multilinear
     index_decision: tuple[int, int, int | None] | None = None
     half_to_float: int | None = None  # position of _softmax's half_to_float flag
 
@@ -125,6 +129,7 @@ def classify(func: Any) -> OpInfo:
     base = packet.rstrip("_") if packet.endswith("_") and not packet.startswith("_") else packet
     info.addsub = base in _ADDSUB
     info.multilinear = base in _MULTILINEAR
+    info.sum_results = _SUM_RESULTS.get(base, ())
     info.kind = _kind(func, info, base, tags)
     if info.kind not in (EXACT, COMPUTE):
         return info

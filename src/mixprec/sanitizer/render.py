@@ -91,20 +91,54 @@ def _title(findings: Sequence[Finding], stats: dict[str, Any]) -> str:
     )
 
 
-def _caption(stats: dict[str, Any], grad_line: str) -> str | None:
-    """Notes under the table: unshadowed ops, sanitizer errors, the gradient summary."""
+def report_notes(findings: Sequence[Finding], stats: dict[str, Any], grad_line: str) -> list[str]:
+    """Notes printed under the table (one line each, never hard-wrapped): unshadowed ops,
+    sanitizer errors, ``torch.compile``d modules run eagerly, the gradient summary, and the
+    chains of findings linked by ``cause``."""
     notes = []
     if stats.get("ops_unshadowed"):
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(stats["ops_unshadowed"].items()))
         notes.append(f"not shadowed (no float64 kernel): {ops}")
     if stats.get("internal_errors"):
         notes.append(f"sanitizer errors (results incomplete): {stats.get('last_internal_error')}")
+    if stats.get("compiled_run_eagerly"):
+        names = ", ".join(stats["compiled_run_eagerly"])
+        notes.append(f"torch.compile'd, run eagerly to be checked: {names}")
     if grad_line:
         notes.append(grad_line)
-    return "\n".join(notes) or None
+    notes.extend(cause_chains(findings))
+    return notes
 
 
-def _row(f: Finding, first: bool) -> list[Any]:
+def cause_chains(findings: Sequence[Finding]) -> list[str]:
+    """Lines showing each chain of findings linked by ``cause``, root cause first."""
+    by_label = {f.label: f for f in findings}
+    causes = {f.cause for f in findings if f.cause is not None}
+    lines: list[str] = []
+    for f in findings:
+        if f.cause is None or f.label in causes:
+            continue  # not linked, or not the end of its chain
+        chain = [f]
+        while chain[-1].cause in by_label and by_label[chain[-1].cause] not in chain:
+            chain.append(by_label[chain[-1].cause])
+        labels = [link.label for link in reversed(chain)]
+        if chain[-1].cause is not None:  # a cause not in the report (e.g. a filtered run)
+            labels.insert(0, chain[-1].cause)
+        lines.append("  " + labels[0])
+        lines.extend("  -> " + label for label in labels[1:])
+    return ["caused by (root cause first):", *lines] if lines else []
+
+
+COMPACT_BELOW = 110  # narrower tables drop the rel err and step columns, fold op names
+_COMPACT = (0, 1, 2, 4, 5, 7)  # the _COLUMNS kept in a compact table (phase joins kind)
+_COMPACT_KW: dict[str, dict[str, Any]] = {
+    "location": {"overflow": "fold", "min_width": 12, "max_width": 30},
+    "op": {"overflow": "fold", "min_width": 8},
+    "module": {"overflow": "fold", "max_width": 16},
+}
+
+
+def _row(f: Finding, first: bool, compact: bool = False) -> list[Any]:
     """The cells of one finding; the first of its location group shows the location and code."""
     from rich.text import Text
 
@@ -122,20 +156,27 @@ def _row(f: Finding, first: bool) -> list[Any]:
         module = f"({f.module_type or 'root'})"
     kind = Text(f.kind, style=_KIND_STYLE.get(f.kind, ""))
     rel = _fmt_float(f.rel_error, ".2e")
-    return [where, kind, f.op, f.phase, module, bits, rel, f"{f.count}", f"{f.first_step}"]
+    cells = [where, kind, f.op, f.phase, module, bits, rel, f"{f.count}", f"{f.first_step}"]
+    if not compact:
+        return cells
+    if f.phase != "forward":
+        kind.append(f"\n({f.phase})", style="dim")
+    cells[2] = f.op.removeprefix("aten.").removesuffix(".default")  # "aten.log.default": log
+    return [cells[i] for i in _COMPACT]
 
 
-def _add_rows(table: Any, findings: Sequence[Finding], max_rows: int | None) -> None:
+def _add_rows(table: Any, findings: Sequence[Finding], max_rows: int | None, compact: bool) -> None:
     """One row per finding, grouped by location (a rule between groups), up to ``max_rows``."""
     rows = 0
+    blanks = [""] * (len(table.columns) - 2)
     groups = group_by_location(findings)
     for gi, (_, items) in enumerate(groups):
         for i, f in enumerate(items):
             if max_rows is not None and rows >= max_rows:
-                table.add_row("...", f"{len(findings) - rows} more", *[""] * 7)
+                table.add_row("...", f"{len(findings) - rows} more", *blanks)
                 return
             last_of_group = i == len(items) - 1 and gi < len(groups) - 1
-            table.add_row(*_row(f, i == 0), end_section=last_of_group)
+            table.add_row(*_row(f, i == 0, compact), end_section=last_of_group)
             rows += 1
 
 
@@ -143,25 +184,26 @@ def findings_table(
     findings: Sequence[Finding],
     stats: dict[str, Any],
     max_rows: int | None,
-    grad_line: str = "",
+    width: int | None = None,
 ):
-    """The rich table of a report: findings grouped by location, worst location first."""
+    """The rich table of a report: findings grouped by location, worst location first.
+
+    ``width``: the columns it will be printed in; below :data:`COMPACT_BELOW` the table drops
+    the rel err and step columns and folds op names, so that it reads at 80 columns. The notes
+    (:func:`report_notes`) are printed under it, not as a caption: a caption is hard-wrapped at
+    the table's width."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(
-        title=_title(findings, stats),
-        caption=_caption(stats, grad_line),
-        show_lines=False,
-        title_justify="left",
-        caption_justify="left",
-    )
-    for col, kw in _COLUMNS:
-        table.add_column(col, **kw)
+    compact = width is not None and width < COMPACT_BELOW
+    table = Table(title=_title(findings, stats), show_lines=False, title_justify="left")
+    columns = [_COLUMNS[i] for i in _COMPACT] if compact else list(_COLUMNS)
+    for col, kw in columns:
+        table.add_column(col, **(_COMPACT_KW.get(col, kw) if compact else kw))
     if not findings:
-        table.add_row("-", Text("no findings", style="green"), *[""] * 7)
+        table.add_row("-", Text("no findings", style="green"), *[""] * (len(columns) - 2))
     else:
-        _add_rows(table, findings, max_rows)
+        _add_rows(table, findings, max_rows, compact)
     return table
 
 

@@ -55,6 +55,18 @@ class Report:
             return self._live.report_stats()
         return dict(self._stats)
 
+    def chain(self, finding: Finding) -> list[Finding]:
+        """``finding`` and the findings its :attr:`~Finding.cause` links lead to, root cause
+        first (a cause missing from the report ends the chain)."""
+        by_label = {f.label: f for f in self.findings}
+        out = [finding]
+        while out[-1].cause is not None and out[-1].cause in by_label:
+            nxt = by_label[out[-1].cause]
+            if nxt in out:  # a cycle (a loop's op fed by its own later result): stop
+                break
+            out.append(nxt)
+        return out[::-1]
+
     def by_kind(self, *kinds: str) -> list[Finding]:
         """Findings whose kind is one of ``kinds`` (validated)."""
         for k in kinds:
@@ -133,26 +145,53 @@ class Report:
         r._grads = d.get("gradients")
         return r
 
-    def table(self, *, max_rows: int | None = None, fmt: str = "float16") -> Any:
-        """The findings as a ``rich.table.Table`` (worst location first); the caption adds the
-        gradient summary against ``fmt`` when gradients were recorded."""
-        from mixprec.sanitizer.render import findings_table, grad_summary
+    def table(
+        self, *, max_rows: int | None = None, fmt: str = "float16", width: int | None = None
+    ) -> Any:
+        """The findings as a ``rich.table.Table`` (worst location first), laid out for
+        ``width`` columns (None: the full layout). The notes under it (gradient summary against
+        ``fmt``, cause chains, ...) are in :meth:`notes`."""
+        from mixprec.sanitizer.render import findings_table
 
-        hist = self._histogram(fmt)
-        return findings_table(self.findings, self.stats, max_rows, grad_summary(hist))
+        del fmt  # kept for callers of the old signature: the gradient summary is a note now
+        return findings_table(self.findings, self.stats, max_rows, width)
 
-    def print(self, *, console: Any = None, max_rows: int | None = None, fmt: str = "float16"):
-        """Print the table (and gradient summary) with rich."""
+    def notes(self, *, fmt: str = "float16") -> list[str]:
+        """The lines printed under the table: unshadowed ops, sanitizer errors, compiled
+        modules run eagerly, the gradient summary against ``fmt``, chains of causes."""
+        from mixprec.sanitizer.render import grad_summary, report_notes
+
+        return report_notes(self.findings, self.stats, grad_summary(self._histogram(fmt)))
+
+    def print(
+        self,
+        *,
+        console: Any = None,
+        max_rows: int | None = None,
+        fmt: str = "float16",
+        width: int | None = None,
+    ) -> None:
+        """Print the table and its notes with rich, for ``width`` columns (default: the
+        console's width). Notes are soft-wrapped: the terminal wraps them, rich does not."""
         from rich.console import Console
 
-        (console or Console()).print(self.table(max_rows=max_rows, fmt=fmt))
+        console = console or Console(width=width)
+        width = console.width if width is None else width
+        console.print(self.table(max_rows=max_rows, fmt=fmt, width=width))
+        for line in self.notes(fmt=fmt):
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
 
-    def __str__(self) -> str:
+    def render(self, width: int = 120, *, max_rows: int | None = None, fmt: str = "float16") -> str:
+        """The printed report as plain text for ``width`` columns, without trailing spaces."""
         from rich.console import Console
 
         buf = io.StringIO()
-        Console(file=buf, width=140, color_system=None, force_terminal=False).print(self.table())
-        return buf.getvalue().rstrip("\n")
+        console = Console(file=buf, width=width, color_system=None, force_terminal=False)
+        self.print(console=console, max_rows=max_rows, fmt=fmt, width=width)
+        return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
+
+    def __str__(self) -> str:
+        return self.render()
 
     def __repr__(self) -> str:
         kinds: dict[str, int] = {}

@@ -36,6 +36,7 @@ class ShadowInputs:
     any_float: bool = False  # some argument is a real tensor of a shadowed dtype
     has_shadow: bool = False  # some argument has a stored shadow (is not exact)
     err: float = 0.0  # largest error bound among the arguments' shadows
+    cause: str | None = None  # label of a finding whose error an argument carries
 
 
 class Shadows:
@@ -84,10 +85,11 @@ class Shadows:
             if t.dtype not in self.shadowable:
                 return t
             found.any_float = True
-            ent = self.store.get(t)
+            ent = self.store.lookup(t)
             if ent is None:
                 return None if lazy else t.to(self.dtype)
             found.has_shadow = True
+            found.cause = found.cause or ent[2]
             if not ent[1] <= found.err:  # (a NaN bound replaces the maximum)
                 found.err = ent[1]
             return ent[0]
@@ -119,7 +121,13 @@ class Shadows:
         return {k: self._scalar(v, True) for k, v in mapped.items()}
 
     def put(
-        self, reals: list[Any], shadows: list[Any], err: float, *, only_missing: bool = False
+        self,
+        reals: list[Any],
+        shadows: list[Any],
+        err: float,
+        *,
+        only_missing: bool = False,
+        cause: str | None = None,
     ) -> None:
         """Record the shadows of results that need no measuring (exact ops, views);
         ``only_missing``: keep the shadows that results already have."""
@@ -130,7 +138,7 @@ class Shadows:
                 and r.dtype in self.shadowable
                 and not (only_missing and self.store.get(r) is not None)
             ):
-                self.store.put(r, s, err)
+                self.store.put(r, s, err, cause=cause)
 
     def views(
         self,
@@ -154,4 +162,4 @@ class Shadows:
             sout = func(*sargs, **self.kwargs(kwargs))
         except Exception:
             return
-        self.put(leaves(out), leaves(sout), inputs.err, only_missing=True)
+        self.put(leaves(out), leaves(sout), inputs.err, only_missing=True, cause=inputs.cause)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -58,6 +59,8 @@ class _Entry:
     err: float = 0.0
     smax: float | None = None  # max |shadow| over the storage (float32-rounded, rounded up)
     born: int = 0
+    cause: str | None = None  # label of the finding whose error this storage carries
+    origin: Any = None  # the op call that computed it (for root causes found after the fact)
     views: dict[tuple, tuple[torch.Tensor, float]] = field(default_factory=dict)
 
 
@@ -76,6 +79,7 @@ class ShadowStore:
         self.sweep_every = sweep_every
         self._map: dict[int, _Entry] = {}
         self._puts = 0
+        self._swept = 0  # _puts at the last sweep
         self.compressed = 0  # statistics
         self.rebuilt = 0
 
@@ -108,6 +112,12 @@ class ShadowStore:
     # -- API -----------------------------------------------------------------------------
     def get(self, t: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(shadow, error bound) of ``t``, or None when ``t`` is taken as exact."""
+        found = self.lookup(t)
+        return None if found is None else (found[0], found[1])
+
+    def lookup(self, t: torch.Tensor) -> tuple[torch.Tensor, float, str | None] | None:
+        """(shadow, error bound, cause) of ``t``; ``cause`` labels the finding whose error
+        ``t``'s storage carries (None: none). None when ``t`` is taken as exact."""
         st = self._storage(t)
         if st is None:
             return None
@@ -118,8 +128,22 @@ class ShadowStore:
             flat = self._materialize(e)
             if flat is None:
                 return None
-            return flat.as_strided(t.shape, t.stride(), t.storage_offset()), e.err
-        return e.views.get((t.storage_offset(), t.shape, t.stride()))
+            return flat.as_strided(t.shape, t.stride(), t.storage_offset()), e.err, e.cause
+        v = e.views.get((t.storage_offset(), t.shape, t.stride()))
+        return None if v is None else (v[0], v[1], e.cause)
+
+    def origin(self, t: torch.Tensor) -> Any:
+        """What :meth:`put` was given as ``origin`` for ``t``'s storage (None: unknown)."""
+        st = self._storage(t)
+        e = None if st is None else self._map.get(st._cdata)
+        return None if e is None or e.dtype != t.dtype else e.origin
+
+    def set_cause(self, t: torch.Tensor, cause: str) -> None:
+        """``t``'s storage now carries the error of the finding labelled ``cause``."""
+        st = self._storage(t)
+        e = None if st is None else self._map.get(st._cdata)
+        if e is not None:
+            e.cause = cause
 
     def smax(self, t: torch.Tensor) -> float | None:
         """max |shadow| of ``t`` when known without a pass over it (``t`` covers its storage)."""
@@ -131,11 +155,35 @@ class ShadowStore:
             return None
         return e.smax
 
+    def _flat(self, t: torch.Tensor, shadow: torch.Tensor, n: int) -> torch.Tensor:
+        """``shadow`` of ``t`` (which covers its ``n``-element storage) laid out flat."""
+        if self.shadow_dtype is not None and shadow.dtype != self.shadow_dtype:
+            shadow = shadow.to(self.shadow_dtype)
+        if (
+            shadow.stride() == t.stride()
+            and shadow.storage_offset() == 0
+            and shadow.untyped_storage().nbytes() == n * shadow.element_size()
+        ):
+            # same layout: share its storage, no copy (set_, unlike a view, does not keep the
+            # op's output tensor alive as a _base, so _compress can tell it is unshared)
+            flat = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
+            return flat.set_(shadow.untyped_storage(), 0, (n,), (1,))
+        flat = torch.empty(n, dtype=shadow.dtype, device=shadow.device)
+        flat.as_strided(t.shape, t.stride(), 0).copy_(shadow)
+        return flat
+
     def put(
-        self, t: torch.Tensor, shadow: torch.Tensor, err: float = 0.0, smax: float | None = None
+        self,
+        t: torch.Tensor,
+        shadow: torch.Tensor,
+        err: float = 0.0,
+        smax: float | None = None,
+        cause: str | None = None,
+        origin: Any = None,
     ) -> None:
         """Record ``shadow`` for ``t``. ``err`` bounds ``max|t - shadow|`` in units of the
-        tensor's noise floor; ``smax`` is ``max|shadow|`` if known."""
+        tensor's noise floor; ``smax`` is ``max|shadow|`` if known; ``cause`` labels the
+        finding whose error ``t`` carries (kept by a partial update that has none)."""
         st = self._storage(t)
         if st is None:
             return
@@ -146,23 +194,11 @@ class ShadowStore:
         if e is not None and (e.dtype != t.dtype or e.n != n or e.ref.expired()):
             e = None
         if _covers(t, n):
-            if self.shadow_dtype is not None and shadow.dtype != self.shadow_dtype:
-                shadow = shadow.to(self.shadow_dtype)
-            if (
-                shadow.stride() == t.stride()
-                and shadow.storage_offset() == 0
-                and shadow.untyped_storage().nbytes() == n * shadow.element_size()
-            ):
-                # same layout: share its storage, no copy (set_, unlike a view, does not keep
-                # the op's output tensor alive as a _base, so _compress can tell it is unshared)
-                flat = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
-                flat.set_(shadow.untyped_storage(), 0, (n,), (1,))
-            else:
-                flat = torch.empty(n, dtype=shadow.dtype, device=shadow.device)
-                flat.as_strided(t.shape, t.stride(), 0).copy_(shadow)
+            flat = self._flat(t, shadow, n)
             if e is None:
                 e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
             e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
+            e.cause, e.origin = cause, origin
             e.views.clear()
         elif e is not None and (e.flat is not None or e.resid is not None):
             flat = self._materialize(e)
@@ -170,14 +206,19 @@ class ShadowStore:
                 return
             flat.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(shadow)
             e.err = max(e.err, err)
+            e.cause = e.cause or cause
+            e.origin = origin or e.origin
             e.smax = None if smax is None or e.smax is None else max(e.smax, smax)
         else:
             if e is None:
                 e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
             # a partial shadow: other partial shadows of this storage may overlap, drop them
             e.views = {(t.storage_offset(), t.shape, t.stride()): (shadow, err)}
+            e.cause, e.origin = cause, origin
         self._puts += 1
-        if self._puts % self.sweep_every == 0:
+        # amortized O(1) per put: a sweep walks every entry, so sweep once per len/8 puts (dead
+        # entries keep their shadows at most that much longer)
+        if self._puts - self._swept >= max(self.sweep_every, len(self._map) >> 3):
             self.sweep()
 
     def invalidate(self, t: torch.Tensor) -> None:
@@ -188,6 +229,7 @@ class ShadowStore:
 
     def sweep(self) -> None:
         """Drop entries of dead storages; compress flat shadows older than compress_after."""
+        self._swept = self._puts
         old = self._puts - self.compress_after
         for cd in list(self._map):
             e = self._map[cd]

@@ -1,0 +1,272 @@
+"""The sanitizer on real models (issue #13): the corpus of models written by others.
+
+Clean training steps must give zero findings; problems planted in them (the causal-mask
+patterns of every decoder: ``masked_fill(-inf)`` then exp / softmax) must be found at the op and
+source line that produced them, element by element, with root causes linked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sanitizer_helpers import marker_line, only
+from torch import nn
+
+from mixprec.sanitizer import Finding, Report, sanitize
+from mixprec.testing import corpus
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def line_of(marker: str) -> str:
+    """'test_corpus.py:LINE' of the source line carrying ``# <marker>``."""
+    return marker_line(__file__, marker)
+
+
+@pytest.mark.parametrize("name", corpus.available())
+def test_clean_training_step_has_no_findings(name: str) -> None:
+    entry = corpus.get(name)
+    model, args, kwargs = entry.example(0)
+    with sanitize() as report:
+        entry.loss(model, args, kwargs).backward()
+    assert report.findings == [], [f.label for f in report.findings]
+    assert report.stats["ops_shadowed"] > 100
+    assert report.stats["internal_errors"] == {}
+
+
+# -- planted problems in nanoGPT's attention --------------------------------------------------
+
+
+class _PlantedAttention(nn.Module):
+    """nanoGPT's attention (corpus weights) with one planted problem, chosen by ``plant``."""
+
+    def __init__(self, orig: nn.Module, plant: str) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head = orig.c_attn, orig.c_proj, orig.n_head
+        self.register_buffer("bias", orig.bias)
+        self.plant = plant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            for t in self.c_attn(x).split(C, dim=2)
+        )
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = getattr(self, "_" + self.plant)(att, self.bias[:, :, :T, :T] == 0)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    @staticmethod
+    def _naive_inf(att: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        att = att.masked_fill(masked, float("-inf"))
+        att[..., -1, 0] = 100.0  # one score overflows exp, next to the -inf of the mask
+        e = att.exp()  # <naive-inf-exp>
+        return e / e.sum(-1, keepdim=True)  # <naive-inf-div>
+
+    @staticmethod
+    def _naive_finite(att: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        att = att.masked_fill(masked, -1e9)
+        att[..., -1, 0] = 100.0
+        e = att.exp()  # <naive-finite-exp>
+        return e / e.sum(-1, keepdim=True)
+
+    @staticmethod
+    def _full_row(att: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        masked = masked.clone()
+        masked[..., 0, :] = True  # a fully masked query row
+        att = att.masked_fill(masked, float("-inf"))
+        return F.softmax(att, dim=-1).nan_to_num(0.0)  # <full-row-softmax>
+
+    @staticmethod
+    def _lse_row(att: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        masked = masked.clone()
+        masked[..., 0, :] = True
+        att = att.masked_fill(masked, float("-inf"))
+        lse = torch.logsumexp(att, -1, keepdim=True)  # <lse-row>
+        return (att - lse.clamp(min=-1e4)).exp()  # the NaN is born in logsumexp's backward
+
+
+def _planted_step(plant: str) -> list[Finding]:
+    entry = corpus.get("nanogpt")
+    model, args, kwargs = entry.example(0)
+    block = model.transformer.h[0]
+    block.attn = _PlantedAttention(block.attn, plant)
+    with sanitize() as report:
+        entry.loss(model, args, kwargs).backward()
+    return report.findings
+
+
+def test_overflow_next_to_minus_inf_is_found_at_exp() -> None:
+    fs = _planted_step("naive_inf")
+    over = only(fs, kind="overflow", phase="forward", location=line_of("naive-inf-exp"))
+    assert over and over[0].count == 2 * 4  # the planted element, in every batch and head
+    assert over[0].module == "transformer.h.0.attn"
+    # inf / inf: a NaN born at the division, caused by the overflow
+    nan = only(fs, kind="nan", phase="forward", location=line_of("naive-inf-div"))
+    assert nan and nan[0].cause == over[0].label
+
+
+def test_overflow_with_a_finite_mask_is_found_at_exp() -> None:
+    fs = _planted_step("naive_finite")
+    assert only(fs, kind="overflow", phase="forward", location=line_of("naive-finite-exp"))
+
+
+def test_fully_masked_row_nan_is_found_at_softmax() -> None:
+    fs = _planted_step("full_row")
+    nan = only(fs, kind="nan", phase="forward", location=line_of("full-row-softmax"))
+    assert nan and nan[0].op == "aten._softmax.default"
+    assert nan[0].count == 2 * 4 * 16  # one row of 16 per batch and head
+
+
+def test_nan_born_in_backward_is_found_at_its_forward_line() -> None:
+    fs = _planted_step("lse_row")
+    back = only(fs, kind="nan", phase="backward", location=line_of("lse-row"))
+    assert back, [f.label for f in fs]
+    # the forward -inf of a fully masked row is inherited from the mask: no finding
+    assert not only(fs, phase="forward", location=line_of("lse-row"))
+
+
+# -- elementwise rules, in-place views, root causes ---------------------------------------------
+
+
+def test_non_finite_input_does_not_hide_other_elements() -> None:
+    with sanitize() as report:
+        torch.exp(torch.tensor([1.0, 100.0, -math.inf]))  # <exp-minus-inf>
+        torch.exp(torch.tensor([math.inf, 1.0, math.nan]))  # <exp-propagates>
+    over = only(report.findings, kind="overflow", location=line_of("exp-minus-inf"))
+    assert over and over[0].count == 1
+    assert not only(report.findings, location=line_of("exp-propagates"))
+
+
+def test_in_place_on_a_view_keeps_the_base_shadow() -> None:
+    a = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    with sanitize() as report:
+        b = a * 1.0
+        v = b[:, :4]
+        v.mul_(1e30)
+        v.exp_()  # <view-exp>
+        c = a * 1.0
+        w = c[:, 2:5]
+        w.mul_(1e30)
+        d = c * 1e-30  # stale base shadow would make this a precision loss
+    kinds = {f.kind for f in report.findings}
+    assert kinds == {"inf"}, [f.label for f in report.findings]
+    (f,) = report.findings
+    assert f.location == line_of("view-exp") and f.count == int((a[:, :4] > 0).sum())
+    assert torch.equal(d[:, 2:5], (a[:, 2:5] * 1e30) * 1e-30)
+
+
+def test_log_of_underflowed_softmax_names_its_cause() -> None:
+    entry = corpus.get("nanogpt")
+    model, (idx, _targets), _ = entry.example(0)
+    with sanitize() as report:
+        logits, _ = model(idx)
+        p = F.softmax(logits * 1e3, dim=-1)  # <underflowing-softmax>
+        loss = -torch.log(p).mean()  # <log-of-zero>
+    over = only(report.findings, kind="overflow", location=line_of("log-of-zero"))
+    under = only(report.findings, kind="underflow", location=line_of("underflowing-softmax"))
+    assert over and under
+    assert under[0].op == "aten._softmax.default" and under[0].cause is None
+    assert over[0].cause == under[0].label
+    assert [f.label for f in report.chain(over[0])] == [under[0].label, over[0].label]
+    assert "caused by (root cause first)" in str(report)
+    # JSON: the additive field round-trips, schema_version stays 1
+    again = Report.from_json(report.to_json())
+    assert [f.cause for f in again.findings] == [f.cause for f in report.findings]
+    assert json.loads(report.to_json())["schema_version"] == 1
+    assert math.isinf(float(loss.detach()))
+
+
+# -- reports fit the terminal; torch.compile'd modules -----------------------------------------
+
+
+def _chained_report():
+    with sanitize() as report:
+        x = torch.tensor([[0.0, -200.0, 1.0]], requires_grad=True)
+        torch.log(torch.softmax(x, -1)).sum().backward()
+    return report
+
+
+def test_report_reads_at_80_columns_without_padding() -> None:
+    report = _chained_report()
+    text = report.render(80)
+    lines = text.splitlines()
+    table = [ln for ln in lines if ln[:1] in "┏┃┡│└"]
+    assert table and max(len(ln) for ln in table) <= 80
+    assert all(ln == ln.rstrip() for ln in lines)
+    assert "rel err" not in text and "_softmax" in text and "(backward)" in text
+    wide = report.render(200)
+    assert "rel err" in wide and "aten._softmax.default" in wide
+    # notes are never hard-wrapped: each cause label stays on one line
+    assert any(ln.strip() == f"-> {report.findings[-1].label}" for ln in wide.splitlines()) or (
+        "caused by (root cause first):" in wide
+    )
+    assert str(report) == report.render(120)
+
+
+def test_cli_width_and_piped_output(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import torch\nx = torch.tensor([[0.0, -200.0, 1.0]])\ntorch.log(torch.softmax(x, -1))\n"
+    )
+    cmd = [sys.executable, "-m", "mixprec", "sanitize", "--out", str(tmp_path / "r")]
+    out = subprocess.run([*cmd, "--width", "80", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert all(ln == ln.rstrip() for ln in lines)
+    assert max(len(ln) for ln in lines if ln[:1] in "┏┃┡│└") <= 80
+    assert "-> overflow at aten.log.default (forward, s.py:3)" in out.stdout
+
+
+def test_compiled_module_runs_eagerly_and_is_checked() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(self.lin(x) + 100.0)  # <compiled-exp>
+
+    torch.manual_seed(0)
+    model = torch.compile(Scaled(), backend="eager")
+    x = torch.randn(2, 4)
+    model(x)  # compiled outside the sanitizer
+    with sanitize() as report:
+        model(x)
+    assert only(report.findings, kind="overflow", location=line_of("compiled-exp"))
+    assert report.stats["compiled_run_eagerly"] == ["(root)"]
+    assert "run eagerly to be checked" in report.render(100)
+    assert "compiled_run_eagerly" not in _chained_report().stats
+
+
+def test_layer_norm_of_centred_rows_is_no_finding() -> None:
+    # the saved row means cancel to ~0: judged against the mean of |x|, as a sum is (a BERT
+    # step with some dropout masks hit this)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * 3
+    x = x - x.mean(-1, keepdim=True)
+    with sanitize() as report:
+        F.layer_norm(x, (64,))
+    assert report.findings == []
+
+
+def test_bert_steps_with_fresh_dropout_masks_have_no_findings() -> None:
+    if "bert" not in corpus.available():
+        pytest.skip("transformers is not installed")
+    entry = corpus.get("bert")
+    model, args, kwargs = entry.example(0)
+    torch.manual_seed(5)  # dropout masks of the step that hit the layer-norm mean
+    for _ in range(8):
+        with sanitize() as report:
+            entry.loss(model, args, kwargs).backward()
+        model.zero_grad(set_to_none=True)
+        assert report.findings == [], [f.label for f in report.findings]
