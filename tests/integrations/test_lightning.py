@@ -263,7 +263,7 @@ def test_gradient_clipping_sees_unscaled_master_gradients(tmp_path: Path) -> Non
     assert len(norms.norms) == 4 and all(0 < n < 100 for n in norms.norms)
 
 
-def test_bad_arguments_fail_at_construction_or_connect(tmp_path: Path) -> None:
+def test_bad_arguments_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="opt_level must be one of O0, O1, O2, O3, got 'o2'"):
         MixprecPrecision(opt_level="o2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown format 'bf61'"):
@@ -272,9 +272,11 @@ def test_bad_arguments_fail_at_construction_or_connect(tmp_path: Path) -> None:
         MixprecPrecision(emulate="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="log_metrics must be True or False"):
         MixprecPrecision(log_metrics=1)  # type: ignore[arg-type]
-    plugin = MixprecPrecision(opt_level="O2", loss_scale="bogus")  # type: ignore[arg-type]
+    # every other argument is checked by initialize's own validation, also at construction
     with pytest.raises(ValueError, match="loss_scale must be"):
-        trainer(tmp_path, plugin).fit(Regression(), data())
+        MixprecPrecision(opt_level="O2", loss_scale="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_divergence"):
+        MixprecPrecision(on_divergence="explode")  # type: ignore[arg-type]
 
 
 def test_importing_mixprec_does_not_import_lightning() -> None:

@@ -24,6 +24,7 @@ from mixprec.amp.config import (
 from mixprec.amp.iteration import scale_loss
 from mixprec.amp.lifecycle import deinitialize, initialize
 from mixprec.amp.opt_levels import level_policy
+from mixprec.amp.plan import AmpOptions
 from mixprec.amp.scaling import (
     SCALE_FLOOR,
     DivergenceError,
@@ -47,6 +48,7 @@ __all__ = [
     "OPT_LEVELS",
     "SCALE_FLOOR",
     "AmpConfig",
+    "AmpOptions",
     "DivergenceError",
     "DynamicLossScaler",
     "KeepFp32",

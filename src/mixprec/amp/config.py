@@ -74,6 +74,7 @@ class AmpConfig:
             (other levels keep it in float32 anyway).
         mx_format: the MX format of the ops (O1 with ``compute="mxfp8"`` etc.); ``compute`` is
             then its element format. None otherwise.
+        device_type: where the models' parameters live (``"cpu"``, ``"cuda"``, ...).
     """
 
     opt_level: OptLevel
@@ -83,6 +84,7 @@ class AmpConfig:
     num_losses: int
     optimizer_state: OptimizerStateSpec = "compute"
     mx_format: str | None = None
+    device_type: str = "cpu"
 
     @property
     def policy_compute(self) -> str:

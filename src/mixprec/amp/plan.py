@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -116,6 +116,11 @@ class AmpOptions:
     def builds_scalers_with_callbacks(self) -> bool:
         """``on_skip``/``on_divergence`` were set: they configure scalers initialize builds."""
         return self.on_skip is not None or self.on_divergence != "raise"
+
+    def initialize_kwargs(self) -> dict[str, Any]:
+        """The arguments these options were built from, as :func:`mixprec.initialize` takes
+        them (integrations that validate early, then initialize later, pass these)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     def scaler_keywords(self) -> ScalerKeywords:
         return ScalerKeywords(on_skip=self.on_skip, on_divergence=self.on_divergence)
@@ -253,6 +258,7 @@ def plan_amp(
         num_losses=options.num_losses,
         optimizer_state=options.optimizer_state,
         mx_format=options.mx_format,
+        device_type=device_type,
     )
     _check_optimizer_state(config)
     check_divisors(opt_list, config, stacklevel=4)  # warn -> check_divisors -> plan -> init

@@ -42,7 +42,7 @@ from pytorch_lightning.plugins.precision import Precision
 
 import mixprec
 from mixprec.amp import (
-    OPT_LEVELS,
+    AmpOptions,
     KeepFp32,
     LossScaleSpec,
     OptLevel,
@@ -58,49 +58,6 @@ from mixprec.formats import FloatFormat
 from mixprec.precision import Autocast
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MixprecSettings:
-    """What :class:`MixprecPrecision` passes to :func:`mixprec.initialize` (same meanings).
-
-    ``opt_level``, ``compute`` and ``emulate`` are checked on construction (``ValueError`` /
-    ``TypeError`` naming the bad value and the choices); ``initialize`` checks the rest when the
-    plugin connects.
-    """
-
-    opt_level: OptLevel = "O1"
-    compute: str | FloatFormat | torch.dtype = "float16"
-    loss_scale: LossScaleSpec = "dynamic"
-    emulate: bool | None = None
-    keep_fp32: KeepFp32 | None = None
-    min_loss_scale: float | None = None
-    max_loss_scale: float | None = 2.0**24
-    on_skip: Callable[[SkippedStep], object] | None = None
-    on_divergence: Literal["raise", "warn", "ignore"] = "raise"
-
-    def __post_init__(self) -> None:
-        if self.opt_level not in OPT_LEVELS:
-            raise ValueError(
-                f"opt_level must be one of {', '.join(OPT_LEVELS)}, got {self.opt_level!r}"
-            )
-        if self.opt_level != "O0":  # initialize ignores compute at O0
-            mixprec.get_format(self.compute)  # its ValueError names the valid formats
-        if self.emulate not in (None, True, False):
-            raise TypeError(f"emulate must be None, True or False, got {self.emulate!r}")
-
-    def initialize_kwargs(self) -> dict[str, Any]:
-        return {
-            "opt_level": self.opt_level,
-            "compute": self.compute,
-            "loss_scale": self.loss_scale,
-            "emulate": self.emulate,
-            "keep_fp32": self.keep_fp32,
-            "min_loss_scale": self.min_loss_scale,
-            "max_loss_scale": self.max_loss_scale,
-            "on_skip": self.on_skip,
-            "on_divergence": self.on_divergence,
-        }
 
 
 @dataclass
@@ -143,7 +100,8 @@ class MixprecPrecision(Precision):
         on_divergence: Literal["raise", "warn", "ignore"] = "raise",
         log_metrics: bool = True,
     ) -> None:
-        self.settings = MixprecSettings(
+        # initialize's own validation, now rather than when Lightning connects the plugin
+        self.settings = AmpOptions(
             opt_level=opt_level, compute=compute, loss_scale=loss_scale, emulate=emulate,
             keep_fp32=keep_fp32, min_loss_scale=min_loss_scale, max_loss_scale=max_loss_scale,
             on_skip=on_skip, on_divergence=on_divergence,
@@ -299,6 +257,6 @@ def _step_region(model: torch.nn.Module) -> Autocast | None:
     if spec is None:
         return None
     policy, op_lists = spec
-    first = next(model.parameters(), None)
-    device_type = first.device.type if first is not None else "cpu"
-    return mixprec.autocast(policy, emulate=cfg.emulate, op_lists=op_lists, device_type=device_type)
+    return mixprec.autocast(
+        policy, emulate=cfg.emulate, op_lists=op_lists, device_type=cfg.device_type
+    )
