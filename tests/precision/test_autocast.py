@@ -331,13 +331,13 @@ def test_policy_params_format_reads_parameters_rounded() -> None:
 def test_rounded_weights_cached_per_version(monkeypatch: pytest.MonkeyPatch) -> None:
     emu = sys.modules["mixprec.precision.emulated"]
     calls: list[tuple[int, ...]] = []
-    real = emu.quantize
+    real = emu.round_to  # the emulation's one rounding entry point
 
     def counting(t: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
         calls.append(tuple(t.shape))
         return real(t, *a, **k)
 
-    monkeypatch.setattr(emu, "quantize", counting)
+    monkeypatch.setattr(emu, "round_to", counting)
     torch.manual_seed(23)
     lin = nn.Linear(12, 6)
     x1, x2 = torch.randn(3, 12), torch.randn(5, 12)
@@ -357,6 +357,29 @@ def test_rounded_weights_cached_per_version(monkeypatch: pytest.MonkeyPatch) -> 
     wb = lin.weight.to(torch.bfloat16).double()
     exact = x2.to(torch.bfloat16).double() @ wb.T + lin.bias.to(torch.bfloat16).double()
     assert torch.allclose(y.double(), exact, rtol=2**-7, atol=1e-6)
+
+
+def test_params_format_with_inference_tensors() -> None:
+    # parameters made under inference_mode are inference tensors: no version counter to cache
+    # their rounding by, so each use rounds them again
+    torch.manual_seed(29)
+    with torch.inference_mode():
+        lin = nn.Linear(12, 6)
+        x = torch.randn(4, 12)
+    ref = nn.Linear(12, 6)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight)
+        ref.bias.copy_(lin.bias)
+        stored = ref.weight.clone()
+    policy = "p=bf16,c=bf16,o=f32"
+    with torch.no_grad(), autocast(policy, emulate=True):
+        expected = ref(x.clone())
+    with torch.inference_mode(), autocast(policy, emulate=True):
+        y1 = lin(x)
+        y2 = lin(x)
+    assert torch.equal(y1, expected) and torch.equal(y2, expected)
+    assert torch.equal(y1, y1.to(torch.bfloat16).float())  # a bf16 result
+    assert torch.equal(lin.weight, stored)  # storage untouched
 
 
 # ---------------------------------------------------------------------------------------------

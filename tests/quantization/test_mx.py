@@ -597,6 +597,13 @@ def test_bad_axis_rounding_and_dtype() -> None:
         mx_encode([1.0, 2.0])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fn", [mx_quantize, mx_encode, mx_scale_exponents])
+def test_sparse_input_is_refused_like_quantize(fn: object) -> None:
+    # the element checks are quantize's: dense (strided) tensors only
+    with pytest.raises(TypeError, match=r"layout torch\.sparse_coo"):
+        fn(torch.ones(4, 32).to_sparse())  # type: ignore[operator]
+
+
 # ----------------------------------------------------------------------------------------------
 # names and silent-wrong-answer guards (issue "no silent wrong answers")
 # ----------------------------------------------------------------------------------------------

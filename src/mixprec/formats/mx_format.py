@@ -49,6 +49,8 @@ class MXFormat:
 
     @property
     def scale_format(self) -> FloatFormat:
+        """Format of the shared block scales, E8M0 (``float8_e8m0fnu``): exponents -127..127
+        (its ``emin``, ``emax``) in codes ``exponent + bias`` (bias 127), NaN code ``0xFF``."""
         return FORMATS["float8_e8m0fnu"]
 
     @property

@@ -16,7 +16,7 @@ import torch
 
 from mixprec.formats.float_format import FloatFormat
 from mixprec.precision.policy import FormatSpec, resolve_format
-from mixprec.quantization.elementwise import quantize
+from mixprec.quantization.elementwise import round_to
 
 #: K-block size of emulated narrow accumulation when ``accumulate=`` names only a format.
 DEFAULT_ACCUMULATE_BLOCK = 32
@@ -110,10 +110,11 @@ def blocked_matmul(a: torch.Tensor, b: torch.Tensor, acc: FloatFormat, block: in
     parts = _block_products(
         a.unsqueeze(0) if squeeze_a else a, b.unsqueeze(-1) if squeeze_b else b, block
     )
-    total = quantize(next(parts), acc)  # there is at least one block
+    # round_to: acc is a resolved format, and the loop rounds once per block of K
+    total = round_to(next(parts), acc)  # there is at least one block
     for p in parts:
         total.add_(p)
-        quantize(total, acc, out=total)
+        round_to(total, acc, out=total)
     if squeeze_a:
         total = total.squeeze(-2)
     if squeeze_b:
@@ -132,7 +133,7 @@ def accumulated(name: str, args: tuple, kwargs: dict, acc: Accumulate) -> torch.
         y = blocked_matmul(x, w.t() if w.dim() == 2 else w, fmt, block)
         if bias is not None:
             y.add_(bias)
-            quantize(y, fmt, out=y)
+            round_to(y, fmt, out=y)
         return y
     if name in ("addmm", "baddbmm") and len(args) == 3:
         beta = float(kwargs.get("beta", 1))
@@ -141,6 +142,6 @@ def accumulated(name: str, args: tuple, kwargs: dict, acc: Accumulate) -> torch.
         if alpha != 1:
             y.mul_(alpha)
         y.add_(args[0], alpha=beta)
-        quantize(y, fmt, out=y)
+        round_to(y, fmt, out=y)
         return y
     return None

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from mixprec.precision.ops import iter_tensors, map_outputs, map_tensors, op_cat
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
 from mixprec.quantization.blocks import mx_quantize
-from mixprec.quantization.elementwise import quantize
+from mixprec.quantization.elementwise import round_to
 
 TAG = "_mixprec_fmt"
 
@@ -97,13 +98,19 @@ def _is_device(v: object) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t._version``, or None for an inference tensor (torch.inference_mode), which has no
+    version counter (reading it raises)."""
+    return None if t.is_inference() else t._version
+
+
 def get_tag(t: torch.Tensor) -> str | None:
     """The logical format a tensor was tagged with, if its storage is unchanged since."""
     tag = getattr(t, TAG, None)
     if tag is None:
         return None
-    # inference tensors (torch.inference_mode) have no version counter: the tag is trusted
-    if not t.is_inference() and tag[1] != t._version:
+    version = _version_of(t)
+    if version is not None and tag[1] != version:  # no version: the tag is trusted
         return None
     return tag[0]
 
@@ -113,7 +120,7 @@ def set_tag(t: torch.Tensor, fmt_name: str | None) -> None:
         if getattr(t, TAG, None) is not None:
             setattr(t, TAG, None)
         return
-    setattr(t, TAG, (fmt_name, None if t.is_inference() else t._version))
+    setattr(t, TAG, (fmt_name, _version_of(t)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,21 +188,29 @@ def round_output(t: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
     return r
 
 
+# Roundings below use the unchecked round_to: formats are resolved once per policy, and every
+# op pays for the rounding call (round_to documents the preconditions).
+
+
 def round_storage(t: torch.Tensor, fmt: FloatFormat) -> None:
     """Round ``t``'s values in place through ``t.data``, which autograd does not version-count
     (a straight-through rounding). One pass; a temporary only for a non-contiguous ``t``."""
     d = t.data
     if d.is_contiguous():
-        quantize(d, fmt, out=d)
+        round_to(d, fmt, out=d)
     else:
-        d.copy_(quantize(d, fmt))
+        d.copy_(round_to(d, fmt))
 
 
+@lru_cache(maxsize=256)
 def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
+    """Rounder into element format ``f`` (non-float tensors pass). Cached: one closure per
+    format, shared by every op and region (it holds no state)."""
+
     def r(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        return quantize(t, f, saturate=saturate)
+        return round_to(t, f, saturate=saturate)
 
     return r
 
@@ -203,7 +218,7 @@ def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
 def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
     def r(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
-            return quantize(t, spec.element, saturate=True)
+            return round_to(t, spec.element, saturate=True)
         return mx_quantize(
             t, spec.element, block_size=spec.block_size or 32, axis=axis,
             scale_rounding=spec.scale_rounding,
@@ -262,7 +277,7 @@ def reduction_axis(name: str, k: int, t: torch.Tensor) -> int:
     return -1
 
 
-def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
+def _common_tag(tensors: tuple[torch.Tensor, ...]) -> tuple[bool, str | None]:
     """(any floating tensor is tagged, the one tag they share or None when formats mix).
 
     An untagged floating tensor of one or more dimensions mixes (fp32 wins, as in torch's
@@ -317,10 +332,11 @@ class EmulatedExecutor:
         self.result_name = None if self.result is None else self.result.name
         self.result_round = None if self.result is None else spec_rounder(self.result)
         self.grads = policy.grads_format
+        # gradient rounder of low ops without an fp8 recipe: the same for every op
+        self._grads_round = None if recipe is not None else spec_rounder(self.grads, -1)
         params = policy.params_format
         self.params = None if params.is_float32 else params
-        self._param_cache: dict[int, tuple[Any, int, bool, torch.Tensor]] = {}
-        # rounded leaf operands (weights, inputs) of this region, valid while t._version holds
+        # rounded leaves (parameters, operands) of this region, valid while t._version holds
         self._operand_cache: dict[tuple[int, object, bool], tuple[Any, int, torch.Tensor]] = {}
         self._stack = contextlib.ExitStack()
 
@@ -351,15 +367,14 @@ class EmulatedExecutor:
         params = self.params
         if params is None or not isinstance(t, torch.nn.Parameter) or not t.is_floating_point():
             return t
-        grad = torch.is_grad_enabled()
-        hit = self._param_cache.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == grad:
-            return hit[3]
-        r = ste(t, spec_rounder(params), None)  # gradients reach the stored parameter as-is
-        if not params.is_mx:
-            set_tag(r, params.name)
-        self._param_cache[id(t)] = (weakref.ref(t), t._version, grad, r)
-        return r
+
+        def make() -> torch.Tensor:
+            r = ste(t, spec_rounder(params), None)  # gradients reach the stored parameter as-is
+            if not params.is_mx:
+                set_tag(r, params.name)
+            return r
+
+        return self._cached(t, "param", make)
 
     # -- low-precision ops ------------------------------------------------------------------
     def _operand_rounder(self, name: str, k: int, t: torch.Tensor, slot: Any) -> Rounder | None:
@@ -372,24 +387,26 @@ class EmulatedExecutor:
         return spec_rounder(self.compute, reduction_axis(name, k, t))
 
     def _grad_rounder(self, slot: Any) -> Rounder | None:
-        if self.recipe is not None:
-            fmt = self.recipe.backward_format
-            recipe = self.recipe
-            return lambda g: recipe.quantize(g, fmt, slot)
-        return spec_rounder(self.grads, -1)
+        if self.recipe is None:
+            return self._grads_round
+        fmt = self.recipe.backward_format
+        recipe = self.recipe
+        return lambda g: recipe.quantize(g, fmt, slot)  # per slot: the recipe keeps its state
 
     def _cached(
         self, t: torch.Tensor, kind: object, make: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
-        """``make()`` for t, reused while t (a leaf: weight, bias, input) keeps its version."""
-        if not t.is_leaf or t.is_inference():  # no version counter to validate a cache entry
+        """``make()`` for t, reused while t (a leaf: parameter, weight, bias, input) keeps its
+        version. Not cached: non-leaves, and inference tensors (no version to validate by)."""
+        version = _version_of(t)
+        if not t.is_leaf or version is None:
             return make()
         key = (id(t), kind, torch.is_grad_enabled() and t.requires_grad)
         hit = self._operand_cache.get(key)
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
+        if hit is not None and hit[0]() is t and hit[1] == version:
             return hit[2]
         r = make()
-        self._operand_cache[key] = (weakref.ref(t), t._version, r)
+        self._operand_cache[key] = (weakref.ref(t), version, r)
         return r
 
     def _operand(self, name: str, k: int, t: torch.Tensor, slot: Any) -> torch.Tensor:
@@ -476,13 +493,14 @@ class EmulatedExecutor:
 
     # -- follow ops -------------------------------------------------------------------------
     def _follow(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
-        tagged, target = _common_tag(iter_tensors(args, kwargs))
+        ins = tuple(iter_tensors(args, kwargs))  # one walk of the arguments per op
+        tagged, target = _common_tag(ins)
         if not tagged:
             return func(*args, **kwargs)
         if name in _CASTS and _is_dtype_cast(name, args, kwargs):
             out = func(*args, **kwargs)
             # the result is whatever dtype was asked for: logically that dtype, untagged
-            if isinstance(out, torch.Tensor) and any(out is t for t in iter_tensors(args, {})):
+            if isinstance(out, torch.Tensor) and any(out is t for t in ins):
                 out = out.view_as(out)
             return out
         if target is None:  # mixed formats: fp32, as torch's type promotion
@@ -491,7 +509,6 @@ class EmulatedExecutor:
         if name in EXACT:
             return map_outputs(lambda y: self._tag_exact(y, target), out)
         spec = resolve_format(target)
-        ins = tuple(iter_tensors(args, kwargs))
         return map_outputs(lambda y: self._round_follow(y, spec, ins), out)
 
     @staticmethod
@@ -504,7 +521,7 @@ class EmulatedExecutor:
     def _round_follow(y: torch.Tensor, spec: FormatSpec, inputs: tuple) -> torch.Tensor:
         if not y.is_floating_point() or y.dtype == torch.float64 or spec.is_mx:
             return y
-        r = round_result(y, spec.element, element_rounder(spec.element), inputs)
+        r = round_result(y, spec.element, element_rounder(spec.element), inputs)  # cached
         set_tag(r, spec.name)
         return r
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
 import torch
 
 from mixprec.formats.float_format import FloatFormat, get_format
-from mixprec.quantization.elementwise import quantize, quantize_
+from mixprec.quantization.elementwise import round_to
 
 if TYPE_CHECKING:
     from mixprec.precision.policy import FormatSpec, Policy
@@ -96,14 +96,14 @@ def _operand_format(name: str | None, default: str, what: str) -> FloatFormat:
 def _unscaled(t: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
     """Plain rounding for formats wider than 8 bits (their range needs no scale), else None."""
     if fmt.bits > 8:
-        return quantize(t.detach(), fmt)
+        return round_to(t.detach(), fmt)  # fmt resolved by the recipe: no checks per op
     return None
 
 
 def _apply_scale(t: torch.Tensor, s: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     # one temporary: (t * s) rounded in place, divided in place
     work = t.detach().float() * s
-    quantize_(work, fmt, saturate=True)
+    round_to(work, fmt, saturate=True, out=work)
     work.div_(s)
     return work.to(t.dtype)
 

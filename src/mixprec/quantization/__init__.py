@@ -24,6 +24,7 @@ from mixprec.quantization.elementwise import (
     has_c_kernel,
     quantize,
     quantize_,
+    round_to,
 )
 from mixprec.quantization.observers import (
     register_rounding_observer,
@@ -49,5 +50,6 @@ __all__ = [
     "quantize",
     "quantize_",
     "register_rounding_observer",
+    "round_to",
     "straight_through",
 ]

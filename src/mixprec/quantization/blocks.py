@@ -75,16 +75,15 @@ from mixprec.quantization.elementwise import (
     _check_codes_tensor,
     _check_float_dtype,
     _check_generator,
+    _check_tensor,
     _pack_nibbles,
     decode,
     encode,
     quantize_,
 )
 
-_SCALE_EMIN = -127  # E8M0 code 0
-_SCALE_EMAX = 127  # E8M0 code 254 (0xFF is NaN)
-_SCALE_NAN_CODE = 0xFF
-_SCALE_BIAS = 127
+# The shared scales' E8M0 constants (exponents -127 .. 127 in codes 0 .. 254, NaN 0xFF, bias
+# 127) are read from MXFormat.scale_format, the float8_e8m0fnu FloatFormat.
 # Scaled elements below this magnitude all round alike (far below half the smallest element
 # subnormal, 2^-17 for E5M2); a nonzero element that underflowed to 0 in the working dtype is
 # replaced by it so that up/down/odd rounding still sees "nonzero" (exact results, see below).
@@ -111,24 +110,13 @@ def _check_args(x: torch.Tensor, block_size: int, axis: int, what: str = "x") ->
     return axis % ndim, ndim
 
 
-def _check_float(x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"x has dtype {x.dtype}; MX quantization takes float32, float64, float16 or "
-            "bfloat16 tensors"
-        )
-    return x
-
-
 def _check_call(
     x: object, elem_format: object, block_size: object, axis: object, rounding: object,
     saturate: object, subnormals: object, generator: object, scale_rounding: object,
 ) -> tuple[MXFormat, int]:  # fmt: skip
     """Every argument of mx_quantize / mx_encode, checked before any work (also for an empty
     ``x``); returns the format and the normalized axis."""
-    x = _check_float(x)
+    x = _check_tensor(x)
     mx = get_mx_format(elem_format)  # type: ignore[arg-type]
     ax, _ = _check_args(x, block_size, axis)  # type: ignore[arg-type]
     check_rounding(rounding)
@@ -193,7 +181,7 @@ def _unclamped_exponents(amax: torch.Tensor, mx: MXFormat, scale_rounding: str) 
         d = amax / mx.element.max
         m, e = torch.frexp(d)  # d = m * 2^e, m in [0.5, 1): ceil(log2 d) = e - (m == 0.5)
         up = e - (m == 0.5).to(e.dtype)
-        return torch.where(d == 0, torch.full_like(up, _SCALE_EMIN), up)
+        return torch.where(d == 0, torch.full_like(up, mx.scale_format.emin), up)
     # frexp: amax = m * 2^e with m in [0.5, 1), exact also for subnormals -> floor(log2) = e - 1
     m, e = torch.frexp(amax)
     log2 = e - 1
@@ -223,9 +211,10 @@ def _shared_exponents(
     lo, hi = torch.aminmax(blocks, dim=-1)
     amax = torch.maximum(hi, -lo)
     shared = _unclamped_exponents(amax, mx, scale_rounding)
-    shared = torch.where(amax == 0, torch.full_like(shared, _SCALE_EMIN), shared)
-    bad = ~torch.isfinite(amax) | (shared > _SCALE_EMAX)
-    shared = shared.clamp(_SCALE_EMIN, _SCALE_EMAX)
+    emin, emax = mx.scale_format.emin, mx.scale_format.emax
+    shared = torch.where(amax == 0, torch.full_like(shared, emin), shared)
+    bad = ~torch.isfinite(amax) | (shared > emax)
+    shared = shared.clamp(emin, emax)
     return shared, bad
 
 
@@ -268,7 +257,7 @@ def mx_scale_exponents(
     much of a tensor's range the blocks use; ``scale_rounding`` as :func:`mx_quantize`. Cost:
     one pass over ``x`` (plus a copy when ``axis`` is not last or padding is needed).
     """
-    _check_float(x)
+    _check_tensor(x)
     mx = get_mx_format(elem_format)
     ax, _ = _check_args(x, block_size, axis)
     check_scale_rounding(scale_rounding)
@@ -385,7 +374,8 @@ def mx_encode(
     if check_flag(pack, "pack") and mx.element.bits > 4:
         raise ValueError(f"pack=True needs a 4-bit element format (mxfp4); got {mx.name}")
     blocks, n, shared, bad = _blocked(x, mx, block_size, ax, scale_rounding)
-    scales = torch.where(bad, _SCALE_NAN_CODE, shared + _SCALE_BIAS).to(torch.uint8)
+    sf = mx.scale_format
+    scales = torch.where(bad, sf.nan_code, shared + sf.bias).to(torch.uint8)
     nblocks = scales.shape[-1]
     scales = scales.movedim(-1, ax).contiguous().reshape(_blocked_shape(x.shape, ax, nblocks))
     if x.numel() == 0:
@@ -434,7 +424,8 @@ def mx_decode(
     mx = get_mx_format(elem_format)
     _check_codes_tensor(scales, "scales")
     _check_codes_tensor(codes, "codes")
-    _check_code_range(scales, 8, "float8_e8m0fnu scales", "scales")
+    sf = mx.scale_format
+    _check_code_range(scales, sf.bits, f"{sf.name} scales", "scales")
     if check_flag(packed, "packed") and mx.element.bits > 4:
         raise ValueError(f"packed=True needs a 4-bit element format (mxfp4); got {mx.name}")
     work = _work_dtype(_check_float_dtype(dtype))
@@ -450,9 +441,9 @@ def mx_decode(
             f"scales have shape {tuple(scales.shape)}; expected {expected} for {n} elements "
             f"along axis {axis} in blocks of {block_size}"
         )
-    sc = scales.reshape(expected).movedim(ax, -1).to(torch.int64) & 0xFF
-    scale = _pow2(sc - _SCALE_BIAS, work)
-    scale = torch.where(sc == _SCALE_NAN_CODE, torch.full_like(scale, float("nan")), scale)
+    sc = scales.reshape(expected).movedim(ax, -1).to(torch.int64) & ((1 << sf.bits) - 1)
+    scale = _pow2(sc - sf.bias, work)
+    scale = torch.where(sc == sf.nan_code, torch.full_like(scale, float("nan")), scale)
     blocks = blocks * scale.unsqueeze(-1)
     return _from_blocks(blocks, n, ax, torch.Size(out_shape), dtype)
 
