@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["quantize", "autocast", "amp", "sanitize", "sanitize_corpus", "ulp", "stable_speed", "stabilize"]
+ORDER = [
+    "quantize", "autocast", "amp", "sanitize", "sanitize_corpus", "ulp", "stable_speed",
+    "stabilize",
+]  # fmt: skip
 
 INTRO = """# Benchmarks
 
@@ -27,7 +30,7 @@ tables were measured at different times. Regenerate a table with its script, the
 | `benchmarks/autocast.py` | transformer training step: fp32, emulated, torch.autocast |
 | `benchmarks/amp.py` | O0–O3 step times and the loss scaler's overhead |
 | `benchmarks/sanitize.py` | a training step under the float64 shadow sanitizer ÷ plain step |
-| `benchmarks/sanitize_corpus.py` | the same on the real-model corpus (HF GPT-2/BERT/LLaMA, nanoGPT) |
+| `benchmarks/sanitize_corpus.py` | the same on the real-model corpus (HF models, nanoGPT) |
 | `benchmarks/ulp_audit.py` | ULP errors of the stable functions vs mpmath, and their speed |
 | `benchmarks/stabilize.py` | stabilize: capture + rewrite time on the real-model corpus |
 """

@@ -4,8 +4,11 @@ Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA from small configs, a 
 GPT; random init, nothing downloaded), their example batch (2 x 16 tokens) repeated ``--repeat``
 times along the batch (default 1 and 16: the corpus configs are tiny, so at the corpus batch the
 step is dominated by the sanitizer's fixed cost per op, ~0.1 ms of Python, not by arithmetic).
-Step = forward, the entry's loss, backward. Time: minimum wall-clock over ``--steps`` interleaved
-rounds after a warm-up step, one torch thread. Memory: one step per (model, mode) in a fresh
+Step = forward, the entry's loss, backward. Time: minimum process CPU time over ``--steps``
+interleaved rounds after a warm-up step, one torch thread (CPU time, not wall-clock: the machine
+is shared, and a preempted step's CPU time does not grow). "dispatch only": the same step under a
+pass-through ``TorchDispatchMode`` (every op forwarded unchanged), the floor any dispatch-based
+checker starts from. Memory: one step per (model, mode) in a fresh
 subprocess after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step
 (MiB; plain steps reuse their allocator's blocks, so their growth is near 0 and no ratio is
 given).
@@ -29,6 +32,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import machine, markdown_table, write_result
 from mixprec.sanitizer import sanitize
@@ -55,8 +59,22 @@ class Runner:
         self.model.zero_grad(set_to_none=True)
 
 
+class PassThrough(TorchDispatchMode):
+    """Forwards every op unchanged: the cost of dispatch through a Python mode alone."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def _mode(sanitized: bool) -> contextlib.AbstractContextManager[Any]:
     return sanitize() if sanitized else contextlib.nullcontext()
+
+
+_MODES: dict[str, Any] = {
+    "plain": contextlib.nullcontext,
+    "dispatch": PassThrough,
+    "sanitize": sanitize,
+}
 
 
 def _status_kib(field: str) -> int:
@@ -85,32 +103,34 @@ def _memory(name: str, repeat: int, sanitized: bool) -> float:
     return (d["peak"] - d["before"]) / 1024
 
 
-def _times(name: str, repeat: int, steps: int) -> tuple[float, float, dict[str, Any]]:
-    """(plain seconds, sanitized seconds, the sanitized run's stats and finding count)."""
-    runs = {False: Runner(name, repeat), True: Runner(name, repeat)}
-    best = {False: float("inf"), True: float("inf")}
+def _times(name: str, repeat: int, steps: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """(CPU seconds per mode, the sanitized run's stats and finding count)."""
+    runs = {mode: Runner(name, repeat) for mode in _MODES}
+    best = dict.fromkeys(_MODES, float("inf"))
     info: dict[str, Any] = {}
     for i in range(steps + 1):  # round 0 warms up
-        for sanitized, r in runs.items():
-            with _mode(sanitized) as report:
-                t0 = time.perf_counter()
+        for mode, r in runs.items():
+            with _MODES[mode]() as report:
+                t0 = time.process_time()
                 r.step()
-                dt = time.perf_counter() - t0
+                dt = time.process_time() - t0
             if i:
-                best[sanitized] = min(best[sanitized], dt)
-            if report is not None:
+                best[mode] = min(best[mode], dt)
+            if mode == "sanitize":
                 info = {"findings": len(report.findings), **report.stats}
-    return best[False], best[True], info
+    return best, info
 
 
 def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
-    plain, san, info = _times(name, repeat, steps)
+    t, info = _times(name, repeat, steps)
+    plain, san = t["plain"], t["sanitize"]
     row = [
         name,
         f"{2 * repeat} x 16",
         f"{1e3 * plain:.1f}",
         f"{1e3 * san:.1f}",
         f"{san / plain:.1f}",
+        f"{t['dispatch'] / plain:.1f}",
     ]
     if memory:
         mp, ms = _memory(name, repeat, False), _memory(name, repeat, True)
@@ -137,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.repeat
         for name in corpus.available()
     ]
-    header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain"]
+    header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain", "dispatch only ÷ plain"]
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
     header.append("ops / shadowed / slow path / findings")
     title = "# sanitize on the corpus models: one training step, sanitize() ÷ plain fp32"
     note = (
-        f"Minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; memory "
+        f"CPU time, minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; "
+        "dispatch only: a pass-through TorchDispatchMode (the floor of any dispatch-based "
+        "checker); memory "
         "from one step per (model, mode) in a fresh process after a warm-up step. Target "
         "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )
