@@ -162,6 +162,32 @@ def test_in_place_on_a_view_keeps_the_base_shadow() -> None:
     assert torch.equal(d[:, 2:5], (a[:, 2:5] * 1e30) * 1e-30)
 
 
+def test_views_carry_shadows_without_a_shadow_run() -> None:
+    """Views (and ``_unsafe_view``, an alias not marked as a view) of a tensor with a whole
+    shadow get views of that shadow: not re-run, not measured, and findings still seen."""
+    x = torch.full((4, 64), 3.0) + torch.linspace(0, 1e-3, 256).reshape(4, 64)
+    with sanitize() as report:
+        a, b = x * 1.1, x * 1.1000001
+        a.t()[1:] - b.t()[1:]  # <view-sub>
+        torch.ops.aten._unsafe_view(a, [256]) - b.reshape(256)  # <alias-sub>
+    for marker in ("view-sub", "alias-sub"):
+        (f,) = only(report.findings, location=line_of(marker))
+        assert f.kind == "cancellation" and f.op == "aten.sub.Tensor"
+    assert report.stats["ops_shadowed"] == 4  # the two mul and the two sub
+
+
+def test_view_of_a_partly_shadowed_storage_is_run_on_the_shadow() -> None:
+    """A storage shadowed only in part keeps per-view shadows: a view of that part needs the
+    view op run on the shadow (the one case where a view costs a shadow run)."""
+    x = torch.full((4,), 3.0) + torch.tensor([0.0, 1e-4, 2e-4, 3e-4])
+    with sanitize() as report:
+        buf = torch.zeros(8)
+        buf[:4].copy_(x * 1.1)
+        buf[:4].view(2, 2) - (x * 1.1000001).view(2, 2)  # <partial-view-sub>
+    (f,) = report.findings
+    assert f.kind == "cancellation" and f.location == line_of("partial-view-sub")
+
+
 def test_log_of_underflowed_softmax_names_its_cause() -> None:
     entry = corpus.get("nanogpt")
     model, (idx, _targets), _ = entry.example(0)

@@ -26,9 +26,8 @@ class GradCollector:
     def __init__(self, max_elems: int = 1 << 16) -> None:
         self.max_elems = max_elems
         self.sampled: dict[str, int] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-        self.zeros: dict[str, int] = {}
-        self.nonfinite: dict[str, int] = {}
+        # (kind, exponent shift) -> summed bincount of biased exponents, on the device
+        self._raw: dict[tuple[str, int], torch.Tensor] = {}
         self.max_abs: dict[str, float] = {}
         self.tensors: dict[str, int] = {}
 
@@ -53,35 +52,55 @@ class GradCollector:
         self._bin(kind, g)
 
     def _bin(self, kind: str, g: torch.Tensor) -> None:
+        """Count ``g``'s biased exponents. The counts stay on ``g``'s device, summed per (kind,
+        format): no host sync per gradient (:meth:`_fold` reads them once, for the report)."""
         if g.dtype == torch.float64:
-            bits, shift, mask, bias = g.view(torch.int64), 52, 0x7FF, 1023
+            bits, shift, mask = g.view(torch.int64), 52, 0x7FF
         else:
             if g.dtype != torch.float32:
                 g = g.float()
-            bits, shift, mask, bias = g.view(torch.int32), 23, 0xFF, 127
+            bits, shift, mask = g.view(torch.int32), 23, 0xFF
         e = torch.bitwise_and(bits >> shift, mask)
-        c = torch.bincount(e.cpu(), minlength=mask + 1)
-        if kind not in self.counts:
-            self.counts[kind] = torch.zeros(HIST_BINS, dtype=torch.int64)
-        # biased exponent b in 1..mask-1 holds [2^(b-bias), 2^(b-bias+1))
-        start = 1 - bias + HIST_OFFSET
-        self.counts[kind][start : start + mask - 1] += c[1:mask]
-        self.zeros[kind] = self.zeros.get(kind, 0) + int(c[0])
-        self.nonfinite[kind] = self.nonfinite.get(kind, 0) + int(c[mask])
+        if e.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+            e = e.cpu()  # CUDA's bincount refuses deterministic mode: count on the host
+        c = torch.bincount(e, minlength=mask + 1)
+        acc = self._raw.get((kind, shift))
+        if acc is None:
+            self._raw[(kind, shift)] = c
+        else:
+            acc.add_(c)
         self.tensors[kind] = self.tensors.get(kind, 0) + 1
+
+    def _fold(self) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, int]]:
+        """(log2 bins, zeros, non-finite) per kind, from the exponent counts."""
+        counts: dict[str, torch.Tensor] = {}
+        zeros: dict[str, int] = {}
+        nonfinite: dict[str, int] = {}
+        for (kind, shift), raw in self._raw.items():
+            c = raw.cpu()
+            mask, bias = (0x7FF, 1023) if shift == 52 else (0xFF, 127)
+            if kind not in counts:
+                counts[kind] = torch.zeros(HIST_BINS, dtype=torch.int64)
+            # biased exponent b in 1..mask-1 holds [2^(b-bias), 2^(b-bias+1))
+            start = 1 - bias + HIST_OFFSET
+            counts[kind][start : start + mask - 1] += c[1:mask]
+            zeros[kind] = zeros.get(kind, 0) + int(c[0])
+            nonfinite[kind] = nonfinite.get(kind, 0) + int(c[mask])
+        return counts, zeros, nonfinite
 
     def data(self, track_grads: bool) -> dict[str, Any] | None:
         """The histograms trimmed to their non-empty bins (the report's ``gradients``)."""
-        if not self.counts:
+        if not self._raw:
             return {"counts": {}} if track_grads else None
-        nonzero = [i for c in self.counts.values() for i in c.nonzero().reshape(-1).tolist()]
+        counts, zeros, nonfinite = self._fold()
+        nonzero = [i for c in counts.values() for i in c.nonzero().reshape(-1).tolist()]
         # every gradient zero or non-finite: keep one (empty) bin, at 2^0
         lo, hi = (min(nonzero), max(nonzero)) if nonzero else (HIST_OFFSET, HIST_OFFSET)
         return {
             "bin_lo": lo - HIST_OFFSET,
-            "counts": {k: c[lo : hi + 1].tolist() for k, c in self.counts.items()},
-            "zeros": dict(self.zeros),
-            "nonfinite": dict(self.nonfinite),
+            "counts": {k: c[lo : hi + 1].tolist() for k, c in counts.items()},
+            "zeros": zeros,
+            "nonfinite": nonfinite,
             "max_abs": dict(self.max_abs),
             "tensors": dict(self.tensors),
             "sampled": dict(self.sampled),

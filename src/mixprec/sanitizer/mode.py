@@ -361,8 +361,10 @@ class ShadowMode(TorchDispatchMode):
             out = call.run()
             self._after_unshadowed(info, call)
             return out
+        if info.kind == VIEWISH:
+            return self._view(call)
         # shadow inputs before the real op: in-place ops overwrite their inputs
-        lazy = info.kind in (VIEWISH, EXACT)
+        lazy = info.kind == EXACT
         inputs = self.shadows.inputs(call.args, lazy=lazy, compute=info.kind == COMPUTE)
         if info.kind == DROPOUT:
             return self._dropout(call, inputs)
@@ -374,11 +376,21 @@ class ShadowMode(TorchDispatchMode):
             if lazy and call.func is aten.where.self:
                 self.measurer.check_where(info.name, call.args, phase, site)
             return out
-        if info.kind == VIEWISH:
-            out = call.run()
-            self.shadows.views(call.func, call.args, call.kwargs, inputs, out)
-            return out
         return self._shadowed(call, info, phase, site, inputs)
+
+    def _view(self, call: RealCall) -> Any:
+        """A view op: its outputs alias its input's storage. Where that storage has a whole
+        shadow they already have theirs (views of it, derived on lookup): no lookup of the
+        input's shadow, no re-run, no measurement: one table probe. Only a partially shadowed
+        storage has the op re-run on the shadows."""
+        out = call.run()
+        base = call.args[0] if call.args else None
+        if isinstance(base, torch.Tensor) and self.shadows.aliased(base, out):
+            return out
+        inputs = self.shadows.inputs(call.args, lazy=True, compute=False)
+        if inputs.has_shadow:
+            self.shadows.views(call.func, call.args, call.kwargs, inputs, out)
+        return out
 
     def _dropout(self, call: RealCall, inputs: ShadowInputs) -> Any:
         """Dropout is shadowed through its mask (never re-run: it would draw new randoms)."""

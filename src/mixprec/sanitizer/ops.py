@@ -28,7 +28,7 @@ _EXACT_PACKETS = {
     "neg", "abs", "relu", "threshold_backward", "amax", "amin", "maximum", "minimum", "clamp",
     "clamp_min", "clamp_max", "hardtanh", "lift_fresh_copy", "alias_copy", "expand_copy",
     "permute_copy", "transpose_copy", "view_copy", "t_copy", "unsqueeze_copy", "squeeze_copy",
-    "slice_copy", "select_copy", "detach_copy", "_unsafe_view", "split_with_sizes_copy",
+    "slice_copy", "select_copy", "detach_copy", "split_with_sizes_copy",
     "unbind_copy", "sign", "sgn", "max_pool2d_with_indices", "masked_scatter", "diag_embed",
     "tril", "triu", "unfold_copy",
 }  # fmt: skip
@@ -39,6 +39,8 @@ _FACTORY_PACKETS = {
     "_local_scalar_dense", "equal", "is_nonzero", "_assert_async", "sym_size", "sym_stride",
     "sym_numel", "sym_storage_offset",
 }  # fmt: skip
+# not marked as views, but their outputs alias their input's storage like a view's
+_ALIASING = {"_unsafe_view"}
 _ADDSUB = {"add", "sub", "rsub"}
 # sums of products of the tensor inputs (linear in each): f(|inputs|) = sum of |terms|
 _MULTILINEAR = {
@@ -115,7 +117,7 @@ def _kind(func: Any, info: OpInfo, base: str, tags: set[Any]) -> str:
         info.functional = _functional_variant(func, info.packet, base, tags)
         if info.functional is None:
             return OPAQUE
-    elif getattr(func, "is_view", False):
+    elif getattr(func, "is_view", False) or info.packet in _ALIASING:
         return VIEWISH
     return EXACT if base in _EXACT_PACKETS else COMPUTE
 

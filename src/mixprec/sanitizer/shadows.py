@@ -140,6 +140,18 @@ class Shadows:
             ):
                 self.store.put(r, s, err, cause=cause)
 
+    def aliased(self, base: torch.Tensor, out: Any) -> bool:
+        """Do the outputs of a view of ``base`` need nothing from us: ``base`` is not of a
+        shadowed dtype, or its storage has a whole shadow that they share (same storage and
+        dtype)? Cost: one table probe, no shadow materialized."""
+        if base.dtype not in self.shadowable:
+            return True
+        if not self.store.covers(base):
+            return False
+        st = base.untyped_storage()._cdata
+        outs = (out,) if isinstance(out, torch.Tensor) else tensors(out)
+        return all(o.dtype == base.dtype and o.untyped_storage()._cdata == st for o in outs)
+
     def views(
         self,
         func: Any,

@@ -31,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 _COMPRESS_MAX_ERR = 2.0**20  # error bound (floor units) above which we keep float64
 _COMPRESS_MIN_MAG = 2.0**-90  # below this max|shadow| the residual could underflow float32
+_NEVER = 1 << 62  # ``born`` of an entry that is never compressed
 
 
 def _covers(t: torch.Tensor, n: int) -> bool:
@@ -132,6 +133,13 @@ class ShadowStore:
         v = e.views.get((t.storage_offset(), t.shape, t.stride()))
         return None if v is None else (v[0], v[1], e.cause)
 
+    def covers(self, t: torch.Tensor) -> bool:
+        """Does ``t``'s storage have a whole-storage shadow of ``t``'s dtype (so every view of
+        it has one, derived on lookup)? Cheap: no shadow is materialized."""
+        st = self._storage(t)
+        e = None if st is None else self._map.get(st._cdata)
+        return e is not None and e.dtype == t.dtype and (e.flat is not None or e.resid is not None)
+
     def origin(self, t: torch.Tensor) -> Any:
         """What :meth:`put` was given as ``origin`` for ``t``'s storage (None: unknown)."""
         st = self._storage(t)
@@ -231,15 +239,20 @@ class ShadowStore:
         """Drop entries of dead storages; compress flat shadows older than compress_after."""
         self._swept = self._puts
         old = self._puts - self.compress_after
-        for cd in list(self._map):
-            e = self._map[cd]
-            if e.ref.expired():
+        if self.shadow_dtype != torch.float64:
+            old = -1  # nothing to compress
+        expired = torch.Storage._expired  # type: ignore[attr-defined]  # (skips a Python frame)
+        for cd, e in list(self._map.items()):
+            if expired(e.ref.cdata):
                 del self._map[cd]
-            elif e.flat is not None and e.born <= old and self.shadow_dtype == torch.float64:
+            elif e.born <= old and e.flat is not None:
                 self._compress(e)
 
     def _compress(self, e: _Entry) -> None:
         if not (e.err <= _COMPRESS_MAX_ERR) or e.smax is None:
+            # for good: a partial update only raises err and keeps smax None (a whole new
+            # shadow resets born); skipping it saves a check per sweep
+            e.born = _NEVER
             return
         if not (e.smax >= _COMPRESS_MIN_MAG and math.isfinite(e.smax)):
             return
