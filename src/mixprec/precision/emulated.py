@@ -40,11 +40,12 @@ import torch
 from mixprec.formats.float_format import FloatFormat
 from mixprec.precision.accumulate import Accumulate, accumulated
 from mixprec.precision.fp8 import Fp8Recipe
-from mixprec.precision.ops import iter_tensors, map_outputs, map_tensors, op_category
+from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
 from mixprec.quantization.blocks import mx_quantize
 from mixprec.quantization.elementwise import round_to
+from mixprec.trees import iter_tensors, map_args, map_outputs
 
 TAG = "_mixprec_fmt"
 
@@ -352,7 +353,7 @@ class EmulatedExecutor:
 
     def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         if self.params is not None:
-            args, kwargs = map_tensors(self._read_param, args, kwargs)
+            args, kwargs = map_args(self._read_param, args, kwargs)
         cat = op_category(self.op_lists, name)
         if cat == "low":
             return self._low(func, name, args, kwargs)

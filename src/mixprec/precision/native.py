@@ -27,7 +27,7 @@ from mixprec.formats.float_format import FloatFormat
 from mixprec.machine import cpu_flags
 from mixprec.precision.accumulate import Accumulate
 from mixprec.precision.fp8 import Fp8Recipe
-from mixprec.precision.ops import map_tensors, op_category
+from mixprec.precision.ops import op_category
 from mixprec.precision.policy import (
     TORCH_AUTOCAST_LOW,
     FormatSpec,
@@ -35,6 +35,7 @@ from mixprec.precision.policy import (
     Policy,
     resolve_format,
 )
+from mixprec.trees import map_args
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -158,17 +159,17 @@ class NativeExecutor:
 
     def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         if self.params_dtype is not None:
-            args, kwargs = map_tensors(self._read_param, args, kwargs)
+            args, kwargs = map_args(self._read_param, args, kwargs)
         # in-place ops ("inplace") keep their tensor's dtype: they run as they are, below
         cat = op_category(self.op_lists, name)
         if cat == "low":
-            args, kwargs = map_tensors(self._cast_low, args, kwargs)
+            args, kwargs = map_args(self._cast_low, args, kwargs)
             if self.dtype in _LOW_DTYPES:
                 return func(*args, **kwargs)
             with _autocast_off(self.device_type):
                 return func(*args, **kwargs)
         if cat == "fp32":
-            args, kwargs = map_tensors(self._cast_fp32, args, kwargs)
+            args, kwargs = map_args(self._cast_fp32, args, kwargs)
             with _autocast_off(self.device_type):
                 return func(*args, **kwargs)
         if name in TORCH_AUTOCAST_LOW and self.dtype in _LOW_DTYPES:

@@ -9,12 +9,8 @@ metadata calls that pass through untouched. Nested arguments and results (lists 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
-
-import torch
-from torch.utils._pytree import tree_leaves, tree_map_only
 
 from mixprec.precision.policy import OpLists
 
@@ -74,56 +70,3 @@ def op_category(op_lists: OpLists, name: str) -> str:
     """``"inplace"`` for in-place ops (``add_``, ``__setitem__``: they keep their tensor's
     format), else the op's :meth:`~mixprec.precision.OpLists.category`. Cached per op list."""
     return "inplace" if is_inplace(name) else op_lists.category(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# walking arguments and results (torch.utils._pytree)
-# ----------------------------------------------------------------------------------------------
-
-
-def _nested(a: object) -> bool:
-    """Whether ``a`` is a container with something for the tree walk: a tensor or another
-    container inside (a shape tuple of ints has nothing: it is passed on as it is)."""
-    if isinstance(a, dict):
-        a = a.values()
-    elif not isinstance(a, (list, tuple)):
-        return False
-    return any(isinstance(b, (torch.Tensor, list, tuple, dict)) for b in a)
-
-
-def iter_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """Every tensor among the arguments, at any depth (``cat``'s list, ``einsum``'s operands)."""
-    found: list[torch.Tensor] = []
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif _nested(a):
-            found.extend(t for t in tree_leaves(a) if isinstance(t, torch.Tensor))
-    return found
-
-
-def _map_one(fn: Callable[[torch.Tensor], torch.Tensor], a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return fn(a)
-    return tree_map_only(torch.Tensor, fn, a) if _nested(a) else a
-
-
-def map_tensors(
-    fn: Callable[[torch.Tensor], torch.Tensor], args: tuple, kwargs: dict
-) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` with every tensor, at any depth, replaced by ``fn(tensor)``.
-
-    Cost: the top level is looked at directly (a few microseconds for the flat argument lists
-    of most ops, once per op inside a region); only containers holding tensors go through the
-    tree walk (about 10 microseconds each).
-    """
-    return tuple(_map_one(fn, a) for a in args), {k: _map_one(fn, v) for k, v in kwargs.items()}
-
-
-def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Any) -> Any:
-    """An op's or module's result with every tensor replaced by ``fn(tensor)``.
-
-    Containers keep their types (named tuples such as ``torch.return_types.max``, dicts);
-    a single tensor, the common case, skips the tree walk.
-    """
-    return _map_one(fn, out)

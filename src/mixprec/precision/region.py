@@ -41,8 +41,9 @@ from mixprec.precision.native import (
     native_is_fast,
     native_unsupported_reason,
 )
-from mixprec.precision.ops import func_name, map_outputs
+from mixprec.precision.ops import func_name
 from mixprec.precision.policy import FormatSpec, OpLists, Policy
+from mixprec.trees import map_outputs
 
 PolicyLike = Policy | str | FloatFormat | FormatSpec | torch.dtype
 

@@ -38,7 +38,7 @@ from mixprec.sanitizer.findings import CAUSE_KINDS, FindingLog, Hit, Site, Stats
 from mixprec.sanitizer.ops import OpInfo, RealCall
 from mixprec.sanitizer.shadows import LOW, ShadowInputs, Shadows
 from mixprec.sanitizer.tolerances import FmtInfo, bits_lost, make_fmt_info
-from mixprec.sanitizer.trees import (
+from mixprec.trees import (
     leaves,
     map_pair_kwargs,
     map_pairs,

@@ -49,7 +49,7 @@ from mixprec.sanitizer.ops import (
 )
 from mixprec.sanitizer.shadows import ShadowInputs, Shadows
 from mixprec.sanitizer.tolerances import real_formats
-from mixprec.sanitizer.trees import leaves, tensors
+from mixprec.trees import leaves, tensors
 
 aten = torch.ops.aten
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mixprec.sanitizer.store import ShadowStore
-from mixprec.sanitizer.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, tensors
+from mixprec.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, tensors
 
 LOW = (torch.float16, torch.bfloat16, torch.float32)  # real dtypes that get shadows
 

@@ -1,4 +1,4 @@
-"""Tests for the sanitizer's argument-tree walking (mixprec.sanitizer.trees) and for shadows
+"""Tests for the sanitizer's argument-tree walking (mixprec.trees) and for shadows
 carried through ops whose tensors sit inside list arguments."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from mixprec.sanitizer import sanitize, trees
+from mixprec import trees
+from mixprec.sanitizer import sanitize
 
 T = [torch.full((2,), float(i)) for i in range(4)]
 TREES = [

@@ -1,11 +1,13 @@
-"""Walking the argument and result trees of aten ops (private).
+"""Walking the argument and result trees of ops: the one tree walker of mixprec.
 
-Tensors may sit anywhere in an op's arguments (``Tensor[]`` lists, ``Tensor?[]`` with holes) and
-results (tuples, lists); ``torch.utils._pytree`` walks them. Almost every call is flat, though (a
-few tensors and scalars), and pytree's flatten / unflatten costs ~10 µs a call against ~1.5 µs
-for a comprehension, on every op the sanitizer sees: sequences whose elements hold no tensors
-take the comprehension (a shape list stays one leaf: it holds no tensor), anything nested takes
-pytree. Tensors come out in the same order either way.
+Tensors may sit anywhere in an op's arguments (``Tensor[]`` lists, ``Tensor?[]`` with holes,
+``einsum``'s operands) and results (tuples, named tuples, lists, dicts); ``torch.utils._pytree``
+walks them. Almost every call is flat, though (a few tensors and scalars), and pytree's
+flatten / unflatten costs ~10 µs a call against ~1.5 µs for a comprehension, on every op the
+sanitizer and the precision regions see: sequences whose elements hold no tensors take the
+comprehension (a shape list stays one leaf: it holds no tensor), anything nested takes pytree.
+Tensors come out in the same order either way. Used by :mod:`mixprec.precision` (op arguments
+and outputs inside a region) and :mod:`mixprec.sanitizer` (real and shadow arguments).
 """
 
 from __future__ import annotations
@@ -78,3 +80,24 @@ def map_pair_kwargs(
     """:func:`map_pairs` over the values of keyword arguments (same keys, same order)."""
     paired = map_pairs(fn, list(reals.values()), list(shadows.values()))
     return dict(zip(shadows, paired, strict=True))
+
+
+def iter_tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Every tensor among positional and keyword arguments, at any depth, in order."""
+    return tensors([*args, *kwargs.values()])
+
+
+def map_args(
+    fn: Callable[[torch.Tensor], Any], args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` with every tensor, at any depth, replaced by ``fn(tensor)``."""
+    return tuple(map_tensors(fn, args)), map_tensor_kwargs(fn, kwargs)
+
+
+def map_outputs(fn: Callable[[torch.Tensor], Any], out: Any) -> Any:
+    """An op's or module's result with every tensor replaced by ``fn(tensor)``; containers keep
+    their types (named tuples such as ``torch.return_types.max``, dicts), and a container type
+    pytree does not know is a leaf, left as it is. A single tensor skips the walk."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    return map_tensors(fn, [out])[0]
