@@ -312,6 +312,116 @@ DEFINE_LOOP64(loop64_down, R_DOWN)
 DEFINE_LOOP64(loop64_odd, R_ODD)
 
 /* ------------------------------------------------------------------------------------------ */
+/* e8m0 fast path                                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* e8m0 (M = 0, emin = -127) has no fast32 path: its one-bit significand is always odd, so ties go
+ * up and odd truncates, and its bottom binade [2^-127, 2^-126) lies in float32's subnormal
+ * range, where the quantum is not a fixed number of pattern bits. Its grid is simple enough for
+ * a closed form instead: a positive x in [2^e, 2^(e+1)) becomes 2^e or 2^(e+1), i.e. its pattern
+ * with the mantissa field cleared, plus one exponent step when rounding up. The rules below are
+ * q32 / q64 specialised to e8m0 (same bits, same random draws), with selects only, so they
+ * vectorise and need no fallback: a few integer ops per element, memory-bound. */
+
+MP_INLINE int is_e8m0(const qparams *p, int width) {
+    /* the parameters kernel_params gives float8_e8m0fnu: checked in full, so a custom format
+     * that only looks similar keeps the general path */
+    const uint64_t lo = width == 32 ? 0x400000ULL : 896ULL << 52;     /* 2^-127 */
+    const uint64_t mx = width == 32 ? 0x7f000000ULL : 1150ULL << 52;  /* 2^127 */
+    return p->M == 0 && p->emin == -127 && p->flags == F_NEG_NAN && p->zero_bits == lo &&
+           p->max_bits == mx;
+}
+
+MP_INLINE uint32_t e8m0_32(uint32_t u, const int mode, uint32_t rnd, uint32_t maxb, uint32_t ovfb) {
+    const uint32_t MASK = 0x7fffffu, LO = 0x400000u, NEXT = 0x800000u, INF = 0x7f800000u;
+    const uint32_t a = u & 0x7fffffffu;
+    /* normal inputs (a >= 2^-126): the mantissa field decides, in units of 2^e */
+    uint32_t r;
+    if (mode == R_NEAREST) r = (a + (MASK >> 1) + 1u) & ~MASK; /* up iff m >= half: ties up */
+    else if (mode == R_UP) r = (a + MASK) & ~MASK;
+    else if (mode == R_STOCHASTIC) r = (a & ~MASK) + (rnd < ((a & MASK) << 9) ? NEXT : 0u);
+    else r = a & ~MASK; /* toward_zero, down (negatives become NaN), odd (k = 1 stays odd) */
+    /* float32 subnormals: [2^-127, 2^-126) is 2^-127 plus a 22-bit remainder; below 2^-127 and
+     * at zero every mode gives 2^-127 (the grid's 0 stands for "no value") */
+    uint32_t s;
+    if (mode == R_NEAREST) s = a >= (LO | (LO >> 1)) ? NEXT : LO;
+    else if (mode == R_UP) s = a > LO ? NEXT : LO;
+    else if (mode == R_STOCHASTIC) s = rnd < ((a & (LO - 1u)) << 10) ? NEXT : LO;
+    else s = LO;
+    s = a < LO ? LO : s;
+    r = a < NEXT ? s : r;
+    /* overflow: only a finite input rounded toward zero saturates (as q32); negatives are NaN */
+    const uint32_t ov = (mode == R_NEAREST || mode == R_STOCHASTIC || mode == R_UP)
+                            ? ovfb : (a == INF ? ovfb : maxb);
+    r = r > maxb ? ov : r;
+    r = ((u >> 31) != 0u && a != 0u) ? 0x7fc00000u : r;
+    return a > INF ? (u | 0x400000u) : r;
+}
+
+MP_INLINE uint64_t e8m0_64(uint64_t u, const int mode, uint64_t rnd, uint64_t maxb, uint64_t ovfb) {
+    const uint64_t MASK = 0xfffffffffffffULL, LO = 896ULL << 52, INF = 0x7ff0000000000000ULL;
+    const uint64_t a = u & 0x7fffffffffffffffULL;
+    /* 2^-127 is normal in float64: one rule from it up; everything below gives 2^-127 */
+    uint64_t r;
+    if (mode == R_NEAREST) r = (a + (MASK >> 1) + 1u) & ~MASK;
+    else if (mode == R_UP) r = (a + MASK) & ~MASK;
+    else if (mode == R_STOCHASTIC) r = (a & ~MASK) + (rnd < ((a & MASK) << 10) ? MASK + 1u : 0u);
+    else r = a & ~MASK;
+    r = a < LO ? LO : r;
+    const uint64_t ov = (mode == R_NEAREST || mode == R_STOCHASTIC || mode == R_UP)
+                            ? ovfb : (a == INF ? ovfb : maxb);
+    r = r > maxb ? ov : r;
+    r = ((u >> 63) != 0u && a != 0u) ? 0x7ff8000000000000ULL : r;
+    return a > INF ? (u | 0x8000000000000ULL) : r;
+}
+
+/* float32 stochastic: rand32's bits, drawn in runs where the index's high word is constant, so
+ * the hashing stays in 32-bit lanes (64-bit index arithmetic halves the vector width). */
+MP_CLONES static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n,
+                                         const qparams *p) {
+    const uint32_t maxb = (uint32_t)p->max_bits, ovfb = (uint32_t)p->ovf_bits;
+    const uint32_t s_lo = (uint32_t)p->seed, s_hi = (uint32_t)(p->seed >> 32);
+    for (int64_t start = 0; start < n;) {
+        const uint64_t g = (uint64_t)start + p->offset;
+        const uint32_t lo0 = (uint32_t)g, c = (uint32_t)(g >> 32) + s_hi;
+        const int64_t left = (int64_t)((1ULL << 32) - lo0); /* indices before the high word ticks */
+        const int64_t len = n - start < left ? n - start : left;
+        const uint32_t *src = in + start;
+        uint32_t *dst = out + start;
+        for (int64_t i = 0; i < len; i++) {
+            const uint32_t rnd = mix32(mix32((lo0 + (uint32_t)i) ^ s_lo) + c);
+            dst[i] = e8m0_32(src[i], R_STOCHASTIC, rnd, maxb, ovfb);
+        }
+        start += len;
+    }
+}
+
+/* in == out (quantize_) gets its own loop: with one pointer the vectoriser needs no overlap
+ * check. The random draws are q32's / q64's, indexed the same way. */
+#define DEFINE_E8M0_LOOP(NAME, MODE, T, FN, RND)                                                \
+    MP_CLONES static void NAME(const T *in, T *out, int64_t n, const qparams *p) {              \
+        const qparams pp = *p;                                                                  \
+        const T maxb = (T)pp.max_bits, ovfb = (T)pp.ovf_bits;                                   \
+        if ((const T *)out == in) {                                                             \
+            for (int64_t i = 0; i < n; i++)                                                     \
+                out[i] = FN(out[i], MODE, MODE == R_STOCHASTIC ? RND : 0u, maxb, ovfb);         \
+        } else {                                                                                \
+            for (int64_t i = 0; i < n; i++)                                                     \
+                out[i] = FN(in[i], MODE, MODE == R_STOCHASTIC ? RND : 0u, maxb, ovfb);          \
+        }                                                                                       \
+    }
+#define RND64 (mix64(mix64((uint64_t)i + pp.offset) ^ pp.seed) >> 2)
+#define DEFINE_E8M0_LOOPS(SUFFIX, MODE)                                                         \
+    DEFINE_E8M0_LOOP(e8m0_32_##SUFFIX, MODE, uint32_t, e8m0_32, 0u)                             \
+    DEFINE_E8M0_LOOP(e8m0_64_##SUFFIX, MODE, uint64_t, e8m0_64, RND64)
+DEFINE_E8M0_LOOPS(nearest, R_NEAREST)
+DEFINE_E8M0_LOOP(e8m0_64_stochastic, R_STOCHASTIC, uint64_t, e8m0_64, RND64)
+DEFINE_E8M0_LOOPS(toward_zero, R_TOWARD_ZERO)
+DEFINE_E8M0_LOOPS(up, R_UP)
+DEFINE_E8M0_LOOPS(down, R_DOWN)
+DEFINE_E8M0_LOOPS(odd, R_ODD)
+
+/* ------------------------------------------------------------------------------------------ */
 /* Python binding                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -321,11 +431,17 @@ static const loop32_fn LOOPS32[6] = {loop32_nearest, loop32_stochastic, loop32_t
                                      loop32_up, loop32_down, loop32_odd};
 static const loop64_fn LOOPS64[6] = {loop64_nearest, loop64_stochastic, loop64_toward_zero,
                                      loop64_up, loop64_down, loop64_odd};
+typedef void (*e8m0_32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *);
+static const e8m0_32_fn E8M0_32[6] = {e8m0_32_nearest, e8m0_32_stochastic, e8m0_32_toward_zero,
+                                      e8m0_32_up, e8m0_32_down, e8m0_32_odd};
+static const loop64_fn E8M0_64[6] = {e8m0_64_nearest, e8m0_64_stochastic, e8m0_64_toward_zero,
+                                     e8m0_64_up, e8m0_64_down, e8m0_64_odd};
 
 /* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
  *          zero_bits, flags, seed, offset, fast_lo)
  * fast_lo: nonzero when the float32 fast path is valid for this format (1 <= M <= 22, emin >= -126,
- * not e8m0); 0 disables it. */
+ * not e8m0); 0 disables it. e8m0 is recognised from its parameters and takes its own path, for
+ * both widths. */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int width, mode;
     unsigned long long in_ptr, out_ptr;
@@ -349,8 +465,13 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         return NULL;
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset};
+    const int e8m0 = is_e8m0(&p, width);
     Py_BEGIN_ALLOW_THREADS
-    if (width == 32)
+    if (e8m0 && width == 32)
+        E8M0_32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
+    else if (e8m0)
+        E8M0_64[mode]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
+    else if (width == 32)
         LOOPS32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p,
                       (uint32_t)fast_lo);
     else
