@@ -3,7 +3,8 @@
 Every rounding of the package that autograd must see goes through :func:`straight_through`:
 
 * :func:`mixprec.quantize` on a tensor that requires grad: ``backward=torch.zeros_like`` (the
-  true derivative of a rounding, as ``torch.round`` has it);
+  true derivative of a rounding, as ``torch.round`` has it); under torch.compile the custom op
+  ``mixprec::round`` carries that zero gradient itself (:mod:`mixprec.quantization.ops`);
 * :func:`mixprec.fake_quantize`: ``backward=None`` (straight-through estimator) or a rounding of
   the gradient into ``grad_format``;
 * the emulated precision regions (:mod:`mixprec.precision`): operand and result roundings whose

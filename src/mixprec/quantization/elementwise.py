@@ -28,7 +28,7 @@ from mixprec.formats.float_format import (
     get_format,
 )
 from mixprec.machine import run_parallel
-from mixprec.quantization import torch_kernel
+from mixprec.quantization import ops, torch_kernel
 from mixprec.quantization.autograd_rounding import straight_through
 from mixprec.quantization.observers import notify_rounding
 from mixprec.quantization.params import ROUNDING_CODES, KernelParams, kernel_params
@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
+_is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
 _BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
 
 
@@ -260,6 +261,25 @@ def _quantize_work(
     return res
 
 
+def _round_compiled(
+    x: torch.Tensor, f: FloatFormat, rounding: str, saturate: bool, subnormals: bool,
+    generator: torch.Generator | None, out: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`_round` while torch.compile traces: the custom op ``mixprec::round``.
+
+    Dynamo cannot trace the kernels (raw pointers, a seed ``.item()``); the op is opaque to it
+    and carries its own (zero) gradient.
+    """
+    if generator is not None:
+        raise ValueError(
+            "generator is not supported under torch.compile (a torch.Generator cannot be an "
+            "input of the mixprec::round op); pass generator=None: stochastic rounding then "
+            "draws from torch's default generator (seed it with torch.manual_seed)"
+        )
+    res = ops.round_op(x, f, rounding, saturate, subnormals)
+    return res if out is None else out.copy_(res)
+
+
 def _round(
     x: torch.Tensor, f: FloatFormat, rounding: str, saturate: bool, subnormals: bool,
     generator: torch.Generator | None, out: torch.Tensor | None,
@@ -300,7 +320,9 @@ def quantize(
             from their direction (IEEE 754). Formats with neither inf nor NaN always saturate.
         subnormals: if False, results below the smallest normal flush to signed zero.
         generator: source of randomness for stochastic rounding (reproducible streams); a
-            ``torch.Generator`` on ``x``'s device.
+            ``torch.Generator`` on ``x``'s device. Not under torch.compile (it cannot be an
+            input of the ``mixprec::round`` op: ``ValueError``, a graph break without
+            ``fullgraph``): there stochastic rounding draws from torch's default generator.
         out: optional tensor of ``x``'s dtype, shape and device to write into. As torch's
             out= ops: ``out`` may be ``x`` itself but may not partially overlap it, and
             neither may require grad while grad mode is on (``RuntimeError``, torch's wording).
@@ -313,6 +335,9 @@ def quantize(
     differentiable with gradient zero: for an ``x`` that requires grad the result is part of
     the graph (not silently detached) and passes zeros back. For a straight-through gradient
     (quantization-aware training) use :func:`fake_quantize`.
+
+    torch.compile: traced without graph breaks; the rounding is then the custom op
+    ``mixprec::round`` (:mod:`mixprec.quantization.ops`), bit-exact with eager calls.
 
     Raises ``TypeError`` for arguments of the wrong type and ``ValueError`` for bad values
     (unknown format or rounding names, with the closest valid names).
@@ -349,7 +374,9 @@ def round_to(
     which per-op roundings (the emulated precision regions, fp8 recipes, blocked accumulation)
     pay on every op for arguments that never change. Cost otherwise as :func:`quantize`.
     """
-    if out is not None:
+    if _is_compiling():  # eager calls skip the op: its dispatcher costs ~12 us a call
+        res = _round_compiled(x, fmt, rounding, saturate, subnormals, generator, out)
+    elif out is not None:
         res = _round(x, fmt, rounding, saturate, subnormals, generator, out)
     elif torch.is_grad_enabled() and x.requires_grad:
 
