@@ -10,7 +10,7 @@ from pathlib import Path
 from mixprec.cli.bench_command import best_of, markdown_table
 from mixprec.machine import summary as machine
 
-__all__ = ["RESULTS", "best_of", "machine", "markdown_table", "write_result"]
+__all__ = ["RESULTS", "best_of", "machine", "markdown_table", "publish", "write_result"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,3 +21,12 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def publish(name: str, title: str, header: list[str], rows: list[list[str]], *notes: str) -> str:
+    """Print a benchmark's table (title, this machine, the table, then notes as paragraphs) and
+    write it to benchmarks/results/NAME.md; returns the text."""
+    text = "\n\n".join((f"# {title}", machine(), markdown_table(header, rows), *notes)) + "\n"
+    print(text)
+    write_result(name, text)
+    return text

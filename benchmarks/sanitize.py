@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from _common import machine, markdown_table, write_result
+from _common import publish
 from autocast import make_model  # the reference transformer
 from mixprec.sanitizer import sanitize
 
@@ -137,24 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     if mem:
         header += ["step RSS growth, MiB (÷ plain)", "same, MALLOC_MMAP_THRESHOLD_=131072"]
     header.append("ops / shadowed / findings")
-    text = "\n".join(
-        [
-            "# sanitize benchmark: one training step, reference transformer "
-            "(4 blocks, d 256, 4 heads, 16x64 tokens)",
-            "",
-            machine(),
-            "",
-            markdown_table(header, rows),
-            "",
-            f"Minimum of {args.steps} interleaved rounds after a warm-up step, "
-            f"{torch.get_num_threads()} torch thread(s); memory from one step per mode in a fresh "
-            "process (peak RSS minus RSS before the step). Targets: time <= 5x, memory <= 3x. "
-            "The machine is shared: expect noise.",
-            "",
-        ]
+    publish(
+        "sanitize",
+        "sanitize benchmark: one training step, reference transformer "
+        "(4 blocks, d 256, 4 heads, 16x64 tokens)",
+        header,
+        rows,
+        f"Minimum of {args.steps} interleaved rounds after a warm-up step, "
+        f"{torch.get_num_threads()} torch thread(s); memory from one step per mode in a fresh "
+        "process (peak RSS minus RSS before the step). Targets: time <= 5x, memory <= 3x. "
+        "The machine is shared: expect noise.",
     )
-    print(text)
-    write_result("sanitize", text)
     return 0
 
 

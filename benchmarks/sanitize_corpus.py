@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _common import machine, markdown_table, write_result
+from _common import publish
 from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
     header.append("ops / shadowed / slow path / findings")
-    title = "# sanitize on the corpus models: one training step, sanitize() ÷ plain fp32"
+    title = "sanitize on the corpus models: one training step, sanitize() ÷ plain fp32"
     note = (
         f"CPU time, minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; "
         "dispatch only: a pass-through TorchDispatchMode (the floor of any dispatch-based "
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "from one step per (model, mode) in a fresh process after a warm-up step. Target "
         "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )
-    text = "\n\n".join((title, machine(), markdown_table(header, rows), note)) + "\n"
-    print(text)
-    write_result("sanitize_corpus", text)
+    publish("sanitize_corpus", title, header, rows, note)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, write_result
+from _common import publish
 from mixprec.stable import stabilize
 from mixprec.stable.capture import export_graph
 from mixprec.testing import corpus
@@ -92,26 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         "capture + rewrite, wall (s)", "same, CPU (s)", "rewrites",
     ]  # fmt: skip
     missing = sorted(set(corpus.CORPUS) - set(corpus.available()))
-    text = "\n".join(
-        [
-            "# stabilize benchmark: torch.export capture + rule sweep on the model corpus",
-            "",
-            machine(),
-            "",
-            markdown_table(header, rows),
-            "",
-            f"Minimum of {args.rounds} rounds on freshly built models after one warm-up call per "
-            f"model (first call: the warm-up, including torch's one-time costs), "
-            f"{torch.get_num_threads()} torch thread(s). Capture: torch.export alone; rewrite: "
-            "`stabilize` on the captured graph (a graph copy plus the rule sweep). "
-            "The corpus models contain no unstable form, so 0 rewrites is the right answer. "
-            "Aim (issue 14): a few seconds each. The machine is shared: expect noise."
-            + (f" Not measured (library missing): {', '.join(missing)}." if missing else ""),
-            "",
-        ]
+    publish(
+        "stabilize",
+        "stabilize benchmark: torch.export capture + rule sweep on the model corpus",
+        header,
+        rows,
+        f"Minimum of {args.rounds} rounds on freshly built models after one warm-up call per "
+        f"model (first call: the warm-up, including torch's one-time costs), "
+        f"{torch.get_num_threads()} torch thread(s). Capture: torch.export alone; rewrite: "
+        "`stabilize` on the captured graph (a graph copy plus the rule sweep). "
+        "The corpus models contain no unstable form, so 0 rewrites is the right answer. "
+        "Aim (issue 14): a few seconds each. The machine is shared: expect noise."
+        + (f" Not measured (library missing): {', '.join(missing)}." if missing else ""),
     )
-    print(text)
-    write_result("stabilize", text)
     return 0
 
 
