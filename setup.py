@@ -29,7 +29,13 @@ setup(
             sources=["src/mixprec/quantization/_kernels.c"],
             extra_compile_args=["-O3", "-fno-math-errno"],
             optional=True,
-        )
+        ),
+        Extension(
+            "mixprec.sanitizer._checks",
+            sources=["src/mixprec/sanitizer/_checks.c"],
+            extra_compile_args=["-O3", "-fno-math-errno"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

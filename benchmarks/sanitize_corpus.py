@@ -48,9 +48,10 @@ def _repeat(x: Any, k: int) -> Any:
 class Runner:
     """One corpus model with its example batch repeated ``repeat`` times."""
 
-    def __init__(self, name: str, repeat: int) -> None:
+    def __init__(self, name: str, repeat: int, dtype: torch.dtype = torch.float32) -> None:
         self.entry = corpus.get(name)
         self.model, args, kwargs = self.entry.example(0)
+        self.model.to(dtype)  # the inputs are token ids: only the model changes
         self.args = tuple(_repeat(a, repeat) for a in args)
         self.kwargs = {k: _repeat(v, repeat) for k, v in kwargs.items()}
 
@@ -72,6 +73,7 @@ def _mode(sanitized: bool) -> contextlib.AbstractContextManager[Any]:
 
 _MODES: dict[str, Any] = {
     "plain": contextlib.nullcontext,
+    "float64": contextlib.nullcontext,  # the same step with a float64 model
     "dispatch": PassThrough,
     "sanitize": sanitize,
 }
@@ -105,7 +107,10 @@ def _memory(name: str, repeat: int, sanitized: bool) -> float:
 
 def _times(name: str, repeat: int, steps: int) -> tuple[dict[str, float], dict[str, Any]]:
     """(CPU seconds per mode, the sanitized run's stats and finding count)."""
-    runs = {mode: Runner(name, repeat) for mode in _MODES}
+    runs = {
+        mode: Runner(name, repeat, torch.float64 if mode == "float64" else torch.float32)
+        for mode in _MODES
+    }
     best = dict.fromkeys(_MODES, float("inf"))
     info: dict[str, Any] = {}
     for i in range(steps + 1):  # round 0 warms up
@@ -131,6 +136,7 @@ def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
         f"{1e3 * san:.1f}",
         f"{san / plain:.1f}",
         f"{t['dispatch'] / plain:.1f}",
+        f"{t['float64'] / plain:.1f}",
     ]
     if memory:
         mp, ms = _memory(name, repeat, False), _memory(name, repeat, True)
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in corpus.available()
     ]
     header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain", "dispatch only ÷ plain"]
+    header.append("float64 step ÷ plain")
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
     header.append("ops / shadowed / slow path / findings")
@@ -165,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     note = (
         f"CPU time, minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; "
         "dispatch only: a pass-through TorchDispatchMode (the floor of any dispatch-based "
-        "checker); memory "
+        "checker); float64 step: the same step with the model in float64, the arithmetic a "
+        "float64 shadow of every op repeats (so 1 + that ratio, times the dispatch cost, is "
+        "the floor of shadow execution); memory "
         "from one step per (model, mode) in a fresh process after a warm-up step. Target "
         "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )

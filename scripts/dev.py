@@ -45,8 +45,8 @@ def _python(env: Path = VENV) -> Path:
 
 def _fingerprint() -> str:
     h = hashlib.sha256(TORCH.encode())
-    for rel in ("pyproject.toml", "setup.py", "src/mixprec/quantization/_kernels.c", LOCK.name):
-        path = ROOT / rel
+    sources = sorted((ROOT / "src").rglob("*.c"))  # the C kernels: a change means a rebuild
+    for path in [ROOT / "pyproject.toml", ROOT / "setup.py", *sources, ROOT / LOCK.name]:
         if path.exists():
             h.update(path.read_bytes())
     return h.hexdigest()

@@ -176,6 +176,26 @@ def test_views_carry_shadows_without_a_shadow_run() -> None:
     assert report.stats["ops_shadowed"] == 4  # the two mul and the two sub
 
 
+def test_copies_share_their_source_shadow_and_copy_on_write() -> None:
+    """A clone's shadow is its source's (no float64 copy); a partial in-place write to either
+    copies first, so neither sees the other's update."""
+    from mixprec.sanitizer.mode import active_engine
+
+    x = torch.full((4, 64), 3.0) + torch.linspace(0, 1e-3, 256).reshape(4, 64)
+    exact = x.double() * float(torch.tensor(1.1, dtype=torch.float32))
+    with sanitize() as report:
+        a = x * 1.1
+        c = a.clone()
+        store = active_engine().shadows.store
+        shared = store.lookup(c)[0].untyped_storage()._cdata
+        assert shared == store.lookup(a)[0].untyped_storage()._cdata
+        c[0].mul_(2.0)  # written into c's shadow only
+        assert torch.equal(store.lookup(a)[0], exact)
+        assert torch.equal(store.lookup(c)[0][0], 2 * exact[0])
+        assert torch.equal(store.lookup(c)[0][1:], exact[1:])
+    assert report.stats["ops_shadowed"] == 3 and report.findings == []
+
+
 def test_view_of_a_partly_shadowed_storage_is_run_on_the_shadow() -> None:
     """A storage shadowed only in part keeps per-view shadows: a view of that part needs the
     view op run on the shadow (the one case where a view costs a shadow run)."""
@@ -186,6 +206,20 @@ def test_view_of_a_partly_shadowed_storage_is_run_on_the_shadow() -> None:
         buf[:4].view(2, 2) - (x * 1.1000001).view(2, 2)  # <partial-view-sub>
     (f,) = report.findings
     assert f.kind == "cancellation" and f.location == line_of("partial-view-sub")
+
+
+def test_fused_cpu_attention_is_checked_when_it_has_no_dropout() -> None:
+    """``F.scaled_dot_product_attention`` on the CPU (LLaMA's attention) is one fused aten op
+    tagged random for its dropout: without dropout it is shadowed like any compute op, so a
+    score overflow inside it is found at its line (with dropout, torch decomposes it into ops
+    that are checked one by one)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    with sanitize() as report:
+        F.scaled_dot_product_attention(q * 1e20, k * 1e20, v)  # <sdpa-overflow>
+    fs = only(report.findings, location=line_of("sdpa-overflow"))
+    assert {f.op for f in fs} == {"aten._scaled_dot_product_flash_attention_for_cpu.default"}
+    assert "nan" in {f.kind for f in fs}  # the output; its logsumexp result loses bits too
 
 
 def test_log_of_underflowed_softmax_names_its_cause() -> None:

@@ -487,6 +487,10 @@ def test_bad_arguments() -> None:
         pass
     with pytest.raises(ValueError, match="float16"), sanitize(dtype_hint="float17"):
         pass
+    with pytest.raises(ValueError, match="shadow_memory_mib=-1"), sanitize(shadow_memory_mib=-1):
+        pass
+    with pytest.raises(TypeError, match="shadow_memory_mib"), sanitize(shadow_memory_mib="1G"):
+        pass
     with pytest.raises(ValueError, match="precision_loss"):
         Report({}).by_kind("nans")
 
@@ -571,6 +575,9 @@ def test_cli_sanitize_script(tmp_path, capsys, monkeypatch) -> None:
     )
     assert rc == 0
     assert "script args: ['--out', 'x']" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["config"]["shadow_memory_mib"] == 64
+    assert cli.main(["sanitize", "--shadow-memory", "0", "--out", str(out), str(script)]) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["shadow_memory_mib"] == 0
     # the script's own exit status wins
     assert cli.main(["sanitize", "--out", str(out), str(script), "--exit3"]) == 3
     # bad kind: usage error, before running anything
@@ -614,14 +621,20 @@ def test_shadow_store_views_and_compression() -> None:
     assert store.get(real) is None
 
 
-def test_long_lived_shadows_still_catch_cancellation() -> None:
+@pytest.mark.parametrize("budget", [0, None])
+def test_long_lived_shadows_still_catch_cancellation(budget: float | None) -> None:
+    """Compressed (budget 0 MiB) or kept in float64 (no budget), an old shadow still holds the
+    error a late cancellation exposes."""
     x = torch.full((256,), 3.0) + torch.linspace(0, 1e-3, 256)
-    with sanitize() as report:
+    with sanitize(shadow_memory_mib=budget) as report:
         a = x * 1.1  # shadow kept; compressed after the next few dozen ops
         noise = torch.ones(8)
         for _ in range(60):
             noise = noise * 1.0 + 0.0
         a - x * 1.1000001  # <late>
+        store = mixprec.sanitizer.mode.active_engine().shadows.store
+        assert (store.compressed > 0) == (budget == 0)
+    assert report.config["shadow_memory_mib"] == budget
     eng_stats = report.stats
     assert eng_stats["internal_errors"] == {}
     f = only(report.findings, kind="cancellation")

@@ -16,7 +16,8 @@ Modules, in the order a checked op passes through them:
 * ``ops``: op classification (view, exact, rounding, random, in-place, ...);
 * ``attribution``: source lines and module names of ops;
 * ``shadows`` and ``store``: shadow arguments, and the storage-keyed shadow table;
-* ``tolerances`` and ``measurement``: the bits-lost measure, real against shadow results,
+* ``tolerances``, ``passes`` and ``measurement``: the bits-lost measure, real against shadow
+  results (``passes``: the comparison passes, a C kernel ``_checks`` or torch),
   local error, finding kinds; non-finite values judged element by element (which output
   elements an input's NaN/Inf reaches), root causes (``Finding.cause``);
 * ``findings``: :class:`Finding` (``label``, ``cause``) and the aggregation of hits into findings;
@@ -26,9 +27,9 @@ Modules, in the order a checked op passes through them:
 
 ``torch.compile``d code runs eagerly while the sanitizer is active (``mode``), so it is checked.
 
-Cost: each shadowed op runs once more in float64 plus a handful of elementwise passes for the
-comparison (the fast path); the local re-run happens only for suspicious ops. Shadows live in a
-side table keyed by storage and are freed with the real tensors.
+Cost: each shadowed op runs once more in float64 plus one fused comparison pass (the fast path,
+``passes``: a C kernel with a torch fallback); the local re-run happens only for suspicious ops.
+Shadows live in a side table keyed by storage and are freed with the real tensors.
 """
 
 from __future__ import annotations

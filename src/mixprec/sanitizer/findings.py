@@ -6,7 +6,7 @@ import linecache
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import CodeType
-from typing import Any
+from typing import Any, NamedTuple
 
 from mixprec.sanitizer.attribution import format_location
 
@@ -110,10 +110,10 @@ def _dec(v: Any) -> Any:
 # aggregation during a run
 
 
-@dataclass(frozen=True)
-class Site:
+class Site(NamedTuple):
     """Where an op ran: module (fully qualified name, class name), user source frame. A
-    backward op has the site of the forward op that made its autograd node."""
+    backward op has the site of the forward op that made its autograd node. (A named tuple:
+    one is made per checked op, ~5x faster than a frozen dataclass.)"""
 
     module: str | None
     module_type: str | None

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mixprec.formats import FloatFormat
+from mixprec.sanitizer.passes import grad_stats
 
 HIST_OFFSET = 1100  # histogram bin index = floor(log2|g|) + HIST_OFFSET (fp64 range -1074..1023)
 HIST_BINS = 2200
@@ -32,12 +33,32 @@ class GradCollector:
         self.tensors: dict[str, int] = {}
 
     def add(self, kind: str, g: torch.Tensor, smax: float | None = None) -> None:
-        """Bin ``g`` by its exponent field (bit ops and a bincount over a sample; one aminmax
-        pass over ``g`` unless its max magnitude ``smax`` is already known).
+        """Bin ``g`` by its exponent field over a sample of at most ``max_elems`` elements, and
+        note its largest finite magnitude (``smax`` when it is already known).
 
         float64 (shadows) bins exactly; a float32 gradient's subnormals land in the zero count.
+        Cost: one C pass and no torch op for a contiguous float32/float64 CPU tensor
+        (:meth:`add_fast`); else bit ops, a bincount and an aminmax pass (torch ops).
         """
-        g = g.detach()
+        if not self.add_fast(kind, g, smax):
+            self._add_torch(kind, g.detach(), smax)
+
+    def add_fast(self, kind: str, g: torch.Tensor, smax: float | None = None) -> bool:
+        """:meth:`add` in the C kernel, without any torch op; False (nothing done) where the
+        kernel does not apply."""
+        n = g.numel()
+        if n == 0 or g.dtype not in (torch.float32, torch.float64):
+            return False
+        shift = 52 if g.dtype == torch.float64 else 23
+        acc = self._counts(kind, shift, g.device)
+        step = -(-n // self.max_elems)
+        mx = grad_stats(g, acc, step)
+        if mx is None:
+            return False
+        self._note(kind, smax if smax is not None and math.isfinite(smax) else mx, step > 1)
+        return True
+
+    def _add_torch(self, kind: str, g: torch.Tensor, smax: float | None) -> None:
         if not g.is_floating_point() or g.numel() == 0:
             return
         g = g.reshape(-1) if g.is_contiguous() else g.flatten()
@@ -45,31 +66,29 @@ class GradCollector:
         if not math.isfinite(mx):  # rare: max over the finite values only
             fin = g[torch.isfinite(g)]
             mx = float(fin.abs().max()) if fin.numel() else 0.0
-        self.max_abs[kind] = max(self.max_abs.get(kind, 0.0), mx)
-        if g.numel() > self.max_elems:  # the shape of the distribution, from a sample
+        sampled = g.numel() > self.max_elems
+        if sampled:  # the shape of the distribution, from a sample
             g = g[:: -(-g.numel() // self.max_elems)]
-            self.sampled[kind] = self.sampled.get(kind, 0) + 1
-        self._bin(kind, g)
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
+        shift, mask = (52, 0x7FF) if g.dtype == torch.float64 else (23, 0xFF)
+        self._counts(kind, shift, g.device).add_(_bincount(g, shift, mask))
+        self._note(kind, mx, sampled)
 
-    def _bin(self, kind: str, g: torch.Tensor) -> None:
-        """Count ``g``'s biased exponents. The counts stay on ``g``'s device, summed per (kind,
-        format): no host sync per gradient (:meth:`_fold` reads them once, for the report)."""
-        if g.dtype == torch.float64:
-            bits, shift, mask = g.view(torch.int64), 52, 0x7FF
-        else:
-            if g.dtype != torch.float32:
-                g = g.float()
-            bits, shift, mask = g.view(torch.int32), 23, 0xFF
-        e = torch.bitwise_and(bits >> shift, mask)
-        if e.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
-            e = e.cpu()  # CUDA's bincount refuses deterministic mode: count on the host
-        c = torch.bincount(e, minlength=mask + 1)
+    def _counts(self, kind: str, shift: int, device: torch.device) -> torch.Tensor:
+        """The exponent counts of ``kind`` for one float width (``shift``: 23 or 52). They stay
+        on the device, summed: no host sync per gradient (:meth:`_fold` reads them once)."""
         acc = self._raw.get((kind, shift))
         if acc is None:
-            self._raw[(kind, shift)] = c
-        else:
-            acc.add_(c)
+            size = 2048 if shift == 52 else 256
+            acc = self._raw[(kind, shift)] = torch.zeros(size, dtype=torch.int64, device=device)
+        return acc
+
+    def _note(self, kind: str, mx: float, sampled: bool) -> None:
+        self.max_abs[kind] = max(self.max_abs.get(kind, 0.0), mx)
         self.tensors[kind] = self.tensors.get(kind, 0) + 1
+        if sampled:
+            self.sampled[kind] = self.sampled.get(kind, 0) + 1
 
     def _fold(self) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, int]]:
         """(log2 bins, zeros, non-finite) per kind, from the exponent counts."""
@@ -105,6 +124,15 @@ class GradCollector:
             "tensors": dict(self.tensors),
             "sampled": dict(self.sampled),
         }
+
+
+def _bincount(g: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+    """Counts of ``g``'s biased exponent field (``shift``, ``mask``: its place in the bits)."""
+    bits = g.view(torch.int64 if g.dtype == torch.float64 else torch.int32)
+    e = torch.bitwise_and(bits >> shift, mask)
+    if e.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+        e = e.cpu()  # CUDA's bincount refuses deterministic mode: count on the host
+    return torch.bincount(e, minlength=mask + 1).to(g.device)
 
 
 def _max_abs(g: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Error measurement per op: real results against shadows, local error, findings (private).
 
-For each result of a shadowed op the fast path (:meth:`Measurer._suspicious`, four float32
-passes) decides whether any element could be a finding. Only then (the slow path, rare on
+For each result of a shadowed op the fast path (:meth:`Measurer._suspicious`, one fused pass,
+:mod:`.passes`) decides whether any element could be a finding. Only then (the slow path, rare on
 healthy code) the op runs a third time on the shadow inputs rounded to the real formats: the
 *local* result, which separates the error this op introduced (Herbgrind's idea) from the error
 it inherited, and flagged elements become findings:
@@ -36,6 +36,7 @@ from mixprec.quantization import quantize
 from mixprec.sanitizer.attribution import user_frame
 from mixprec.sanitizer.findings import CAUSE_KINDS, FindingLog, Hit, Site, Stats
 from mixprec.sanitizer.ops import OpInfo, RealCall
+from mixprec.sanitizer.passes import Passes, pick
 from mixprec.sanitizer.shadows import LOW, ShadowInputs, Shadows
 from mixprec.sanitizer.tolerances import FmtInfo, bits_lost, make_fmt_info
 from mixprec.trees import (
@@ -53,11 +54,12 @@ _PRECISION = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.flo
 
 _NONFINITE_KINDS = ("nan", "inf", "overflow")  # the findings linked to a cause
 _NONFINITE = "nonfinite"  # _suspicious: the result holds inf or NaN (always the slow path)
+_AGREEING = "agreeing"  # ... each equal to its shadow, the rest within tolerance
 
 Slow = tuple[int, torch.Tensor, torch.Tensor]  # (result position, real, shadow)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShadowedCall:
     """An op call being checked: the real call, its arguments' shadows, and where it ran."""
 
@@ -276,6 +278,42 @@ def _cancelled_bits(call: ShadowedCall, s: torch.Tensor, mask: torch.Tensor) -> 
         return None
 
 
+def _new_nonfinite(extra: _SlowPath, i: int, r: torch.Tensor) -> bool:
+    """Does result ``i`` hold a NaN not reached by a NaN input, or an inf not reached by any
+    non-finite input (a finding, for the slow path)? The reach probes of :class:`_SlowPath`:
+    one or two shadow-dtype runs. (The -inf of an attention mask added to the scores is
+    inherited: no slow path.)"""
+    nan_t, any_t = extra.taint(i, r)
+    if any_t is None:  # no non-finite input: every inf / NaN is new
+        return True
+    nan_r = torch.isnan(r)
+    if nan_t is not None:
+        nan_r &= ~nan_t
+    return bool(nan_r.any()) or bool((torch.isinf(r) & ~any_t).any())
+
+
+def _sum_of_terms(call: ShadowedCall, i: int) -> bool:
+    """Is result ``i`` a sum of products of the inputs (judged against the sum of |terms|)?"""
+    return call.info.multilinear or i in call.info.sum_results
+
+
+def _fine_against_terms(
+    extra: _SlowPath, i: int, r: torch.Tensor, s: torch.Tensor, fi: FmtInfo
+) -> bool:
+    """The fast test of :meth:`Measurer._suspicious` for a sum of products, with each element's
+    sum of |terms| in the denominator (as the slow path judges it): True when nothing can be
+    flagged. A sum that cancels to ~0 (a layer norm's row mean, a bias gradient) then needs no
+    local re-run. Cost: the op once more on |shadow inputs|, four float64 passes."""
+    outs = extra.abs_outputs
+    terms = outs[i] if outs is not None and i < len(outs) else None
+    if not (isinstance(terms, torch.Tensor) and terms.shape == s.shape):
+        return False
+    a = s.abs()
+    floor = max(float(a.amax()) * fi.floor, _TINY)
+    den = torch.maximum(a, terms.abs()).clamp_(min=floor)
+    return float(torch.sub(r, s).abs_().div_(den).amax()) <= fi.tol
+
+
 class Measurer:
     """Compares real results with their shadows, stores the shadows, records findings."""
 
@@ -299,12 +337,15 @@ class Measurer:
 
     def measure(self, call: ShadowedCall, reals: list[Any], souts: list[Any]) -> None:
         """Check the results of a rounding op; the slow path for the suspicious ones."""
-        slow = self._fast_path(call, reals, souts)
+        extra = _SlowPath(call)  # what the checks compute at most once per call, on demand
+        slow = self._fast_path(call, reals, souts, extra)
         if slow:
-            self._slow_path(call, slow)
+            self._slow_path(call, slow, extra)
 
     # -- fast path -----------------------------------------------------------------------------
-    def _fast_path(self, call: ShadowedCall, reals: list[Any], souts: list[Any]) -> list[Slow]:
+    def _fast_path(
+        self, call: ShadowedCall, reals: list[Any], souts: list[Any], extra: _SlowPath
+    ) -> list[Slow]:
         """Store each result's shadow; return the results worth the slow path."""
         shadowable, sdt = self.shadows.shadowable, self.shadows.dtype
         slow: list[Slow] = []
@@ -315,9 +356,14 @@ class Measurer:
                 if r.numel() == 0:
                     continue
                 s = s if s.dtype == sdt else s.to(sdt)
-                suspicious, e_out, smax = self._suspicious(r, s, self.fmts[r.dtype])
+                fi = self.fmts[r.dtype]
+                suspicious, e_out, smax = self._suspicious(r, s, fi)
                 origin = (call.info.name, call.phase, call.site)
                 self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
+                if suspicious is _AGREEING:
+                    suspicious = _NONFINITE if _new_nonfinite(extra, i, r) else False
+                elif suspicious and _sum_of_terms(call, i):
+                    suspicious = not _fine_against_terms(extra, i, r, s, fi)
                 if suspicious is _NONFINITE or (
                     # the local re-run only where this op made the error worse: more than _AMP
                     # times the error it inherited (non-finite inherited errors: only non-finite
@@ -339,56 +385,51 @@ class Measurer:
         finite shadows (kept for the gradient histogram). ``suspicious`` is ``_NONFINITE`` when
         ``r`` holds inf or NaN (the slow path decides, element by element, which are new).
 
-        Cheap (4 float32 passes, one sync): if ``max|r - s| <= tol * floor * max|s|`` then every
-        element satisfies ``|r_i - s_i| <= tol * max(|s_i|, floor * max|s|)``, the flagging
-        criterion, so nothing can be flagged. Computing the difference in float32 against the
-        shadow rounded to float32 adds at most half a float32 ulp, far below any threshold.
-        Otherwise the exact elementwise test in float64 decides.
+        Cheap (one fused pass in the C kernel, or four float32 passes and one sync in torch,
+        :mod:`.passes`): if ``max|r - s| <= tol * floor * max|s|`` then every element satisfies
+        ``|r_i - s_i| <= tol * max(|s_i|, floor * max|s|)``, the flagging criterion, so nothing
+        can be flagged. Computing the difference in float32 against the shadow rounded to
+        float32 adds at most half a float32 ulp, far below any threshold. Otherwise the
+        elementwise test decides: in float32 with a margin where that is conclusive, else in
+        float64 (one more pass each).
         """
-        rf = r if r.dtype == torch.float32 else r.float()
-        s32 = s.float()
-        smin, smax = torch.aminmax(s32)
-        dmin, dmax = torch.aminmax(s32.sub_(rf))  # s - r in place: one temporary, not two
-        dn, dx, sn, sx = torch.stack((dmin, dmax, smin, smax)).tolist()
-        dm, sm = max(-dn, dx), max(-sn, sx)
-        if not (math.isfinite(dm) and math.isfinite(sm)):
+        ps = pick(r, s)
+        dm, sm, bad, nonzero = ps.max_pass()
+        if bad:
             return Measurer._suspicious_nonfinite(r, s, fi)
-        smax = sm * (1.0 + 2.0**-23)  # s32 is s rounded to nearest: bound max|s| from above
+        smax = sm * (1.0 + 2.0**-23)  # sm is max|s| rounded to nearest: bound it from above
         if sm > 0:
             e = dm / (fi.floor * sm)
             if e <= fi.tol:
                 return False, e, smax
-            if Measurer._fine_in_float32(s, s32, sm * fi.floor, fi.tol):
+            if Measurer._fine_in_float32(ps, sm * fi.floor, fi.tol):
                 return False, e, smax
         else:
             e = 0.0 if dm == 0 else math.inf
         if not math.isfinite(e):
             e = math.inf
-        if dm == 0 and sm == 0 and not bool(s.any()):
+        if dm == 0 and sm == 0 and not nonzero:
             return False, 0.0, 0.0  # exactly zero
-        a = s.abs()
-        floor = (a.amax() * fi.floor).clamp_(min=_TINY)
-        rmax = float(torch.sub(r, s).abs_().div_(a.clamp_(min=floor)).amax())
+        rmax = ps.ratio64(fi.floor, _TINY)
         return not rmax <= fi.tol, e, smax
 
     @staticmethod
-    def _fine_in_float32(s: torch.Tensor, d32: torch.Tensor, floor: float, tol: float) -> bool:
-        """The elementwise test of :meth:`_suspicious` in float32 (``d32 = s - r``, in float32;
-        ``d32`` is overwritten): True when every element passes with a margin that covers the
-        float32 rounding of ``s`` and of the test (each element's ratio is off by at most a few
-        2^-24, so 2^-21 covers it; float32 results' default tolerance is 2^-12.5). 4 float32
-        passes instead of 6 float64 ones; False: decide in float64."""
+    def _fine_in_float32(ps: Passes, floor: float, tol: float) -> bool:
+        """The elementwise test of :meth:`_suspicious` in float32: True when every element
+        passes with a margin that covers the float32 rounding of ``s`` and of the test (each
+        element's ratio is off by at most a few 2^-24, so 2^-21 covers it; float32 results'
+        default tolerance is 2^-12.5). One float32 pass instead of a float64 one; False: decide
+        in float64."""
         if not (floor >= 2.0**-100 and tol > 2.0**-19):  # normal float32 clamp, a real margin
             return False
-        den = s.float().abs_().clamp_(min=floor)
-        return float(d32.abs_().div_(den).amax()) <= tol - 2.0**-21
+        return ps.ratio32(floor) <= tol - 2.0**-21
 
     @staticmethod
     def _suspicious_nonfinite(
         r: torch.Tensor, s: torch.Tensor, fi: FmtInfo
     ) -> tuple[Any, float, float]:
         """:meth:`_suspicious` where ``r`` or ``s`` holds inf or NaN: elements whose real and
-        shadow values agree (the same inf, or both NaN) count as exact. Cost: ~8 float64 passes."""
+        shadow values agree (the same inf, or both NaN) count as exact. Cost: ~10 float64 passes."""
         rs = r.to(s.dtype)
         same = (rs == s) | (torch.isnan(rs) & torch.isnan(s))
         fin = torch.isfinite(s)
@@ -398,25 +439,26 @@ class Measurer:
         dm = float(d.amax())  # NaN / inf where a non-finite value disagrees
         floor = max(sm * fi.floor, _TINY)
         e = dm / floor if math.isfinite(dm) else math.inf
-        if not bool(torch.isfinite(r).all()):
-            return _NONFINITE, e, sm
         rmax = float(d.div_(torch.maximum(a, torch.tensor(floor, dtype=a.dtype))).amax())
+        if not bool(torch.isfinite(r).all()):
+            # every inf / NaN equal to its shadow and the rest within tolerance: whether they
+            # are inherited is all that is left to ask (see Measurer._new_nonfinite)
+            return (_AGREEING if rmax <= fi.tol else _NONFINITE), e, sm
         return not rmax <= fi.tol, e, sm
 
     # -- slow path -----------------------------------------------------------------------------
-    def _slow_path(self, call: ShadowedCall, slow: list[Slow]) -> None:
+    def _slow_path(self, call: ShadowedCall, slow: list[Slow], extra: _SlowPath) -> None:
         self.stats.ops_slow_path += 1
         self._new_cause = None
         try:
-            self._check_slow(call, slow)
+            self._check_slow(call, slow, extra)
         finally:
             cause, self._new_cause = self._new_cause, None
         if cause is not None:  # the results carry this op's finding to whatever they feed
             for _, r, _ in slow:
                 self.shadows.store.set_cause(r, cause)
 
-    def _check_slow(self, call: ShadowedCall, slow: list[Slow]) -> None:
-        extra = _SlowPath(call)
+    def _check_slow(self, call: ShadowedCall, slow: list[Slow], extra: _SlowPath) -> None:
         locals_ = self._local_outputs(call, slow[0][1].dtype) if call.has_shadow else None
         for i, r, s in slow:
             loc = locals_[i] if locals_ is not None and i < len(locals_) else r
@@ -586,7 +628,7 @@ class Measurer:
             return
         site = call.site
         if site.where is None:  # a backward op without a forward line: the backward() call
-            site = replace(site, where=user_frame())
+            site = site._replace(where=user_frame())
         self.log.add(call.info.name, call.phase, site, _flip_hit(r, flips))
 
     def _flips(self, call: ShadowedCall, r: torch.Tensor, s: torch.Tensor) -> int:

@@ -93,11 +93,12 @@ class ShadowMode(TorchDispatchMode):
         track_grads: bool,
         tracker: ModuleTracker,
         dtype_hint: FloatFormat | None,
+        memory: float = float("inf"),
     ) -> None:
         super().__init__()
         self.track_grads = track_grads
         self.tracker = tracker
-        self.shadows = Shadows(shadow_dtype)
+        self.shadows = Shadows(shadow_dtype, memory)
         self.log = FindingLog()
         self.stats = Stats()
         self.measurer = Measurer(
@@ -249,13 +250,15 @@ class ShadowMode(TorchDispatchMode):
             eng = ref()
             if eng is None or active_engine() is not eng:
                 return
-            eng._internal = True
+            eng._internal = True  # our own ops (the shadow's as_strided) pass through
             try:
-                # binning is ~15 small ops: run them outside the mode, not through dispatch
-                with _disable_current_modes():
-                    ent = eng.shadows.store.get(grad)
-                    shadow = grad if ent is None else ent[0]
-                    eng.grads.add(kind, shadow, eng.shadows.store.smax(grad))
+                ent = eng.shadows.store.get(grad)
+                shadow = grad if ent is None else ent[0]
+                smax = eng.shadows.store.smax(grad)
+                if not eng.grads.add_fast(kind, shadow, smax):  # the C kernel: no torch op
+                    # the torch binning is a handful of small ops: run them outside the mode
+                    with _disable_current_modes():
+                        eng.grads.add(kind, shadow, smax)
             finally:
                 eng._internal = False
 
@@ -322,6 +325,8 @@ class ShadowMode(TorchDispatchMode):
         backward = torch._C._current_graph_task_id() != -1
         if backward and not self.track_grads:
             return call.run()
+        if info.plain_view:
+            return self._plain_view(call, backward)
         site, watched = self._backward_site() if backward else self._forward_site(info)
         self.stats.ops += 1
         if not watched or info.kind == SKIP:
@@ -334,6 +339,23 @@ class ShadowMode(TorchDispatchMode):
         if not backward and self.track_grads:
             self._pend(out, (site, watched))
         return out
+
+    def _plain_view(self, call: RealCall, backward: bool) -> Any:
+        """A view whose backward cannot round (half of a transformer's ops): no source line,
+        no autograd label; only the pass bookkeeping of :meth:`_forward_site` /
+        :meth:`_backward_site`, the weight-gradient hooks, and :meth:`_view`."""
+        self.stats.ops += 1
+        if backward:
+            if not self._last_backward:
+                self.backward_passes += 1
+                self._need_step = True
+            self._last_backward = True
+            return self._view(call)
+        self._last_backward = False
+        if self._need_step and not self.tracker.seen_module:
+            self.mark_step()
+        self._hook_leaves(call.args)  # a weight used through a view (linear's weight.t())
+        return self._view(call)
 
     def _forward_site(self, info: OpInfo) -> tuple[Site, bool]:
         self._last_backward = False
@@ -357,7 +379,9 @@ class ShadowMode(TorchDispatchMode):
 
     def _route(self, call: RealCall, info: OpInfo, phase: str, site: Site) -> Any:
         """Run a watched op by its kind: shadowed, carried along, or only tracked."""
-        if info.kind in (RANDOM, OPAQUE):
+        if info.kind in (RANDOM, OPAQUE) or (
+            info.dropout_at is not None and call.arg(info.dropout_at)
+        ):
             out = call.run()
             self._after_unshadowed(info, call)
             return out
@@ -368,6 +392,8 @@ class ShadowMode(TorchDispatchMode):
         inputs = self.shadows.inputs(call.args, lazy=lazy, compute=info.kind == COMPUTE)
         if info.kind == DROPOUT:
             return self._dropout(call, inputs)
+        if info.copy and inputs.has_shadow:
+            return self._copy(call, inputs)
         if not inputs.any_float or (lazy and not inputs.has_shadow):
             # nothing to shadow: all float inputs are exact and the op does not round
             out = call.run()
@@ -387,9 +413,23 @@ class ShadowMode(TorchDispatchMode):
         base = call.args[0] if call.args else None
         if isinstance(base, torch.Tensor) and self.shadows.aliased(base, out):
             return out
+        if not self.tracker.current()[2]:
+            return out  # an unwatched module: its tensors are taken as exact
         inputs = self.shadows.inputs(call.args, lazy=True, compute=False)
         if inputs.has_shadow:
             self.shadows.views(call.func, call.args, call.kwargs, inputs, out)
+        return out
+
+    def _copy(self, call: RealCall, inputs: ShadowInputs) -> Any:
+        """An exact copy (``clone``, ``alias_copy``, ...): its output's shadow is the input's:
+        no float64 copy when their layouts agree (shared in the store, copied on write), one
+        copy into the output's layout otherwise."""
+        out = call.run()
+        src = inputs.args[0]
+        if isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor):
+            # a new tensor over the same storage: the store counts the sharing (copy on write)
+            self.shadows.put([out], [src.detach()], inputs.err, cause=inputs.cause)
+            self.stats.ops_shadowed += 1  # shadowed, at the cost of a table entry
         return out
 
     def _dropout(self, call: RealCall, inputs: ShadowInputs) -> Any:

@@ -41,6 +41,20 @@ _FACTORY_PACKETS = {
 }  # fmt: skip
 # not marked as views, but their outputs alias their input's storage like a view's
 _ALIASING = {"_unsafe_view"}
+# exact copies: the output's shadow is the input's shadow, shared (the store copies on write)
+_COPIES = {"clone", "alias_copy", "detach_copy", "lift_fresh_copy"}
+# views whose backward is again a view or an exact copy (never a rounding op): they need no
+# source line, no autograd label and no measurement, only the shadow of a partial storage
+_PLAIN_VIEWS = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "select", "slice",
+    "squeeze", "unsqueeze", "split", "split_with_sizes", "unbind", "chunk", "narrow", "alias",
+    "detach", "view_as", "movedim", "swapaxes", "swapdims", "unflatten", "flatten", "diagonal",
+}  # fmt: skip
+# fused ops tagged random only for their dropout: with dropout_p = 0 (inference, and every
+# model trained without attention dropout) they are deterministic and are shadowed like any
+# compute op; packet -> position of dropout_p. (Only the CPU kernel: the CUDA ones also return
+# RNG state tensors, and have no float64 kernel.)
+_DROPOUT_ARG = {"_scaled_dot_product_flash_attention_for_cpu": 3}
 _ADDSUB = {"add", "sub", "rsub"}
 # sums of products of the tensor inputs (linear in each): f(|inputs|) = sum of |terms|
 _MULTILINEAR = {
@@ -79,6 +93,9 @@ class OpInfo:
     sum_results: tuple[int, ...] = ()  # results that are sums of the inputs, if not multilinear
     index_decision: tuple[int, int, int | None] | None = None
     half_to_float: int | None = None  # position of _softmax's half_to_float flag
+    plain_view: bool = False  # a view whose backward cannot round (see _PLAIN_VIEWS)
+    dropout_at: int | None = None  # a compute op that is random when this argument is non-zero
+    copy: bool = False  # an exact copy of its first argument (see _COPIES)
 
 
 def _written(schema: Any) -> tuple[int | str, ...]:
@@ -110,8 +127,11 @@ def _kind(func: Any, info: OpInfo, base: str, tags: set[Any]) -> str:
         return OPAQUE
     if func is aten.native_dropout.default:
         return DROPOUT
+    if torch.Tag.nondeterministic_seeded in tags and not info.written:
+        info.dropout_at = _DROPOUT_ARG.get(info.packet)
+        return RANDOM if info.dropout_at is None else COMPUTE
     if torch.Tag.nondeterministic_seeded in tags:
-        return RANDOM if not info.written else OPAQUE
+        return OPAQUE
     if info.written:
         # in-place op: shadow it through its functional variant (same overload name)
         info.functional = _functional_variant(func, info.packet, base, tags)
@@ -133,6 +153,8 @@ def classify(func: Any) -> OpInfo:
     info.multilinear = base in _MULTILINEAR
     info.sum_results = _SUM_RESULTS.get(base, ())
     info.kind = _kind(func, info, base, tags)
+    info.plain_view = info.kind == VIEWISH and packet in _PLAIN_VIEWS
+    info.copy = info.kind == EXACT and packet in _COPIES and not info.written
     if info.kind not in (EXACT, COMPUTE):
         return info
     if base in _INDEX_DECISIONS and not (base in ("max", "min", "median") and "dim" not in name):

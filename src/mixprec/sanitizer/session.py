@@ -63,6 +63,17 @@ def _hint_format(dtype_hint: str | FloatFormat | torch.dtype | None) -> FloatFor
     return get_format(dtype_hint)
 
 
+def _check_memory(mib: float | None) -> float:
+    """``shadow_memory_mib`` in bytes (None: no limit)."""
+    if mib is None:
+        return float("inf")
+    if isinstance(mib, bool) or not isinstance(mib, (int, float)):
+        raise TypeError(f"shadow_memory_mib must be a number of MiB or None, got {mib!r}")
+    if not mib >= 0:
+        raise ValueError(f"shadow_memory_mib={mib} must be >= 0 (MiB) or None (no limit)")
+    return float(mib) * 2**20
+
+
 def _describe_modules(modules: Any) -> str:
     if isinstance(modules, torch.nn.Module):
         return type(modules).__name__
@@ -80,6 +91,7 @@ class _Settings:
     track_grads: bool
     modules: Any
     hint: FloatFormat | None
+    memory: float  # bytes of float64 shadows kept uncompressed
 
     @classmethod
     def check(
@@ -89,6 +101,7 @@ class _Settings:
         track_grads: bool,
         modules: ModuleSelection,
         dtype_hint: str | FloatFormat | torch.dtype | None,
+        shadow_memory_mib: float | None,
     ) -> _Settings:
         """Validate in argument order: the first bad one raises (TypeError / ValueError)."""
         sdt = _shadow_dtype(shadow)
@@ -96,7 +109,8 @@ class _Settings:
         if not isinstance(track_grads, bool):
             raise TypeError(f"track_grads must be True or False, got {track_grads!r}")
         modules = _check_modules(modules)
-        return cls(sdt, threshold_bits, track_grads, modules, _hint_format(dtype_hint))
+        hint, memory = _hint_format(dtype_hint), _check_memory(shadow_memory_mib)
+        return cls(sdt, threshold_bits, track_grads, modules, hint, memory)
 
     def config(self) -> dict[str, Any]:
         """The report's ``config`` (JSON-ready)."""
@@ -106,6 +120,7 @@ class _Settings:
             "track_grads": self.track_grads,
             "modules": None if self.modules is None else _describe_modules(self.modules),
             "dtype_hint": None if self.hint is None else self.hint.name,
+            "shadow_memory_mib": None if self.memory == float("inf") else self.memory / 2**20,
         }
 
     def engine(self) -> ShadowMode:
@@ -115,6 +130,7 @@ class _Settings:
             track_grads=self.track_grads,
             tracker=ModuleTracker(self.modules),
             dtype_hint=self.hint,
+            memory=self.memory,
         )
 
 
@@ -126,6 +142,7 @@ def sanitize(
     track_grads: bool = True,
     modules: ModuleSelection = None,
     dtype_hint: str | FloatFormat | torch.dtype | None = None,
+    shadow_memory_mib: float | None = 64.0,
 ) -> Iterator[Report]:
     """Run the enclosed code under the numerical sanitizer; yields a live :class:`Report`.
 
@@ -143,18 +160,25 @@ def sanitize(
             ``mixprec.autocast(..., emulate=True)``): thresholds, range checks and the rounding
             of local-error inputs then use it. Code that rounds with non-aten kernels should
             also call :func:`record_rounding`.
+        shadow_memory_mib: float64 shadows are kept as they are up to this much memory (MiB);
+            beyond it, shadows that have lived more than a few ops (activations saved for
+            backward) are compressed to float32 residuals ``shadow - real``: about half the
+            memory, at three extra passes over each (compress, rebuild when used). ``0``:
+            always compress; ``None``: never.
 
     Leaving the context, also by an exception, removes everything it installed (dispatch mode,
     module and tensor hooks, the quantize observer) and freezes the report.
 
-    Cost: every aten op that rounds runs twice (once in float64) plus four float32 passes over
-    each result; suspicious ops run a third time; views cost nothing. A shadow costs a float64
-    copy while young and a float32 residual once it has lived a few ops (two passes to compress,
-    two to rebuild when used); shadows are freed with the real tensors. One ``.tolist()`` sync
-    per op output (CPU: free; CUDA: a host sync per op). Measured on the reference transformer's
-    training step: ~4.5x the time, ~2.2x the live memory (benchmarks/sanitize.py).
+    Cost: every aten op that rounds runs twice (once in float64) plus one or two fused passes
+    over each result; suspicious ops run a third time; views cost nothing. A shadow costs a
+    float64 copy (a float32 residual beyond ``shadow_memory_mib``); shadows are freed with the
+    real tensors. One host sync per op output (CPU: free; CUDA: a sync per op). Measured on the
+    reference transformer's training step: ~4.4x the time, ~2.7x the live memory
+    (benchmarks/sanitize.py).
     """
-    settings = _Settings.check(shadow, threshold_bits, track_grads, modules, dtype_hint)
+    settings = _Settings.check(
+        shadow, threshold_bits, track_grads, modules, dtype_hint, shadow_memory_mib
+    )
     report = Report(settings.config())
     engine = settings.engine()
     engine.start()

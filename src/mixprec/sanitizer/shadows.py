@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mixprec.sanitizer.store import ShadowStore
+from mixprec.sanitizer.store import NONE, PARTIAL, ShadowStore
 from mixprec.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, tensors
 
 LOW = (torch.float16, torch.bfloat16, torch.float32)  # real dtypes that get shadows
@@ -28,7 +28,7 @@ def f32(v: float) -> float:
     return _struct_f.unpack(_struct_f.pack(v))[0] if math.isfinite(v) else v
 
 
-@dataclass
+@dataclass(slots=True)
 class ShadowInputs:
     """An op's positional arguments with their shadows, and what the lookup found."""
 
@@ -39,16 +39,24 @@ class ShadowInputs:
     cause: str | None = None  # label of a finding whose error an argument carries
 
 
+def _flat_args(args: tuple[Any, ...]) -> bool:
+    """No argument is a list or tuple holding tensors (``cat``'s ``Tensor[]``)."""
+    for a in args:
+        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+            return False
+    return True
+
+
 class Shadows:
     """The shadow table of a run (``store``) and the table of flipped boolean results
     (``decisions``: masks whose shadow differs, for ``where``). Shadows of real tensors of
     the ``shadowable`` dtypes are kept in ``dtype``."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, memory: float = float("inf")) -> None:
         self.dtype = dtype
         # fp32 shadows only make sense for 16-bit reals
         self.shadowable = (torch.float16, torch.bfloat16) if dtype == torch.float32 else LOW
-        self.store = ShadowStore(dtype)
+        self.store = ShadowStore(dtype, budget=memory)  # bytes kept uncompressed
         self.decisions = ShadowStore(None)
 
     def clear(self) -> None:
@@ -80,23 +88,31 @@ class Shadows:
         Cost: one table lookup per tensor; an upcast copy per exact tensor unless ``lazy``.
         """
         found = ShadowInputs()
-
-        def shadow(t: torch.Tensor) -> Any:
-            if t.dtype not in self.shadowable:
-                return t
-            found.any_float = True
-            ent = self.store.lookup(t)
-            if ent is None:
-                return None if lazy else t.to(self.dtype)
-            found.has_shadow = True
-            found.cause = found.cause or ent[2]
-            if not ent[1] <= found.err:  # (a NaN bound replaces the maximum)
-                found.err = ent[1]
-            return ent[0]
-
-        mapped = map_tensors(shadow, args)
+        if _flat_args(args):  # the usual case, one loop (map_tensors below: any nesting)
+            found.args = [
+                self._shadow(a, found, lazy)
+                if isinstance(a, torch.Tensor)
+                else self._scalar(a, compute)
+                for a in args
+            ]
+            return found
+        mapped = map_tensors(lambda t: self._shadow(t, found, lazy), args)
         found.args = [self._scalar(a, compute) for a in mapped]
         return found
+
+    def _shadow(self, t: torch.Tensor, found: ShadowInputs, lazy: bool) -> Any:
+        """``t``'s shadow (None where ``lazy`` and ``t`` is exact); notes what it found."""
+        if t.dtype not in self.shadowable:
+            return t
+        found.any_float = True
+        ent = self.store.lookup(t)
+        if ent is None:
+            return None if lazy else t.to(self.dtype)
+        found.has_shadow = True
+        found.cause = found.cause or ent[2]
+        if not ent[1] <= found.err:  # (a NaN bound replaces the maximum)
+            found.err = ent[1]
+        return ent[0]
 
     def fill(self, args: tuple[Any, ...], sargs: list[Any]) -> list[Any]:
         """``sargs`` with the upcasts that :meth:`inputs` skipped (``lazy``) filled in."""
@@ -142,11 +158,14 @@ class Shadows:
 
     def aliased(self, base: torch.Tensor, out: Any) -> bool:
         """Do the outputs of a view of ``base`` need nothing from us: ``base`` is not of a
-        shadowed dtype, or its storage has a whole shadow that they share (same storage and
-        dtype)? Cost: one table probe, no shadow materialized."""
+        shadowed dtype, its storage has no shadow, or a whole shadow that they share (same
+        storage and dtype)? Cost: one table probe, no shadow materialized."""
         if base.dtype not in self.shadowable:
             return True
-        if not self.store.covers(base):
+        state = self.store.state(base)
+        if state == NONE:
+            return True  # no shadow to view: the views are exact too
+        if state == PARTIAL:
             return False
         st = base.untyped_storage()._cdata
         outs = (out,) if isinstance(out, torch.Tensor) else tensors(out)

@@ -6,15 +6,19 @@ shadows. A ``StorageWeakRef`` per entry keeps the storage's C++ object (not its 
 allocated, so its address cannot be reused by another storage while the entry exists: the
 address is a safe key. Entries of dead storages are dropped by :meth:`ShadowStore.sweep`.
 
-When a shadow covers a whole storage (the usual case: an op's output), it is kept as one flat
-float64 tensor laid out like the storage, and the shadow of *any* view of that storage is a view
+When a shadow covers a whole storage (the usual case: an op's output), it is kept as one
+float64 tensor laid out like the storage (possibly shared: a copy's shadow is its source's,
+copied on the first partial write), and the shadow of *any* view of that storage is a view
 of it (``as_strided`` with the real view's geometry): view ops cost nothing and in-place updates
 of a view write into the flat shadow. Otherwise (a shadow for a part of a storage only) it is
 kept per exact view geometry.
 
-Memory: a flat shadow that stays alive for ``compress_after`` insertions (typically an
-activation saved for backward) is compressed to a float32 *residual* ``shadow - real``: the
-shadow is rebuilt as ``real + residual`` in float64 when next used. The residual holds 24 bits of
+Memory: while the flat float64 shadows together hold more than ``budget`` bytes, a flat shadow
+that stays alive for ``compress_after`` insertions (typically an activation saved for backward)
+is compressed to a float32 *residual* ``shadow - real``: the shadow is rebuilt as
+``real + residual`` in float64 when next used. Below the budget nothing is compressed: a
+compression and its rebuild cost three passes over the tensor, about a third of a small
+model's sanitized step. The residual holds 24 bits of
 the difference, so the rebuilt shadow keeps ~24 bits more than the real value (~48 bits for
 float32 data) while costing 4 instead of 8 bytes per element. Entries with a large or
 non-finite error, or tiny magnitudes (residual underflow), stay in float64.
@@ -23,46 +27,40 @@ non-finite error, or tiny magnitudes (residual underflow), stay in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from mixprec.sanitizer.passes import dense
+
 _COMPRESS_MAX_ERR = 2.0**20  # error bound (floor units) above which we keep float64
 _COMPRESS_MIN_MAG = 2.0**-90  # below this max|shadow| the residual could underflow float32
 _NEVER = 1 << 62  # ``born`` of an entry that is never compressed
+NONE, WHOLE, PARTIAL = 0, 1, 2  # what a storage's entry holds (ShadowStore.state)
+_expired = torch.Storage._expired  # type: ignore[attr-defined]  # StorageWeakRef.expired, minus a frame
 
 
 def _covers(t: torch.Tensor, n: int) -> bool:
     """Does ``t`` address every element of its ``n``-element storage exactly once?"""
-    if t.storage_offset() != 0 or t.numel() != n:
-        return False
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted(zip(t.stride(), t.shape, strict=True)):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    return t.storage_offset() == 0 and t.numel() == n and dense(t)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     ref: StorageWeakRef
     dtype: torch.dtype
     n: int  # storage length in elements of dtype
-    flat: torch.Tensor | None = None  # float64, length n, when the whole storage is shadowed
+    flat: torch.Tensor | None = None  # float64, n elements in storage, laid out like the real
     resid: torch.Tensor | None = None  # float32 residual instead of flat (compressed)
     err: float = 0.0
     smax: float | None = None  # max |shadow| over the storage (float32-rounded, rounded up)
     born: int = 0
     cause: str | None = None  # label of the finding whose error this storage carries
     origin: Any = None  # the op call that computed it (for root causes found after the fact)
-    views: dict[tuple, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    # partial shadows by view geometry (None: none; most entries are whole-storage ones)
+    views: dict[tuple, tuple[torch.Tensor, float]] | None = None
 
 
 class ShadowStore:
@@ -72,12 +70,14 @@ class ShadowStore:
         self,
         shadow_dtype: torch.dtype | None = torch.float64,
         compress_after: int = 4,
-        sweep_every: int = 2,
+        sweep_every: int = 8,
+        budget: float = 0.0,
     ) -> None:
         # shadow_dtype None: keep shadows as given (boolean decision shadows), never compress
         self.shadow_dtype = shadow_dtype
         self.compress_after = compress_after
         self.sweep_every = sweep_every
+        self.budget = budget  # bytes of flat float64 shadows kept before compressing any
         self._map: dict[int, _Entry] = {}
         self._puts = 0
         self._swept = 0  # _puts at the last sweep
@@ -125,13 +125,31 @@ class ShadowStore:
         e = self._map.get(st._cdata)
         if e is None or e.dtype != t.dtype:
             return None
-        if e.flat is not None or e.resid is not None:
+        flat = e.flat
+        if (
+            flat is not None
+            and t.storage_offset() == 0
+            and flat.shape == t.shape
+            and flat.stride() == t.stride()
+        ):
+            return flat, e.err, e.cause  # the op's own shadow output, kept as it was
+        if flat is not None or e.resid is not None:
             flat = self._materialize(e)
             if flat is None:
                 return None
             return flat.as_strided(t.shape, t.stride(), t.storage_offset()), e.err, e.cause
-        v = e.views.get((t.storage_offset(), t.shape, t.stride()))
+        v = e.views.get((t.storage_offset(), t.shape, t.stride())) if e.views else None
         return None if v is None else (v[0], v[1], e.cause)
+
+    def state(self, t: torch.Tensor) -> int:
+        """What ``t``'s storage has: ``NONE`` (no shadow of ``t``'s dtype), ``WHOLE`` (a shadow
+        of the whole storage: every view has one, derived on lookup) or ``PARTIAL``. Cheap: no
+        shadow is materialized."""
+        st = self._storage(t)
+        e = None if st is None else self._map.get(st._cdata)
+        if e is None or e.dtype != t.dtype:
+            return NONE
+        return WHOLE if e.flat is not None or e.resid is not None else PARTIAL
 
     def covers(self, t: torch.Tensor) -> bool:
         """Does ``t``'s storage have a whole-storage shadow of ``t``'s dtype (so every view of
@@ -164,7 +182,8 @@ class ShadowStore:
         return e.smax
 
     def _flat(self, t: torch.Tensor, shadow: torch.Tensor, n: int) -> torch.Tensor:
-        """``shadow`` of ``t`` (which covers its ``n``-element storage) laid out flat."""
+        """``shadow`` of ``t`` (which covers its ``n``-element storage) laid out like ``t``'s
+        storage: offset 0, ``t``'s strides, ``n`` elements in its storage."""
         if self.shadow_dtype is not None and shadow.dtype != self.shadow_dtype:
             shadow = shadow.to(self.shadow_dtype)
         if (
@@ -172,10 +191,9 @@ class ShadowStore:
             and shadow.storage_offset() == 0
             and shadow.untyped_storage().nbytes() == n * shadow.element_size()
         ):
-            # same layout: share its storage, no copy (set_, unlike a view, does not keep the
-            # op's output tensor alive as a _base, so _compress can tell it is unshared)
-            flat = torch.empty(0, dtype=shadow.dtype, device=shadow.device)
-            return flat.set_(shadow.untyped_storage(), 0, (n,), (1,))
+            # same layout: keep it as it is, no copy (any shape: every use goes through
+            # as_strided on its storage)
+            return shadow
         flat = torch.empty(n, dtype=shadow.dtype, device=shadow.device)
         flat.as_strided(t.shape, t.stride(), 0).copy_(shadow)
         return flat
@@ -199,7 +217,7 @@ class ShadowStore:
         itemsize = t.element_size()
         n = st.nbytes() // itemsize if itemsize else 0
         e = self._map.get(cd)
-        if e is not None and (e.dtype != t.dtype or e.n != n or e.ref.expired()):
+        if e is not None and (e.dtype != t.dtype or e.n != n or _expired(e.ref.cdata)):
             e = None
         if _covers(t, n):
             flat = self._flat(t, shadow, n)
@@ -207,11 +225,15 @@ class ShadowStore:
                 e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
             e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
             e.cause, e.origin = cause, origin
-            e.views.clear()
+            e.views = None
         elif e is not None and (e.flat is not None or e.resid is not None):
             flat = self._materialize(e)
             if flat is None:
                 return
+            # copy on write: a flat shadow's storage may be shared (a copy's shadow is its
+            # source's); 2 = e.flat + this call's storage object
+            if torch._C._storage_Use_Count(flat.untyped_storage()._cdata) > 2:
+                flat = e.flat = flat.clone()
             flat.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(shadow)
             e.err = max(e.err, err)
             e.cause = e.cause or cause
@@ -224,9 +246,9 @@ class ShadowStore:
             e.views = {(t.storage_offset(), t.shape, t.stride()): (shadow, err)}
             e.cause, e.origin = cause, origin
         self._puts += 1
-        # amortized O(1) per put: a sweep walks every entry, so sweep once per len/8 puts (dead
+        # amortized O(1) per put: a sweep walks every entry, so sweep once per len/4 puts (dead
         # entries keep their shadows at most that much longer)
-        if self._puts - self._swept >= max(self.sweep_every, len(self._map) >> 3):
+        if self._puts - self._swept >= max(self.sweep_every, len(self._map) >> 2):
             self.sweep()
 
     def invalidate(self, t: torch.Tensor) -> None:
@@ -236,37 +258,46 @@ class ShadowStore:
             self._map.pop(st._cdata, None)
 
     def sweep(self) -> None:
-        """Drop entries of dead storages; compress flat shadows older than compress_after."""
+        """Drop entries of dead storages; while the flat shadows exceed the budget, compress
+        those older than compress_after (oldest first)."""
         self._swept = self._puts
-        old = self._puts - self.compress_after
-        if self.shadow_dtype != torch.float64:
-            old = -1  # nothing to compress
-        expired = torch.Storage._expired  # type: ignore[attr-defined]  # (skips a Python frame)
+        flat_n = 0  # elements of the flat shadows (float64 when compressing is possible)
         for cd, e in list(self._map.items()):
-            if expired(e.ref.cdata):
+            if _expired(e.ref.cdata):
                 del self._map[cd]
-            elif e.born <= old and e.flat is not None:
-                self._compress(e)
+            elif e.flat is not None:
+                flat_n += e.n
+        if flat_n * 8 <= self.budget or self.shadow_dtype != torch.float64:
+            return
+        old = self._puts - self.compress_after
+        for e in list(self._map.values()):  # insertion order: oldest storages first
+            if flat_n * 8 <= self.budget:
+                break
+            if e.born <= old and e.flat is not None and self._compress(e):
+                flat_n -= e.n
 
-    def _compress(self, e: _Entry) -> None:
+    def _compress(self, e: _Entry) -> bool:
+        """Replace ``e``'s flat shadow by its float32 residual; False where it must stay."""
         if not (e.err <= _COMPRESS_MAX_ERR) or e.smax is None:
             # for good: a partial update only raises err and keeps smax None (a whole new
             # shadow resets born); skipping it saves a check per sweep
             e.born = _NEVER
-            return
+            return False
         if not (e.smax >= _COMPRESS_MIN_MAG and math.isfinite(e.smax)):
-            return
+            return False
         flat = e.flat
         # 2 = the flat tensor itself + the temporary storage object of this call
         if flat is None or torch._C._storage_Use_Count(flat.untyped_storage()._cdata) > 2:
-            return  # someone else (an op's shadow output still in use) shares it: keep
+            return False  # someone else (an op's shadow output still in use) shares it: keep
         real = self._real_flat(e)
         if real is None:
-            return
+            return False
         e.resid = torch.empty(e.n, dtype=torch.float32, device=flat.device)
-        torch.sub(flat, real, out=e.resid)  # computed in float64, stored as float32
+        # computed in float64, stored as float32
+        torch.sub(flat.as_strided((e.n,), (1,), 0), real, out=e.resid)
         e.flat = None
         self.compressed += 1
+        return True
 
     def clear(self) -> None:
         self._map.clear()

@@ -1,0 +1,110 @@
+"""The sanitizer's comparison passes: the C kernel computes exactly what the torch ops compute."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mixprec.sanitizer import gradients
+from mixprec.sanitizer import passes as P
+
+needs_c = pytest.mark.skipif(not P.has_c_passes(), reason="C kernel not built: torch passes only")
+
+
+def _pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(real, shadow) pairs: noise at every scale, ties, subnormals, zeros, lengths around the
+    kernel's 16 lanes, and non-finite values in either tensor."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in (1, 7, 16, 17, 33, 1000, 4099):
+        s = torch.randn(n, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(
+            -140, 120, (n,), generator=g
+        )
+        r = s.float() * (1 + torch.randn(n, generator=g) * 2.0**-10)
+        out.append((r, s))
+        out.append((r.bfloat16(), s))
+        out.append((s.float(), s))  # exact up to the float32 rounding
+    z = torch.zeros(40, dtype=torch.float64)
+    out.append((z.float(), z))
+    tiny = torch.full((40,), 2.0**-1070, dtype=torch.float64)  # zero in float32, not in float64
+    out.append((tiny.float(), tiny))
+    for bad in (math.inf, -math.inf, math.nan, 1e300):
+        s = torch.randn(50, dtype=torch.float64)
+        s[17] = bad
+        out.append((s.float(), s))
+        r = torch.ones(50)
+        r[3] = bad if abs(bad) > 1e300 or math.isnan(bad) else math.inf
+        out.append((r, torch.ones(50, dtype=torch.float64)))
+    big = torch.full((20,), 3.0e38, dtype=torch.float64)
+    out.append((-big.float(), big))  # the float32 difference overflows
+    return out
+
+
+@needs_c
+@pytest.mark.parametrize("i", range(len(_pairs())))
+def test_c_passes_equal_torch_passes(i: int) -> None:
+    r, s = _pairs()[i]
+    c, t = P.pick(r, s), P.TorchPasses(r, s)
+    assert isinstance(c, P.CPasses)
+    cm, tm = c.max_pass(), t.max_pass()
+    assert cm[2:] == tm[2:]  # (non-finite?, non-zero?)
+    if cm[2]:  # the max values are meaningless there (the torch path leaves the fast test)
+        return
+    assert cm[:2] == tm[:2]
+    for floor in (1e-30, 2.0**-12 * max(cm[1], 1e-30), 1.0):
+        assert c.ratio32(floor) == t.ratio32(floor)
+    for frac in (2.0**-6, 2.0**-20):
+        assert c.ratio64(frac, 2.0**-1022) == t.ratio64(frac, 2.0**-1022)
+
+
+def test_permuted_results_take_the_kernel_when_laid_out_alike() -> None:
+    """A transposed result and a shadow with the same strides pair up in memory order."""
+    s = torch.randn(5, 6, 7, dtype=torch.float64).permute(2, 0, 1)
+    r = (s * (1 + 2.0**-12)).float()  # keeps the permuted layout
+    assert r.stride() == s.stride() and not r.is_contiguous()
+    c, t = P.pick(r, s), P.TorchPasses(r, s)
+    assert isinstance(c, P.CPasses)
+    assert c.max_pass() == t.max_pass()
+    assert c.ratio32(1e-3) == t.ratio32(1e-3) and c.ratio64(1e-3, 1e-300) == t.ratio64(1e-3, 1e-300)
+
+
+def test_torch_passes_serve_what_the_kernel_does_not_take() -> None:
+    s = torch.randn(4, 6, dtype=torch.float64)
+    column_major = s.float().t().contiguous().t()  # same shape as s, other strides
+    assert isinstance(P.pick(column_major, s), P.TorchPasses)
+    assert isinstance(P.pick(s.float()[:, ::2], s[:, ::2]), P.TorchPasses)  # not dense
+    assert isinstance(P.pick(s.half(), s), P.TorchPasses)  # float16: torch
+    assert isinstance(P.pick(s.float(), s.float()), P.TorchPasses)  # float32 shadow
+
+
+def _grad(dtype: torch.dtype) -> torch.Tensor:
+    g = torch.randn(70_000, dtype=torch.float64) * 2.0 ** torch.randint(-1000, 1000, (70_000,))
+    g = g.to(dtype)
+    g[::97] = 0.0
+    g[5], g[6], g[7] = math.inf, math.nan, -math.inf
+    return g
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_c_gradient_histogram_equals_the_torch_one(dtype: torch.dtype) -> None:
+    """The kernel's counts (over a strided sample) and maximum (over every finite element)
+    equal the torch path's, for sampled, small and all-non-finite gradients."""
+    g = _grad(dtype)
+    for grad, smax in ((g, None), (g[:1000], None), (g[5:8], None), (g[:1000], 7.0)):
+        c, t = gradients.GradCollector(1 << 14), gradients.GradCollector(1 << 14)
+        assert c.add_fast("weight", grad, smax)
+        t._add_torch("weight", grad, smax)
+        assert c.max_abs == t.max_abs and c.tensors == t.tensors and c.sampled == t.sampled
+        assert c._raw.keys() == t._raw.keys()
+        assert all(torch.equal(c._raw[k], t._raw[k]) for k in c._raw)
+
+
+def test_gradient_histogram_takes_torch_where_the_kernel_does_not_apply() -> None:
+    col = gradients.GradCollector()
+    for g in (torch.ones(4, 4).t(), torch.ones(4, dtype=torch.float16), torch.ones(1).expand(8)):
+        assert not col.add_fast("activation", g)
+        col.add("activation", g)  # the torch path
+    assert col.tensors == {"activation": 3} and col.max_abs == {"activation": 1.0}
