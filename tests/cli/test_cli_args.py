@@ -92,6 +92,7 @@ def test_sanitize_bad_hist_format_fails_before_the_script_runs(
         ("--threshold-bits", "54", "invalid value '54'"),
         ("--dtype-hint", "float7", "'float7'"),
         ("--shadow", "float16", "invalid choice: 'float16'"),
+        ("--shadow-memory", "-5", "invalid value '-5': expected an integer >= 0"),
         ("--out", "user_script.py", "exists and is not a directory"),
     ],
 )

@@ -2,7 +2,8 @@
 
     mixprec sanitize script.py [script args] [--out DIR] [--fail-on KIND[,KIND]]
                                [--threshold-bits N] [--no-grads] [--shadow float64|float32]
-                               [--dtype-hint FORMAT] [--hist-format FORMAT] [--max-rows N]
+                               [--dtype-hint FORMAT] [--shadow-memory MIB]
+                               [--hist-format FORMAT] [--max-rows N]
 
 The script runs as ``__main__`` (like ``python script.py``) inside ``mixprec.sanitize()``. The
 findings table is printed; report.json, report.txt and report.png are written to ``--out``
@@ -116,6 +117,14 @@ _OPTIONS = (
         metavar="FORMAT",
     ),
     ScriptOption(
+        "--shadow-memory",
+        64,
+        "MiB of float64 shadows kept as they are; beyond it, long-lived shadows are "
+        "compressed to float32 residuals (default 64)",
+        type=int_at_least(0),
+        metavar="MIB",
+    ),
+    ScriptOption(
         "--hist-format",
         "float16",
         "target format of the gradient histogram (default float16)",
@@ -169,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         threshold_bits=args.threshold_bits,
         track_grads=not args.no_grads,
         dtype_hint=args.dtype_hint,
+        shadow_memory_mib=args.shadow_memory,
     ) as report:
         status = run_script(script, script_argv)
 
