@@ -32,12 +32,14 @@ _EXACT_PACKETS = {
     "unbind_copy", "sign", "sgn", "max_pool2d_with_indices", "masked_scatter", "diag_embed",
     "tril", "triu", "unfold_copy",
 }  # fmt: skip
-# outputs independent of the inputs' values (empty_*: undefined values) or not tensors: skip
+# outputs independent of the inputs' values (empty_*: undefined values; factories from Python
+# numbers, whose outputs are taken as exact like any constant) or not tensors: skip
 _FACTORY_PACKETS = {
     "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_empty",
     "new_full", "new_empty_strided", "empty_strided", "scalar_tensor", "empty_permuted",
     "_local_scalar_dense", "equal", "is_nonzero", "_assert_async", "sym_size", "sym_stride",
-    "sym_numel", "sym_storage_offset",
+    "sym_numel", "sym_storage_offset", "empty", "zeros", "ones", "full", "arange", "linspace",
+    "logspace", "eye", "tril_indices", "triu_indices",
 }  # fmt: skip
 # not marked as views, but their outputs alias their input's storage like a view's
 _ALIASING = {"_unsafe_view"}
