@@ -589,7 +589,7 @@ def test_transformer_native_bf16_and_grad_equivalence() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_torch_compile_runs_eagerly_with_same_result() -> None:
+def test_torch_compiled_model_inside_region_same_result() -> None:
     torch.manual_seed(22)
     model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
     x = torch.randn(3, 16)
@@ -825,3 +825,20 @@ def test_mx_scale_rounding_in_autocast(rule: str) -> None:
         autocast("bf16", scale_rounding="rceil")
     with pytest.raises(ValueError, match="scale_rounding must be one of"):
         apply_policy(nn.Linear(2, 2), "mxfp8", scale_rounding="round")
+
+
+def test_user_out_calls_are_emulated_into_the_buffer() -> None:
+    """``torch.mm(a, b, out=buf)`` in a region gives what ``torch.mm(a, b)`` gives there, in
+    ``buf`` (resized like torch resizes it); tuple ``out=`` too. (A compiled graph's own
+    ``out=`` calls pass through: tests/precision/test_compiled_regions.py.)"""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    buf, v, i = torch.empty(3), torch.empty(8), torch.empty(8, dtype=torch.long)
+    with autocast("bfloat16", emulate=True):
+        ref = torch.mm(a, b)
+        got = torch.mm(a, b, out=buf)
+        mx = torch.max(a * 1.0001, 1)
+        torch.max(a * 1.0001, 1, out=(v, i))
+    assert got is buf and torch.equal(buf, ref)
+    assert not torch.equal(ref, torch.mm(a, b))  # the region did round
+    assert torch.equal(v, mx.values) and torch.equal(i, mx.indices)

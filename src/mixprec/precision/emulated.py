@@ -31,19 +31,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Callable
-from functools import lru_cache
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.compiler import is_compiling
 
 from mixprec.formats.float_format import FloatFormat
+from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, accumulated
 from mixprec.precision.fp8 import Fp8Recipe
+from mixprec.precision.fused_rounding import fused_rounder
+from mixprec.precision.mx_rounding import mx_round
 from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
-from mixprec.quantization.blocks import mx_quantize
 from mixprec.quantization.elementwise import round_to
 from mixprec.trees import iter_tensors, map_args, map_outputs
 
@@ -101,7 +103,10 @@ def _is_device(v: object) -> bool:
 
 def _version_of(t: torch.Tensor) -> int | None:
     """``t._version``, or None for an inference tensor (torch.inference_mode), which has no
-    version counter (reading it raises)."""
+    version counter (reading it raises). torch.compile traces no inference tensors (and
+    refuses ``is_inference``)."""
+    if is_compiling():
+        return None  # a traced graph: versions are symbolic; tags are trusted (see _inplace)
     return None if t.is_inference() else t._version
 
 
@@ -142,8 +147,35 @@ def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tens
     return fwd(t)
 
 
+def ste_in_handler(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tensor:
+    """:func:`ste` for the executor's own calls (the mode is off while it handles an op).
+
+    An element rounding of a tensor that needs a gradient becomes an autograd-visible copy
+    rounded in place, its gradient rounded by a tensor hook: the same values forward and
+    backward as the straight-through Function, without its Python ``apply`` and ``backward``
+    (~10 us and ~15 us per use against ~4 us for the copy of a 32k-element operand and ~3 us
+    for the hook). Other rounders (MX blocks, fp8 recipes) keep the Function.
+    """
+    if (
+        not isinstance(fwd, ElementRounder)
+        or not (t.requires_grad and torch.is_grad_enabled())
+        or is_compiling()  # the Function traces; hooks on intermediates do not
+    ):
+        return ste(t, fwd, bwd)
+    if not t.is_floating_point():
+        return t
+    out = t.clone()
+    round_storage(out, fwd.fmt, saturate=fwd.saturate)
+    if bwd is not None:
+        out.register_hook(bwd)
+    return out
+
+
 def round_result(
-    y: torch.Tensor, fmt: FloatFormat | None, bwd: Rounder | None, inputs: tuple = ()
+    y: torch.Tensor,
+    fmt: FloatFormat | None,
+    bwd: Rounder | None,
+    inputs: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Round a freshly computed op result to ``fmt`` in place and its gradient with ``bwd``.
 
@@ -154,10 +186,12 @@ def round_result(
     """
     if not y.is_floating_point():
         return y
+    if is_compiling():
+        return _round_result_traced(y, fmt, bwd)
     fresh = y._base is None and not any(y is t for t in inputs)
     if not fresh:
         r = element_rounder(fmt) if fmt is not None else None
-        out = ste(y, r, bwd) if r is not None else y.view_as(y)
+        out = ste_in_handler(y, r, bwd) if r is not None else y.view_as(y)
         if bwd is not None and r is None and out.requires_grad:
             out.register_hook(bwd)
         return out
@@ -165,6 +199,19 @@ def round_result(
         round_storage(y, fmt)
     if bwd is not None and y.requires_grad:
         y.register_hook(bwd)
+    return y
+
+
+def _round_result_traced(
+    y: torch.Tensor, fmt: FloatFormat | None, bwd: Rounder | None
+) -> torch.Tensor:
+    """:func:`round_result` while torch.compile traces: out of place, the gradient rounded by
+    the straight-through Function (dynamo refuses in-place writes through ``.data`` and hooks
+    on intermediate tensors; inductor fuses the copy the identity forward makes)."""
+    if fmt is not None:
+        return ste(y, element_rounder(fmt), bwd)
+    if bwd is not None and y.requires_grad and torch.is_grad_enabled():
+        return straight_through(y, torch.clone, bwd)
     return y
 
 
@@ -193,37 +240,53 @@ def round_output(t: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
 # op pays for the rounding call (round_to documents the preconditions).
 
 
-def round_storage(t: torch.Tensor, fmt: FloatFormat) -> None:
+def round_storage(t: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) -> None:
     """Round ``t``'s values in place through ``t.data``, which autograd does not version-count
     (a straight-through rounding). One pass; a temporary only for a non-contiguous ``t``."""
     d = t.data
     if d.is_contiguous():
-        round_to(d, fmt, out=d)
+        round_to(d, fmt, saturate=saturate, out=d)
     else:
-        d.copy_(round_to(d, fmt))
+        d.copy_(round_to(d, fmt, saturate=saturate))
 
 
-@lru_cache(maxsize=256)
-def element_rounder(f: FloatFormat, saturate: bool = False) -> Rounder:
-    """Rounder into element format ``f`` (non-float tensors pass). Cached: one closure per
-    format, shared by every op and region (it holds no state)."""
+class ElementRounder:
+    """Rounder into element format ``fmt`` (non-float tensors pass); a callable whose format
+    :func:`ste_in_handler` reads to round a copy in place."""
 
-    def r(t: torch.Tensor) -> torch.Tensor:
+    __slots__ = ("fmt", "saturate")
+
+    def __init__(self, fmt: FloatFormat, saturate: bool) -> None:
+        self.fmt = fmt
+        self.saturate = saturate
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        return round_to(t, f, saturate=saturate)
+        if is_compiling() and t.dtype == torch.float32:
+            # pointwise ops inductor fuses, not one opaque mixprec::round call per rounding
+            fused = fused_rounder(self.fmt, self.saturate)
+            if fused is not None:
+                return fused(t)
+        return round_to(t, self.fmt, saturate=self.saturate)
 
-    return r
+
+@trace_cache(maxsize=256)
+def element_rounder(f: FloatFormat, saturate: bool = False) -> ElementRounder:
+    """Rounder into element format ``f``. Cached: one object per format, shared by every op
+    and region (it holds no state)."""
+    return ElementRounder(f, saturate)
 
 
 def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
+    """Rounder into MX format ``spec`` with blocks along ``axis`` (:func:`.mx_rounding.mx_round`:
+    mx_quantize's values without its axis moves)."""
+    element, block, rule = spec.element, spec.block_size or 32, spec.scale_rounding
+
     def r(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
-            return round_to(t, spec.element, saturate=True)
-        return mx_quantize(
-            t, spec.element, block_size=spec.block_size or 32, axis=axis,
-            scale_rounding=spec.scale_rounding,
-        )  # fmt: skip
+            return round_to(t, element, saturate=True)
+        return mx_round(t, element, block, axis, rule)
 
     return r
 
@@ -278,25 +341,46 @@ def reduction_axis(name: str, k: int, t: torch.Tensor) -> int:
     return -1
 
 
-def _common_tag(tensors: tuple[torch.Tensor, ...]) -> tuple[bool, str | None]:
+def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
     """(any floating tensor is tagged, the one tag they share or None when formats mix).
 
     An untagged floating tensor of one or more dimensions mixes (fp32 wins, as in torch's
-    promotion); 0-dim tensors do not promote (torch's rule).
+    promotion); 0-dim tensors do not promote (torch's rule). Runs on every op: tags are read
+    inline (:func:`get_tag`'s rule).
     """
     target: str | None = None
     tagged = mixed = False
     for t in tensors:
         if not t.is_floating_point():
             continue
-        tag = get_tag(t)
+        tag = getattr(t, TAG, None)
+        if tag is not None and tag[1] != _version_of(t):
+            tag = None  # written to since it was tagged
         if tag is None:
             mixed = mixed or t.dim() > 0
         elif target is None:
-            tagged, target = True, tag
-        elif tag != target:
+            tagged, target = True, tag[0]
+        elif tag[0] != target:
             mixed = True
     return tagged, None if mixed else target
+
+
+def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, in order: :func:`mixprec.trees.iter_tensors`, with
+    the flat case (tensors, numbers, shape lists: almost every op) walked here in one loop."""
+    found: list[torch.Tensor] = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple, dict)) and not _flat(a):
+            return iter_tensors(args, kwargs)
+    return found
+
+
+def _flat(a: list | tuple | dict) -> bool:
+    """A container of plain values (a shape, a dim list): no tensors or containers inside."""
+    items = a.values() if isinstance(a, dict) else a
+    return not any(isinstance(x, (torch.Tensor, list, tuple, dict)) for x in items)
 
 
 class EmulatedExecutor:
@@ -340,9 +424,13 @@ class EmulatedExecutor:
         # rounded leaves (parameters, operands) of this region, valid while t._version holds
         self._operand_cache: dict[tuple[int, object, bool], tuple[Any, int, torch.Tensor]] = {}
         self._stack = contextlib.ExitStack()
+        # op name -> the method that runs it (the op lists' category, looked up once)
+        self._routes: dict[str, Callable[[Callable[..., Any], str, tuple, dict], Any]] = {}
 
     # -- the Executor protocol --------------------------------------------------------------
     def enter(self) -> None:
+        if is_compiling():
+            return  # dynamo cannot enter torch.autocast by hand; see docs/autocast.md
         # a native region outside must not cast underneath the emulation
         self._stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
@@ -354,14 +442,22 @@ class EmulatedExecutor:
     def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         if self.params is not None:
             args, kwargs = map_args(self._read_param, args, kwargs)
+        if is_compiling():  # traced once per graph: no cache for dynamo to guard on
+            return self._route(name)(func, name, args, kwargs)
+        route = self._routes.get(name)
+        if route is None:  # once per op name and region entry
+            route = self._routes[name] = self._route(name)
+        return route(func, name, args, kwargs)
+
+    def _route(self, name: str) -> Callable[[Callable[..., Any], str, tuple, dict], Any]:
         cat = op_category(self.op_lists, name)
         if cat == "low":
-            return self._low(func, name, args, kwargs)
+            return self._low
         if cat == "fp32":
-            return self._fp32(func, args, kwargs)
+            return self._fp32
         if cat == "inplace":
-            return self._inplace(func, args, kwargs)
-        return self._follow(func, name, args, kwargs)
+            return self._inplace
+        return self._follow
 
     # -- parameters -------------------------------------------------------------------------
     def _read_param(self, t: torch.Tensor) -> torch.Tensor:
@@ -370,7 +466,7 @@ class EmulatedExecutor:
             return t
 
         def make() -> torch.Tensor:
-            r = ste(t, spec_rounder(params), None)  # gradients reach the stored parameter as-is
+            r = ste_in_handler(t, spec_rounder(params), None)  # gradients reach it as-is
             if not params.is_mx:
                 set_tag(r, params.name)
             return r
@@ -400,7 +496,7 @@ class EmulatedExecutor:
         """``make()`` for t, reused while t (a leaf: parameter, weight, bias, input) keeps its
         version. Not cached: non-leaves, and inference tensors (no version to validate by)."""
         version = _version_of(t)
-        if not t.is_leaf or version is None:
+        if not t.is_leaf or version is None or is_compiling():  # a graph rounds every use
             return make()
         key = (id(t), kind, torch.is_grad_enabled() and t.requires_grad)
         hit = self._operand_cache.get(key)
@@ -412,7 +508,7 @@ class EmulatedExecutor:
 
     def _operand(self, name: str, k: int, t: torch.Tensor, slot: Any) -> torch.Tensor:
         def make() -> torch.Tensor:
-            return ste(t, self._operand_rounder(name, k, t, slot), self.result_round)
+            return ste_in_handler(t, self._operand_rounder(name, k, t, slot), self.result_round)
 
         if self.recipe is not None:  # scaled: every use updates the recipe's amax state
             return make()
@@ -424,7 +520,7 @@ class EmulatedExecutor:
             return t
 
         def make() -> torch.Tensor:
-            r = ste(t, self.result_round, self.result_round)
+            r = ste_in_handler(t, self.result_round, self.result_round)
             set_tag(r, self.result_name)
             return r
 
@@ -443,7 +539,7 @@ class EmulatedExecutor:
                 out = ref + (out_acc - ref).detach() if ref.requires_grad else out_acc
         if out is None:
             out = func(*args, **kwargs)
-        ins = tuple(iter_tensors(args, kwargs))
+        ins = _arg_tensors(args, kwargs)
         return map_outputs(lambda y: self._result(y, (self.scope, idx, "grad"), ins), out)
 
     def _round_operands(self, name: str, idx: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -476,7 +572,7 @@ class EmulatedExecutor:
                 new_kwargs[key] = self._additive(a) if key in _ADDITIVE_KW else operand(a)
         return tuple(new_args), new_kwargs
 
-    def _result(self, y: torch.Tensor, slot: Any, inputs: tuple) -> torch.Tensor:
+    def _result(self, y: torch.Tensor, slot: Any, inputs: list[torch.Tensor]) -> torch.Tensor:
         if not y.is_floating_point():
             return y
         fmt = None if self.result is None else self.result.element
@@ -487,14 +583,14 @@ class EmulatedExecutor:
 
     # -- fp32 ops ---------------------------------------------------------------------------
     @staticmethod
-    def _fp32(func: Any, args: tuple, kwargs: dict) -> Any:
+    def _fp32(func: Any, name: str, args: tuple, kwargs: dict) -> Any:
         # fp32 containers: the op runs in fp32 on the (exactly widened) values; the result is
         # untagged. The gradient reaching a tagged input is rounded by its producer's hook.
         return func(*args, **kwargs)
 
     # -- follow ops -------------------------------------------------------------------------
     def _follow(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
-        ins = tuple(iter_tensors(args, kwargs))  # one walk of the arguments per op
+        ins = _arg_tensors(args, kwargs)  # one walk of the arguments per op
         tagged, target = _common_tag(ins)
         if not tagged:
             return func(*args, **kwargs)
@@ -514,12 +610,18 @@ class EmulatedExecutor:
 
     @staticmethod
     def _tag_exact(y: torch.Tensor, target: str) -> torch.Tensor:
+        if y.is_floating_point() and is_compiling():
+            # dynamo cannot set attributes on outputs of multi-output ops (split, chunk, ...)
+            # but can on a view of them, which inductor drops again
+            y = y.view_as(y)
         if y.is_floating_point():
             set_tag(y, target)
         return y
 
     @staticmethod
-    def _round_follow(y: torch.Tensor, spec: FormatSpec, inputs: tuple) -> torch.Tensor:
+    def _round_follow(
+        y: torch.Tensor, spec: FormatSpec, inputs: list[torch.Tensor]
+    ) -> torch.Tensor:
         if not y.is_floating_point() or y.dtype == torch.float64 or spec.is_mx:
             return y
         r = round_result(y, spec.element, element_rounder(spec.element), inputs)  # cached
@@ -527,7 +629,7 @@ class EmulatedExecutor:
         return r
 
     # -- in-place ops -----------------------------------------------------------------------
-    def _inplace(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def _inplace(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
         self_t = args[0] if args and isinstance(args[0], torch.Tensor) else None
         tag = None if self_t is None else get_tag(self_t)
         out = func(*args, **kwargs)

@@ -9,9 +9,9 @@ metadata calls that pass through untouched. Nested arguments and results (lists 
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
+from mixprec.precision._tracing import constant_under_compile, trace_cache
 from mixprec.precision.policy import OpLists
 
 # ----------------------------------------------------------------------------------------------
@@ -65,8 +65,11 @@ def is_inplace(name: str) -> bool:
     return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
 
 
-@lru_cache(maxsize=4096)
+@trace_cache(maxsize=4096)
 def op_category(op_lists: OpLists, name: str) -> str:
     """``"inplace"`` for in-place ops (``add_``, ``__setitem__``: they keep their tensor's
     format), else the op's :meth:`~mixprec.precision.OpLists.category`. Cached per op list."""
     return "inplace" if is_inplace(name) else op_lists.category(name)
+
+
+constant_under_compile(func_name)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 from mixprec.formats.float_format import FloatFormat, format_names, get_format
@@ -30,6 +29,7 @@ from mixprec.formats.mx_format import (
     get_element_or_mx_format,
     mx_format_names,
 )
+from mixprec.precision._tracing import trace_cache
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ def policy_format_names() -> list[str]:
     return [*format_names(), *mx_format_names()]
 
 
-@lru_cache(maxsize=256)
+@trace_cache(maxsize=256)
 def _resolve_name(name: str) -> FormatSpec:
     fmt = get_element_or_mx_format(name)
     if isinstance(fmt, MXFormat):

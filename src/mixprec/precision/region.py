@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._ops import OpOverload, OpOverloadPacket
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats.float_format import FloatFormat
@@ -70,26 +72,75 @@ class _PolicyMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entries = _LOCAL.entries
-        if not entries:
+        if not entries or _graph_call(func, kwargs):
             return func(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            return _handle_opaque(entries[-1], func, args, kwargs)
-        return _dispatch(entries[-1], func, args, kwargs)
+        executor = entries[-1]
+        if not executor.emulated and torch.compiler.is_compiling():
+            return _handle_opaque(executor, func, args, kwargs)
+        return _dispatch(executor, func, args, kwargs)
+
+
+def _graph_call(func: Any, kwargs: dict) -> bool:
+    """A call a compiled graph makes at run time: pass it through.
+
+    Dynamo traces a region's mode into the graph (the emulation is in it) but leaves the mode
+    active while the graph runs, so the mode sees the graph's own calls again: ATen overloads
+    (``torch.ops.aten.mm.default``, ``torch.ops.mixprec.round.default``) and inductor's extern
+    kernels, which write into preallocated buffers (``torch.mm(a, b, out=buf)``) from the
+    generated code. Both pass through unchanged; the user's own ``out=`` calls are emulated.
+    """
+    if isinstance(func, (OpOverload, OpOverloadPacket)):
+        return True
+    return kwargs.get("out") is not None and _from_generated_code()
+
+
+def _from_generated_code(depth: int = 6) -> bool:
+    """Is one of the nearest Python callers inductor's generated code (a file in its cache
+    directory)? Only asked for ``out=`` calls; False while inductor was never imported."""
+    if "torch._inductor" not in sys.modules:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root = cache_dir()
+    f = sys._getframe(2)
+    for _ in range(depth):
+        if f is None:
+            return False
+        if f.f_code.co_filename.startswith(root):
+            return True
+        f = f.f_back
+    return False
 
 
 def _dispatch(executor: Executor, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     name = func_name(func)
     if name is None:  # metadata and conversions (size, item, ...): nothing to decide
         return func(*args, **kwargs)
+    if kwargs.get("out") is not None:
+        return _into_out(executor, func, name, args, kwargs)
     return executor.handle(func, name, args, kwargs)
 
 
+def _into_out(executor: Executor, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """The user's ``out=`` call: the op as the region computes it, copied into ``out`` (which
+    is resized like torch resizes it). Cost: one copy per output."""
+    out = kwargs["out"]
+    result = executor.handle(func, name, args, {k: v for k, v in kwargs.items() if k != "out"})
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    for o, r in zip(outs, results, strict=True):
+        if o.shape != r.shape:
+            o.resize_(r.shape)
+        o.copy_(r)
+    return out
+
+
 def _handle_opaque(executor: Executor, func: Any, args: tuple, kwargs: dict) -> Any:
-    # Opaque to torch.compile: emulation calls a C kernel on raw storage and tags tensors, which
-    # dynamo cannot trace. A compiled model called inside a region therefore runs its ops
-    # eagerly through this handler (graph breaks): same results as eager, no compile speed-up.
-    # (Eager calls skip the wrapper: it costs microseconds per op.) The wrapper is built on first
-    # use because torch.compiler.disable imports torch._dynamo, about a second at import time.
+    # Native regions stay opaque to torch.compile (tracing their torch.autocast switching per op
+    # is neither done nor tested): a compiled model called inside one runs its ops eagerly
+    # through this handler (graph breaks), with eager's results.
+    # (Emulated regions are traced: see docs/autocast.md, "torch.compile".) The wrapper is built
+    # on first use: torch.compiler.disable imports torch._dynamo, about a second.
     global _OPAQUE
     if _OPAQUE is None:
         _OPAQUE = torch.compiler.disable(_dispatch)
@@ -142,9 +193,12 @@ def _default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_DEFAULT_OP_LISTS = OpLists()  # one object: validated once, one op-category cache
+
+
 def _coerce_op_lists(op_lists: Any) -> OpLists:
     if op_lists is None:
-        return OpLists()
+        return _DEFAULT_OP_LISTS
     if not isinstance(op_lists, OpLists):
         raise TypeError(f"op_lists must be an OpLists or None, got {type(op_lists).__name__}")
     return op_lists

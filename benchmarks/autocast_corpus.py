@@ -1,0 +1,212 @@
+"""Benchmark: one training step of each corpus model under emulated autocast ÷ plain fp32.
+
+Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA from small configs, a nanoGPT-style
+GPT; random init, nothing downloaded), their example batch (2 x 16 tokens) repeated ``--repeat``
+times along the batch (default 1 and 16: at the corpus batch the tiny configs make the step a
+few milliseconds, so the fixed Python cost of the function mode per op dominates; at 16x the
+arithmetic does, as in real training). Step = forward, the entry's loss, backward (no optimizer:
+it is the same in every mode). Modes: fp32; ``mixprec.autocast(fmt, emulate=True)`` for bf16,
+fp16, e4m3 (the default fp8 recipe: per-tensor current scaling, e5m2... gradients as the policy
+says) and mxfp8_e4m3. Time: minimum process CPU time over ``--steps`` interleaved rounds after a
+warm-up round, at 1 and 2 torch threads (CPU time, not wall-clock: the machine is shared, and a
+preempted step's CPU time does not grow; ``OMP_WAIT_POLICY=PASSIVE`` unless set, so that
+waiting threads do not count).
+
+``--compile MODEL``: also the same step of MODEL under ``torch.compile(fullgraph=True)`` (fp32
+and emulated bf16, the region entered outside the compiled function), compiled emulated ÷
+compiled fp32, one thread (see docs/autocast.md, "torch.compile").
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/autocast_corpus.py [--steps N]
+[--repeat N ...] [--threads N ...]`` (writes benchmarks/results/autocast_corpus.md). Targets
+(issue 15): <= 1.3x for bf16, fp16, e4m3; <= 1.5x for MX formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# idle OpenMP threads sleep instead of spinning: CPU time then counts work, not waiting (on a
+# shared 2-core machine, spinning made 2-thread CPU times 2-5x noisier than the ratios)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+import mixprec
+from _common import markdown_table, publish
+from mixprec.testing import corpus
+
+Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
+
+MODES: dict[str, Ctx] = {
+    "fp32": contextlib.nullcontext,
+    "bf16": lambda: mixprec.autocast("bf16", emulate=True),
+    "fp16": lambda: mixprec.autocast("fp16", emulate=True),
+    "e4m3": lambda: mixprec.autocast("e4m3", emulate=True),
+    "mxfp8": lambda: mixprec.autocast("mxfp8_e4m3", emulate=True),
+}
+
+
+def _repeat(x: Any, k: int) -> Any:
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and k > 1:
+        return x.repeat(k, *([1] * (x.dim() - 1)))
+    return x
+
+
+class Runner:
+    """One corpus model in one mode, its example batch repeated ``repeat`` times."""
+
+    def __init__(self, name: str, repeat: int, ctx: Ctx) -> None:
+        self.entry = corpus.get(name)
+        self.model, args, kwargs = self.entry.example(0)
+        self.args = tuple(_repeat(a, repeat) for a in args)
+        self.kwargs = {k: _repeat(v, repeat) for k, v in kwargs.items()}
+        self.ctx = ctx
+        self.best = float("inf")
+        self.first_loss = float("nan")
+
+    def step(self) -> float:
+        with self.ctx():
+            loss = self.entry.loss(self.model, self.args, self.kwargs)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def timed_step(self) -> None:
+        t0 = time.process_time()
+        loss = self.step()
+        self.best = min(self.best, time.process_time() - t0)
+        if self.first_loss != self.first_loss:  # NaN: not recorded yet
+            self.first_loss = loss
+
+
+def _times(name: str, repeat: int, steps: int) -> dict[str, Runner]:
+    runs = {mode: Runner(name, repeat, ctx) for mode, ctx in MODES.items()}
+    for run in runs.values():
+        run.step()  # warm-up: oneDNN primitives, lazy imports, caches
+    for _ in range(steps):  # interleaved: every mode sees the same machine load
+        for run in runs.values():
+            run.timed_step()
+    return runs
+
+
+def _row(name: str, repeat: int, steps: int, threads: int) -> list[str]:
+    torch.set_num_threads(threads)
+    runs = _times(name, repeat, steps)
+    base = runs["fp32"].best
+    row = [name, f"{2 * repeat} x 16", str(threads), f"{1e3 * base:.1f}"]
+    row += [f"{runs[m].best / base:.2f}" for m in MODES if m != "fp32"]
+    print(f"{name} x{repeat} {threads}t: {row[3:]}", file=sys.stderr, flush=True)
+    return row
+
+
+class CompiledRunner(Runner):
+    """A Runner whose loss function is ``torch.compile(fullgraph=True)``d; the region (if
+    any) is entered outside the compiled function."""
+
+    def __init__(self, name: str, repeat: int, ctx: Ctx) -> None:
+        super().__init__(name, repeat, ctx)
+        self.loss_fn = torch.compile(self.entry.loss, fullgraph=True)
+
+    def step(self) -> float:
+        with self.ctx():
+            loss = self.loss_fn(self.model, self.args, self.kwargs)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _compile_row(name: str, repeat: int, steps: int, keep_casts: bool) -> list[str]:
+    """Compiled fp32 and compiled emulated bf16, each ÷ compiled fp32; eager ones for scale.
+
+    ``keep_casts``: ``torch._inductor.config.emulate_precision_casts``, with which bf16/fp16
+    roundings compile to fusable casts instead of one ``mixprec::round`` call each.
+    """
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    torch._inductor.config.emulate_precision_casts = keep_casts
+    torch.set_num_threads(1)
+    bf16 = MODES["bf16"]
+    runs = {
+        "compiled fp32": CompiledRunner(name, repeat, contextlib.nullcontext),
+        "compiled bf16": CompiledRunner(name, repeat, bf16),
+        "eager fp32": Runner(name, repeat, contextlib.nullcontext),
+        "eager bf16": Runner(name, repeat, bf16),
+    }
+    for run in runs.values():
+        run.step()  # compiles (about 15-40 s a graph on this machine)
+    for _ in range(steps):
+        for run in runs.values():
+            run.timed_step()
+    t = {k: r.best for k, r in runs.items()}
+    c, e = runs["compiled bf16"].first_loss, runs["eager bf16"].first_loss
+    return [
+        name,
+        f"{2 * repeat} x 16",
+        "on" if keep_casts else "off (default)",
+        f"{1e3 * t['compiled fp32']:.1f}",
+        f"{t['compiled bf16'] / t['compiled fp32']:.2f}",
+        f"{t['eager fp32'] / t['compiled fp32']:.2f}",
+        f"{t['eager bf16'] / t['eager fp32']:.2f}",
+        f"{abs(c - e) / abs(e):.1e}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (minimum is reported)")
+    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads")
+    ap.add_argument("--models", nargs="+", default=None, help="corpus models (default: all)")
+    ap.add_argument("--compile", default=None, help="also time torch.compile on this model")
+    args = ap.parse_args(argv)
+    models = args.models or corpus.available()
+    rows = [
+        _row(name, k, args.steps, n) for k in args.repeat for n in args.threads for name in models
+    ]
+    header = ["model", "batch", "threads", "fp32 (ms)"]
+    header += [f"{m} ÷ fp32" for m in MODES if m != "fp32"]
+    title = "autocast on the corpus models: one training step, emulated ÷ plain fp32"
+    notes = [
+        f"CPU time (process time over all threads; OpenMP wait policy "
+        f"{os.environ['OMP_WAIT_POLICY']}), minimum of {args.steps} interleaved rounds "
+        "after a warm-up round; step = forward, loss, backward. Modes: "
+        "`mixprec.autocast(fmt, emulate=True)`; e4m3 = the default fp8 recipe (per-tensor "
+        "current scaling); mxfp8 = mxfp8_e4m3 (32-element blocks along each GEMM's reduction "
+        "axis). Targets (issue 15): <= 1.3x for bf16, fp16, e4m3; <= 1.5x for MX formats. The "
+        "machine is shared: expect noise.",
+    ]
+    if args.compile:
+        crow = [
+            _compile_row(args.compile, k, args.steps, keep)
+            for k in args.repeat
+            for keep in (False, True)
+        ]
+        cheader = [
+            "model", "batch", "emulate_precision_casts", "compiled fp32 (ms)",
+            "compiled bf16 ÷ compiled fp32",
+            "eager fp32 ÷ compiled fp32", "eager bf16 ÷ eager fp32", "loss rel. diff",
+        ]  # fmt: skip
+        notes += [
+            "## torch.compile\n\nOne thread; `torch.compile(entry.loss, fullgraph=True)`, the "
+            "emulated bf16 region entered outside the compiled function (no graph breaks, one "
+            "graph per mode); loss rel. diff = |compiled - eager| / eager of the emulated loss. "
+            "With `torch._inductor.config.emulate_precision_casts` off (the default) every "
+            "rounding is one `mixprec::round` custom-op call; on, bf16/fp16 roundings are "
+            "float32 -> bf16 -> float32 casts that inductor fuses and keeps.",
+            markdown_table(cheader, crow),
+        ]
+    publish("autocast_corpus", title, header, rows, *notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""torch.compile of emulated regions: one graph, no graph breaks, no recompiles, eager's losses.
+
+Oracle: the same model run eagerly in the same region. Compiles are slow (~10-40 s each on a
+small CPU), so the tests are few and each covers several op kinds: low ops (linear), follow
+ops that round (gelu, add), exact ops on multi-output results (split), fp32 ops (softmax).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+from mixprec import autocast
+from mixprec.precision import current_policy
+
+dynamo = pytest.importorskip("torch._dynamo")
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.fc1(x).split(16, dim=-1)  # multi-output op: tags on views
+        h = F.gelu(a) * torch.softmax(b, dim=-1) + c
+        return self.fc2(h)
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x), x)
+
+
+def _dynamo_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "dynamo" in str(w.message).lower()]
+
+
+def _eager(fmt: str) -> tuple[float, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    with autocast(fmt, emulate=True):
+        loss = _loss(model, x)
+    loss.backward()
+    return float(loss.detach()), model.fc1.weight.grad
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_compiled_region_is_one_graph_with_eager_losses(where: str) -> None:
+    def inside(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast("bf16", emulate=True):
+            return _loss(model, x)
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    step = torch.compile(_loss if where == "outside" else inside, fullgraph=True)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # fresh region entries: the graph is reused, not recompiled
+            model.zero_grad()
+            if where == "outside":
+                with autocast("bf16", emulate=True):
+                    loss = step(model, x)
+            else:
+                loss = step(model, x)
+            loss.backward()
+            losses.append(float(loss.detach()))
+    want_loss, want_grad = _eager("bf16")
+    assert losses == [losses[0]] * 3
+    # the fp32 ops (mse_loss, softmax) are fused and reordered by inductor: last bits differ
+    assert losses[0] == pytest.approx(want_loss, rel=1e-5)
+    torch.testing.assert_close(model.fc1.weight.grad, want_grad, rtol=1e-3, atol=1e-6)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not dynamo.utils.counters["graph_break"]
+    assert _dynamo_warnings(caught) == []
+    assert _get_current_function_mode_stack() == [] and current_policy() is None
+
+
+def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
+    for fmt in ("e4m3", "mxfp8_e4m3"):
+        dynamo.reset()
+        torch.manual_seed(0)
+        model, x = Tiny(), torch.randn(8, 16)
+        step = torch.compile(_loss, fullgraph=True)
+        with autocast(fmt, emulate=True):
+            loss = step(model, x)
+        want, _ = _eager(fmt)
+        # inductor may fuse the scale arithmetic of fp8 recipes (x / s as x * (1 / s)): an
+        # element can then round to its neighbour, so compiled fp8 losses are close, not equal
+        assert abs(float(loss.detach()) - want) <= 1e-3 * abs(want)
+
+
+def test_kept_casts_round_bf16_exactly_and_fuse() -> None:
+    """With inductor keeping precision casts, bf16 roundings compile to cast pairs (no custom
+    op in the graph) and still give eager's bits."""
+    import torch._inductor.config as inductor_config
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    with inductor_config.patch(emulate_precision_casts=True):
+        step = torch.compile(_loss, fullgraph=True, backend=backend)
+        with autocast("bf16", emulate=True):
+            loss = step(model, x)
+    assert float(loss.detach()) == pytest.approx(_eager("bf16")[0], rel=1e-5)
+    assert "mixprec.round" not in str(graphs[0].graph)

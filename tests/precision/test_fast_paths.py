@@ -1,0 +1,122 @@
+"""The emulated regions' fast paths give the same bits as the general code they replace.
+
+Oracles: :func:`mixprec.mx_quantize` (MX blocks), ``_scale_from_amax`` (fp8 current scaling),
+:func:`mixprec.quantization.straight_through` (the autograd Function the in-handler rounding
+of operands avoids), and whole training steps against fixed reference losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixprec import autocast, get_format, mx_quantize
+from mixprec.precision.emulated import element_rounder, ste, ste_in_handler
+from mixprec.precision.fp8 import _plain_scale, _scale_from_amax
+from mixprec.precision.mx_rounding import mx_round
+
+ELEMENTS = ["float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"]
+SHAPES_AXES = [
+    ((64, 64), -1),
+    ((64, 64), 0),
+    ((2, 16, 64), -1),
+    ((2, 4, 16, 16), -2),
+    ((2, 3, 64, 8), 1),
+    ((3, 40), -1),  # ragged: mx_quantize itself
+    ((96, 5), 0),
+    ((7,), 0),  # one short block
+]
+
+
+def _special(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Values over ~70 binades with zeros, -0, subnormals, inf and NaN sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 8)
+    flat = x.view(-1)
+    flat[::17] = 0.0
+    flat[11::61] = -0.0
+    flat[3::53] = 1e-40
+    flat[5::97] = float("inf")
+    flat[7::131] = float("nan")
+    return x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("element", ELEMENTS)
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
+def test_mx_round_is_mx_quantize_bit_for_bit(element: str, shape: tuple, axis: int) -> None:
+    f = get_format(element)
+    x = _special(shape, len(shape) * 7 + axis)
+    for t in (x, x.t()) if x.dim() == 2 else (x,):  # a transposed (non-contiguous) operand too
+        want = mx_quantize(t, f, block_size=32, axis=axis)
+        got = mx_round(t, f, 32, axis, "floor")
+        assert got.shape == t.shape
+        assert torch.equal(_bits(got), _bits(want))  # NaN bits included
+
+
+@pytest.mark.parametrize("rule", ["rceil", "ceil", "even"])
+def test_mx_round_other_scale_rules_and_dtypes_defer(rule: str) -> None:
+    f = get_format("float8_e4m3fn")
+    x = _special((4, 64), 3)
+    assert torch.equal(
+        _bits(mx_round(x, f, 32, -1, rule)),
+        _bits(mx_quantize(x, f, block_size=32, axis=-1, scale_rounding=rule)),
+    )
+    h = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(mx_round(h, f, 32, -1, "floor"), mx_quantize(h, f, block_size=32))
+
+
+def test_plain_scale_matches_the_general_scale() -> None:
+    amax = torch.tensor(
+        [0.0, -0.0, 1e-45, 1e-40, 5e-39, 1e-38, 1e-30, 1.0, 448.0, 3.4e38,
+         float("inf"), float("nan")]
+    )  # fmt: skip
+    for fmax in (448.0, 57344.0):
+        for a in amax:
+            want = _scale_from_amax(a, fmax, 0, torch.ones_like(a), False)
+            assert torch.equal(_bits(_plain_scale(a, fmax)), _bits(want)), a
+
+
+def test_in_handler_rounding_equals_the_straight_through_function() -> None:
+    r = element_rounder(get_format("bf16"))
+    g16 = element_rounder(get_format("fp16"))
+    x = torch.randn(8, 33, requires_grad=True)
+    up = torch.randn(8, 33) * 1e3
+    ys = [f(x, r, g16) for f in (ste, ste_in_handler)]
+    grads = [torch.autograd.grad(y, x, up)[0] for y in ys]
+    assert torch.equal(ys[0], ys[1])
+    assert torch.equal(grads[0], grads[1])
+    assert not torch.equal(grads[0], up)  # the gradient was rounded (to fp16)
+
+
+# One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|
+# over the parameters, recorded (float.hex, 1 thread) before the fast paths existed.
+REFERENCE = {
+    "bf16": ("0x1.74b3320000000p+2", "0x1.1e69077792578p+8"),
+    "fp16": ("0x1.74ad3c0000000p+2", "0x1.1e744f29a5340p+8"),
+    "e4m3": ("0x1.74d23a0000000p+2", "0x1.1eb7e86a62ef4p+8"),
+    "mxfp8_e4m3": ("0x1.73954a0000000p+2", "0x1.e6910b2f09dd0p+7"),
+    "mxfp4_e2m1": ("0x1.72d10e0000000p+2", "0x1.701c25c113cb0p+7"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(REFERENCE))
+def test_training_step_bits_unchanged(fmt: str) -> None:
+    from mixprec.testing import corpus
+
+    entry = corpus.get("nanogpt")
+    model, args, kwargs = entry.example(0)
+    args = tuple(a.repeat(4, 1) for a in args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # recorded at 1 thread: GEMM sums depend on the thread count
+    try:
+        with autocast(fmt, emulate=True):
+            loss = entry.loss(model, args, kwargs)
+        loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    grads = sum(float(p.grad.double().abs().sum()) for p in model.parameters())
+    assert (float(loss.detach()).hex(), grads.hex()) == REFERENCE[fmt]
