@@ -15,6 +15,7 @@ CPU time single-threaded (the steadier number on a shared machine). Target: <= 1
     python benchmarks/ulp_audit.py                    # full audit + timing, writes the table
     python benchmarks/ulp_audit.py --level ci --no-time   # the test-sized grid, seconds
     python benchmarks/ulp_audit.py --only softplus,lambertw --time-only
+    python benchmarks/ulp_audit.py --time-only        # re-time all, keep the accuracy section
 
 The full audit takes several minutes (mpmath is slow: ~1M reference values). The table goes to
 ``benchmarks/results/ulp.md``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -168,14 +170,10 @@ def speed_cases(
     }
 
 
-def _best(fn: Callable[[], object], repeat: int, clock: Callable[[], float]) -> float:
-    fn()  # warm-up (allocator, thread pool)
-    best = math.inf
-    for _ in range(repeat):
-        t0 = clock()
-        fn()
-        best = min(best, clock() - t0)
-    return best
+def _once(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+    t0 = clock()
+    fn()
+    return clock() - t0
 
 
 def run_speed(names: list[str], dtypes: list[torch.dtype], n: int, repeat: int) -> list[tuple]:
@@ -187,15 +185,16 @@ def run_speed(names: list[str], dtypes: list[torch.dtype], n: int, repeat: int) 
             if name not in cases:
                 continue
             naive, st = cases[name]
+            naive(), st()  # warm-up (allocator, thread pool)
             # interleave naive and stable so that load changes hit both alike
             wall_n = wall_s = cpu_n = cpu_s = math.inf
             for _ in range(repeat):
                 torch.set_num_threads(threads)
-                wall_n = min(wall_n, _best(naive, 1, time.perf_counter))
-                wall_s = min(wall_s, _best(st, 1, time.perf_counter))
+                wall_n = min(wall_n, _once(naive, time.perf_counter))
+                wall_s = min(wall_s, _once(st, time.perf_counter))
                 torch.set_num_threads(1)
-                cpu_n = min(cpu_n, _best(naive, 1, time.process_time))
-                cpu_s = min(cpu_s, _best(st, 1, time.process_time))
+                cpu_n = min(cpu_n, _once(naive, time.process_time))
+                cpu_s = min(cpu_s, _once(st, time.process_time))
             torch.set_num_threads(threads)
             row = (name, str(dt)[6:], wall_n * 1e3, wall_s * 1e3, cpu_n * 1e3, cpu_s * 1e3)
             out.append(row)
@@ -221,27 +220,80 @@ def speed_table(rows: list[tuple], n: int) -> str:
     return "\n".join(lines)
 
 
+def _load() -> str:
+    """The 1-minute load average against the core count, as a sentence (empty where unknown)."""
+    try:
+        one_minute = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    return f"Load average when the timing started: {one_minute:.1f} on {os.cpu_count()} cores. "
+
+
+def _section(path: Path, title: str) -> str | None:
+    """The ``## {title}...`` section of an earlier results file (up to the next ``## ``)."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    start = text.find(f"\n## {title}")
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + 1)
+    return text[start + 1 : end if end >= 0 else len(text)].rstrip("\n") + "\n"
+
+
 # --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--level", choices=sorted(audit.LEVELS), default="full")
     ap.add_argument("--only", default="", help="comma-separated function names")
     ap.add_argument("--dtypes", default="float64,float32,float16,bfloat16")
     ap.add_argument("--time-dtypes", default="float32")
     ap.add_argument("--no-time", action="store_true")
-    ap.add_argument("--time-only", action="store_true")
+    ap.add_argument("--time-only", action="store_true", help="keeps the file's accuracy section")
     ap.add_argument("--n", type=int, default=1 << 24, help="elements for the timing")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def accuracy_sections(names: list[str], dtypes: list[torch.dtype], level: str) -> list[str]:
+    t0 = time.perf_counter()
+    rows = run_audit(names, dtypes, level)
+    return [
+        f"## Accuracy ({level} grid, {time.perf_counter() - t0:.0f} s)\n\n"
+        "Max and mean error in ulps of the dtype against mpmath at 50 digits (`ulp(y) = "
+        "2^(max(floor(log2|y|), emin) - mantissa_bits)`); *non-finite* counts points where "
+        "the exact value is finite (or rounds to a finite number) but the result is not, or "
+        "NaN where it should not be. Targets: float32 <= 2, float16/bfloat16 <= 1 "
+        "(float64: reported, no target). `grad` is the derivative with upstream gradient 1 "
+        "(log_softmax: a random upstream vector).\n\n" + accuracy_table(rows) + "\n",
+        "### Where the stable versions are worst\n\n" + worst_table(rows) + "\n",
+    ]
+
+
+def speed_section(names: list[str], dtypes: list[torch.dtype], n: int, repeat: int) -> str:
+    load = _load()  # other processes' share of the cores shapes the wall ratios
+    srows = run_speed(names, dtypes, n, repeat)
+    return (
+        f"## Speed ({n} elements; logsumexp/log_softmax on a square matrix, last dim)\n\n"
+        "Naive expression vs stable function, interleaved. Wall time: best of "
+        f"{repeat}, {torch.get_num_threads()} threads; CPU time: single thread, best "
+        f"of {repeat} (steadier on a shared machine). {load}lambertw's naive baseline "
+        "is Newton's iteration with a data-dependent stopping test.\n\n"
+        + speed_table(srows, n)
+        + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
     names = [*audit.ELEMENTWISE, *audit.ROWWISE]
     if args.only:
         names = [n for n in args.only.split(",") if n]
         bad = [n for n in names if n not in audit.ELEMENTWISE + audit.ROWWISE]
         if bad:
             ap.error(f"unknown function(s) {bad}; valid: {audit.ELEMENTWISE + audit.ROWWISE}")
-    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     cap = torch.backends.cpu.get_cpu_capability()
     header = (
         f"torch {torch.__version__}, CPU capability {cap}, {torch.get_num_threads()} threads, "
@@ -251,34 +303,19 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = [f"# mixprec.stable: ULP audit and speed\n\n{header}\n"]
     if not args.time_only:
-        t0 = time.perf_counter()
-        rows = run_audit(names, dtypes, args.level)
-        parts.append(
-            f"## Accuracy ({args.level} grid, {time.perf_counter() - t0:.0f} s)\n\n"
-            "Max and mean error in ulps of the dtype against mpmath at 50 digits (`ulp(y) = "
-            "2^(max(floor(log2|y|), emin) - mantissa_bits)`); *non-finite* counts points where "
-            "the exact value is finite (or rounds to a finite number) but the result is not, or "
-            "NaN where it should not be. Targets: float32 <= 2, float16/bfloat16 <= 1 "
-            "(float64: reported, no target). `grad` is the derivative with upstream gradient 1 "
-            "(log_softmax: a random upstream vector).\n\n" + accuracy_table(rows) + "\n"
-        )
-        parts.append("### Where the stable versions are worst\n\n" + worst_table(rows) + "\n")
+        dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+        parts.extend(accuracy_sections(names, dtypes, args.level))
     if not args.no_time:
         tdt = [DTYPES[d] for d in args.time_dtypes.split(",")]
-        srows = run_speed(names, tdt, args.n, args.repeat)
-        parts.append(
-            f"## Speed ({args.n} elements; logsumexp/log_softmax on a square matrix, last dim)\n\n"
-            "Naive expression vs stable function. Wall time: best of "
-            f"{args.repeat}, {torch.get_num_threads()} threads; CPU time: single thread, best "
-            f"of {args.repeat} (steadier on a shared machine). lambertw's naive baseline is "
-            "Newton's iteration with a data-dependent stopping test.\n\n"
-            + speed_table(srows, args.n)
-            + "\n"
-        )
+        parts.append(speed_section(names, tdt, args.n, args.repeat))
     if args.only or args.level != "full":
         print("\n".join(parts))
         print(f"(partial run: not writing {args.out})")
         return 0
+    # a speed-only (accuracy-only) run keeps the other section of the existing table
+    kept = _section(args.out, "Accuracy" if args.time_only else "Speed")
+    if kept is not None and (args.time_only or args.no_time):
+        parts.insert(1 if args.time_only else len(parts), kept)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mixprec import stable
-from mixprec.stable.core import CHUNK
+from mixprec.stable.core import CHUNK, map_elementwise_stats
 from mixprec.testing import ulp as audit
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -214,6 +214,29 @@ def test_logaddexp_zero_crossing_float32() -> None:
     assert err.max().item() <= 1.0
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=lambda d: str(d)[6:])
+def test_logcosh_near_series_switch(dtype: torch.dtype) -> None:
+    # below |x| = 2^-9 the float32-and-narrower kernel takes the series, found per 128-element
+    # segment: points around the switch and far below it, spread over several chunks (one next
+    # to a NaN in its segment, some in the short last segment), against mpmath
+    rng = np.random.default_rng(11)
+    t = 2.0**-9
+    near = t * (1 + np.arange(-64, 65) * 2.0**-23)
+    xs = np.concatenate([np.exp2(rng.uniform(-30, -5, 1500)), near])
+    x = torch.tensor(np.concatenate([xs, -xs])).to(dtype)
+    hi, lo = audit.reference_elementwise(lambda m, a: m.log(m.cosh(a)), x.double().numpy())
+    n = 3 * CHUNK + 77
+    big = (torch.randn(n, generator=torch.Generator().manual_seed(6)) * 10).to(dtype)
+    pos = torch.cat([torch.arange(x.numel() - 40) * 23, torch.arange(n - 40, n)])
+    big[pos] = x
+    beside = int(pos[int(x.abs().float().argmin())]) ^ 1  # same segment as the smallest |x|
+    big[beside] = math.nan
+    got = stable.logcosh(big)
+    assert math.isnan(got[beside].item())
+    for out in (got[pos], stable.logcosh(x)):
+        assert audit.ulp_error(out, hi, lo, dtype).max().item() <= 0.51
+
+
 def test_special_values() -> None:
     inf, nan = math.inf, math.nan
     t = torch.tensor
@@ -333,6 +356,8 @@ def test_bad_arguments() -> None:
         stable.log_softmax(x, dim=2)
     with pytest.raises(TypeError, match="tensor or a real number"):
         stable.logaddexp(x, "1")
+    with pytest.raises(ValueError, match="positive divisor of CHUNK"):
+        map_elementwise_stats(lambda *a: None, (x,), x.dtype, 1000)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])

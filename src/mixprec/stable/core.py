@@ -12,8 +12,13 @@ On CPU we therefore cut the work into chunks of ``CHUNK`` elements: each chunk's
 temporaries stay in L2 cache, and each chunk's result is written straight into the output. The
 chunks are shared out to a few Python threads (torch releases the GIL inside its kernels) rather
 than relying on torch's per-op parallelism, whose barrier after every op costs dearly when the
-machine is busy. A chunked float64 softplus runs about as fast as the naive unchunked float32
-``log(1 + exp(x))``. On other devices (CUDA) a kernel runs once on the whole tensor.
+machine is busy; each thread takes the next chunk when it is done with its last. Every torch
+call in a worker thread releases and retakes the GIL, which costs when the threads contend for
+it, so kernels keep their calls per chunk few: results go straight into the output with ``out=``
+arguments, and rare-case checks run once per call on per-row or per-segment statistics that
+the kernels hand back (:func:`map_rows_multi`, :func:`map_elementwise_stats`) rather than as a
+few small ops per chunk. A chunked float64 softplus runs about as fast as the naive unchunked
+float32 ``log(1 + exp(x))``. On other devices (CUDA) a kernel runs once on the whole tensor.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ __all__ = [
     "check_dim",
     "float_pair",
     "map_elementwise",
+    "map_elementwise_stats",
     "map_rows",
+    "map_rows_multi",
 ]
 
 #: The dtype formulas are evaluated in.
@@ -113,19 +120,23 @@ def _chunked(x: Tensor) -> bool:
 def _run_ranges(total: int, step: int, work: Callable[[int, int], None]) -> None:
     """Call ``work(start, stop)`` for consecutive ranges of ``step`` covering ``range(total)``.
 
-    The ranges are dealt round-robin to ``_workers()`` threads. Each range is small enough
-    (at most ``CHUNK`` elements) that torch runs its ops serially inside the calling thread,
-    so the threads never wait on each other: this stays fast on a loaded machine, where torch's
-    own per-op parallelism stalls at every op's barrier.
+    ``_workers()`` threads take the ranges from one shared queue, each the next one when it is
+    done with its last: on a loaded machine a thread that gets less CPU time does fewer ranges
+    instead of holding the others up (a fixed share per thread finishes only when the slowest
+    thread does). Each range is small enough (at most ``CHUNK`` elements) that torch runs its
+    ops serially inside the calling thread, so the threads never wait on each other: this stays
+    fast on a loaded machine, where torch's own per-op parallelism stalls at every op's barrier.
+    The result does not depend on which thread did which range.
     """
     workers = min(_workers(), -(-total // step))
+    starts = iter(range(0, total, step))  # next() on it is atomic (one C call under the GIL)
 
-    def lane(k: int) -> None:
+    def lane() -> None:
         with torch.no_grad():  # grad mode is thread-local: worker threads start with it on
-            for start in range(k * step, total, step * workers):
+            for start in starts:
                 work(start, min(start + step, total))
 
-    run_parallel([partial(lane, k) for k in range(workers)])
+    run_parallel([lane] * workers)
 
 
 class Workspace:
@@ -151,12 +162,13 @@ class Workspace:
     def f(self, i: int) -> Tensor:
         while len(self._f) <= i:
             self._f.append(torch.empty(self.capacity, dtype=WIDE, device=self.device))
-        return self._f[i][: self.n]
+        # (a slice is a torch op of its own: skip it for the full-size chunks)
+        return self._f[i] if self.n == self.capacity else self._f[i][: self.n]
 
     def b(self, i: int) -> Tensor:
         while len(self._b) <= i:
             self._b.append(torch.empty(self.capacity, dtype=torch.bool, device=self.device))
-        return self._b[i][: self.n]
+        return self._b[i] if self.n == self.capacity else self._b[i][: self.n]
 
 
 def map_elementwise(kernel: Kernel, inputs: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor:
@@ -171,12 +183,41 @@ def map_elementwise(kernel: Kernel, inputs: Sequence[Tensor], out_dtype: torch.d
     output, float64 buffers of ``CHUNK`` elements per thread (of the whole size when not
     chunked). No device synchronisation.
     """
+    return _map_flat(partial(_copy_result, kernel), inputs, out_dtype, 0)[0]
+
+
+def _copy_result(kernel: Kernel, ws: Workspace, out: Tensor, stats: Tensor, *wide: Tensor) -> None:
+    out.copy_(kernel(ws, *wide))
+
+
+def map_elementwise_stats(
+    kernel: Callable[..., None], inputs: Sequence[Tensor], out_dtype: torch.dtype, segment: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`map_elementwise` for a kernel that writes its result itself, together with one
+    float64 statistic per ``segment`` consecutive (flat) elements, e.g. each one's minimum.
+
+    ``kernel(ws, out, stats, *wide)`` writes its range's result into ``out`` (flat, of
+    ``out_dtype``: the last op can round straight into it) and ``ceil(n / segment)`` statistics
+    for its ``n`` elements into ``stats`` (the last segment may be short); ``CHUNK`` must be a
+    multiple of ``segment``. Returns the output and the statistics of all segments, which the
+    caller checks once per call rather than the kernel once per chunk: a rare fix-up then costs
+    no op per chunk beyond the reduction that computes the statistic.
+    """
+    if segment <= 0 or CHUNK % segment:
+        raise ValueError(f"segment must be a positive divisor of CHUNK={CHUNK}, got {segment}")
+    return _map_flat(kernel, inputs, out_dtype, segment)
+
+
+def _map_flat(
+    kernel: Callable[..., None], inputs: Sequence[Tensor], out_dtype: torch.dtype, segment: int
+) -> tuple[Tensor, Tensor]:
     shape = torch.broadcast_shapes(*(t.shape for t in inputs))
     device = inputs[0].device
     with torch.no_grad():
         out = torch.empty(shape, dtype=out_dtype, device=device)
         flat_out = out.view(-1)
         total = flat_out.numel()
+        stats = torch.empty(-(-total // segment) if segment else 0, dtype=WIDE, device=device)
         same = all(t.shape == shape and t.is_contiguous() for t in inputs)
         if not (same and _chunked(inputs[0])):
             ws = Workspace(max(total, 1), device)
@@ -184,8 +225,8 @@ def map_elementwise(kernel: Kernel, inputs: Sequence[Tensor], out_dtype: torch.d
             wide = [
                 ws.f(i).view(shape).copy_(t.expand(shape)).view(-1) for i, t in enumerate(inputs)
             ]
-            flat_out.copy_(kernel(ws, *wide))
-            return out
+            kernel(ws, flat_out, stats, *wide)
+            return out, stats
         flats = [t.view(-1) for t in inputs]
         spaces = threading.local()
 
@@ -195,10 +236,11 @@ def map_elementwise(kernel: Kernel, inputs: Sequence[Tensor], out_dtype: torch.d
                 ws = spaces.ws = Workspace(CHUNK, device)
             ws.resize(stop - start)
             wide = [ws.f(i).copy_(f[start:stop]) for i, f in enumerate(flats)]
-            flat_out[start:stop].copy_(kernel(ws, *wide))
+            part = stats[start // segment : -(-stop // segment)] if segment else stats
+            kernel(ws, flat_out[start:stop], part, *wide)
 
         _run_ranges(total, CHUNK, work)
-        return out
+        return out, stats
 
 
 def rows_view(x: Tensor, dim: int) -> tuple[Tensor, list[int]]:
@@ -217,15 +259,33 @@ def map_rows(kernel: Kernel, x2d: Tensor, out_cols: int, out_dtype: torch.dtype)
     row per block) by a few threads with their own workspaces; cost as for
     :func:`map_elementwise`.
     """
+    return map_rows_multi(partial(_copy_rows, kernel), x2d, ((out_cols, out_dtype),))[0]
+
+
+def _copy_rows(kernel: Kernel, ws: Workspace, block: Tensor, dst: Tensor) -> None:
+    dst.copy_(kernel(ws, block))
+
+
+def map_rows_multi(
+    kernel: Callable[..., None], x2d: Tensor, outs: Sequence[tuple[int, torch.dtype]]
+) -> tuple[Tensor, ...]:
+    """:func:`map_rows` for a kernel that writes several per-row results itself.
+
+    ``kernel(ws, block, *dsts)`` writes, for each entry ``(cols, dtype)`` of ``outs``, its
+    block's rows of that result into the ``(r, cols)`` tensor ``dsts[i]`` (with ``out=``
+    arguments: no copy, and no extra op that the thread would release and retake the GIL for).
+    A kernel can so hand back a per-row statistic (a maximum, a sum) next to, or instead of, its
+    output, which the caller checks for all rows at once rather than per block.
+    """
     rows, n = x2d.shape
     device = x2d.device
     with torch.no_grad():
+        results = tuple(torch.empty((rows, c), dtype=dt, device=device) for c, dt in outs)
         if not _chunked(x2d) or rows == 1:
             ws = Workspace(max(x2d.numel(), 1), device)
             ws.resize(x2d.numel())
-            block = ws.f(0).view(rows, n).copy_(x2d)
-            return kernel(ws, block).to(out_dtype)
-        out = torch.empty((rows, out_cols), dtype=out_dtype, device=device)
+            kernel(ws, ws.f(0).view(rows, n).copy_(x2d), *results)
+            return results
         step = max(1, CHUNK // max(n, 1))
         spaces = threading.local()
 
@@ -235,10 +295,10 @@ def map_rows(kernel: Kernel, x2d: Tensor, out_cols: int, out_dtype: torch.dtype)
                 ws = spaces.ws = Workspace(step * n, device)
             ws.resize((stop - start) * n)
             block = ws.f(0).view(stop - start, n).copy_(x2d[start:stop])
-            out[start:stop].copy_(kernel(ws, block))
+            kernel(ws, block, *(r[start:stop] for r in results))
 
         _run_ranges(rows, step, work)
-        return out
+        return results
 
 
 def check_dim(dim: int, ndim: int) -> int:

@@ -20,9 +20,11 @@ works). Conventions at the edges, all of them limits of the mathematical functio
 
 Cost of every function: one read of each input and one write of the output, float64
 buffers of ``CHUNK`` elements per thread on CPU. Rare cases (a result that cancels to ~0, a
-``log1mexp`` argument within 2^-27 of 0, ...) are detected with one reduction per chunk and fixed
-up on the affected entries only. On a GPU the kernels take the branch-free forms instead, except
-``logaddexp`` and ``logsumexp``, whose cancellation check is one device synchronisation per call.
+``log1mexp`` argument within 2^-27 of 0, ...) are detected with one reduction per chunk (for
+``logsumexp``, ``log_softmax`` and ``logcosh``: on the per-row or per-segment statistics, once
+per call) and fixed up on the affected entries only. On a GPU the kernels take the branch-free
+forms instead, except ``logaddexp`` and ``logsumexp``, whose cancellation check is one device
+synchronisation per call.
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ from mixprec.stable.core import (
     check_dim,
     float_pair,
     map_elementwise,
+    map_elementwise_stats,
     map_rows,
+    map_rows_multi,
     rows_view,
 )
 from mixprec.stable.double_double import dd_add, dd_exp, dd_expm1, dd_sum_rows, two_sum
 from mixprec.stable.lambert import lambertw_and_1p
 
 # Rows whose float64 log-sum is below this are recomputed with the slower exact formula (see
-# _logsumexp_rows_k): above it, the plain formula's absolute error (a few 2^-53) is below
+# _logsumexp_fast): above it, the plain formula's absolute error (a few 2^-53) is below
 # 2^-30 relative to the result, invisible after rounding to float32 or narrower.
 _FAST_LSE_MIN = 2.0**-20
 
@@ -227,34 +231,64 @@ def _logsumexp_dd_rows(x: Tensor) -> Tensor:
     return torch.log1p(s[0] + s[1])
 
 
-def _logsumexp_rows_k(ws: Workspace, x: Tensor, exact: bool) -> Tensor:
-    """Row-wise logsumexp; ``exact=False`` first tries ``m + log(sum(exp(x - m)))``.
-
-    The plain formula is accurate to a few float64 ulps *absolute*; that is far below a float32
-    ulp of the result unless the result is tiny, so only rows with ``|result| < 2^-20`` (or a
-    non-finite maximum) are recomputed with the log1p form. Worth it: that form costs two
-    comparisons and a masked fill per element. Either way, rows where the result cancelled
-    against the maximum (``logsumexp ~ 0``) are recomputed in double-double.
-    """
+def _logsumexp_exact_k(ws: Workspace, x: Tensor) -> Tensor:
+    """Row-wise logsumexp of a float64 block (float64 inputs; any dtype on a GPU): the log1p
+    form of :func:`_logsumexp_exact_rows`, then double-double for the rows that cancelled."""
     m = x.amax(dim=1, keepdim=True)
-    if exact:
-        out = _logsumexp_exact_rows(x)
-    else:
-        e = torch.sub(x, m, out=ws.f(1).view(x.shape)).exp_()
-        out = e.sum(dim=1, keepdim=True).log_().add_(m)
+    out = _logsumexp_exact_rows(x)
+    smallest = float(out.abs().amin()) if out.numel() else math.inf
+    return _lse_redo_cancelled(out, m, x.__getitem__, exact=True, smallest=smallest)
+
+
+def _lse_stats_k(ws: Workspace, x: Tensor, m_dst: Tensor, s_dst: Tensor) -> None:
+    """Per row of a float64 block: the maximum ``m`` into ``m_dst`` and ``sum(exp(x - m))``
+    into ``s_dst`` (each ``(r, 1)``).
+
+    Four passes over the block, in place: the log, the add and every check run once per call
+    on the ``(rows, 1)`` statistics (see :func:`_logsumexp_fast`).
+    """
+    m = torch.amax(x, dim=1, keepdim=True, out=m_dst)
+    torch.sum(x.sub_(m).exp_(), dim=1, keepdim=True, out=s_dst)
+
+
+def _logsumexp_fast(x2: Tensor) -> Tensor:
+    """Row-wise logsumexp of float32-and-narrower ``(rows, n)`` on CPU, as float64 ``(rows, 1)``.
+
+    ``m + log(sum(exp(x - m)))`` is accurate to a few float64 ulps *absolute*; that is far below
+    a float32 ulp of the result unless the result is tiny, so only rows with ``|result| < 2^-20``
+    (or a non-finite maximum) are recomputed with the log1p form (worth it: that form costs two
+    comparisons and a masked fill per element), and rows where the result cancelled against the
+    maximum (``logsumexp ~ 0``) in double-double. Those checks look at the per-row results only:
+    a few ops per call, on ``rows`` elements.
+    """
+    m, s = map_rows_multi(_lse_stats_k, x2, ((1, WIDE), (1, WIDE)))
+    out = s.log_().add_(m)
+
+    def wide_rows(rows: Tensor) -> Tensor:
+        return x2[rows].to(WIDE)
+
     # one look at the smallest |result| decides whether any row needs more work (NaN: look)
     smallest = float(out.abs().amin()) if out.numel() else math.inf
-    if not exact and not smallest >= _FAST_LSE_MIN:
+    if not smallest >= _FAST_LSE_MIN:
         redo = ~(out.abs() >= _FAST_LSE_MIN)  # also NaN: non-finite m
         rows = redo.squeeze(1).nonzero().squeeze(1)
-        out[rows] = _logsumexp_exact_rows(x[rows])
+        out[rows] = _logsumexp_exact_rows(wide_rows(rows))
         smallest = math.nan
+    return _lse_redo_cancelled(out, m, wide_rows, exact=False, smallest=smallest)
+
+
+def _lse_redo_cancelled(
+    out: Tensor, m: Tensor, wide_rows: Callable[[Tensor], Tensor], exact: bool, smallest: float
+) -> Tensor:
+    """Recompute in double-double the rows of ``out`` (``(r, 1)``, row maxima ``m``) where the
+    result cancelled against the maximum; ``wide_rows(rows)`` gives those rows in float64 and
+    ``smallest`` is ``min |out|`` (NaN: unknown), which usually rules the case out at once."""
     largest_m = float(m.abs().amax()) if m.numel() else 0.0
     if not smallest >= min(0.5, _CANCEL[exact] * largest_m):
         cancel = _cancelling(out, m, exact, max_abs_m=math.inf)
         if cancel is not None:
             rows = cancel.squeeze(1).nonzero().squeeze(1)
-            out[rows] = _logsumexp_dd_rows(x[rows]).reshape(-1, 1)
+            out[rows] = _logsumexp_dd_rows(wide_rows(rows)).reshape(-1, 1)
     return out
 
 
@@ -276,41 +310,38 @@ def _log_softmax_exact_rows(x: Tensor) -> Tensor:
     return torch.where(finite, out, torch.where(m == -math.inf, -math.inf, x - m))
 
 
-def _log_softmax_rows_k(ws: Workspace, x: Tensor, exact: bool) -> Tensor:
-    """Row-wise log_softmax; ``exact=False`` first uses torch's fused float64 log_softmax.
+def _log_softmax_exact_k(ws: Workspace, x: Tensor) -> Tensor:
+    return _log_softmax_exact_rows(x)
 
-    That is ``(x - m) - log(sum(exp(x - m)))``: only the maximal entry can come out tiny
-    (``-log(s)`` with ``s = 1 + tiny`` rounded), and only when ``log(s) < 2^-20``: such rows
-    (and rows with a non-finite maximum) are recomputed exactly. ``log(s)`` is minus the row's
-    largest output.
-    """
-    if exact:
-        return _log_softmax_exact_rows(x)
+
+def _log_softmax_fast_k(ws: Workspace, x: Tensor, out_dst: Tensor, top_dst: Tensor) -> None:
+    """torch's fused float64 log_softmax of a block, and each row's largest output."""
     out = torch._log_softmax(x, 1, False, out=ws.f(1).view(x.shape))
-    ls = out.amax(dim=1, keepdim=True).neg_()
+    torch.amax(out, dim=1, keepdim=True, out=top_dst)
+    out_dst.copy_(out)
+
+
+def _log_softmax_fast(x2: Tensor, dtype: torch.dtype) -> Tensor:
+    """Row-wise log_softmax of float32-and-narrower ``(rows, n)`` on CPU, rounded to ``dtype``.
+
+    torch's fused float64 log_softmax is ``(x - m) - log(sum(exp(x - m)))``: only the maximal
+    entry can come out tiny (``-log(s)`` with ``s = 1 + tiny`` rounded), and only when
+    ``log(s) < 2^-20``: such rows (and rows with a non-finite maximum) are recomputed exactly.
+    ``log(s)`` is minus the row's largest output; the check runs once per call on those.
+    """
+    out, top = map_rows_multi(_log_softmax_fast_k, x2, ((x2.shape[1], dtype), (1, WIDE)))
+    ls = top.neg_()
     redo = ~(ls >= _FAST_LSE_MIN) | ~torch.isfinite(ls)
     if bool(redo.any()):
         rows = redo.squeeze(1).nonzero().squeeze(1)
-        out[rows] = _log_softmax_exact_rows(x[rows])
+        out[rows] = _log_softmax_exact_rows(x2[rows].to(WIDE)).to(dtype)
     return out
 
 
 def _logcosh_k(ws: Workspace, x: Tensor, exact: bool = True) -> Tensor:
     a = x.abs_()
-    if not exact:
-        # log cosh a = a - ln 2 + log1p(e^-2a): one fused softplus, no overflow. Near 0 the sum
-        # cancels (result a^2/2, absolute error ~2^-53): below a = 2^-11 that exceeds 2^-30
-        # relative, so chunks holding such entries (one reduction finds out) blend in the series
-        # a^2/2 - a^4/12 there (next term a^6/45: 2^-47 relative). The blend weight is a clamped
-        # ramp (0 below 2^-11, 1 from 2^-11 (1 + 2^-30) on, both formulas exact in between):
-        # cheaper than a comparison and a where().
-        out = _softplus_(torch.mul(a, -2.0, out=ws.f(1))).add_(a).sub_(LN2)
-        if a.device.type != "cpu" or (a.numel() and not bool(a.amin() >= 2.0**-11)):
-            a2 = torch.clamp_max(a, 1.0, out=ws.f(2)).square_()
-            series = torch.mul(a2, -1.0 / 12.0, out=ws.f(3)).add_(0.5).mul_(a2)
-            ramp = torch.sub(a, 2.0**-11, out=a2).mul_(2.0**41).clamp_(0.0, 1.0)
-            out.sub_(series).mul_(ramp).add_(series)
-        return out
+    if not exact:  # (on a GPU; CPUs take _logcosh_fast_k and fix the segments afterwards)
+        return _logcosh_series_where(a, _logcosh_fast(ws, a).add_(a), ws.f(2))
     # cosh(a) - 1 = E^2 / (2 (1 + E)) with E = expm1(a): no cancellation near 0, so log1p keeps
     # the x^2/2 digits. Beyond a = 20, log cosh a = log cosh 20 + (a - 20) to within 2^-57
     # relative (the neglected log1p(e^-2a) < 5e-18): clamping the argument and adding the excess
@@ -319,6 +350,76 @@ def _logcosh_k(ws: Workspace, x: Tensor, exact: bool = True) -> Tensor:
     e = torch.expm1(ac, out=ws.f(2))
     near = torch.square(e, out=ws.f(3)).div_(e.add_(1.0).mul_(2.0)).log1p_()
     return near.add_(a.sub_(ac))
+
+
+# Below this |x| the float32-and-narrower logcosh takes the series (see _logcosh_fast).
+_LOGCOSH_SERIES = 2.0**-9
+_HALF = torch.tensor(0.5, dtype=WIDE)
+# Segment length of the check for arguments below _LOGCOSH_SERIES (a divisor of CHUNK)
+_SEGMENT = 128
+
+
+def _logcosh_fast(ws: Workspace, a: Tensor) -> Tensor:
+    """``log((1 + e^-2a) / 2)``, to which the caller adds ``a = |x|`` for ``log cosh x``.
+
+    No overflow, and only ``exp`` and ``log``, torch's two vectorised float64 transcendentals
+    (``log1p`` and the fused ``softplus`` cost 3-7x as much per element; ``log((1 + u) / 2)``
+    adds ~2^-54 absolute, no more than the sum's own rounding). Near 0 the sum cancels to
+    ``a^2/2`` with an absolute error of ~4 * 2^-53: from ``a = 2^-9`` on that is below 2^-31
+    relative (invisible after rounding to float32 or narrower); smaller ``a`` need
+    :func:`_logcosh_series_where`.
+    """
+    u = torch.mul(a, -2.0, out=ws.f(1)).exp_()
+    return torch.add(_HALF, u, alpha=0.5, out=u).log_()
+
+
+def _logcosh_fast_k(ws: Workspace, out: Tensor, mins: Tensor, x: Tensor) -> None:
+    """:func:`_logcosh_fast` of a CPU chunk, rounded into ``out``, and into ``mins`` the minimum
+    of ``|x|`` per 128-element segment (one reduction), from which
+    :func:`_logcosh_fix_near_zero` finds the few segments to fix."""
+    a = x.abs_()
+    whole = a.numel() - a.numel() % _SEGMENT
+    if whole == a.numel():  # (every chunk but the last: no slicing, each slice is an op)
+        torch.amin(a.view(-1, _SEGMENT), dim=1, out=mins)
+    else:
+        torch.amin(a[:whole].view(-1, _SEGMENT), dim=1, out=mins[: whole // _SEGMENT])
+        torch.amin(a[whole:], dim=0, keepdim=True, out=mins[-1:])
+    torch.add(_logcosh_fast(ws, a), a, out=out)
+
+
+def _logcosh_series_where(a: Tensor, fast: Tensor, out: Tensor | None = None) -> Tensor:
+    """``fast``, with :func:`_logcosh_series` where ``a < 2^-9``."""
+    return torch.where(a < _LOGCOSH_SERIES, _logcosh_series(a), fast, out=out)
+
+
+def _logcosh_series(a: Tensor) -> Tensor:
+    """``a^2/2 - a^4/12``: for ``a < 2^-9`` its next term ``a^6/45`` is 2^-40 relative."""
+    a2 = torch.square(a)
+    return torch.mul(a2, 0.5).addcmul_(a2, a2, value=-1.0 / 12.0)
+
+
+def _logcosh_fix_near_zero(x: Tensor, out: Tensor, mins: Tensor) -> None:
+    """Put the series into ``out = logcosh(x)`` (``x``'s dtype) where ``|x| < 2^-9``, looking
+    only into the 128-element segments whose minimum ``|x|`` in ``mins`` says they hold one.
+
+    The check is a few ops on ``numel / 128`` minima, once per call; then one comparison over
+    the flagged segments (a few per chunk for data spread over +-10) finds the entries, and
+    only those are recomputed (in float64) and put back.
+    """
+    segs = torch.ge(mins, _LOGCOSH_SERIES).logical_not_().nonzero().view(-1)  # NaN: flagged
+    if segs.numel() == 0:
+        return
+    xf, of = x.reshape(-1), out.view(-1)
+    whole = xf.numel() // _SEGMENT
+    full = segs[segs < whole]
+    near = xf[: whole * _SEGMENT].view(whole, _SEGMENT).index_select(0, full).abs_()
+    seg, col = (near < _LOGCOSH_SERIES).nonzero().unbind(1)
+    flat = [full.index_select(0, seg).mul_(_SEGMENT).add_(col)]
+    if int(segs[-1]) == whole:  # the short last segment
+        tail = xf[whole * _SEGMENT :].abs() < _LOGCOSH_SERIES
+        flat.append(tail.nonzero().view(-1).add_(whole * _SEGMENT))
+    idx = torch.cat(flat)
+    of[idx] = _logcosh_series(xf[idx].to(WIDE).abs_()).to(out.dtype)
 
 
 def _lambertw_k(ws: Workspace, z: Tensor, branch: int, precise: bool) -> Tensor:
@@ -431,9 +532,10 @@ def _lse_forward(x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
     x2 = moved.reshape(-1, n)
     if n == 0:
         out = torch.full((x2.shape[0], 1), -math.inf, dtype=x.dtype, device=x.device)
+    elif x.dtype == torch.float64 or x.device.type != "cpu":
+        out = map_rows(_logsumexp_exact_k, x2, 1, x.dtype)
     else:
-        exact = x.dtype == torch.float64 or x.device.type != "cpu"
-        out = map_rows(partial(_logsumexp_rows_k, exact=exact), x2, 1, x.dtype)
+        out = _logsumexp_fast(x2).to(x.dtype)
     return out.reshape(_reduce_shape(x.shape, dims, keepdim))
 
 
@@ -481,9 +583,10 @@ class _LogSoftmax(torch.autograd.Function):
         x2, moved_shape = rows_view(x, dim)
         if x2.numel() == 0:
             return torch.empty_like(x)
-        exact = x.dtype == torch.float64 or x.device.type != "cpu"
-        kernel = partial(_log_softmax_rows_k, exact=exact)
-        out = map_rows(kernel, x2, x2.shape[1], x.dtype)
+        if x.dtype == torch.float64 or x.device.type != "cpu":
+            out = map_rows(_log_softmax_exact_k, x2, x2.shape[1], x.dtype)
+        else:
+            out = _log_softmax_fast(x2, x.dtype)
         return out.reshape(moved_shape).movedim(-1, dim).contiguous()
 
     @staticmethod
@@ -539,8 +642,12 @@ class _LogCosh(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        kernel = partial(_logcosh_k, exact=x.dtype == torch.float64)
-        return map_elementwise(kernel, (x,), x.dtype)
+        if x.dtype == torch.float64 or x.device.type != "cpu":
+            kernel = partial(_logcosh_k, exact=x.dtype == torch.float64)
+            return map_elementwise(kernel, (x,), x.dtype)
+        out, mins = map_elementwise_stats(_logcosh_fast_k, (x,), x.dtype, _SEGMENT)
+        _logcosh_fix_near_zero(x, out, mins)
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
