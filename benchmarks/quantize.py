@@ -1,26 +1,83 @@
 """Quantize throughput on 16M float32 elements as ratios to a copy, measured in one run.
 
-    python benchmarks/quantize.py [--n 16777216] [--repeat 5]
+    python benchmarks/quantize.py [--n 16777216] [--repeat 5] [--threads N] [--no-slow]
 
-Same table as ``mixprec bench --slow`` (the timing code lives in mixprec.cli.bench_command);
-this script also writes it to benchmarks/results/quantize.md.
+The first table is ``mixprec bench --slow``'s (the timing code lives in
+mixprec.cli.bench_command); the second times the pure-torch path (``MIXPREC_BACKEND=torch``)
+against its torch.compile'd variant (``MIXPREC_BACKEND=torch-compiled``). Both are written to
+benchmarks/results/quantize.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
 
 from _common import write_result
-from mixprec.cli.bench_command import DEFAULT_FORMATS, quantize_table
+from mixprec import quantize
+from mixprec.cli.bench_command import DEFAULT_FORMATS, best_of, markdown_table, quantize_table
+
+
+def _with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with MIXPREC_BACKEND=backend (restored afterwards)."""
+
+    def run() -> object:
+        previous = os.environ.get("MIXPREC_BACKEND")
+        os.environ["MIXPREC_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                os.environ.pop("MIXPREC_BACKEND")
+            else:
+                os.environ["MIXPREC_BACKEND"] = previous
+
+    return run
+
+
+def compiled_table(n: int, repeat: int, formats: list[str]) -> str:
+    """The torch path eager and compiled, as ratios to clone, nearest and stochastic."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 4
+    t_clone = best_of(lambda: x.clone(), repeat)
+    t0 = time.perf_counter()
+    for rounding in ("nearest", "stochastic"):  # the two graphs float32 needs
+        _with_backend("torch-compiled", lambda: quantize(x[:4096], "e4m3", rounding=rounding))()
+    t_compile = time.perf_counter() - t0
+    rows = []
+    for name in formats:
+        row = [name]
+        for rounding in ("nearest", "stochastic"):
+            for backend, reps in (("torch", min(repeat, 2)), ("torch-compiled", repeat)):
+                q = _with_backend(backend, lambda: quantize(x, name, rounding=rounding))
+                row.append(f"{best_of(q, reps) / t_clone:.2f}×")
+        rows.append(row)
+    header = ["format", "nearest eager / clone", "nearest compiled / clone",
+              "stochastic eager / clone", "stochastic compiled / clone"]  # fmt: skip
+    return (
+        "### torch path (CUDA, or no C compiler), here on CPU: eager vs torch.compile'd\n\n"
+        f"Same tensor; MIXPREC_BACKEND=torch vs torch-compiled. Compiling the two float32 graphs "
+        f"(deterministic modes, stochastic) took {t_compile:.1f} s (torch's compile cache may "
+        "shorten it), once for every format.\n\n" + markdown_table(header, rows) + "\n"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1 << 24)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--no-slow", action="store_true", help="skip ml_dtypes and the torch path")
     args = ap.parse_args()
-    text = quantize_table(args.n, args.repeat, DEFAULT_FORMATS.split(","), not args.no_slow)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    formats = DEFAULT_FORMATS.split(",")
+    text = quantize_table(args.n, args.repeat, formats, not args.no_slow)
+    if not args.no_slow:
+        text += "\n" + compiled_table(args.n, args.repeat, formats)
     print(text)
     write_result("quantize", text)
 

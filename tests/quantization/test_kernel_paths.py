@@ -1,8 +1,9 @@
-"""The C kernel's fast path (normal-range blocks) and general path must agree bit for bit.
+"""The C kernel's fast paths must agree bit for bit with its general algorithm.
 
-The kernel rounds each block of elements with a cheap bit-pattern formula when every element is
-a normal number whose result is normal, and redoes the block with the general algorithm
-otherwise; planting one tiny value per block forces the general path for the rest of the block.
+float32 formats with 1 <= M <= 22 round on the bit pattern itself, every input included
+(overflow, inf/NaN, inputs below the target's smallest subnormal); stochastic rounding has
+AVX-512, AVX2 and portable versions chosen from the CPU at import; e8m0 has a closed form of its
+own. Each is compared with the general algorithm (fast_lo = 0) or the torch kernel.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 
 from mixprec import quantize, quantize_
 from mixprec.formats import get_format
-from mixprec.quantization import has_c_kernel
-from mixprec.quantization.params import ROUNDING_MODES, kernel_params
+from mixprec.quantization import elementwise, has_c_kernel
+from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
 
 pytestmark = pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+_kernels = elementwise._kernels
 
 MODES = ["nearest", "stochastic", "toward_zero", "up", "down", "odd"]
 
@@ -25,10 +27,12 @@ MODES = ["nearest", "stochastic", "toward_zero", "up", "down", "odd"]
 @pytest.mark.parametrize("fmt", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "e3m2"])
 @pytest.mark.parametrize("rounding", MODES)
 def test_fast_and_general_paths_agree(fmt: str, rounding: str) -> None:
+    """Inputs below the target's smallest subnormal (their own formula inside the vector loop;
+    once a per-block fallback) leave their neighbours' results and random draws unchanged."""
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(8192, generator=g) + 0.5) * torch.randn(8192, generator=g).sign()
     forced = x.clone()
-    forced[::61] = 1e-30  # every 64-element block gets an element the fast path rejects
+    forced[::61] = 1e-30  # in every vector and every 64-element block
     keep = torch.ones_like(x, dtype=torch.bool)
     keep[::61] = False
     a = quantize(x, fmt, rounding=rounding, generator=torch.Generator().manual_seed(7))
@@ -134,3 +138,109 @@ def test_e8m0_fast_path_stochastic_brackets_and_is_unbiased(x0: float, dtype: to
     assert bool(((q.to(torch.float64) == lo) | (up == 1)).all())
     p = x0 / lo - 1
     assert abs(up.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the float32 fast path (bit-pattern rounding, every input) against the general algorithm
+# ---------------------------------------------------------------------------------------------
+
+_FAST_FORMATS = ["bfloat16", "float16", "tfloat32", "float8_e4m3fn", "float8_e4m3fnuz",
+                 "float8_e5m2", "float8_e5m2fnuz", "float8_e4m3", "float8_e3m4",
+                 "float8_e4m3b11fnuz", "float6_e3m2fn", "float6_e2m3fn", "float4_e2m1fn",
+                 "e8m22", "e2m22"]  # fmt: skip
+
+
+def _fp32_patterns() -> torch.Tensor:
+    """Every kind of float32 input: random patterns (NaN payloads and inf included), values
+    with few significant bits (ties, exact grid points) at every exponent, subnormals, edges;
+    an odd count, so the vector loops' scalar tails run too."""
+    g = torch.Generator().manual_seed(21)
+    n = 1 << 17
+    rand = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g).to(torch.int32)
+    exp = torch.randint(0, 256, (n,), generator=g, dtype=torch.int32) << 23
+    mant = torch.randint(0, 1 << 23, (n,), generator=g, dtype=torch.int32)
+    low = torch.randint(0, 23, (n,), generator=g, dtype=torch.int32)
+    coarse = exp | (mant & ~((1 << low) - 1))  # few significant bits: ties and grid points
+    sub = torch.randint(0, 1 << 23, (1 << 12,), generator=g, dtype=torch.int32)
+    edges = torch.tensor([0, 1, 0x7FFFFF, 0x800000, 0x7F7FFFFF, 0x7F800000, 0x7F800001,
+                          0x7FC00000, 0x7FFFFFFF], dtype=torch.int32)  # fmt: skip
+    bits = torch.cat([rand, coarse, sub, edges, torch.tensor([7], dtype=torch.int32)])
+    return torch.cat([bits, bits | torch.tensor(-(1 << 31), dtype=torch.int32)]).view(torch.float32)
+
+
+def _raw(x: torch.Tensor, p: KernelParams, mode: str, fast_lo: int, offset: int,
+         inplace: bool) -> torch.Tensor:  # fmt: skip
+    """One call of the C kernel (no thread split): fast_lo = 0 forces the general path."""
+    out = x.clone() if inplace else torch.empty_like(x)
+    src = out if inplace else x
+    _kernels.quantize(
+        32, src.data_ptr(), out.data_ptr(), x.numel(), ROUNDING_CODES[mode], p.mantissa_bits,
+        p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
+        0x2545F4914F6CDD1D, offset, fast_lo,
+    )  # fmt: skip
+    return out.view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def patterns() -> torch.Tensor:
+    return _fp32_patterns()
+
+
+def _simd_levels() -> list[str]:
+    best = _kernels.simd()
+    levels = ["portable", "avx2", "avx512"]
+    return levels[: levels.index(best) + 1]
+
+
+@pytest.mark.parametrize("fmt", _FAST_FORMATS)
+@pytest.mark.parametrize("rounding", MODES)
+def test_fast_path_matches_general_path_bit_for_bit(
+    fmt: str, rounding: str, patterns: torch.Tensor
+) -> None:
+    """The fast path (no fallback since it handles overflow, inf/NaN and inputs below the
+    target's smallest subnormal itself) gives the general algorithm's bits for every input,
+    every option, out of place and in place; stochastic rounding draws the same random bits,
+    with every SIMD version this CPU has, also where the index's high word ticks."""
+    f = get_format(fmt)
+    best = _kernels.simd()
+    try:
+        for saturate, subnormals in [(False, True), (True, True), (False, False)]:
+            p = kernel_params(f, 32, saturate, subnormals, rounding)
+            assert p.fast_lo != 0
+            for offset in [0, (1 << 32) - 1000] if rounding == "stochastic" else [0]:
+                ref = _raw(patterns, p, rounding, 0, offset, False)
+                levels = _simd_levels() if rounding == "stochastic" else [best]
+                for level in levels:
+                    _kernels.simd(level)
+                    for inplace in (False, True):
+                        got = _raw(patterns, p, rounding, p.fast_lo, offset, inplace)
+                        assert torch.equal(got, ref), (saturate, subnormals, offset, level)
+    finally:
+        _kernels.simd(best)
+
+
+def test_simd_selector_refuses_unknown_levels() -> None:
+    best = _kernels.simd()
+    with pytest.raises(ValueError, match="not available"):
+        _kernels.simd("sse9")
+    assert _kernels.simd() == best
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_e8m0_stochastic_same_bits_at_every_simd_level(saturate: bool) -> None:
+    """e8m0's stochastic loop (AVX-512 / AVX2 intrinsics, portable C) gives the same bits and
+    random draws whatever the instruction set, also where the index's high word ticks."""
+    x = _e8m0_bit_patterns(torch.float32)
+    p = kernel_params(get_format("float8_e8m0fnu"), 32, saturate, True, "stochastic")
+    best = _kernels.simd()
+    try:
+        for offset in [0, (1 << 32) - 1000]:
+            _kernels.simd("portable")
+            ref = _raw(x, p, "stochastic", 0, offset, False)
+            for level in _simd_levels():
+                _kernels.simd(level)
+                for inplace in (False, True):
+                    got = _raw(x, p, "stochastic", 0, offset, inplace)
+                    assert torch.equal(got, ref), (offset, level, inplace)
+    finally:
+        _kernels.simd(best)

@@ -131,19 +131,24 @@ MP_INLINE uint32_t q32(uint32_t u, const qparams *p, const int mode, uint64_t id
     return a > 0x7f800000u ? (u | 0x400000u) : out;
 }
 
-/* Fast path for finite results: rounding on the bit pattern itself. For |x| >= 2^q (q = emin - M,
- * the target's smallest subnormal) the target's quantum at x is a fixed number d <= 23 of
- * trailing pattern bits (d = 23 - M in the normal range, more below it), so rounding is integer
- * arithmetic on the pattern, and a carry into the exponent field is the correct next binade.
- * Below 2^q the result is 0 or 2^q. About a dozen vector ops per element, no float maths.
- * Overflow, inf/NaN inputs, and tiny inputs under stochastic rounding raise the block's flag;
- * such a block is redone with the general q32, so results never depend on which path ran. */
+/* Fast path for the formats kernel_params gives a fast_lo (1 <= M <= 22, emin >= -126, not
+ * e8m0): rounding on the bit pattern itself. For |x| >= 2^q (q = emin - M, the target's smallest
+ * subnormal) the target's quantum at x is a fixed number d <= 23 of trailing pattern bits
+ * (d = 23 - M in the normal range, more below it), so rounding is integer arithmetic on the
+ * pattern, and a carry into the exponent field is the correct next binade. Below 2^q the result
+ * is 0 or 2^q. Overflow, inf and NaN follow q32's rules with selects, so every input takes this
+ * path: about two dozen vector ops per element, no float maths, no data-dependent branches (tests
+ * compare it with q32 bit for bit, fast_lo = 0 forcing q32). */
 typedef struct {
-    uint32_t d0;       /* 23 - M */
-    int32_t emin_b;    /* emin + 127: biased exponent of the target's smallest normal */
-    uint32_t q_bits;   /* pattern of 2^q */
-    uint32_t half_q;   /* pattern of 2^(q-1), 0 when below float32's range */
-    uint32_t maxb, minnorm, flush, no_negzero;
+    int32_t d0;        /* 23 - M: bits dropped in the normal range */
+    int32_t dbase;     /* 23 - M + emin + 127: bits dropped are dbase - (biased exponent) below */
+    int32_t q_bits;    /* pattern of 2^q */
+    int32_t half_q;    /* pattern of 2^(q-1), 0 when below float32's range */
+    int32_t tbase;     /* q + 118: 32 - (bits below 2^q of an input's last bit) + its exponent */
+    int32_t maxb;      /* every pattern below is < 2^31: signed compares are exact (one AVX2 op) */
+    int32_t minnorm;   /* flush threshold, 0 when not flushing */
+    uint32_t ovfb;
+    uint32_t zero_keep; /* sign mask for zero results: 0 for fnuz (no -0), else all ones */
 } fastp;
 
 MP_INLINE uint32_t pow2_bits32(int32_t e) {
@@ -151,30 +156,50 @@ MP_INLINE uint32_t pow2_bits32(int32_t e) {
 }
 
 MP_INLINE fastp make_fastp(const qparams *p) {
-    const int32_t q = (int32_t)(p->emin - p->M);
-    fastp f = {(uint32_t)(23 - p->M), (int32_t)p->emin + 127, pow2_bits32(q), pow2_bits32(q - 1),
-               (uint32_t)p->max_bits, (uint32_t)p->minnorm_bits,
-               (uint32_t)((p->flags & F_FLUSH) != 0), (uint32_t)((p->flags & F_NO_NEGZERO) != 0)};
+    const int32_t q = (int32_t)(p->emin - p->M), d0 = (int32_t)(23 - p->M);
+    const int32_t minnorm = (p->flags & F_FLUSH) ? (int32_t)p->minnorm_bits : 0;
+    fastp f = {d0, d0 + (int32_t)p->emin + 127, (int32_t)pow2_bits32(q),
+               (int32_t)pow2_bits32(q - 1), q + 118, (int32_t)p->max_bits, minnorm,
+               (uint32_t)p->ovf_bits, (p->flags & F_NO_NEGZERO) ? 0u : ~0u};
     return f;
 }
 
-MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t rnd,
-                          uint32_t *flag) {
-    /* written with uint32 arithmetic and selects only: mixed-width booleans stop gcc's
-     * vectoriser */
+/* Stochastic rounding below 2^q, as q32: 2^q when rnd < floor(|x| / 2^q * 2^32) (q32's
+ * threshold, which fits 32 bits there), else 0. With d = q - (exponent of x's last bit) >= 1,
+ * that threshold is m << (32 - d) or m >> (d - 32); t = 32 - d. For larger x the value is
+ * unused, only kept free of out-of-range shifts. */
+MP_INLINE uint32_t tiny_stochastic(uint32_t a, uint32_t ef, int32_t efc, const fastp *f,
+                                   uint32_t rnd) {
+    const uint32_t m = ef != 0u ? ((a & 0x7fffffu) | 0x800000u) : a;
+    const int32_t t = efc - f->tbase;
+    const int32_t sl = t < 0 ? 0 : (t > 31 ? 31 : t), sr = -t < 0 ? 0 : (-t > 31 ? 31 : -t);
+    return rnd < ((m >> sr) << sl) ? (uint32_t)f->q_bits : 0u;
+}
+
+/* What an overflowing magnitude becomes (q32's rule): the overflow value, or max in a directed
+ * mode rounding toward zero from a finite input. neg_mask: all ones for negative inputs. */
+MP_INLINE uint32_t overflow32(uint32_t a, uint32_t neg_mask, const int mode, const fastp *f) {
+    const uint32_t inf = a == 0x7f800000u ? ~0u : 0u, maxb = (uint32_t)f->maxb;
+    if (mode == R_NEAREST || mode == R_STOCHASTIC) return f->ovfb;
+    if (mode == R_UP) return (inf | ~neg_mask) != 0u ? f->ovfb : maxb;
+    if (mode == R_DOWN) return (inf | neg_mask) != 0u ? f->ovfb : maxb;
+    return inf != 0u ? f->ovfb : maxb;
+}
+
+MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t rnd) {
+    /* 32-bit lanes, signed compares where both sides are below 2^31, selects only: about 30
+     * vector ops per element, no float maths, no branches */
     const uint32_t a = u & 0x7fffffffu;
-    const uint32_t neg = u >> 31;                 /* 0/1: conditions use it, never `sign` */
-    const uint32_t pos_mask = neg - 1u, neg_mask = 0u - neg;
+    const int32_t ai = (int32_t)a;
+    const uint32_t neg_mask = (uint32_t)((int32_t)u >> 31), pos_mask = ~neg_mask;
     const uint32_t ef = a >> 23;
-    const uint32_t efc = ef > 1u ? ef : 1u;
-    const uint32_t emb = (uint32_t)f->emin_b;
-    const uint32_t below = emb > efc ? emb - efc : 0u;
-    const uint32_t dd = f->d0 + below;
-    const uint32_t d = dd < 23u ? dd : 23u; /* only tiny inputs exceed 23; replaced below */
+    const int32_t efc = ef > 1u ? (int32_t)ef : 1; /* subnormals: the exponent of 2^-126 */
+    const int32_t dd = f->dbase - efc; /* the target's quantum is 2^d input ulps at x */
+    const uint32_t d = (uint32_t)(dd < f->d0 ? f->d0 : (dd > 23 ? 23 : dd)); /* > 23: tiny x */
     const uint32_t mask = (1u << d) - 1u;
-    /* the last kept significand bit: bit d of the pattern, except at d = 23 where it is the
-     * implicit bit (1 for a normal input), not the exponent field's low bit */
-    const uint32_t lsb = d == 23u ? (ef != 0u ? 1u : 0u) : ((a >> d) & 1u);
+    /* the last kept significand bit; at d = 23 the implicit bit (a non-tiny x with d = 23 is
+     * normal), not the exponent field's low bit */
+    const uint32_t lsb = ((a | 0x800000u) >> d) & 1u;
     uint32_t r;
     if (mode == R_NEAREST) r = (a + (mask >> 1) + lsb) & ~mask;
     else if (mode == R_STOCHASTIC) r = (a + (mask ^ (rnd >> (32 - d)))) & ~mask; /* as q32 */
@@ -182,55 +207,273 @@ MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t r
     else if (mode == R_DOWN) r = (a + (mask & neg_mask)) & ~mask;
     else if (mode == R_ODD) r = (a & ~mask) | (((a & mask) != 0u ? (lsb ^ 1u) : 0u) << d);
     else r = a & ~mask;
+    /* below 2^q (the target's smallest subnormal) the result is 0 or 2^q */
+    const uint32_t q_bits = (uint32_t)f->q_bits;
     uint32_t rt;
-    if (mode == R_NEAREST) rt = a > f->half_q ? f->q_bits : 0u;
-    else if (mode == R_UP) rt = a != 0u ? (f->q_bits & pos_mask) : 0u;
-    else if (mode == R_DOWN) rt = a != 0u ? (f->q_bits & neg_mask) : 0u;
-    else if (mode == R_ODD) rt = a != 0u ? f->q_bits : 0u;
+    if (mode == R_NEAREST) rt = ai > f->half_q ? q_bits : 0u;
+    else if (mode == R_STOCHASTIC) rt = tiny_stochastic(a, ef, efc, f, rnd);
+    else if (mode == R_UP) rt = a != 0u ? (q_bits & pos_mask) : 0u;
+    else if (mode == R_DOWN) rt = a != 0u ? (q_bits & neg_mask) : 0u;
+    else if (mode == R_ODD) rt = a != 0u ? q_bits : 0u;
     else rt = 0u;
-    uint32_t bad = 0u;
-    if (mode == R_STOCHASTIC) bad = a < f->q_bits ? (a != 0u ? 1u : 0u) : 0u;
-    r = a < f->q_bits ? rt : r;
-    r = r < (f->minnorm & (0u - f->flush)) ? 0u : r; /* minnorm is 0 unless flushing */
-    bad |= r > f->maxb ? 1u : 0u;
-    *flag = bad;
-    return r | ((r != 0u ? neg : (neg & (f->no_negzero ^ 1u))) << 31); /* vectorises */
+    r = ai < f->q_bits ? rt : r;
+    /* r < 2^31 except for NaN inputs, whose result is replaced last */
+    if (f->minnorm) r = (int32_t)r < f->minnorm ? 0u : r; /* loop-invariant: unswitched */
+    r = (int32_t)r > f->maxb ? overflow32(a, neg_mask, mode, f) : r; /* inf stays inf */
+    const uint32_t sign = u & 0x80000000u;
+    const uint32_t out = f->zero_keep ? (r | sign) : (r | (r != 0u ? sign : 0u));
+    return ai > 0x7f800000 ? (u | 0x400000u) : out; /* NaN in: quiet NaN out */
 }
 
-#define BLOCK 64
+/* Deterministic modes: one pass. in == out (quantize_) gets its own loop: with one pointer the
+ * vectoriser needs no overlap check (which an aliased pair fails, falling back to scalar). */
+#define FAST_LOOP(SRC, DST, MODE)                                                               \
+    for (int64_t i = 0; i < n; i++) (DST)[i] = fast32((SRC)[i], MODE, &fp, 0u)
 #define DEFINE_LOOP32(NAME, MODE)                                                               \
     MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,  \
                                uint32_t lo) {                                                   \
         const qparams pp = *p;                                                                  \
+        if (lo == 0) { /* no fast path for this format: the general algorithm */               \
+            for (int64_t i = 0; i < n; i++) out[i] = q32(in[i], &pp, MODE, (uint64_t)i);       \
+            return;                                                                             \
+        }                                                                                       \
         const fastp fp = make_fastp(&pp);                                                       \
-        uint32_t tmp[BLOCK];                                                                    \
-        for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                             \
-            const int64_t len = n - i0 < BLOCK ? n - i0 : BLOCK;                                \
-            uint32_t flag = lo == 0;                                                            \
-            if (!flag) {                                                                        \
-                uint32_t acc = 0, bad[BLOCK];                                                   \
-                for (int64_t i = 0; i < len; i++) {                                            \
-                    const uint32_t rnd = MODE == R_STOCHASTIC ? rand32(&pp, (uint64_t)(i0 + i)) \
-                                                              : 0u;                             \
-                    tmp[i] = fast32(in[i0 + i], MODE, &fp, rnd, &bad[i]);                       \
-                }                                                                               \
-                for (int64_t i = 0; i < len; i++) acc |= bad[i];                                \
-                flag = acc;                                                                     \
-            }                                                                                   \
-            if (flag) {                                                                         \
-                for (int64_t i = 0; i < len; i++)                                               \
-                    out[i0 + i] = q32(in[i0 + i], &pp, MODE, (uint64_t)(i0 + i));               \
-            } else {                                                                            \
-                memcpy(out + i0, tmp, (size_t)len * sizeof(uint32_t));                          \
-            }                                                                                   \
+        if ((const uint32_t *)out == in) {                                                      \
+            FAST_LOOP(out, out, MODE);                                                          \
+        } else {                                                                                \
+            FAST_LOOP(in, out, MODE);                                                           \
         }                                                                                       \
     }
 DEFINE_LOOP32(loop32_nearest, R_NEAREST)
-DEFINE_LOOP32(loop32_stochastic, R_STOCHASTIC)
 DEFINE_LOOP32(loop32_toward_zero, R_TOWARD_ZERO)
 DEFINE_LOOP32(loop32_up, R_UP)
 DEFINE_LOOP32(loop32_down, R_DOWN)
 DEFINE_LOOP32(loop32_odd, R_ODD)
+
+/* Stochastic rounding: rand32's hash (4 multiplies) on top of fast32 is more than gcc's
+ * auto-vectoriser keeps in registers (it spills and re-broadcasts constants on AVX2), so x86
+ * gets the loop written with intrinsics for AVX-512 and AVX2, chosen once at import from the
+ * CPU (one build serves both), and everything else gets the portable two-loop version. Every
+ * version computes fast32's bits and rand32's draws exactly. */
+
+/* rand32's words for a run of indices whose high word is constant: lo0 + i is the low word,
+ * c = high word + the seed's high word. */
+MP_INLINE uint32_t rand_run(uint32_t lo0, uint32_t i, uint32_t s_lo, uint32_t c) {
+    return mix32(mix32((lo0 + i) ^ s_lo) + c);
+}
+
+/* Portable: hash a block of random words into a stack buffer, then round the block (two simple
+ * loops vectorise where one fused loop does not). */
+#define BLOCK 512
+static int64_t sr_portable(const uint32_t *s, uint32_t *t, int64_t n, const fastp *fp,
+                           uint32_t lo0, uint32_t s_lo, uint32_t c) {
+    const fastp f = *fp;
+    uint32_t rnd[BLOCK];
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
+        const uint32_t len = (uint32_t)(n - i0 < BLOCK ? n - i0 : BLOCK), base = (uint32_t)i0;
+        for (uint32_t i = 0; i < len; i++) rnd[i] = rand_run(lo0, base + i, s_lo, c);
+        for (uint32_t i = 0; i < len; i++) t[i0 + i] = fast32(s[i0 + i], R_STOCHASTIC, &f, rnd[i]);
+    }
+    return n;
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define MP_X86_SIMD 1
+#include <immintrin.h>
+
+#define MP_AVX512 __attribute__((target("avx512f")))
+MP_AVX512 static inline __m512i mix32_512(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+/* fast32(u, R_STOCHASTIC, f, rnd) on 16 lanes; variable shifts by 32 or more give 0, which the
+ * tiny-input threshold relies on (fast32 clamps instead). */
+MP_AVX512 static inline __m512i sr32_512(__m512i u, __m512i rnd, const fastp *f) {
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+    const __m512i qb = _mm512_set1_epi32(f->q_bits);
+    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __m512i efc = _mm512_max_epu32(_mm512_srli_epi32(a, 23), one);
+    const __m512i d = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(f->dbase), efc),
+                         _mm512_set1_epi32(f->d0)), _mm512_set1_epi32(23));
+    const __m512i keep = _mm512_sllv_epi32(_mm512_set1_epi32(-1), d); /* ~mask */
+    const __m512i rs = _mm512_srlv_epi32(rnd, _mm512_sub_epi32(_mm512_set1_epi32(32), d));
+    /* (a + (mask ^ rs)) & ~mask; 0xC3 is ~A ^ B */
+    __m512i r = _mm512_and_si512(
+        _mm512_add_epi32(a, _mm512_ternarylogic_epi32(keep, rs, rs, 0xC3)), keep);
+    /* below 2^q: 2^q when rnd < (m >> max(-t, 0)) << max(t, 0), t = 32 - d; rare outside
+     * fp6 / fp4, so most vectors skip it */
+    const __mmask16 tiny = _mm512_cmplt_epi32_mask(a, qb);
+    if (tiny) {
+        const __m512i tt = _mm512_sub_epi32(efc, _mm512_set1_epi32(f->tbase));
+        const __m512i m = _mm512_sub_epi32(a, _mm512_slli_epi32(_mm512_sub_epi32(efc, one), 23));
+        const __m512i thr = _mm512_sllv_epi32(
+            _mm512_srlv_epi32(m, _mm512_max_epi32(_mm512_sub_epi32(zero, tt), zero)),
+            _mm512_max_epi32(tt, zero));
+        const __m512i rt = _mm512_maskz_mov_epi32(_mm512_cmplt_epu32_mask(rnd, thr), qb);
+        r = _mm512_mask_mov_epi32(r, tiny, rt);
+    }
+    if (f->minnorm) /* loop-invariant branch */
+        r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epi32_mask(r, _mm512_set1_epi32(f->minnorm)),
+                                  zero);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(r, _mm512_set1_epi32(f->maxb)),
+                              _mm512_set1_epi32((int)f->ovfb));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)),
+                              _mm512_or_si512(a, _mm512_set1_epi32(0x400000)));
+    const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000U));
+    if (f->zero_keep) return _mm512_or_si512(r, sign);
+    return _mm512_mask_or_epi32(r, _mm512_cmpneq_epi32_mask(r, zero), r, sign);
+}
+
+/* A run of n elements whose random indices are lo0, lo0 + 1, ... (high word constant): 16 lanes
+ * at a time, rand32 hashed in registers; returns how many it did (the caller rounds the rest).
+ * ROUND(u, rnd, f) rounds one vector. */
+#define DEFINE_RUN512(NAME, ROUND)                                                              \
+    MP_AVX512 static int64_t NAME(const uint32_t *s, uint32_t *t, int64_t n, const fastp *fp,   \
+                                  uint32_t lo0, uint32_t s_lo, uint32_t c) {                    \
+        const fastp f = *fp; /* a local copy: stores through t cannot alias it */               \
+        const __m512i seed = _mm512_set1_epi32((int)s_lo), cc = _mm512_set1_epi32((int)c);      \
+        __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)lo0),                             \
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,  \
+                                                         12, 13, 14, 15));                      \
+        int64_t i = 0;                                                                          \
+        for (; i + 16 <= n; i += 16) {                                                          \
+            const __m512i h = mix32_512(_mm512_xor_si512(idx, seed));                           \
+            const __m512i rnd = mix32_512(_mm512_add_epi32(h, cc));                             \
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));                                 \
+            const __m512i u = _mm512_loadu_si512((const void *)(s + i));                        \
+            _mm512_storeu_si512((void *)(t + i), ROUND(u, rnd, &f));                            \
+        }                                                                                       \
+        return i;                                                                               \
+    }
+DEFINE_RUN512(sr_avx512, sr32_512)
+
+#define MP_AVX2 __attribute__((target("avx2")))
+MP_AVX2 static inline __m256i mix32_256(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+/* sr32_512 on 8 lanes: compares are signed (every operand but rnd and thr is below 2^31; those
+ * two are compared with their sign bits flipped) and selects are blends. */
+MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f) {
+    const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+    const __m256i qb = _mm256_set1_epi32(f->q_bits), sbit = _mm256_set1_epi32((int)0x80000000U);
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i efc = _mm256_max_epu32(_mm256_srli_epi32(a, 23), one);
+    const __m256i d = _mm256_min_epi32(
+        _mm256_max_epi32(_mm256_sub_epi32(_mm256_set1_epi32(f->dbase), efc),
+                         _mm256_set1_epi32(f->d0)), _mm256_set1_epi32(23));
+    const __m256i mask = _mm256_sub_epi32(_mm256_sllv_epi32(one, d), one);
+    const __m256i rs = _mm256_srlv_epi32(rnd, _mm256_sub_epi32(_mm256_set1_epi32(32), d));
+    __m256i r = _mm256_andnot_si256(mask, _mm256_add_epi32(a, _mm256_xor_si256(mask, rs)));
+    const __m256i tiny = _mm256_cmpgt_epi32(qb, a);
+    if (!_mm256_testz_si256(tiny, tiny)) { /* below 2^q: rare outside fp6 / fp4 */
+        const __m256i tt = _mm256_sub_epi32(efc, _mm256_set1_epi32(f->tbase));
+        const __m256i m = _mm256_sub_epi32(a, _mm256_slli_epi32(_mm256_sub_epi32(efc, one), 23));
+        const __m256i thr = _mm256_sllv_epi32(
+            _mm256_srlv_epi32(m, _mm256_max_epi32(_mm256_sub_epi32(zero, tt), zero)),
+            _mm256_max_epi32(tt, zero));
+        const __m256i up =
+            _mm256_cmpgt_epi32(_mm256_xor_si256(thr, sbit), _mm256_xor_si256(rnd, sbit));
+        r = _mm256_blendv_epi8(r, _mm256_and_si256(up, qb), tiny);
+    }
+    if (f->minnorm) /* loop-invariant branch */
+        r = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(f->minnorm), r), r);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32((int)f->ovfb),
+                           _mm256_cmpgt_epi32(r, _mm256_set1_epi32(f->maxb)));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(a, _mm256_set1_epi32(0x400000)),
+                           _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000)));
+    __m256i sign = _mm256_and_si256(u, sbit);
+    if (!f->zero_keep) sign = _mm256_andnot_si256(_mm256_cmpeq_epi32(r, zero), sign);
+    return _mm256_or_si256(r, sign);
+}
+
+#define DEFINE_RUN256(NAME, ROUND)                                                              \
+    MP_AVX2 static int64_t NAME(const uint32_t *s, uint32_t *t, int64_t n, const fastp *fp,     \
+                                uint32_t lo0, uint32_t s_lo, uint32_t c) {                      \
+        const fastp f = *fp; /* a local copy: stores through t cannot alias it */               \
+        const __m256i seed = _mm256_set1_epi32((int)s_lo), cc = _mm256_set1_epi32((int)c);      \
+        __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)lo0),                             \
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));              \
+        int64_t i = 0;                                                                          \
+        for (; i + 8 <= n; i += 8) {                                                            \
+            const __m256i h = mix32_256(_mm256_xor_si256(idx, seed));                           \
+            const __m256i rnd = mix32_256(_mm256_add_epi32(h, cc));                             \
+            idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));                                  \
+            const __m256i u = _mm256_loadu_si256((const __m256i *)(s + i));                     \
+            _mm256_storeu_si256((__m256i *)(t + i), ROUND(u, rnd, &f));                         \
+        }                                                                                       \
+        return i;                                                                               \
+    }
+DEFINE_RUN256(sr_avx2, sr32_256)
+#endif
+
+typedef int64_t (*sr_run_fn)(const uint32_t *, uint32_t *, int64_t, const fastp *, uint32_t,
+                             uint32_t, uint32_t);
+enum { SIMD_PORTABLE = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 };
+static int simd_best = SIMD_PORTABLE; /* what this CPU runs, set at import */
+static int simd_level = SIMD_PORTABLE; /* what runs: simd_best unless a test lowered it */
+
+static sr_run_fn sr_run_for(int level) {
+#ifdef MP_X86_SIMD
+    if (level == SIMD_AVX512) return sr_avx512;
+    if (level == SIMD_AVX2) return sr_avx2;
+#endif
+    (void)level;
+    return sr_portable;
+}
+
+static void init_simd(void) {
+#ifdef MP_X86_SIMD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) simd_best = SIMD_AVX512;
+    else if (__builtin_cpu_supports("avx2")) simd_best = SIMD_AVX2;
+#endif
+    simd_level = simd_best;
+}
+
+typedef uint32_t (*round1_fn)(uint32_t u, const fastp *f, uint32_t rnd);
+
+/* Stochastic rounding of n elements: runs of indices whose high word is constant (it ticks once
+ * every 2^32 elements), so the hash stays in 32-bit lanes (64-bit index arithmetic would halve
+ * the vector width); run() does the bulk of each run, one() the last few elements. */
+static void stochastic_runs(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,
+                            const fastp *fp, sr_run_fn run, round1_fn one) {
+    const uint32_t s_lo = (uint32_t)p->seed, s_hi = (uint32_t)(p->seed >> 32);
+    for (int64_t start = 0; start < n;) {
+        const uint64_t g = (uint64_t)start + p->offset;
+        const uint32_t lo0 = (uint32_t)g, c = (uint32_t)(g >> 32) + s_hi;
+        const int64_t left = (int64_t)((1ULL << 32) - lo0);
+        const int64_t len = n - start < left ? n - start : left;
+        const int64_t done = run(in + start, out + start, len, fp, lo0, s_lo, c);
+        for (int64_t i = done; i < len; i++)
+            out[start + i] = one(in[start + i], fp, rand_run(lo0, (uint32_t)i, s_lo, c));
+        start += len;
+    }
+}
+
+static uint32_t sr_one(uint32_t u, const fastp *f, uint32_t rnd) {
+    return fast32(u, R_STOCHASTIC, f, rnd);
+}
+
+static void loop32_stochastic(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,
+                              uint32_t lo) {
+    if (lo == 0) { /* no fast path for this format: the general algorithm */
+        const qparams pp = *p;
+        for (int64_t i = 0; i < n; i++) out[i] = q32(in[i], &pp, R_STOCHASTIC, (uint64_t)i);
+        return;
+    }
+    const fastp fp = make_fastp(p);
+    stochastic_runs(in, out, n, p, &fp, sr_run_for(simd_level), sr_one);
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* float64                                                                                     */
@@ -375,25 +618,80 @@ MP_INLINE uint64_t e8m0_64(uint64_t u, const int mode, uint64_t rnd, uint64_t ma
     return a > INF ? (u | 0x8000000000000ULL) : r;
 }
 
-/* float32 stochastic: rand32's bits, drawn in runs where the index's high word is constant, so
- * the hashing stays in 32-bit lanes (64-bit index arithmetic halves the vector width). */
-MP_CLONES static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n,
-                                         const qparams *p) {
-    const uint32_t maxb = (uint32_t)p->max_bits, ovfb = (uint32_t)p->ovf_bits;
-    const uint32_t s_lo = (uint32_t)p->seed, s_hi = (uint32_t)(p->seed >> 32);
-    for (int64_t start = 0; start < n;) {
-        const uint64_t g = (uint64_t)start + p->offset;
-        const uint32_t lo0 = (uint32_t)g, c = (uint32_t)(g >> 32) + s_hi;
-        const int64_t left = (int64_t)((1ULL << 32) - lo0); /* indices before the high word ticks */
-        const int64_t len = n - start < left ? n - start : left;
-        const uint32_t *src = in + start;
-        uint32_t *dst = out + start;
-        for (int64_t i = 0; i < len; i++) {
-            const uint32_t rnd = mix32(mix32((lo0 + (uint32_t)i) ^ s_lo) + c);
-            dst[i] = e8m0_32(src[i], R_STOCHASTIC, rnd, maxb, ovfb);
-        }
-        start += len;
-    }
+/* float32 stochastic: e8m0_32 with rand32's draws, through stochastic_runs like loop32_stochastic:
+ * AVX-512 / AVX2 versions of e8m0_32 on x86, the auto-vectorised loop elsewhere. */
+static uint32_t e8m0_one(uint32_t u, const fastp *f, uint32_t rnd) {
+    return e8m0_32(u, R_STOCHASTIC, rnd, (uint32_t)f->maxb, f->ovfb);
+}
+
+static int64_t e8m0_portable(const uint32_t *s, uint32_t *t, int64_t n, const fastp *fp,
+                             uint32_t lo0, uint32_t s_lo, uint32_t c) {
+    const uint32_t maxb = (uint32_t)fp->maxb, ovfb = fp->ovfb;
+    for (int64_t i = 0; i < n; i++)
+        t[i] = e8m0_32(s[i], R_STOCHASTIC, rand_run(lo0, (uint32_t)i, s_lo, c), maxb, ovfb);
+    return n;
+}
+
+#ifdef MP_X86_SIMD
+/* e8m0_32(u, R_STOCHASTIC, rnd, ...) on 16 lanes: compares of a and r are signed (below 2^31
+ * but for NaN inputs, replaced last), the two against rnd unsigned */
+MP_AVX512 static inline __m512i e8m0_512(__m512i u, __m512i rnd, const fastp *f) {
+    const __m512i lo = _mm512_set1_epi32(0x400000), next = _mm512_set1_epi32(0x800000);
+    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __m512i frac = _mm512_and_si512(a, _mm512_set1_epi32(0x7fffff));
+    const __m512i base = _mm512_andnot_si512(_mm512_set1_epi32(0x7fffff), a);
+    __m512i r = _mm512_mask_add_epi32(
+        base, _mm512_cmplt_epu32_mask(rnd, _mm512_slli_epi32(frac, 9)), base, next);
+    const __m512i sub_frac = _mm512_and_si512(a, _mm512_set1_epi32(0x3fffff));
+    __m512i s = _mm512_mask_mov_epi32(
+        lo, _mm512_cmplt_epu32_mask(rnd, _mm512_slli_epi32(sub_frac, 10)), next);
+    s = _mm512_mask_mov_epi32(s, _mm512_cmplt_epi32_mask(a, lo), lo);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epi32_mask(a, next), s);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(r, _mm512_set1_epi32(f->maxb)),
+                              _mm512_set1_epi32((int)f->ovfb));
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512()) &
+                          _mm512_test_epi32_mask(a, a);
+    r = _mm512_mask_mov_epi32(r, neg, _mm512_set1_epi32(0x7fc00000));
+    return _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)),
+                                 _mm512_or_si512(u, lo));
+}
+DEFINE_RUN512(e8m0_avx512, e8m0_512)
+
+/* e8m0_512 on 8 lanes */
+MP_AVX2 static inline __m256i e8m0_256(__m256i u, __m256i rnd, const fastp *f) {
+    const __m256i lo = _mm256_set1_epi32(0x400000), next = _mm256_set1_epi32(0x800000);
+    const __m256i sbit = _mm256_set1_epi32((int)0x80000000U), zero = _mm256_setzero_si256();
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i rs = _mm256_xor_si256(rnd, sbit); /* unsigned rnd < x: signed with flips */
+    const __m256i frac = _mm256_and_si256(a, _mm256_set1_epi32(0x7fffff));
+    const __m256i up = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_slli_epi32(frac, 9), sbit), rs);
+    __m256i r = _mm256_add_epi32(_mm256_andnot_si256(_mm256_set1_epi32(0x7fffff), a),
+                                 _mm256_and_si256(up, next));
+    const __m256i sub_frac = _mm256_and_si256(a, _mm256_set1_epi32(0x3fffff));
+    const __m256i up2 =
+        _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_slli_epi32(sub_frac, 10), sbit), rs);
+    __m256i s = _mm256_blendv_epi8(lo, next, up2);
+    s = _mm256_blendv_epi8(s, lo, _mm256_cmpgt_epi32(lo, a));
+    r = _mm256_blendv_epi8(r, s, _mm256_cmpgt_epi32(next, a));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32((int)f->ovfb),
+                           _mm256_cmpgt_epi32(r, _mm256_set1_epi32(f->maxb)));
+    const __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero),
+                                            _mm256_cmpgt_epi32(zero, u));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), neg);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, lo),
+                              _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000)));
+}
+DEFINE_RUN256(e8m0_avx2, e8m0_256)
+#endif
+
+static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p) {
+    const fastp fp = make_fastp(p); /* only maxb and ovfb are used */
+    sr_run_fn run = e8m0_portable;
+#ifdef MP_X86_SIMD
+    if (simd_level == SIMD_AVX512) run = e8m0_avx512;
+    else if (simd_level == SIMD_AVX2) run = e8m0_avx2;
+#endif
+    stochastic_runs(in, out, n, p, &fp, run, e8m0_one);
 }
 
 /* in == out (quantize_) gets its own loop: with one pointer the vectoriser needs no overlap
@@ -480,13 +778,41 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* simd([name]) -> name: the stochastic loop's instruction set ("avx512", "avx2", "portable");
+ * with a name, selects it (tests run every version this CPU has). */
+static const char *const SIMD_NAMES[3] = {"portable", "avx2", "avx512"};
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    if (name != NULL) {
+        int level = -1;
+        for (int i = 0; i < 3; i++)
+            if (strcmp(name, SIMD_NAMES[i]) == 0) level = i;
+        if (level < 0 || level > simd_best) {
+            PyErr_Format(PyExc_ValueError,
+                         "simd level '%s' not available on this CPU; valid: 'portable' up to '%s'",
+                         name, SIMD_NAMES[simd_best]);
+            return NULL;
+        }
+        simd_level = level;
+    }
+    return PyUnicode_FromString(SIMD_NAMES[simd_level]);
+}
+
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
+    {"simd", py_simd, METH_VARARGS,
+     "simd([name]) -> the stochastic loop's instruction set; with a name, select it (tests)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "mixprec CPU quantization kernels", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    init_simd();
+    return PyModule_Create(&module);
+}

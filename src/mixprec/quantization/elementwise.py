@@ -8,15 +8,17 @@ scale format.
 Fast paths: on CPU a C kernel (``mixprec.quantization._kernels``, built at install time from
 the Python headers only) does one read and one write per element and splits large tensors over
 ``torch.get_num_threads()`` threads. Elsewhere (CUDA, or no C compiler at install) a torch
-integer-op kernel with identical results runs instead. float16/bfloat16 inputs are widened to
-float32 (exact), rounded, and narrowed back (a second rounding only where the target format is
-not a subset of the input dtype).
+integer-op kernel with identical results runs instead (``MIXPREC_BACKEND=torch`` forces it,
+``MIXPREC_BACKEND=torch-compiled`` its torch.compile'd variant). float16/bfloat16 inputs are
+widened to float32 (exact), rounded, and narrowed back (a second rounding only where the target
+format is not a subset of the input dtype).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from functools import lru_cache, partial
 
 import torch
@@ -42,12 +44,25 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
 _is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
-_BACKEND_ENV = "MIXPREC_BACKEND"  # "torch" forces the reference path (tests, debugging)
+# MIXPREC_BACKEND: "torch" forces the eager torch kernel (tests, debugging), "torch-compiled"
+# its torch.compile'd variant (opt in: the first call compiles for seconds); anything else (the
+# default "auto") uses the C kernel on CPU where it was built, the eager torch kernel elsewhere
+_BACKEND_ENV = "MIXPREC_BACKEND"
+_TORCH_BACKENDS = ("torch", "torch-compiled")
 
 
 def has_c_kernel() -> bool:
     """True when the compiled CPU kernel is available (and not disabled by MIXPREC_BACKEND)."""
-    return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") != "torch"
+    return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") not in _TORCH_BACKENDS
+
+
+def _torch_rounding() -> Callable[
+    [torch.Tensor, KernelParams, str, torch.Generator | None], torch.Tensor
+]:
+    """The torch kernel MIXPREC_BACKEND selects: eager, or compiled with torch-compiled."""
+    if os.environ.get(_BACKEND_ENV) == "torch-compiled":
+        return torch_kernel.quantize_bits_compiled
+    return torch_kernel.quantize_bits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ def _quantize_work(
             # the kernel wrote raw memory: tell autograd, as torch's in-place ops do
             torch.autograd.graph.increment_version(dst)
         return target
-    res = torch_kernel.quantize_bits(work, p, rounding, generator)
+    res = _torch_rounding()(work, p, rounding, generator)
     if dst is not None:
         dst.copy_(res)
         return dst
