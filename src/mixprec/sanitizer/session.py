@@ -173,7 +173,7 @@ def sanitize(
     over each result; suspicious ops run a third time; views cost nothing. A shadow costs a
     float64 copy (a float32 residual beyond ``shadow_memory_mib``); shadows are freed with the
     real tensors. One host sync per op output (CPU: free; CUDA: a sync per op). Measured on the
-    reference transformer's training step: ~4.4x the time, ~2.7x the live memory
+    reference transformer's training step: ~4.1x the time, ~2.6x the live memory
     (benchmarks/sanitize.py).
     """
     settings = _Settings.check(
