@@ -1,6 +1,7 @@
 """The emulated regions' fast paths give the same bits as the general code they replace.
 
-Oracles: :func:`mixprec.mx_quantize` (MX blocks), ``_scale_from_amax`` (fp8 current scaling),
+Oracles: the general path of :func:`mixprec.mx_quantize` (MX blocks, against its block-view
+path), ``_scale_from_amax`` (fp8 current scaling),
 :func:`mixprec.quantization.straight_through` (the autograd Function the in-handler rounding
 of operands avoids), and whole training steps against fixed reference losses.
 """
@@ -13,7 +14,7 @@ import torch
 from mixprec import autocast, get_format, mx_quantize
 from mixprec.precision.emulated import element_rounder, ste, ste_in_handler
 from mixprec.precision.fp8 import _plain_scale, _scale_from_amax
-from mixprec.precision.mx_rounding import mx_round
+from mixprec.quantization import blocks, get_mx_format, mx_round_to
 
 ELEMENTS = ["float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"]
 SHAPES_AXES = [
@@ -47,26 +48,32 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("element", ELEMENTS)
 @pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
-def test_mx_round_is_mx_quantize_bit_for_bit(element: str, shape: tuple, axis: int) -> None:
+def test_mx_block_views_are_the_general_path_bit_for_bit(
+    element: str, shape: tuple, axis: int
+) -> None:
+    """mx_quantize's block-view path (float32, the defaults) against its general path, which
+    moves the axis last (the oracle the other MX tests check against the spec)."""
     f = get_format(element)
+    mx = get_mx_format(f)
     x = _special(shape, len(shape) * 7 + axis)
     for t in (x, x.t()) if x.dim() == 2 else (x,):  # a transposed (non-contiguous) operand too
-        want = mx_quantize(t, f, block_size=32, axis=axis)
-        got = mx_round(t, f, 32, axis, "floor")
-        assert got.shape == t.shape
-        assert torch.equal(_bits(got), _bits(want))  # NaN bits included
+        ax = axis % t.dim()
+        want = blocks._quantize_blocks(t, mx, 32, ax, "nearest", True, True, None, "floor")
+        for got in (mx_round_to(t, f, 32, axis), mx_quantize(t, f, block_size=32, axis=axis)):
+            assert got.shape == t.shape
+            assert torch.equal(_bits(got), _bits(want))  # NaN bits included
 
 
 @pytest.mark.parametrize("rule", ["rceil", "ceil", "even"])
-def test_mx_round_other_scale_rules_and_dtypes_defer(rule: str) -> None:
+def test_mx_round_to_other_scale_rules_and_dtypes_take_the_general_path(rule: str) -> None:
     f = get_format("float8_e4m3fn")
     x = _special((4, 64), 3)
     assert torch.equal(
-        _bits(mx_round(x, f, 32, -1, rule)),
+        _bits(mx_round_to(x, f, 32, -1, rule)),
         _bits(mx_quantize(x, f, block_size=32, axis=-1, scale_rounding=rule)),
     )
     h = torch.randn(4, 64, dtype=torch.bfloat16)
-    assert torch.equal(mx_round(h, f, 32, -1, "floor"), mx_quantize(h, f, block_size=32))
+    assert torch.equal(mx_round_to(h, f, 32, -1), mx_quantize(h, f, block_size=32))
 
 
 def test_plain_scale_matches_the_general_scale() -> None:

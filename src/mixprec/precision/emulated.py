@@ -42,10 +42,10 @@ from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, accumulated
 from mixprec.precision.fp8 import Fp8Recipe
 from mixprec.precision.fused_rounding import fused_rounder
-from mixprec.precision.mx_rounding import mx_round
 from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
+from mixprec.quantization.blocks import mx_round_to
 from mixprec.quantization.elementwise import round_to
 from mixprec.trees import iter_tensors, map_args, map_outputs
 
@@ -279,14 +279,14 @@ def element_rounder(f: FloatFormat, saturate: bool = False) -> ElementRounder:
 
 
 def mx_rounder(spec: FormatSpec, axis: int) -> Rounder:
-    """Rounder into MX format ``spec`` with blocks along ``axis`` (:func:`.mx_rounding.mx_round`:
-    mx_quantize's values without its axis moves)."""
+    """Rounder into MX format ``spec`` with blocks along ``axis``
+    (:func:`mixprec.quantization.mx_round_to`: mx_quantize's values, unchecked)."""
     element, block, rule = spec.element, spec.block_size or 32, spec.scale_rounding
 
     def r(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
             return round_to(t, element, saturate=True)
-        return mx_round(t, element, block, axis, rule)
+        return mx_round_to(t, element, block, axis, rule)
 
     return r
 

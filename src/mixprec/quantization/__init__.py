@@ -14,6 +14,7 @@ from mixprec.quantization.blocks import (
     mx_decode,
     mx_encode,
     mx_quantize,
+    mx_round_to,
     mx_scale_exponents,
 )
 from mixprec.quantization.elementwise import (
@@ -46,6 +47,7 @@ __all__ = [
     "mx_decode",
     "mx_encode",
     "mx_quantize",
+    "mx_round_to",
     "mx_scale_exponents",
     "quantize",
     "quantize_",

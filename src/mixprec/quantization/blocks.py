@@ -80,6 +80,7 @@ from mixprec.quantization.elementwise import (
     decode,
     encode,
     quantize_,
+    round_to,
 )
 
 # The shared scales' E8M0 constants (exponents -127 .. 127 in codes 0 .. 254, NaN 0xFF, bias
@@ -273,6 +274,111 @@ def _blocked_shape(shape: torch.Size, axis: int, nblocks: int) -> tuple[int, ...
 
 
 # ----------------------------------------------------------------------------------------------
+# the block-view path: float32, the spec's "floor" rule, nearest saturating elements
+# ----------------------------------------------------------------------------------------------
+
+
+def _view_params(mx: MXFormat) -> tuple[float, float] | None:
+    """(``2^-emax_elem``, the smallest E8M0 scale) of ``mx``, or None when a float32 block
+    maximum could need a scale above E8M0's largest (no spec format does)."""
+    sf = mx.scale_format
+    if mx.emax_elem < 0 or 127 - mx.emax_elem > sf.emax:
+        return None
+    return 2.0**-mx.emax_elem, 2.0**sf.emin
+
+
+def _view_scales(amax: torch.Tensor, down: float, smallest: float) -> torch.Tensor:
+    """``2^shared_exp`` of each block by the "floor" rule, NaN for blocks holding inf or NaN.
+
+    ``2^floor(log2 amax)`` is amax with its mantissa bits cleared (0 for a subnormal amax,
+    whose shared exponent clamps to E8M0's smallest anyway), times ``2^-emax_elem``, clamped
+    below at E8M0's smallest scale: :func:`_shared_exponents`' values in a few tiny ops.
+    """
+    p2 = (amax.view(torch.int32) & 0x7F800000).view(torch.float32)
+    scale = (p2 * down).clamp_min_(smallest)
+    # torch's NaN, as the general path's: amax's own NaN bits vary with the reduction's path
+    return torch.where(torch.isfinite(amax), scale, float("nan"))
+
+
+def _block_view(x: torch.Tensor, axis: int, block: int) -> tuple[torch.Tensor, int]:
+    """Contiguous ``x`` as ``(..., nblocks, size, ...)`` along ``axis``, and the block dim.
+
+    A length above ``block`` that it does not divide is zero padded (a copy; padding zeros
+    never change a block's maximum); a shorter one is one short block."""
+    n = x.shape[axis]
+    size = min(n, block)
+    pad = -n % size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - axis) + (0, pad))
+    shape = (*x.shape[:axis], (n + pad) // size, size, *x.shape[axis + 1 :])
+    return x.view(shape), axis + 1
+
+
+def _round_in_views(x: torch.Tensor, mx: MXFormat, block: int, axis: int) -> torch.Tensor | None:
+    """:func:`mx_quantize` with the defaults (nearest, saturating, subnormals, "floor") for a
+    float32 ``x``, bit for bit, with the blocks as a *view* of the contiguous tensor
+    ``(..., nblocks, block, ...)`` reduced along their own dimension: no axis moves (the
+    general path moves ``axis`` last and back, two copies, and reduces 32-element rows with
+    ``aminmax``, slow on CPU). None where it does not apply (the general path decides).
+
+    Cost: one pass for the block maxima (an ``abs`` temporary), one allocation for the scaled
+    copy, rounded and rescaled in place; tiny ops on the per-block scales. No device sync.
+    """
+    params = _view_params(mx)
+    if params is None or x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
+        return None
+    xb, dim = _block_view(x.contiguous(), axis, block)
+    scale = _view_scales(xb.abs().amax(dim=dim, keepdim=True), *params)
+    # x / 2^k is x * 2^-k exactly (both correctly rounded, same real value); NaN blocks: NaN
+    scaled = xb / scale
+    round_to(scaled, mx.element, saturate=True, out=scaled)
+    scaled = scaled.mul_(scale)  # exact: the rounded elements times 2^k
+    if scaled.numel() == x.numel():
+        return scaled.view(x.shape)
+    flat = scaled.flatten(dim - 1, dim)  # drop the padding
+    return flat.narrow(axis, 0, x.shape[axis]).contiguous()
+
+
+def _quantize_blocks(
+    x: torch.Tensor, mx: MXFormat, block_size: int, axis: int, rounding: str, saturate: bool,
+    subnormals: bool, generator: torch.Generator | None, scale_rounding: str,
+) -> torch.Tensor:  # fmt: skip
+    """The general path of :func:`mx_quantize` (checked arguments, ``axis`` normalised)."""
+    if x.numel() == 0:
+        return x.clone()
+    blocks, n, shared, bad = _blocked(x, mx, block_size, axis, scale_rounding)
+    scaled = _scaled_elements(blocks, shared, bad, rounding)
+    quantize_(
+        scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
+        generator=generator,
+    )  # fmt: skip
+    scale = _pow2(shared, scaled.dtype)  # NaN scales already made the elements NaN
+    scaled.mul_(scale.unsqueeze(-1))  # exact: P_i * 2^k lies in the working dtype's range
+    return _from_blocks(scaled, n, axis, x.shape, x.dtype)
+
+
+def mx_round_to(
+    x: torch.Tensor,
+    mx: MXFormat | FloatFormat,
+    block_size: int,
+    axis: int,
+    scale_rounding: str = "floor",
+) -> torch.Tensor:
+    """``mx_quantize(x, mx, block_size=block_size, axis=axis, scale_rounding=scale_rounding)``
+    without its argument checks, for callers that validated once (the emulated regions round
+    every GEMM operand with it): the unchecked seam, as :func:`round_to` is for elements.
+    ``x`` must have a dimension ``axis``; ``mx`` an MX format or element format. Autograd does
+    not see its float32 rounding (callers attach their own gradient)."""
+    fmt = get_mx_format(mx)
+    ax = axis % x.dim() if x.dim() else 0
+    if scale_rounding == "floor":
+        out = _round_in_views(x, fmt, block_size, ax)
+        if out is not None:
+            return out
+    return _quantize_blocks(x, fmt, block_size, ax, "nearest", True, True, None, scale_rounding)
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
 
@@ -314,27 +420,28 @@ def mx_quantize(
     Returns a tensor of ``x``'s dtype and shape (contiguous) whose values are ``X * P_i``.
     NaN or inf anywhere in a block makes the whole block NaN (the spec's NaN scale).
 
-    Cost: a working copy of ``x`` in float32/float64 blocks (free when ``x`` is contiguous
-    float32/float64, ``axis`` is last and needs no padding), one reduction pass for the scales,
-    one allocation for the scaled elements, which are rounded and rescaled in place, and a
-    copy back when ``axis`` is not last or ``x`` is float16/bfloat16. No device sync (except
-    stochastic rounding's one seed draw on CUDA generators).
+    Cost: with the defaults on float32 (nearest, saturating, subnormals, "floor"): the blocks
+    as a view of ``x`` (no axis moves), one pass for the block maxima, one allocation for the
+    scaled elements, rounded and rescaled in place. Otherwise: a working copy of ``x`` in
+    float32/float64 blocks (free when ``x`` is contiguous float32/float64, ``axis`` is last
+    and needs no padding), one reduction pass for the scales, one allocation for the scaled
+    elements, and a copy back when ``axis`` is not last or ``x`` is float16/bfloat16. No device
+    sync (except stochastic rounding's one seed draw on CUDA generators).
     """
     mx, ax = _check_call(
         x, elem_format, block_size, axis, rounding, saturate, subnormals, generator,
         scale_rounding,
     )  # fmt: skip
-    if x.numel() == 0:
-        return x.clone()
-    blocks, n, shared, bad = _blocked(x, mx, block_size, ax, scale_rounding)
-    scaled = _scaled_elements(blocks, shared, bad, rounding)
-    quantize_(
-        scaled, mx.element, rounding=rounding, saturate=saturate, subnormals=subnormals,
-        generator=generator,
-    )  # fmt: skip
-    scale = _pow2(shared, scaled.dtype)  # NaN scales already made the elements NaN
-    scaled.mul_(scale.unsqueeze(-1))  # exact: P_i * 2^k lies in the working dtype's range
-    return _from_blocks(scaled, n, ax, x.shape, x.dtype)
+    defaults = rounding == "nearest" and saturate and subnormals and scale_rounding == "floor"
+    # (not under autograd: the view path rounds through ``out=``, which autograd does not see,
+    # while mx_quantize's gradient is zero like quantize's)
+    if defaults and not (x.requires_grad and torch.is_grad_enabled()):
+        out = _round_in_views(x, mx, block_size, ax)  # the defaults on float32: no axis moves
+        if out is not None:
+            return out
+    return _quantize_blocks(
+        x, mx, block_size, ax, rounding, saturate, subnormals, generator, scale_rounding
+    )
 
 
 def mx_encode(
