@@ -9,8 +9,9 @@ result ``r`` and its shadow ``s``; each is one pass here:
 * :meth:`Passes.ratio64`: the same in float64 with ``floor = max(max|s| * frac, tiny)``.
 
 Two implementations compute the same numbers: the C kernel ``mixprec.sanitizer._checks`` (one
-fused pass each, no temporaries; contiguous float32/bfloat16 results on the CPU) and torch
-(any device, layout and dtype: four to six elementwise passes with temporaries).
+fused pass each, no temporaries; float32/bfloat16 CPU results laid out like their shadows) and
+torch (any device, layout and dtype: four to six elementwise passes with temporaries). The
+kernel also bins gradients for the histograms (:func:`grad_stats`).
 """
 
 from __future__ import annotations
