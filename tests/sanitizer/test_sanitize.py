@@ -627,7 +627,7 @@ def test_long_lived_shadows_still_catch_cancellation(budget: float | None) -> No
     error a late cancellation exposes."""
     x = torch.full((256,), 3.0) + torch.linspace(0, 1e-3, 256)
     with sanitize(shadow_memory_mib=budget) as report:
-        a = x * 1.1  # shadow kept; compressed after the next few dozen ops
+        a = x * 1.1  # its shadow lives through the next few dozen ops
         noise = torch.ones(8)
         for _ in range(60):
             noise = noise * 1.0 + 0.0
