@@ -202,6 +202,13 @@ class _SlowPath:
         except Exception:
             return None
 
+    def terms(self, i: int, s: torch.Tensor) -> torch.Tensor | None:
+        """Result ``i``'s sum of |terms| element by element (:attr:`abs_outputs`), or None when
+        the op refuses or it does not have the shape of the shadow ``s``."""
+        outs = self.abs_outputs
+        t = outs[i] if outs is not None and i < len(outs) else None
+        return t if isinstance(t, torch.Tensor) and t.shape == s.shape else None
+
 
 @dataclass(frozen=True)
 class _Result:
@@ -304,9 +311,8 @@ def _fine_against_terms(
     sum of |terms| in the denominator (as the slow path judges it): True when nothing can be
     flagged. A sum that cancels to ~0 (a layer norm's row mean, a bias gradient) then needs no
     local re-run. Cost: the op once more on |shadow inputs|, four float64 passes."""
-    outs = extra.abs_outputs
-    terms = outs[i] if outs is not None and i < len(outs) else None
-    if not (isinstance(terms, torch.Tensor) and terms.shape == s.shape):
+    terms = extra.terms(i, s)
+    if terms is None:
         return False
     a = s.abs()
     floor = max(float(a.amax()) * fi.floor, _TINY)
@@ -613,9 +619,8 @@ class Measurer:
         if n_flag and (call.info.multilinear or res.i in call.info.sum_results):
             # a sum of products is judged against the sum of |products| (what a backward-
             # stable evaluation can err by), not against a result that cancelled to ~0
-            outs = extra.abs_outputs
-            terms = outs[res.i] if outs is not None and res.i < len(outs) else None
-            if isinstance(terms, torch.Tensor) and terms.shape == s.shape:
+            terms = extra.terms(res.i, s)
+            if terms is not None:
                 den = torch.maximum(den, terms.abs())
                 lerr, flag, n_flag = _over_tol(loc, s, den, valid, fi.tol)
         return den, lerr, flag, n_flag

@@ -342,35 +342,39 @@ class ShadowMode(TorchDispatchMode):
 
     def _plain_view(self, call: RealCall, backward: bool) -> Any:
         """A view whose backward cannot round (half of a transformer's ops): no source line,
-        no autograd label; only the pass bookkeeping of :meth:`_forward_site` /
-        :meth:`_backward_site`, the weight-gradient hooks, and :meth:`_view`."""
+        no autograd label; only the pass bookkeeping, the weight-gradient hooks, and
+        :meth:`_view`."""
         self.stats.ops += 1
         if backward:
-            if not self._last_backward:
-                self.backward_passes += 1
-                self._need_step = True
-            self._last_backward = True
+            self._enter_backward()
             return self._view(call)
-        self._last_backward = False
-        if self._need_step and not self.tracker.seen_module:
-            self.mark_step()
+        self._enter_forward()
         self._hook_leaves(call.args)  # a weight used through a view (linear's weight.t())
         return self._view(call)
 
-    def _forward_site(self, info: OpInfo) -> tuple[Site, bool]:
+    def _enter_forward(self) -> None:
+        """A forward op: code without modules starts a new step at the first one after a
+        backward."""
         self._last_backward = False
         if self._need_step and not self.tracker.seen_module:
-            self.mark_step()  # code without modules: the first forward op after a backward
+            self.mark_step()
+
+    def _enter_backward(self) -> None:
+        """A backward op: the first one after forward ops starts a new backward pass."""
+        if not self._last_backward:
+            self.backward_passes += 1
+            self._need_step = True
+        self._last_backward = True
+
+    def _forward_site(self, info: OpInfo) -> tuple[Site, bool]:
+        self._enter_forward()
         module, module_type, watched = self.tracker.current()
         # the stack walk only where the line is used: checked ops, or autograd labels
         used = (watched and info.kind != SKIP) or self.track_grads
         return Site(module, module_type, user_frame() if used else None), watched
 
     def _backward_site(self) -> tuple[Site, bool]:
-        if not self._last_backward:
-            self.backward_passes += 1
-            self._need_step = True
-        self._last_backward = True
+        self._enter_backward()
         node = torch._C._current_autograd_node()
         meta = node.metadata.get(_META_KEY) if node is not None else None
         if meta is None:

@@ -39,14 +39,6 @@ class ShadowInputs:
     cause: str | None = None  # label of a finding whose error an argument carries
 
 
-def _flat_args(args: tuple[Any, ...]) -> bool:
-    """No argument is a list or tuple holding tensors (``cat``'s ``Tensor[]``)."""
-    for a in args:
-        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
-            return False
-    return True
-
-
 class Shadows:
     """The shadow table of a run (``store``) and the table of flipped boolean results
     (``decisions``: masks whose shadow differs, for ``where``). Shadows of real tensors of
@@ -88,14 +80,6 @@ class Shadows:
         Cost: one table lookup per tensor; an upcast copy per exact tensor unless ``lazy``.
         """
         found = ShadowInputs()
-        if _flat_args(args):  # the usual case, one loop (map_tensors below: any nesting)
-            found.args = [
-                self._shadow(a, found, lazy)
-                if isinstance(a, torch.Tensor)
-                else self._scalar(a, compute)
-                for a in args
-            ]
-            return found
         mapped = map_tensors(lambda t: self._shadow(t, found, lazy), args)
         found.args = [self._scalar(a, compute) for a in mapped]
         return found

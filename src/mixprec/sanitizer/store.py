@@ -151,13 +151,6 @@ class ShadowStore:
             return NONE
         return WHOLE if e.flat is not None or e.resid is not None else PARTIAL
 
-    def covers(self, t: torch.Tensor) -> bool:
-        """Does ``t``'s storage have a whole-storage shadow of ``t``'s dtype (so every view of
-        it has one, derived on lookup)? Cheap: no shadow is materialized."""
-        st = self._storage(t)
-        e = None if st is None else self._map.get(st._cdata)
-        return e is not None and e.dtype == t.dtype and (e.flat is not None or e.resid is not None)
-
     def origin(self, t: torch.Tensor) -> Any:
         """What :meth:`put` was given as ``origin`` for ``t``'s storage (None: unknown)."""
         st = self._storage(t)
