@@ -7,6 +7,7 @@ sharded/FSDP rank sees only its own shard) and mixprec.amp's scale_loss path. A 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -24,6 +25,18 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _quiesce() -> None:
+    """Let every collective still in flight finish before the group is torn down.
+
+    gloo's barrier waits for all earlier work on this rank; without it a rank could destroy
+    its group (or exit, taking rank 0's store with it) while FSDP's asynchronous
+    all-gathers/reduce-scatters still run on gloo's worker threads, which aborts the other
+    process ("terminate called without an active exception"; seen once, on a loaded CI machine).
+    """
+    gc.collect()
+    dist.barrier()
 
 
 def _model() -> torch.nn.Module:
@@ -88,6 +101,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "amp": _amp_run(rank),
         }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +182,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 model, level, emulate, lambda it: (*_batch(rank, it), BAD.get(it) == rank)
             )
         torch.save(result, os.path.join(out, f"fsdp{rank}.pt"))
+        del model, result
+        _quiesce()
     finally:
         dist.destroy_process_group()
 
