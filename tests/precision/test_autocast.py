@@ -77,7 +77,7 @@ class Probe(TorchDispatchMode):
 
 
 def no_region_left() -> None:
-    assert AC._LOCAL.entries == [] and AC._LOCAL.mode is None
+    assert AC._LOCAL.entries == [] and AC._LOCAL.mode == []
     assert not any(isinstance(m, AC._PolicyMode) for m in _get_current_function_mode_stack())
     assert not torch.is_autocast_enabled("cpu")
 

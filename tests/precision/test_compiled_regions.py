@@ -120,3 +120,38 @@ def test_kept_casts_round_bf16_exactly_and_fuse() -> None:
             loss = step(model, x)
     assert float(loss.detach()) == pytest.approx(_eager("bf16")[0], rel=1e-5)
     assert "mixprec.round" not in str(graphs[0].graph)
+
+
+@pytest.mark.parametrize("how", ["apply_policy", "initialize"])
+def test_compiled_module_with_hook_regions_leaves_no_mode_behind(how: str) -> None:
+    """A custom module (not a torch.nn container) is compiled frame by frame: its pre-hook,
+    forward and post-hook. The region the pre-hook enters must be left by the post-hook:
+    before the fix one stale mode stayed on the stack per call and every call recompiled."""
+    import mixprec
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if how == "apply_policy":
+            mixprec.apply_policy(model, "bf16", emulate=True)
+            return model, opt
+        return mixprec.initialize(model, opt, opt_level="O1", compute="bfloat16", emulate=True)
+
+    x = torch.randn(8, 16)
+    model, _ = build()
+    want = [float(_loss(model, x * (i + 1)).detach()) for i in range(3)]
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model, _ = build()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    got, graphs = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            got.append(float(F.mse_loss(compiled(x * (i + 1)), x * (i + 1)).detach()))
+            assert _get_current_function_mode_stack() == [] and current_policy() is None
+            graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+    assert got == want
+    assert graphs == [graphs[0]] * 3  # compiled once, reused
+    assert _dynamo_warnings(caught) == []

@@ -56,9 +56,13 @@ PolicyLike = Policy | str | FloatFormat | FormatSpec | torch.dtype
 
 
 class _Local(threading.local):
+    # Only ever mutated in place, never re-assigned: code dynamo compiles (a module's
+    # pre-hook that enters a region, the post-hook that leaves it, each its own frame) replays
+    # list mutations, but silently drops attribute assignments on a threading.local, which
+    # left one stale mode on the stack per compiled call.
     def __init__(self) -> None:
         self.entries: list[Executor] = []  # innermost last
-        self.mode: _PolicyMode | None = None
+        self.mode: list[_PolicyMode] = []  # the one pushed mode while any region is active
 
 
 _LOCAL = _Local()
@@ -152,10 +156,10 @@ _OPAQUE: Any = None
 
 def _push(executor: Executor) -> None:
     local = _LOCAL
-    if local.mode is None:
+    if not local.mode:
         mode = _PolicyMode()
         mode.__enter__()
-        local.mode = mode
+        local.mode.append(mode)
     local.entries.append(executor)
 
 
@@ -167,9 +171,8 @@ def _pop(executor: Executor) -> None:
             local.entries.remove(executor)
     else:
         local.entries.pop()
-    if not local.entries and local.mode is not None:
-        mode, local.mode = local.mode, None
-        mode.__exit__(None, None, None)
+    if not local.entries and local.mode:
+        local.mode.pop().__exit__(None, None, None)
 
 
 def current_policy() -> Policy | None:
