@@ -155,3 +155,43 @@ def test_compiled_module_with_hook_regions_leaves_no_mode_behind(how: str) -> No
     assert got == want
     assert graphs == [graphs[0]] * 3  # compiled once, reused
     assert _dynamo_warnings(caught) == []
+
+
+def test_compiled_corpus_model_trains_under_initialize_like_eager() -> None:
+    """``torch.compile(model)`` after ``initialize`` (O2, emulated bf16, fp32 masters) on the
+    corpus nanoGPT: training steps with scale_loss and optimizer steps compile once, leave no
+    mode behind and give eager's losses (dynamo's own backend: no inductor reordering)."""
+    import mixprec
+    from mixprec.testing import corpus
+
+    entry = corpus.get("nanogpt")
+
+    def train(compiled: bool) -> list[float]:
+        model, args, kwargs = entry.example(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model, opt = mixprec.initialize(
+            model, opt, opt_level="O2", compute="bfloat16", emulate=True
+        )
+        fwd = torch.compile(model, backend="eager") if compiled else model
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = entry.loss(fwd, args, kwargs)
+            with mixprec.scale_loss(loss, opt) as scaled:
+                scaled.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            assert _get_current_function_mode_stack() == []
+        return losses
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = train(compiled=True)
+        graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+        assert train(compiled=True) == got  # a second model: the compiled frames are reused
+        assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert got == train(compiled=False)
+    assert not dynamo.utils.counters["graph_break"]
+    assert _dynamo_warnings(caught) == []
