@@ -12,8 +12,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "quantize", "autocast", "autocast_corpus", "amp", "sanitize", "sanitize_corpus", "ulp",
-    "stable_speed", "stabilize",
+    "quantize", "quantize_isa", "autocast", "autocast_corpus", "amp", "sanitize",
+    "sanitize_corpus", "ulp", "stable_speed", "stabilize",
 ]  # fmt: skip
 
 INTRO = """# Benchmarks

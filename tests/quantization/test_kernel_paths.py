@@ -1,9 +1,10 @@
 """The C kernel's fast paths must agree bit for bit with its general algorithm.
 
 float32 formats with 1 <= M <= 22 round on the bit pattern itself, every input included
-(overflow, inf/NaN, inputs below the target's smallest subnormal); stochastic rounding has
-AVX-512, AVX2 and portable versions chosen from the CPU at import; e8m0 has a closed form of its
-own. Each is compared with the general algorithm (fast_lo = 0) or the torch kernel.
+(overflow, inf/NaN, inputs below the target's smallest subnormal); every loop has AVX-512
+(x86-64-v4), AVX2 (x86-64-v3) and baseline versions, chosen from the CPU at import (stochastic
+rounding with intrinsics of its own); e8m0 has a closed form of its own. Each is compared with
+the general algorithm (fast_lo = 0), the baseline version or the torch kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from mixprec import quantize, quantize_
 from mixprec.formats import get_format
-from mixprec.quantization import elementwise, has_c_kernel
+from mixprec.quantization import KERNEL_ISAS, elementwise, has_c_kernel, kernel_isa
 from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, KernelParams, kernel_params
 
 pytestmark = pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
@@ -174,11 +175,11 @@ def _raw(x: torch.Tensor, p: KernelParams, mode: str, fast_lo: int, offset: int,
     out = x.clone() if inplace else torch.empty_like(x)
     src = out if inplace else x
     _kernels.quantize(
-        32, src.data_ptr(), out.data_ptr(), x.numel(), ROUNDING_CODES[mode], p.mantissa_bits,
-        p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
+        p.width, src.data_ptr(), out.data_ptr(), x.numel(), ROUNDING_CODES[mode],
+        p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
         0x2545F4914F6CDD1D, offset, fast_lo,
     )  # fmt: skip
-    return out.view(torch.int32)
+    return out.view(torch.int32 if p.width == 32 else torch.int64)
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +188,8 @@ def patterns() -> torch.Tensor:
 
 
 def _simd_levels() -> list[str]:
-    best = _kernels.simd()
-    levels = ["portable", "avx2", "avx512"]
-    return levels[: levels.index(best) + 1]
+    """Every level this CPU runs, baseline first."""
+    return list(KERNEL_ISAS[: KERNEL_ISAS.index(kernel_isa()) + 1])
 
 
 @pytest.mark.parametrize("fmt", _FAST_FORMATS)
@@ -200,30 +200,117 @@ def test_fast_path_matches_general_path_bit_for_bit(
     """The fast path (no fallback since it handles overflow, inf/NaN and inputs below the
     target's smallest subnormal itself) gives the general algorithm's bits for every input,
     every option, out of place and in place; stochastic rounding draws the same random bits,
-    with every SIMD version this CPU has, also where the index's high word ticks."""
+    with every SIMD version this CPU has (AVX-512, AVX2, baseline), also where the index's
+    high word ticks."""
     f = get_format(fmt)
-    best = _kernels.simd()
+    best = kernel_isa()
     try:
         for saturate, subnormals in [(False, True), (True, True), (False, False)]:
             p = kernel_params(f, 32, saturate, subnormals, rounding)
             assert p.fast_lo != 0
             for offset in [0, (1 << 32) - 1000] if rounding == "stochastic" else [0]:
+                kernel_isa("portable")
                 ref = _raw(patterns, p, rounding, 0, offset, False)
-                levels = _simd_levels() if rounding == "stochastic" else [best]
-                for level in levels:
-                    _kernels.simd(level)
+                for level in _simd_levels():
+                    kernel_isa(level)
                     for inplace in (False, True):
                         got = _raw(patterns, p, rounding, p.fast_lo, offset, inplace)
                         assert torch.equal(got, ref), (saturate, subnormals, offset, level)
     finally:
-        _kernels.simd(best)
+        kernel_isa(best)
 
 
-def test_simd_selector_refuses_unknown_levels() -> None:
-    best = _kernels.simd()
-    with pytest.raises(ValueError, match="not available"):
-        _kernels.simd("sse9")
-    assert _kernels.simd() == best
+@pytest.mark.parametrize("rounding", MODES)
+@pytest.mark.parametrize("width", [32, 64])
+def test_every_simd_level_gives_the_baseline_bits(
+    width: int, rounding: str, patterns: torch.Tensor
+) -> None:
+    """Every loop is built for x86-64-v4, x86-64-v3 and the baseline, one picked at import:
+    each level this CPU runs gives the baseline's bits for the general algorithm (fast_lo = 0),
+    e8m0's closed form and, for float32, the fast path; both widths, out of place and in
+    place. (On an AVX-512 machine this tests the AVX2 code too.)"""
+    x = patterns if width == 32 else _e8m0_bit_patterns(torch.float64)
+    cases = [(fmt, fast) for fmt in ("bfloat16", "float8_e5m2", "float4_e2m1fn")
+             for fast in ((False, True) if width == 32 else (False,))]  # fmt: skip
+    cases.append(("float8_e8m0fnu", False))
+    best = kernel_isa()
+    try:
+        for fmt, fast in cases:
+            p = kernel_params(get_format(fmt), width, False, True, rounding)
+            lo = p.fast_lo if fast else 0
+            kernel_isa("portable")
+            ref = _raw(x, p, rounding, lo, 7, False)
+            for level in _simd_levels()[1:]:
+                kernel_isa(level)
+                for inplace in (False, True):
+                    got = _raw(x, p, rounding, lo, 7, inplace)
+                    assert torch.equal(got, ref), (fmt, fast, level, inplace)
+    finally:
+        kernel_isa(best)
+
+
+def _normal_range_patterns(p: KernelParams) -> torch.Tensor:
+    """float32 values between the target's smallest normal and its max (both included): random
+    patterns and few-significant-bit ones (ties, grid points), both signs; then the same with an
+    out-of-range value (tiny, zero, above max, inf, NaN) in every 61st place; an odd count."""
+    g = torch.Generator().manual_seed(3)
+    lo, hi, n = p.fast_lo, p.max_bits, 1 << 15
+    rand = torch.randint(lo, hi + 1, (n,), generator=g, dtype=torch.int64)
+    low = torch.randint(0, 23, (n,), generator=g)
+    coarse = (rand & ~((1 << low) - 1)) | ((1 << low) >> 1)  # the bit below the kept ones: ties
+    bits = torch.cat([rand, coarse.clamp(lo, hi), torch.tensor([lo, hi, lo + 1, hi - 1])])
+    sign = torch.randint(0, 2, bits.shape, generator=g) << 31
+    inside = (bits | sign).to(torch.int32)
+    odd = torch.tensor([1, lo - 1, 0, hi + 1, 0x7F800000, 0x7FC00001], dtype=torch.int32)
+    mixed = inside.clone()
+    mixed[::61] = odd[torch.arange(mixed[::61].numel()) % odd.numel()]
+    return torch.cat([inside, mixed, inside[:5]]).view(torch.float32)
+
+
+@pytest.mark.parametrize("fmt", _FAST_FORMATS)
+def test_nearest_blocks_of_target_normals_match_the_general_path(fmt: str) -> None:
+    """Round to nearest takes a short path for 64-element blocks of target normals (formats
+    whose normal range is wide): such blocks, blocks with one element outside, and the tail give
+    the general algorithm's bits at every SIMD level, out of place and in place."""
+    best = kernel_isa()
+    try:
+        for saturate, subnormals in [(False, True), (True, True), (False, False)]:
+            p = kernel_params(get_format(fmt), 32, saturate, subnormals, "nearest")
+            x = _normal_range_patterns(p)
+            kernel_isa("portable")
+            ref = _raw(x, p, "nearest", 0, 0, False)
+            for level in _simd_levels():
+                kernel_isa(level)
+                for inplace in (False, True):
+                    got = _raw(x, p, "nearest", p.fast_lo, 0, inplace)
+                    assert torch.equal(got, ref), (saturate, subnormals, level, inplace)
+    finally:
+        kernel_isa(best)
+
+
+def test_kernel_isa_selects_levels_and_refuses_bad_ones() -> None:
+    best = kernel_isa()
+    assert best in KERNEL_ISAS
+    try:
+        assert kernel_isa("portable") == "portable" == kernel_isa()
+    finally:
+        assert kernel_isa(best) == best
+    with pytest.raises(ValueError, match=r"unknown isa 'sse9'; valid: 'portable', 'avx2'"):
+        kernel_isa("sse9")
+    with pytest.raises(TypeError, match="isa must be a string or None, got int"):
+        kernel_isa(2)  # type: ignore[arg-type]
+    above = KERNEL_ISAS[KERNEL_ISAS.index(best) + 1 :]
+    for level in above:  # levels this CPU lacks (none on an AVX-512 machine)
+        with pytest.raises(ValueError, match="not available on this CPU"):
+            kernel_isa(level)
+    assert kernel_isa() == best
+
+
+def test_kernel_isa_without_the_c_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(elementwise, "_kernels", None)
+    assert kernel_isa() is None
+    with pytest.raises(ValueError, match="the C kernel is not built"):
+        kernel_isa("avx2")
 
 
 @pytest.mark.parametrize("saturate", [False, True])
@@ -232,15 +319,15 @@ def test_e8m0_stochastic_same_bits_at_every_simd_level(saturate: bool) -> None:
     random draws whatever the instruction set, also where the index's high word ticks."""
     x = _e8m0_bit_patterns(torch.float32)
     p = kernel_params(get_format("float8_e8m0fnu"), 32, saturate, True, "stochastic")
-    best = _kernels.simd()
+    best = kernel_isa()
     try:
         for offset in [0, (1 << 32) - 1000]:
-            _kernels.simd("portable")
+            kernel_isa("portable")
             ref = _raw(x, p, "stochastic", 0, offset, False)
             for level in _simd_levels():
-                _kernels.simd(level)
+                kernel_isa(level)
                 for inplace in (False, True):
                     got = _raw(x, p, "stochastic", 0, offset, inplace)
                     assert torch.equal(got, ref), (offset, level, inplace)
     finally:
-        _kernels.simd(best)
+        kernel_isa(best)

@@ -60,9 +60,11 @@ def quantize_table(n: int, repeat: int, formats: Sequence[str], slow: bool) -> s
     ]
     header = ["format", "oop nearest / clone", "in-place nearest / copy_", "stochastic / clone",
               "torch cast pair / clone", "ml_dtypes / clone", "torch path / clone"]  # fmt: skip
+    from mixprec.quantization import kernel_isa
+
     return (
         f"### quantize: {n:,} float32 elements, best of {repeat}\n\n"
-        f"Machine: {summary()}\n\n"
+        f"Machine: {summary()}; C kernel loops: {kernel_isa() or 'not built'}\n\n"
         f"Anchors: clone {t_clone * 1e3:.2f} ms, copy_ into a preallocated tensor "
         f"{t_copy * 1e3:.2f} ms.\n\n" + markdown_table(header, rows) + "\n"
     )

@@ -18,11 +18,13 @@ from mixprec.quantization.blocks import (
     mx_scale_exponents,
 )
 from mixprec.quantization.elementwise import (
+    KERNEL_ISAS,
     code_dtype,
     decode,
     encode,
     fake_quantize,
     has_c_kernel,
+    kernel_isa,
     quantize,
     quantize_,
     round_to,
@@ -35,6 +37,7 @@ from mixprec.quantization.params import (
 )
 
 __all__ = [
+    "KERNEL_ISAS",
     "MX_FORMATS",
     "ROUNDING_MODES",
     "MXFormat",
@@ -44,6 +47,7 @@ __all__ = [
     "fake_quantize",
     "get_mx_format",
     "has_c_kernel",
+    "kernel_isa",
     "mx_decode",
     "mx_encode",
     "mx_quantize",

@@ -36,10 +36,23 @@ typedef struct {
     uint64_t offset;      /* global index of the first element (stochastic streams) */
 } qparams;
 
+/* The plain loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and
+ * the baseline, and the simd level picks one at run time (chosen at import from the CPU; tests
+ * and benchmarks may lower it, so the AVX2 code is tested and timed on AVX-512 machines too).
+ * MP_VARIANTS(DEFINE, NAME, ...) expands DEFINE(NAME_v4, attribute, ...), DEFINE(NAME_v3, ...)
+ * and DEFINE(NAME, , ...); MP_TABLE(NAME) lists them by level (portable, avx2, avx512). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MP_ISA_VARIANTS 1
+#define MP_V4 __attribute__((target("arch=x86-64-v4")))
+#define MP_V3 __attribute__((target("arch=x86-64-v3")))
+#define MP_VARIANTS(DEFINE, NAME, ...)                                                          \
+    DEFINE(NAME##_v4, MP_V4, __VA_ARGS__)                                                       \
+    DEFINE(NAME##_v3, MP_V3, __VA_ARGS__)                                                       \
+    DEFINE(NAME, , __VA_ARGS__)
+#define MP_TABLE(NAME) {NAME, NAME##_v3, NAME##_v4}
 #else
-#define MP_CLONES
+#define MP_VARIANTS(DEFINE, NAME, ...) DEFINE(NAME, , __VA_ARGS__)
+#define MP_TABLE(NAME) {NAME, NAME, NAME}
 #endif
 #define MP_INLINE static inline __attribute__((always_inline))
 
@@ -225,30 +238,69 @@ MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t r
     return ai > 0x7f800000 ? (u | 0x400000u) : out; /* NaN in: quiet NaN out */
 }
 
+/* Round to nearest in blocks. In a block whose every element is a normal of the target
+ * (2^emin <= |x| <= max) the target's quantum is the same d0 trailing pattern bits everywhere and
+ * no overflow, zero, flush or NaN rule applies, so rounding is three integer ops on the pattern
+ * (the sign bit untouched: a rounded magnitude stays <= max < 2^31), about a third of fast32's
+ * work with the range check. Where the data is such (activations in bf16, fp16, fp8), that
+ * keeps AVX2 machines memory-bound; a block with any other element takes fast32, so it only
+ * pays for formats whose normal range is wide (>= 2^8): in fp6/fp4 most blocks hold values
+ * outside it. Same bits either way (tests compare in-range blocks, mixed ones and every
+ * pattern with q32). */
+#define NBLOCK 64
+MP_INLINE int normal_blocks_pay(const fastp *f, uint32_t lo, uint64_t flags) {
+    return !(flags & F_NEG_NAN) && (((uint32_t)f->maxb >> 23) - (lo >> 23)) >= 8u;
+}
+
+MP_INLINE void nearest_block(const uint32_t *src, uint32_t *dst, const fastp *f, uint32_t lo) {
+    const int32_t lo_i = (int32_t)lo, max_i = f->maxb; /* magnitudes are < 2^31: signed */
+    uint32_t outside = 0;
+    for (int i = 0; i < NBLOCK; i++) {
+        const int32_t a = (int32_t)(src[i] & 0x7fffffffu);
+        outside |= (a < lo_i) | (a > max_i);
+    }
+    if (outside) {
+        for (int i = 0; i < NBLOCK; i++) dst[i] = fast32(src[i], R_NEAREST, f, 0u);
+        return;
+    }
+    const uint32_t d0 = (uint32_t)f->d0, keep = ~0u << d0, inc = (~keep) >> 1;
+    for (int i = 0; i < NBLOCK; i++) dst[i] = (src[i] + inc + ((src[i] >> d0) & 1u)) & keep;
+}
+
+MP_INLINE void nearest_blocks(const uint32_t *src, uint32_t *dst, int64_t n, const fastp *f,
+                              uint32_t lo) {
+    int64_t i0 = 0;
+    for (; i0 + NBLOCK <= n; i0 += NBLOCK) nearest_block(src + i0, dst + i0, f, lo);
+    for (; i0 < n; i0++) dst[i0] = fast32(src[i0], R_NEAREST, f, 0u);
+}
+
 /* Deterministic modes: one pass. in == out (quantize_) gets its own loop: with one pointer the
  * vectoriser needs no overlap check (which an aliased pair fails, falling back to scalar). */
 #define FAST_LOOP(SRC, DST, MODE)                                                               \
     for (int64_t i = 0; i < n; i++) (DST)[i] = fast32((SRC)[i], MODE, &fp, 0u)
-#define DEFINE_LOOP32(NAME, MODE)                                                               \
-    MP_CLONES static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,  \
-                               uint32_t lo) {                                                   \
+#define DEFINE_LOOP32(NAME, ATTR, MODE)                                                         \
+    ATTR static void NAME(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p,       \
+                          uint32_t lo) {                                                        \
         const qparams pp = *p;                                                                  \
         if (lo == 0) { /* no fast path for this format: the general algorithm */               \
             for (int64_t i = 0; i < n; i++) out[i] = q32(in[i], &pp, MODE, (uint64_t)i);       \
             return;                                                                             \
         }                                                                                       \
         const fastp fp = make_fastp(&pp);                                                       \
-        if ((const uint32_t *)out == in) {                                                      \
+        if (MODE == R_NEAREST && normal_blocks_pay(&fp, lo, pp.flags)) {                        \
+            if ((const uint32_t *)out == in) nearest_blocks(out, out, n, &fp, lo);              \
+            else nearest_blocks(in, out, n, &fp, lo);                                           \
+        } else if ((const uint32_t *)out == in) {                                               \
             FAST_LOOP(out, out, MODE);                                                          \
         } else {                                                                                \
             FAST_LOOP(in, out, MODE);                                                           \
         }                                                                                       \
     }
-DEFINE_LOOP32(loop32_nearest, R_NEAREST)
-DEFINE_LOOP32(loop32_toward_zero, R_TOWARD_ZERO)
-DEFINE_LOOP32(loop32_up, R_UP)
-DEFINE_LOOP32(loop32_down, R_DOWN)
-DEFINE_LOOP32(loop32_odd, R_ODD)
+MP_VARIANTS(DEFINE_LOOP32, loop32_nearest, R_NEAREST)
+MP_VARIANTS(DEFINE_LOOP32, loop32_toward_zero, R_TOWARD_ZERO)
+MP_VARIANTS(DEFINE_LOOP32, loop32_up, R_UP)
+MP_VARIANTS(DEFINE_LOOP32, loop32_down, R_DOWN)
+MP_VARIANTS(DEFINE_LOOP32, loop32_odd, R_ODD)
 
 /* Stochastic rounding: rand32's hash (4 multiplies) on top of fast32 is more than gcc's
  * auto-vectoriser keeps in registers (it spills and re-broadcasts constants on AVX2), so x86
@@ -434,8 +486,13 @@ static sr_run_fn sr_run_for(int level) {
 static void init_simd(void) {
 #ifdef MP_X86_SIMD
     __builtin_cpu_init();
+#ifdef MP_ISA_VARIANTS /* the levels' loops are built for whole ISA levels */
+    if (__builtin_cpu_supports("x86-64-v4")) simd_best = SIMD_AVX512;
+    else if (__builtin_cpu_supports("x86-64-v3")) simd_best = SIMD_AVX2;
+#else
     if (__builtin_cpu_supports("avx512f")) simd_best = SIMD_AVX512;
     else if (__builtin_cpu_supports("avx2")) simd_best = SIMD_AVX2;
+#endif
 #endif
     simd_level = simd_best;
 }
@@ -542,17 +599,17 @@ MP_INLINE uint64_t q64(uint64_t u, const qparams *p, const int mode, uint64_t id
     return a > INF ? (u | 0x8000000000000ULL) : out;
 }
 
-#define DEFINE_LOOP64(NAME, MODE)                                                               \
-    MP_CLONES static void NAME(const uint64_t *in, uint64_t *out, int64_t n, const qparams *p) { \
+#define DEFINE_LOOP64(NAME, ATTR, MODE)                                                         \
+    ATTR static void NAME(const uint64_t *in, uint64_t *out, int64_t n, const qparams *p) {      \
         const qparams pp = *p;                                                                  \
         for (int64_t i = 0; i < n; i++) out[i] = q64(in[i], &pp, MODE, (uint64_t)i);           \
     }
-DEFINE_LOOP64(loop64_nearest, R_NEAREST)
-DEFINE_LOOP64(loop64_stochastic, R_STOCHASTIC)
-DEFINE_LOOP64(loop64_toward_zero, R_TOWARD_ZERO)
-DEFINE_LOOP64(loop64_up, R_UP)
-DEFINE_LOOP64(loop64_down, R_DOWN)
-DEFINE_LOOP64(loop64_odd, R_ODD)
+MP_VARIANTS(DEFINE_LOOP64, loop64_nearest, R_NEAREST)
+MP_VARIANTS(DEFINE_LOOP64, loop64_stochastic, R_STOCHASTIC)
+MP_VARIANTS(DEFINE_LOOP64, loop64_toward_zero, R_TOWARD_ZERO)
+MP_VARIANTS(DEFINE_LOOP64, loop64_up, R_UP)
+MP_VARIANTS(DEFINE_LOOP64, loop64_down, R_DOWN)
+MP_VARIANTS(DEFINE_LOOP64, loop64_odd, R_ODD)
 
 /* ------------------------------------------------------------------------------------------ */
 /* e8m0 fast path                                                                              */
@@ -696,8 +753,8 @@ static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n, con
 
 /* in == out (quantize_) gets its own loop: with one pointer the vectoriser needs no overlap
  * check. The random draws are q32's / q64's, indexed the same way. */
-#define DEFINE_E8M0_LOOP(NAME, MODE, T, FN, RND)                                                \
-    MP_CLONES static void NAME(const T *in, T *out, int64_t n, const qparams *p) {              \
+#define DEFINE_E8M0_LOOP(NAME, ATTR, MODE, T, FN, RND)                                          \
+    ATTR static void NAME(const T *in, T *out, int64_t n, const qparams *p) {                   \
         const qparams pp = *p;                                                                  \
         const T maxb = (T)pp.max_bits, ovfb = (T)pp.ovf_bits;                                   \
         if ((const T *)out == in) {                                                             \
@@ -710,10 +767,10 @@ static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n, con
     }
 #define RND64 (mix64(mix64((uint64_t)i + pp.offset) ^ pp.seed) >> 2)
 #define DEFINE_E8M0_LOOPS(SUFFIX, MODE)                                                         \
-    DEFINE_E8M0_LOOP(e8m0_32_##SUFFIX, MODE, uint32_t, e8m0_32, 0u)                             \
-    DEFINE_E8M0_LOOP(e8m0_64_##SUFFIX, MODE, uint64_t, e8m0_64, RND64)
+    MP_VARIANTS(DEFINE_E8M0_LOOP, e8m0_32_##SUFFIX, MODE, uint32_t, e8m0_32, 0u)                \
+    MP_VARIANTS(DEFINE_E8M0_LOOP, e8m0_64_##SUFFIX, MODE, uint64_t, e8m0_64, RND64)
 DEFINE_E8M0_LOOPS(nearest, R_NEAREST)
-DEFINE_E8M0_LOOP(e8m0_64_stochastic, R_STOCHASTIC, uint64_t, e8m0_64, RND64)
+MP_VARIANTS(DEFINE_E8M0_LOOP, e8m0_64_stochastic, R_STOCHASTIC, uint64_t, e8m0_64, RND64)
 DEFINE_E8M0_LOOPS(toward_zero, R_TOWARD_ZERO)
 DEFINE_E8M0_LOOPS(up, R_UP)
 DEFINE_E8M0_LOOPS(down, R_DOWN)
@@ -725,15 +782,22 @@ DEFINE_E8M0_LOOPS(odd, R_ODD)
 
 typedef void (*loop32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *, uint32_t);
 typedef void (*loop64_fn)(const uint64_t *, uint64_t *, int64_t, const qparams *);
-static const loop32_fn LOOPS32[6] = {loop32_nearest, loop32_stochastic, loop32_toward_zero,
-                                     loop32_up, loop32_down, loop32_odd};
-static const loop64_fn LOOPS64[6] = {loop64_nearest, loop64_stochastic, loop64_toward_zero,
-                                     loop64_up, loop64_down, loop64_odd};
 typedef void (*e8m0_32_fn)(const uint32_t *, uint32_t *, int64_t, const qparams *);
-static const e8m0_32_fn E8M0_32[6] = {e8m0_32_nearest, e8m0_32_stochastic, e8m0_32_toward_zero,
-                                      e8m0_32_up, e8m0_32_down, e8m0_32_odd};
-static const loop64_fn E8M0_64[6] = {e8m0_64_nearest, e8m0_64_stochastic, e8m0_64_toward_zero,
-                                     e8m0_64_up, e8m0_64_down, e8m0_64_odd};
+/* [rounding mode][simd level]; float32 stochastic loops pick their intrinsics by the level */
+static const loop32_fn LOOPS32[6][3] = {
+    MP_TABLE(loop32_nearest), {loop32_stochastic, loop32_stochastic, loop32_stochastic},
+    MP_TABLE(loop32_toward_zero), MP_TABLE(loop32_up), MP_TABLE(loop32_down),
+    MP_TABLE(loop32_odd)};
+static const loop64_fn LOOPS64[6][3] = {
+    MP_TABLE(loop64_nearest), MP_TABLE(loop64_stochastic), MP_TABLE(loop64_toward_zero),
+    MP_TABLE(loop64_up), MP_TABLE(loop64_down), MP_TABLE(loop64_odd)};
+static const e8m0_32_fn E8M0_32[6][3] = {
+    MP_TABLE(e8m0_32_nearest), {e8m0_32_stochastic, e8m0_32_stochastic, e8m0_32_stochastic},
+    MP_TABLE(e8m0_32_toward_zero), MP_TABLE(e8m0_32_up), MP_TABLE(e8m0_32_down),
+    MP_TABLE(e8m0_32_odd)};
+static const loop64_fn E8M0_64[6][3] = {
+    MP_TABLE(e8m0_64_nearest), MP_TABLE(e8m0_64_stochastic), MP_TABLE(e8m0_64_toward_zero),
+    MP_TABLE(e8m0_64_up), MP_TABLE(e8m0_64_down), MP_TABLE(e8m0_64_odd)};
 
 /* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
  *          zero_bits, flags, seed, offset, fast_lo)
@@ -766,20 +830,22 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const int e8m0 = is_e8m0(&p, width);
     Py_BEGIN_ALLOW_THREADS
     if (e8m0 && width == 32)
-        E8M0_32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
+        E8M0_32[mode][simd_level]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
     else if (e8m0)
-        E8M0_64[mode]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
+        E8M0_64[mode][simd_level]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
     else if (width == 32)
-        LOOPS32[mode]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p,
+        LOOPS32[mode][simd_level]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p,
                       (uint32_t)fast_lo);
     else
-        LOOPS64[mode]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
+        LOOPS64[mode][simd_level]((const uint64_t *)(uintptr_t)in_ptr,
+                                  (uint64_t *)(uintptr_t)out_ptr, n, &p);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* simd([name]) -> name: the stochastic loop's instruction set ("avx512", "avx2", "portable");
- * with a name, selects it (tests run every version this CPU has). */
+/* simd([name]) -> name: the instruction set the loops run ("avx512": x86-64-v4, "avx2":
+ * x86-64-v3, "portable": the baseline); with a name, selects it (tests and benchmarks run every
+ * version this CPU has). */
 static const char *const SIMD_NAMES[3] = {"portable", "avx2", "avx512"};
 
 static PyObject *py_simd(PyObject *self, PyObject *args) {
@@ -805,7 +871,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
     {"simd", py_simd, METH_VARARGS,
-     "simd([name]) -> the stochastic loop's instruction set; with a name, select it (tests)."},
+     "simd([name]) -> the loops' instruction set; with a name, select it (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -56,6 +56,30 @@ def has_c_kernel() -> bool:
     return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") not in _TORCH_BACKENDS
 
 
+KERNEL_ISAS = ("portable", "avx2", "avx512")
+
+
+def kernel_isa(isa: str | None = None) -> str | None:
+    """The instruction set the C kernel's loops run, or None where the kernel was not built.
+
+    ``"avx512"`` (x86-64-v4), ``"avx2"`` (x86-64-v3, FMA) or ``"portable"`` (the baseline
+    build, and every non-x86 CPU): the best this CPU runs is chosen at import. With ``isa``,
+    selects that level for the whole process, any level up to the CPU's best, e.g. to time or
+    test the AVX2 code on an AVX-512 machine; every level gives the same bits. Returns the
+    level in use. Raises ``TypeError`` for a non-string, ``ValueError`` for an unknown level,
+    one the CPU lacks, or any level without the C kernel.
+    """
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"isa must be a string or None, got {type(isa).__name__}")
+    if isa is not None and isa not in KERNEL_ISAS:
+        raise ValueError(f"unknown isa {isa!r}; valid: {', '.join(map(repr, KERNEL_ISAS))}")
+    if _kernels is None:
+        if isa is not None:
+            raise ValueError(f"isa={isa!r}: the C kernel is not built on this install")
+        return None
+    return _kernels.simd() if isa is None else _kernels.simd(isa)
+
+
 def _torch_rounding() -> Callable[
     [torch.Tensor, KernelParams, str, torch.Generator | None], torch.Tensor
 ]:
