@@ -1,16 +1,16 @@
 """Benchmark: one training step of each corpus model under emulated autocast ÷ plain fp32.
 
-Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA from small configs, a nanoGPT-style
-GPT; random init, nothing downloaded), their example batch (2 x 16 tokens) repeated ``--repeat``
-times along the batch (default 1 and 16: at the corpus batch the tiny configs make the step a
-few milliseconds, so the fixed Python cost of the function mode per op dominates; at 16x the
-arithmetic does, as in real training). Step = forward, the entry's loss, backward (no optimizer:
-it is the same in every mode). Modes: fp32; ``mixprec.autocast(fmt, emulate=True)`` for bf16,
-fp16, e4m3 (the default fp8 recipe: per-tensor current scaling, e5m2... gradients as the policy
-says) and mxfp8_e4m3. Time: minimum process CPU time over ``--steps`` interleaved rounds after a
-warm-up round, at 1 and 2 torch threads (CPU time, not wall-clock: the machine is shared, and a
-preempted step's CPU time does not grow; ``OMP_WAIT_POLICY=PASSIVE`` unless set, so that
-waiting threads do not count).
+Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA, ResNet-18 and ViT from small configs, a
+nanoGPT-style GPT; random init, nothing downloaded), their example batch (2 x 16 tokens, or 2 images
+of 64x64) repeated ``--repeat`` times along the batch (default 1 and 16: at the corpus batch the
+tiny configs make the step a few milliseconds, so the fixed Python cost of the function mode per op
+dominates; at 16x the arithmetic does, as in real training). Step = forward, the entry's loss,
+backward (no optimizer: it is the same in every mode). Modes: fp32; ``mixprec.autocast(fmt,
+emulate=True)`` for bf16, fp16, e4m3 (the default fp8 recipe: per-tensor current scaling, e5m2...
+gradients as the policy says) and mxfp8_e4m3. Time: minimum process CPU time over ``--steps``
+interleaved rounds after a warm-up round, at 1 and 2 torch threads (CPU time, not wall-clock: the
+machine is shared, and a preempted step's CPU time does not grow; ``OMP_WAIT_POLICY=PASSIVE`` unless
+set, so that waiting threads do not count).
 
 ``--compile MODEL``: also the same step of MODEL under ``torch.compile(fullgraph=True)`` (fp32
 and emulated bf16, the region entered outside the compiled function), compiled emulated ÷
@@ -100,7 +100,7 @@ def _row(name: str, repeat: int, steps: int, threads: int) -> list[str]:
     torch.set_num_threads(threads)
     runs = _times(name, repeat, steps)
     base = runs["fp32"].best
-    row = [name, f"{2 * repeat} x 16", str(threads), f"{1e3 * base:.1f}"]
+    row = [name, corpus.get(name).batch(repeat), str(threads), f"{1e3 * base:.1f}"]
     row += [f"{runs[m].best / base:.2f}" for m in MODES if m != "fp32"]
     print(f"{name} x{repeat} {threads}t: {row[3:]}", file=sys.stderr, flush=True)
     return row
@@ -150,7 +150,7 @@ def _compile_row(name: str, repeat: int, steps: int, keep_casts: bool) -> list[s
     c, e = runs["compiled bf16"].first_loss, runs["eager bf16"].first_loss
     return [
         name,
-        f"{2 * repeat} x 16",
+        corpus.get(name).batch(repeat),
         "on" if keep_casts else "off (default)",
         f"{1e3 * t['compiled fp32']:.1f}",
         f"{t['compiled bf16'] / t['compiled fp32']:.2f}",

@@ -1,17 +1,16 @@
 """Benchmark: one training step of each corpus model under mixprec.sanitize ÷ plain fp32.
 
-Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA from small configs, a nanoGPT-style
-GPT; random init, nothing downloaded), their example batch (2 x 16 tokens) repeated ``--repeat``
-times along the batch (default 1 and 16: the corpus configs are tiny, so at the corpus batch the
-step is dominated by the sanitizer's fixed cost per op, ~0.1 ms of Python, not by arithmetic).
-Step = forward, the entry's loss, backward. Time: minimum process CPU time over ``--steps``
-interleaved rounds after a warm-up step, one torch thread (CPU time, not wall-clock: the machine
-is shared, and a preempted step's CPU time does not grow). "dispatch only": the same step under a
-pass-through ``TorchDispatchMode`` (every op forwarded unchanged), the floor any dispatch-based
-checker starts from. Memory: one step per (model, mode) in a fresh
-subprocess after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step
-(MiB; plain steps reuse their allocator's blocks, so their growth is near 0 and no ratio is
-given).
+Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA, ResNet-18 and ViT from small configs, a
+nanoGPT-style GPT; random init, nothing downloaded), their example batch (2 x 16 tokens, or 2 images
+of 64x64) repeated ``--repeat`` times along the batch (default 1 and 16: the corpus configs are
+tiny, so at the corpus batch the step is dominated by the sanitizer's fixed cost per op, ~0.1 ms of
+Python, not by arithmetic). Step = forward, the entry's loss, backward. Time: minimum process CPU
+time over ``--steps`` interleaved rounds after a warm-up step, one torch thread (CPU time, not
+wall-clock: the machine is shared, and a preempted step's CPU time does not grow). "dispatch only":
+the same step under a pass-through ``TorchDispatchMode`` (every op forwarded unchanged), the floor
+any dispatch-based checker starts from. Memory: one step per (model, mode) in a fresh subprocess
+after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step (MiB; plain steps
+reuse their allocator's blocks, so their growth is near 0 and no ratio is given).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sanitize_corpus.py [--steps N]
 [--repeat N ...] [--no-memory]`` (writes benchmarks/results/sanitize_corpus.md). Targets
@@ -131,7 +130,7 @@ def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
     plain, san = t["plain"], t["sanitize"]
     row = [
         name,
-        f"{2 * repeat} x 16",
+        corpus.get(name).batch(repeat),
         f"{1e3 * plain:.1f}",
         f"{1e3 * san:.1f}",
         f"{san / plain:.1f}",

@@ -1,13 +1,13 @@
 """Benchmark: ``mixprec.stabilize`` capture + rewrite time on the real-model corpus.
 
-Models: ``mixprec.testing.corpus`` (Hugging Face GPT-2, BERT and LLaMA from small configs, and a
-nanoGPT-style GPT with the manual attention path), each with its example batch. Time: one call
-of ``stabilize(model, args, kwargs)`` (torch.export capture, non-strict, dims offered as dynamic,
-then the rule sweep), split into the capture (``export_graph`` alone) and the rewrite
-(``stabilize`` on the captured ``GraphModule``: a graph copy plus the sweep); minimum
-wall-clock and CPU (process) time over ``--rounds`` rounds, each on a freshly built model, after
-one warm-up call per model (the first export in a process pays torch's one-time imports and
-caches, reported separately). One torch thread by default. Aim (issue 14): a few seconds each.
+Models: ``mixprec.testing.corpus`` (Hugging Face GPT-2, BERT, LLaMA, ResNet-18 and ViT from small
+configs, and a nanoGPT-style GPT with the manual attention path), each with its example batch. Time:
+one call of ``stabilize(model, args, kwargs)`` (torch.export capture, non-strict, dims offered as
+dynamic, then the rule sweep), split into the capture (``export_graph`` alone) and the rewrite
+(``stabilize`` on the captured ``GraphModule``: a graph copy plus the sweep); minimum wall-clock and
+CPU (process) time over ``--rounds`` rounds, each on a freshly built model, after one warm-up call
+per model (the first export in a process pays torch's one-time imports and caches, reported
+separately). One torch thread by default. Aim (issue 14): a few seconds each.
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/stabilize.py [--rounds N] [--threads N]``
 (writes benchmarks/results/stabilize.md).

@@ -330,3 +330,28 @@ def test_bert_steps_with_fresh_dropout_masks_have_no_findings() -> None:
             entry.loss(model, args, kwargs).backward()
         model.zero_grad(set_to_none=True)
         assert report.findings == [], [f.label for f in report.findings]
+
+
+def test_resnet_batch_norm_over_two_values_is_found_in_its_backward() -> None:
+    """A true positive in a real model: at 32 x 32 the corpus ResNet-18's last stage has one
+    position per image, so with a batch of 2 its batch norms normalise 2 values per channel.
+    Their gradient w.r.t. the input is then (g1 - g2)(1 - x̂²)/σ with x̂² = d²/(d² + eps): it
+    cancels to a few ulps of g in float32, which the float64 shadow shows as bits lost."""
+    if "resnet18" not in corpus.available():
+        pytest.skip("transformers is not installed")
+    entry = corpus.get("resnet18")
+    torch.manual_seed(0)
+    model = entry.build()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([1, 2])
+    with sanitize() as report:
+        model(pixel_values=x, labels=y).loss.backward()
+    (found,) = only(report.findings, kind="precision_loss", phase="backward")
+    assert found.op == "aten.native_batch_norm_backward.default"
+    assert found.module.startswith("resnet.encoder.stages.3.") and found.shape[1:] == (128, 1, 1)
+    assert found.bits_lost > 8
+    # the same step at 64 x 64 (2 x 2 positions: 8 values per channel) is clean
+    model.zero_grad(set_to_none=True)
+    with sanitize() as clean:
+        entry.loss(model, *entry.inputs(torch.Generator().manual_seed(0))).backward()
+    assert clean.findings == []

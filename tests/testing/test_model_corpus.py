@@ -41,5 +41,5 @@ def test_nanogpt_checks_the_block_size_like_nanogpt() -> None:
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="gpt2, bert, llama, nanogpt"):
-        corpus.get("resnet")
+    with pytest.raises(ValueError, match="gpt2, bert, llama, resnet18, vit, nanogpt"):
+        corpus.get("resnet50")

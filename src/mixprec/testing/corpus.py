@@ -1,15 +1,17 @@
 """A corpus of real models, written by others, built from small configs with random weights.
 
 Features are done when they work on models their users train, not only on an MLP: this module
-builds Hugging Face transformers' GPT-2, BERT and LLaMA from small configs (random init, nothing
-downloaded) and a nanoGPT-style GPT (written here in nanoGPT's shape: fused qkv projection, a
-causal-mask buffer sliced by the sequence length, a Python ``assert`` on it, and a manual
-attention path with ``masked_fill(-inf)`` then softmax). Each entry gives the model, example
-inputs and a training loss, so a test or benchmark runs one step the same way on every model.
+builds Hugging Face transformers' GPT-2, BERT and LLaMA, and its ResNet-18 and ViT image
+classifiers, from small configs (random init, nothing downloaded), and a nanoGPT-style GPT
+(written here in nanoGPT's shape: fused qkv projection, a causal-mask buffer sliced by the
+sequence length, a Python ``assert`` on it, and a manual attention path with
+``masked_fill(-inf)`` then softmax). Each entry gives the model, example inputs and a training
+loss, so a test or benchmark runs one step the same way on every model.
 
 transformers is a development dependency, imported only when an HF model is built; entries whose
-library is missing are left out of :func:`available`. timm's models (ViT, ResNet) are not in the
-corpus: every timm release imports torchvision, whose PyPI build cannot be imported next to the
+library is missing are left out of :func:`available`. The vision models are transformers' own
+ResNet (ResNet-18's topology: basic blocks, depths 2-2-2-2, batch norm, max pooling) and ViT, not
+timm's: every timm release imports torchvision, whose PyPI build cannot be imported next to the
 CPU torch.
 """
 
@@ -30,6 +32,12 @@ __all__ = ["CORPUS", "CorpusModel", "NanoGPT", "NanoGPTConfig", "available", "ge
 VOCAB = 256
 SEQ = 16
 BATCH = 2
+# square RGB images of the vision models: ResNet's 32x downsampling leaves 2 x 2 positions per
+# image at 64 x 64, so its last batch norms see 8 values per channel (at 32 x 32 only 2: their
+# backward then cancels to rounding noise, a precision loss the sanitizer rightly reports)
+IMAGE = 64
+CLASSES = 10
+_IMAGE_EXAMPLE = f"{IMAGE}x{IMAGE} image"
 
 
 @dataclass(frozen=True)
@@ -37,12 +45,15 @@ class CorpusModel:
     """One corpus entry.
 
     Attributes:
-        name: short name (``"gpt2"``, ``"bert"``, ``"llama"``, ``"nanogpt"``).
+        name: short name (``"gpt2"``, ``"bert"``, ``"llama"``, ``"resnet18"``, ``"vit"``,
+            ``"nanogpt"``).
         requires: the module that must be importable to build it (``None``: torch only).
         build: a fresh model (random init from ``torch.manual_seed`` state), in train mode.
         inputs: ``inputs(generator) -> (args, kwargs)``: a small batch for ``model(*args,
             **kwargs)``, drawn from ``generator``.
         loss: ``loss(model, args, kwargs) -> scalar tensor``: the training loss of one step.
+        unit: what one example of a batch is (``"16 tokens"``, ``"64x64 image"``), for
+            tables: a batch of ``n`` is ``f"{n} x {unit}"``.
     """
 
     name: str
@@ -50,6 +61,11 @@ class CorpusModel:
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.Generator], tuple[tuple[Any, ...], dict[str, Any]]]
     loss: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], torch.Tensor]
+    unit: str = f"{SEQ} tokens"
+
+    def batch(self, repeat: int = 1) -> str:
+        """The example batch repeated ``repeat`` times, in words: ``"32 x 16 tokens"``."""
+        return f"{BATCH * repeat} x {self.unit}"
 
     def example(self, seed: int = 0) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
         """A model built under ``torch.manual_seed(seed)`` and its example inputs."""
@@ -188,6 +204,32 @@ def _llama() -> nn.Module:
     return LlamaForCausalLM(cfg).train()
 
 
+def _resnet18() -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    # ResNet-18's topology (basic blocks, 2-2-2-2) at a quarter of its widths
+    cfg = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2],
+        layer_type="basic", num_labels=CLASSES,
+    )  # fmt: skip
+    return ResNetForImageClassification(cfg).train()
+
+
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=IMAGE, patch_size=16, num_hidden_layers=3, hidden_size=64,
+        num_attention_heads=4, intermediate_size=128, num_labels=CLASSES,
+    )  # fmt: skip
+    return ViTForImageClassification(cfg).train()
+
+
+def _images(g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    pixels = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)
+    return (), {"pixel_values": pixels, "labels": torch.randint(0, CLASSES, (BATCH,), generator=g)}
+
+
 def _tokens(g: torch.Generator) -> tuple[tuple[Any, ...], dict[str, Any]]:
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     return (), {"input_ids": ids, "labels": ids}
@@ -212,6 +254,8 @@ CORPUS: dict[str, CorpusModel] = {
         CorpusModel("gpt2", "transformers", _gpt2, _tokens, _hf_loss),
         CorpusModel("bert", "transformers", _bert, _tokens, _hf_loss),
         CorpusModel("llama", "transformers", _llama, _tokens, _hf_loss),
+        CorpusModel("resnet18", "transformers", _resnet18, _images, _hf_loss, _IMAGE_EXAMPLE),
+        CorpusModel("vit", "transformers", _vit, _images, _hf_loss, _IMAGE_EXAMPLE),
         CorpusModel("nanogpt", None, lambda: NanoGPT().train(), _nano_inputs, _nano_loss),
     )
 }
