@@ -38,10 +38,13 @@ from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
 
 
-def _repeat(x: Any, k: int) -> Any:
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and k > 1:
-        return x.repeat(k, *([1] * (x.dim() - 1)))
-    return x
+def _repeat(x: Any, k: int, dtype: torch.dtype) -> Any:
+    """``x`` repeated ``k`` times along the batch; floating inputs (images) in ``dtype``."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() >= 1 and k > 1:
+        x = x.repeat(k, *([1] * (x.dim() - 1)))
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 class Runner:
@@ -50,9 +53,9 @@ class Runner:
     def __init__(self, name: str, repeat: int, dtype: torch.dtype = torch.float32) -> None:
         self.entry = corpus.get(name)
         self.model, args, kwargs = self.entry.example(0)
-        self.model.to(dtype)  # the inputs are token ids: only the model changes
-        self.args = tuple(_repeat(a, repeat) for a in args)
-        self.kwargs = {k: _repeat(v, repeat) for k, v in kwargs.items()}
+        self.model.to(dtype)
+        self.args = tuple(_repeat(a, repeat, dtype) for a in args)
+        self.kwargs = {k: _repeat(v, repeat, dtype) for k, v in kwargs.items()}
 
     def step(self) -> None:
         self.entry.loss(self.model, self.args, self.kwargs).backward()
