@@ -142,6 +142,20 @@ def test_tiny_demo_markdown_and_terminal(tiny_report: tuple[Path, dict, str]) ->
         assert task["summary"] in md
     assert "fp16-noscale" in printed and "report written to" in printed
     assert "digits · fp8-hybrid" in printed  # one progress bar per run
+    assert md.count("parameters), sgd (momentum 0.9) lr ") == 2  # the tiny preset's SGD
+
+
+def test_presets_train_text_with_plain_sgd_at_small_steps() -> None:
+    """The text task's quick and default presets: SGD without momentum at lr 0.025 decaying to
+    1% (the steps at which updates below half an fp16 spacing show), the report says so."""
+    from mixprec.demo.report import _optimizer
+
+    for preset in ("quick", "default"):
+        (text,) = DemoConfig.preset_config(preset, tasks="text").tasks
+        assert (text.optimizer, text.momentum, text.lr) == ("sgd", 0.0, 0.025)
+        assert text.final_lr_fraction == 0.01
+    assert _optimizer({"optimizer": "sgd", "momentum": 0.0}) == "sgd (no momentum)"
+    assert _optimizer({"optimizer": "adamw", "momentum": None}) == "adamw"
 
 
 def test_validator_rejects_broken_reports(tiny_report: tuple[Path, dict, str]) -> None:

@@ -341,6 +341,14 @@ def _intro_lines(doc: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _optimizer(training: Mapping[str, Any]) -> str:
+    """The optimizer as the report names it: ``sgd (momentum 0.9)``, ``sgd (no momentum)``."""
+    momentum = training.get("momentum")
+    if training["optimizer"] != "sgd" or momentum is None:
+        return str(training["optimizer"])
+    return f"sgd (momentum {momentum:g})" if momentum else "sgd (no momentum)"
+
+
 def _task_lines(task: Mapping[str, Any]) -> list[str]:
     ds, model, tr = task["dataset"], task["model"], task["training"]
     seeds = f" × {tr['seeds']} seeds (table: means)" if tr.get("seeds", 1) > 1 else ""
@@ -350,7 +358,7 @@ def _task_lines(task: Mapping[str, Any]) -> list[str]:
     lines = [
         f"## {task['name']}: {ds['name']}",
         "",
-        f"Model {model['kind']} ({model['parameters']:,} parameters), {tr['optimizer']} "
+        f"Model {model['kind']} ({model['parameters']:,} parameters), {_optimizer(tr)} "
         f"lr {tr['lr']:g}, batch {tr['batch_size']}, {tr['steps']} steps{seeds}; "
         f"{ds['n_train']:,} training / {ds['n_val']:,} validation {unit}.",
         "",
