@@ -34,6 +34,9 @@ def _quiesce() -> None:
     its group (or exit, taking rank 0's store with it) while FSDP's asynchronous
     all-gathers/reduce-scatters still run on gloo's worker threads, which aborts the other
     process ("terminate called without an active exception"; seen once, on a loaded CI machine).
+    A worker that finished then leaves with ``os._exit(0)``: interpreter finalization (static
+    destructors while a C++ thread may still be joinable) is where such an abort happens, and the
+    results are already on disk. A worker that raised still exits through spawn's error path.
     """
     gc.collect()
     dist.barrier()
@@ -104,6 +107,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         _quiesce()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization (see _quiesce)
 
 
 def test_two_gloo_ranks_skip_the_same_steps(tmp_path):
@@ -186,6 +190,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         _quiesce()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization (see _quiesce)
 
 
 def _both_ranks(it: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
