@@ -346,10 +346,13 @@ def test_resnet_batch_norm_over_two_values_is_found_in_its_backward() -> None:
     x, y = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([1, 2])
     with sanitize() as report:
         model(pixel_values=x, labels=y).loss.backward()
-    (found,) = only(report.findings, kind="precision_loss", phase="backward")
-    assert found.op == "aten.native_batch_norm_backward.default"
-    assert found.module.startswith("resnet.encoder.stages.3.") and found.shape[1:] == (128, 1, 1)
-    assert found.bits_lost > 8
+    # (how many of the stage's batch norms cross the threshold depends on the CPU's kernels)
+    found = only(report.findings, kind="precision_loss", phase="backward")
+    assert found and found == report.findings
+    for f in found:
+        assert f.op == "aten.native_batch_norm_backward.default"
+        assert f.module.startswith("resnet.encoder.stages.3.") and f.shape[1:] == (128, 1, 1)
+    assert max(f.bits_lost for f in found) > 8
     # the same step at 64 x 64 (2 x 2 positions: 8 values per channel) is clean
     model.zero_grad(set_to_none=True)
     with sanitize() as clean:
