@@ -100,7 +100,11 @@ def test_in_handler_rounding_equals_the_straight_through_function() -> None:
 
 
 # One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|
-# over the parameters, recorded (float.hex, 1 thread) before the fast paths existed.
+# over the parameters, recorded (float.hex, 1 thread) before the fast paths existed, on a CPU
+# whose torch capability is AVX512. Other CPUs' float32 kernels sum GEMMs in another order
+# (AVX2: the 8th digit of a bf16 gradient sum moves, the 4th of an fp8 one, whose roundings
+# amplify it): there the values are compared to 1e-3.
+RECORDED_ON = "AVX512"
 REFERENCE = {
     "bf16": ("0x1.74b3320000000p+2", "0x1.1e69077792578p+8"),
     "fp16": ("0x1.74ad3c0000000p+2", "0x1.1e744f29a5340p+8"),
@@ -126,4 +130,8 @@ def test_training_step_bits_unchanged(fmt: str) -> None:
     finally:
         torch.set_num_threads(threads)
     grads = sum(float(p.grad.double().abs().sum()) for p in model.parameters())
-    assert (float(loss.detach()).hex(), grads.hex()) == REFERENCE[fmt]
+    if torch.backends.cpu.get_cpu_capability() == RECORDED_ON:
+        assert (float(loss.detach()).hex(), grads.hex()) == REFERENCE[fmt]
+    else:
+        want = [float.fromhex(v) for v in REFERENCE[fmt]]
+        assert [float(loss.detach()), grads] == pytest.approx(want, rel=1e-3)

@@ -28,6 +28,8 @@ from mixprec.quantization.params import (
 )
 
 _LAYOUT = {32: (23, 127, torch.int32), 64: (52, 1023, torch.int64)}
+# torch.where, or the compiled function's bitwise select (see _pick)
+Select = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor | int], torch.Tensor]
 
 
 def ilog2(v: torch.Tensor) -> torch.Tensor:
@@ -69,24 +71,26 @@ def _quantize_bits(
     u = x.contiguous().view(itype).to(torch.int64) & ((1 << p.width) - 1)
     neg = (u & (1 << (p.width - 1))) != 0
     a = u & ((1 << (p.width - 1)) - 1)  # magnitude bits
-    m, ulp_in = _significand(a, P, p.width)
+    m, ulp_in = _significand(a, P, p.width, torch.where)
     e = ilog2(m) + ulp_in
     qe = e.clamp(min=p.emin) - p.mantissa_bits  # exponent of the target's quantum at x
     d = qe - ulp_in  # bits to drop
     k = _round_significand(m, d, neg, mode, p, x.shape, generator)
-    r = torch.where(d <= 0, a, _rebuild(k, qe, p.width))
+    r = torch.where(d <= 0, a, _rebuild(k, qe, p.width, torch.where))
     out = _finish(r, a, u, neg, mode, p)
     if p.width == 32:
         out = torch.where(out >= 1 << 31, out - (1 << 32), out)
     return out.to(itype).view(x.dtype).reshape(x.shape)
 
 
-def _significand(a: torch.Tensor, P: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _significand(
+    a: torch.Tensor, P: int, width: int, where: Select
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer significand with the implicit bit, exponent of its last bit) of magnitudes."""
     bias = _LAYOUT[width][1]
     ef = a >> P
     mant = a & ((1 << P) - 1)
-    m = torch.where(ef > 0, mant | (1 << P), mant)
+    m = where(ef > 0, mant | (1 << P), mant)
     return m, ef.clamp(min=1) - (bias + P)
 
 
@@ -139,7 +143,7 @@ def _stochastic_carry(
     return (rnd < thr).to(torch.int64)
 
 
-def _rebuild(k: torch.Tensor, qe: torch.Tensor, width: int) -> torch.Tensor:
+def _rebuild(k: torch.Tensor, qe: torch.Tensor, width: int, where: Select) -> torch.Tensor:
     """The container bits of ``k * 2^qe`` (normal, subnormal, inf on overflow, 0 for k = 0)."""
     P, bias, _ = _LAYOUT[width]
     inf_bits = ((1 << (width - 1 - P)) - 1) << P
@@ -149,9 +153,9 @@ def _rebuild(k: torch.Tensor, qe: torch.Tensor, width: int) -> torch.Tensor:
     frac = (safe_k << (P - lk).clamp(min=0)) & ((1 << P) - 1)
     normal = ((big_e + bias).clamp(min=0) << P) | frac
     sub = k << (qe + (bias - 1 + P)).clamp(0, 62)
-    r = torch.where(big_e >= 1 - bias, normal, sub)
-    r = torch.where(big_e > bias, torch.full_like(r, inf_bits), r)
-    return torch.where(k == 0, torch.zeros_like(r), r)
+    r = where(big_e >= 1 - bias, normal, sub)
+    r = where(big_e > bias, torch.full_like(r, inf_bits), r)
+    return where(k == 0, torch.zeros_like(r), r)
 
 
 def _finish(
@@ -197,7 +201,7 @@ def _overflow_bits(
 # ----------------------------------------------------------------------------------------------
 #
 # One generic function of (x, params, random bits): the format and the rounding mode are tensor
-# inputs and every mode's result is computed and selected with torch.where, so torch.compile
+# inputs and every mode's result is computed and selected (see _pick), so torch.compile
 # (dynamic shapes, on flattened tensors) builds one graph per input dtype for the deterministic
 # modes and one for stochastic rounding (which takes its random bits as an extra input), never
 # one per format, mode or size. The bits are those of the eager kernel above: same algorithm,
@@ -230,11 +234,23 @@ def _random_bits(x: torch.Tensor, width: int, generator: torch.Generator | None)
     return draw(n)
 
 
+def _pick(cond: torch.Tensor, a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor:
+    """``torch.where(cond, a, b)`` for int64 values, as a bitwise blend.
+
+    The compiled function selects with this, not ``torch.where``: inductor's AVX2 code for an
+    int64 ``where`` whose operands are computed in the same kernel returns wrong values (torch
+    2.13; found with ``ATEN_CPU_CAPABILITY=avx2``, which every bit of the tests then saw), while
+    its AVX-512 code is right. Masks and ors are exact on every ISA, and fuse as well.
+    """
+    mask = -cond.to(torch.int64)  # all ones where cond
+    return (a & mask) | (b & ~mask)
+
+
 def _select_mode(mode: torch.Tensor, by_mode: dict[str, torch.Tensor]) -> torch.Tensor:
     """by_mode[name] where mode == ROUNDING_CODES[name] (toward_zero otherwise)."""
     out = by_mode["toward_zero"]
     for name, value in by_mode.items():
-        out = torch.where(mode == ROUNDING_CODES[name], value, out)
+        out = _pick(mode == ROUNDING_CODES[name], value, out)
     return out
 
 
@@ -269,7 +285,7 @@ def _carry(
     dd = d.clamp(1, r_bits + 63)
     up_shift = (r_bits - dd).clamp(min=0)
     down_shift = (dd - r_bits).clamp(0, 63)
-    thr = torch.where(dd <= r_bits, rem << up_shift, m >> down_shift)
+    thr = _pick(dd <= r_bits, rem << up_shift, m >> down_shift)
     return (rnd < thr).to(torch.int64)
 
 
@@ -284,20 +300,20 @@ def _finish_any(
     ovf, mx = prm[_OVF], prm[_MAX]
     is_inf = a == inf_bits
     directed = {
-        "toward_zero": torch.where(is_inf, ovf, mx),
+        "toward_zero": _pick(is_inf, ovf, mx),
         "nearest": ovf.expand_as(r),
         "stochastic": ovf.expand_as(r),
-        "up": torch.where(is_inf | ~neg, ovf, mx),
-        "down": torch.where(is_inf | neg, ovf, mx),
+        "up": _pick(is_inf | ~neg, ovf, mx),
+        "down": _pick(is_inf | neg, ovf, mx),
     }
-    r = torch.where(r > mx, _select_mode(mode, directed), r)
+    r = _pick(r > mx, _select_mode(mode, directed), r)
     flush = (flags & F_FLUSH) != 0
-    r = torch.where(flush & (r < prm[_MINNORM]), torch.zeros_like(r), r)
-    r = torch.where(r == 0, prm[_ZERO], r)
-    nan = torch.where(neg & (a != 0), inf_bits | (1 << (P - 1)), r)
+    r = _pick(flush & (r < prm[_MINNORM]), torch.zeros_like(r), r)
+    r = _pick(r == 0, prm[_ZERO], r)
+    nan = _pick(neg & (a != 0), inf_bits | (1 << (P - 1)), r)
     s = neg & ~(((flags & F_NO_NEGZERO) != 0) & (r == 0))
-    out = torch.where((flags & F_NEG_NAN) != 0, nan, r | (s.to(torch.int64) << (width - 1)))
-    return torch.where(a > inf_bits, u | (1 << (P - 1)), out)  # NaN in: quiet NaN out
+    out = _pick((flags & F_NEG_NAN) != 0, nan, r | (s.to(torch.int64) << (width - 1)))
+    return _pick(a > inf_bits, u | (1 << (P - 1)), out)  # NaN in: quiet NaN out
 
 
 def quantize_bits_generic(
@@ -311,14 +327,14 @@ def quantize_bits_generic(
     u = x.view(itype).to(torch.int64) & ((1 << width) - 1)
     neg = (u & (1 << (width - 1))) != 0
     a = u & ((1 << (width - 1)) - 1)
-    m, ulp_in = _significand(a, P, width)
+    m, ulp_in = _significand(a, P, width, _pick)
     qe = torch.maximum(ilog2(m) + ulp_in, prm[_EMIN]) - prm[_M]
     d = qe - ulp_in
     k = _round_any_mode(m, d, neg, prm[_MODE], width, rnd)
-    r = torch.where(d <= 0, a, _rebuild(k, qe, width))
+    r = _pick(d <= 0, a, _rebuild(k, qe, width, _pick))
     out = _finish_any(r, a, u, neg, prm, width)
     if width == 32:
-        out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+        out = _pick(out >= 1 << 31, out - (1 << 32), out)
     return out.to(itype).view(x.dtype)
 
 
