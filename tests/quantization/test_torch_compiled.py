@@ -13,8 +13,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from mixprec import quantize
+from mixprec.formats import get_format
 from mixprec.quantization import elementwise, torch_kernel
-from mixprec.quantization.params import ROUNDING_MODES
+from mixprec.quantization.params import ROUNDING_CODES, ROUNDING_MODES, kernel_params
 
 FORMATS = ["bfloat16", "float16", "tfloat32", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
            "float8_e5m2fnuz", "float8_e4m3b11fnuz", "float8_e8m0fnu", "float6_e3m2fn",
@@ -111,3 +112,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert kernel.failed
     assert torch.equal(_bits(first), _bits(_run(monkeypatch, "torch", x, "e4m3", "stochastic", {})))
     assert torch.equal(_bits(second), _bits(_run(monkeypatch, "torch", x, "e2m1", "up", {})))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("simdlen", [None, 256])
+def test_compiled_kernel_bits_with_avx2_code(simdlen: int | None) -> None:
+    """The generic function compiled with inductor's default vector code and with its AVX2 code
+    (``cpp.simdlen`` 256, what an AVX2-only CPU gets) gives the eager kernel's bits. With
+    ``torch.where`` selects, inductor's AVX2 code returned wrong values for most inputs."""
+    x = _inputs(torch.float32).contiguous()
+    options = {} if simdlen is None else {"cpp.simdlen": simdlen}
+    fn = torch.compile(
+        torch_kernel.quantize_bits_generic, dynamic=True, fullgraph=True, options=options
+    )
+    for fmt in ("bfloat16", "float8_e4m3fn", "float4_e2m1fn", "float8_e8m0fnu"):
+        for rounding in ("nearest", "toward_zero", "up", "odd"):
+            p = kernel_params(get_format(fmt), 32, False, True, rounding)
+            prm = torch_kernel._param_tensor(p, ROUNDING_CODES[rounding], x.device)
+            want = torch_kernel.quantize_bits(x, p, rounding, None)
+            assert torch.equal(_bits(fn(x, prm, None)), _bits(want)), (fmt, rounding)
