@@ -53,20 +53,12 @@ MODES: dict[str, Ctx] = {
 }
 
 
-def _repeat(x: Any, k: int) -> Any:
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and k > 1:
-        return x.repeat(k, *([1] * (x.dim() - 1)))
-    return x
-
-
 class Runner:
     """One corpus model in one mode, its example batch repeated ``repeat`` times."""
 
     def __init__(self, name: str, repeat: int, ctx: Ctx) -> None:
         self.entry = corpus.get(name)
-        self.model, args, kwargs = self.entry.example(0)
-        self.args = tuple(_repeat(a, repeat) for a in args)
-        self.kwargs = {k: _repeat(v, repeat) for k, v in kwargs.items()}
+        self.model, self.args, self.kwargs = self.entry.example(0, repeat)
         self.ctx = ctx
         self.best = float("inf")
         self.first_loss = float("nan")

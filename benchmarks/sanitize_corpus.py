@@ -38,13 +38,9 @@ from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
 
 
-def _repeat(x: Any, k: int, dtype: torch.dtype) -> Any:
-    """``x`` repeated ``k`` times along the batch; floating inputs (images) in ``dtype``."""
-    if not isinstance(x, torch.Tensor):
-        return x
-    if x.dim() >= 1 and k > 1:
-        x = x.repeat(k, *([1] * (x.dim() - 1)))
-    return x.to(dtype) if x.is_floating_point() else x
+def _in(x: Any, dtype: torch.dtype) -> Any:
+    """A floating input (images) in ``dtype``; token ids and other values unchanged."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 class Runner:
@@ -52,10 +48,10 @@ class Runner:
 
     def __init__(self, name: str, repeat: int, dtype: torch.dtype = torch.float32) -> None:
         self.entry = corpus.get(name)
-        self.model, args, kwargs = self.entry.example(0)
+        self.model, args, kwargs = self.entry.example(0, repeat)
         self.model.to(dtype)
-        self.args = tuple(_repeat(a, repeat, dtype) for a in args)
-        self.kwargs = {k: _repeat(v, repeat, dtype) for k, v in kwargs.items()}
+        self.args = tuple(_in(a, dtype) for a in args)
+        self.kwargs = {k: _in(v, dtype) for k, v in kwargs.items()}
 
     def step(self) -> None:
         self.entry.loss(self.model, self.args, self.kwargs).backward()

@@ -34,6 +34,18 @@ def test_builds_are_reproducible() -> None:
     assert torch.equal(args[0], args2[0])
 
 
+@pytest.mark.parametrize("name", corpus.available())
+def test_example_batch_repeated(name: str) -> None:
+    entry = corpus.get(name)
+    _, args, kwargs = entry.example(seed=1)
+    _, args3, kwargs3 = entry.example(seed=1, repeat=3)
+    for a, b in zip((*args, *kwargs.values()), (*args3, *kwargs3.values()), strict=True):
+        assert b.shape[0] == 3 * a.shape[0] and torch.equal(b, torch.cat([a, a, a]))
+    assert entry.batch(3).startswith(f"{3 * corpus.BATCH} x ")
+    with pytest.raises(ValueError, match="repeat must be an int >= 1, got 0"):
+        entry.example(repeat=0)
+
+
 def test_nanogpt_checks_the_block_size_like_nanogpt() -> None:
     model = corpus.NanoGPT(corpus.NanoGPTConfig(block_size=8))
     with pytest.raises(AssertionError, match="block size"):

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = ["CORPUS", "CorpusModel", "NanoGPT", "NanoGPTConfig", "available", "get"]
@@ -67,11 +68,26 @@ class CorpusModel:
         """The example batch repeated ``repeat`` times, in words: ``"32 x 16 tokens"``."""
         return f"{BATCH * repeat} x {self.unit}"
 
-    def example(self, seed: int = 0) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
-        """A model built under ``torch.manual_seed(seed)`` and its example inputs."""
+    def example(
+        self, seed: int = 0, repeat: int = 1
+    ) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+        """A model built under ``torch.manual_seed(seed)`` and its example inputs, their batch
+        repeated ``repeat`` times (the batch :meth:`batch` names; benchmarks use 16)."""
+        if not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
         torch.manual_seed(seed)
         model = self.build()
-        return model, *self.inputs(torch.Generator().manual_seed(seed))
+        args, kwargs = self.inputs(torch.Generator().manual_seed(seed))
+        if repeat > 1:
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: _repeat_batch(t, repeat), (args, kwargs)
+            )
+        return model, args, kwargs
+
+
+def _repeat_batch(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``t`` repeated ``k`` times along its first (batch) dim; a 0-dim tensor as it is."""
+    return t.repeat(k, *([1] * (t.dim() - 1))) if t.dim() else t
 
 
 # ----------------------------------------------------------------------------------------------
