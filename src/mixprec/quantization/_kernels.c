@@ -828,17 +828,16 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, seed, offset};
     const int e8m0 = is_e8m0(&p, width);
+    const uint32_t *in32 = (const uint32_t *)(uintptr_t)in_ptr;
+    uint32_t *out32 = (uint32_t *)(uintptr_t)out_ptr;
+    const uint64_t *in64 = (const uint64_t *)(uintptr_t)in_ptr;
+    uint64_t *out64 = (uint64_t *)(uintptr_t)out_ptr;
+    const int level = simd_level; /* one read: a concurrent simd() call changes only later calls */
     Py_BEGIN_ALLOW_THREADS
-    if (e8m0 && width == 32)
-        E8M0_32[mode][simd_level]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p);
-    else if (e8m0)
-        E8M0_64[mode][simd_level]((const uint64_t *)(uintptr_t)in_ptr, (uint64_t *)(uintptr_t)out_ptr, n, &p);
-    else if (width == 32)
-        LOOPS32[mode][simd_level]((const uint32_t *)(uintptr_t)in_ptr, (uint32_t *)(uintptr_t)out_ptr, n, &p,
-                      (uint32_t)fast_lo);
-    else
-        LOOPS64[mode][simd_level]((const uint64_t *)(uintptr_t)in_ptr,
-                                  (uint64_t *)(uintptr_t)out_ptr, n, &p);
+    if (e8m0 && width == 32) E8M0_32[mode][level](in32, out32, n, &p);
+    else if (e8m0) E8M0_64[mode][level](in64, out64, n, &p);
+    else if (width == 32) LOOPS32[mode][level](in32, out32, n, &p, (uint32_t)fast_lo);
+    else LOOPS64[mode][level](in64, out64, n, &p);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -239,8 +239,8 @@ def _pick(cond: torch.Tensor, a: torch.Tensor | int, b: torch.Tensor | int) -> t
 
     The compiled function selects with this, not ``torch.where``: inductor's AVX2 code for an
     int64 ``where`` whose operands are computed in the same kernel returns wrong values (torch
-    2.13; found with ``ATEN_CPU_CAPABILITY=avx2``, which every bit of the tests then saw), while
-    its AVX-512 code is right. Masks and ors are exact on every ISA, and fuse as well.
+    2.13; its AVX-512 code is right), which the tests showed under ``ATEN_CPU_CAPABILITY=avx2``
+    and now check with ``cpp.simdlen`` 256. Masks and ors are exact on every ISA, and fuse.
     """
     mask = -cond.to(torch.int64)  # all ones where cond
     return (a & mask) | (b & ~mask)
