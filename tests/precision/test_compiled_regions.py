@@ -98,28 +98,31 @@ def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
         assert abs(float(loss.detach()) - want) <= 1e-3 * abs(want)
 
 
-def test_kept_casts_round_bf16_exactly_and_fuse() -> None:
-    """With inductor keeping precision casts, bf16 roundings compile to cast pairs (no custom
-    op in the graph) and still give eager's bits."""
+@pytest.mark.parametrize("keep_casts", [False, True], ids=["default", "emulate_precision_casts"])
+def test_bf16_region_compiles_to_fused_roundings(keep_casts: bool) -> None:
+    """Under inductor, a bf16 region's roundings fuse into the generated kernels (no
+    mixprec::round call is left), whatever ``emulate_precision_casts`` says, and the
+    compiled step gives eager's loss and gradients."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
 
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
+    def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast("bf16", emulate=True):
+            loss = compiled(model, x)
+        loss.backward()
+        return loss
 
     dynamo.reset()
     torch.manual_seed(0)
     model, x = Tiny(), torch.randn(8, 16)
-    with inductor_config.patch(emulate_precision_casts=True):
-        step = torch.compile(_loss, fullgraph=True, backend=backend)
-        with autocast("bf16", emulate=True):
-            loss = step(model, x)
-    assert float(loss.detach()) == pytest.approx(_eager("bf16")[0], rel=1e-5)
-    assert "mixprec.round" not in str(graphs[0].graph)
+    compiled = torch.compile(_loss, fullgraph=True)
+    with inductor_config.patch(emulate_precision_casts=keep_casts, force_disable_caches=True):
+        loss, code = run_and_get_code(step, model, x)
+    want, grad = _eager("bf16")
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(model.fc1.weight.grad, grad, rtol=1e-5, atol=1e-7)
+    assert len(code) == 2  # forward and backward kernels
+    assert "torch.ops.mixprec.round.default(" not in "\n".join(code)
 
 
 @pytest.mark.parametrize("how", ["apply_policy", "initialize"])

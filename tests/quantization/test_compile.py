@@ -160,3 +160,49 @@ def test_generator_without_fullgraph_falls_back_to_eager() -> None:
         x, "e4m3", rounding="stochastic", generator=torch.Generator().manual_seed(1)
     )
     assert torch.equal(_bits(a), _bits(b))  # the graph break runs it eagerly, generator and all
+
+
+def _rounding_cases() -> torch.Tensor:
+    """float32 patterns: every bf16 pattern with a low half of zero, a tie (0x8000), just above
+    (0x8001) and just below one (0x7FFF); every pattern of the top 12 bits with fp8's ties and
+    their neighbours below; random patterns. NaN payloads, subnormals, overflow and ties to
+    even are all in."""
+    hi = torch.arange(1 << 16, dtype=torch.int32) << 16
+    top = torch.arange(1 << 12, dtype=torch.int32) << 20
+    g = torch.Generator().manual_seed(0)
+    pats = [hi | low for low in (0, 0x7FFF, 0x8000, 0x8001)]
+    pats += [top | low for low in (0x08_0000, 0x07_FFFF, 0x04_0000, 0x03_FFFF, 0x0C_0000)]
+    pats.append(torch.randint(-(2**31), 2**31 - 1, (1 << 18,), dtype=torch.int32, generator=g))
+    return torch.cat(pats).view(torch.float32)
+
+
+# (format, saturate, fused): the roundings inductor compiles to a clamp and cast pair, and
+# some it must leave to the mixprec::round call (no torch dtype, or fp8 overflowing unsaturated)
+FUSED_CASES = [
+    ("bf16", False, True), ("fp16", True, True), ("e4m3", True, True), ("e5m2", True, True),
+    ("e4m3", False, False), ("e3m2", True, False),
+]  # fmt: skip
+
+
+def _neighbours(x: torch.Tensor) -> list[torch.Tensor]:
+    # float32 ops on both sides: inductor fuses each rounding between them into one kernel
+    return [mixprec.quantize(x * 1.0, f, saturate=s) + 0.0 for f, s, _ in FUSED_CASES]
+
+
+@pytest.mark.parametrize("simdlen", [None, 256, 1], ids=["native", "avx2", "scalar"])
+def test_inductor_fuses_cast_roundings_bit_exact(simdlen: int | None) -> None:
+    """Roundings with a torch dtype compile to fused casts (no mixprec::round call left in the
+    generated code) with the eager kernels' bits, NaN payloads included; the others keep the
+    call. ``simdlen`` 256 is inductor's AVX2 code, 1 its scalar code."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    x = _rounding_cases()
+    torch._dynamo.reset()
+    f = torch.compile(_neighbours, fullgraph=True, options={"cpp.simdlen": simdlen})
+    with inductor_config.patch(force_disable_caches=True):
+        got, code = run_and_get_code(f, x)
+    for (fmt, sat, _), g, want in zip(FUSED_CASES, got, _neighbours(x), strict=True):
+        assert torch.equal(_bits(g), _bits(want)), (fmt, sat)
+    calls = "\n".join(code).count("= torch.ops.mixprec.round.default(")
+    assert calls == sum(not fused for *_, fused in FUSED_CASES)

@@ -41,7 +41,6 @@ from mixprec.formats.float_format import FloatFormat
 from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, accumulated
 from mixprec.precision.fp8 import Fp8Recipe
-from mixprec.precision.fused_rounding import fused_rounder
 from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
@@ -263,11 +262,6 @@ class ElementRounder:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        if is_compiling() and t.dtype == torch.float32:
-            # pointwise ops inductor fuses, not one opaque mixprec::round call per rounding
-            fused = fused_rounder(self.fmt, self.saturate)
-            if fused is not None:
-                return fused(t)
         return round_to(t, self.fmt, saturate=self.saturate)
 
 

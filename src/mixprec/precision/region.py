@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -103,9 +104,7 @@ def _from_generated_code(depth: int = 6) -> bool:
     directory)? Only asked for ``out=`` calls; False while inductor was never imported."""
     if "torch._inductor" not in sys.modules:
         return False
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    root = cache_dir()
+    root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     f = sys._getframe(2)
     for _ in range(depth):
         if f is None:
@@ -114,6 +113,21 @@ def _from_generated_code(depth: int = 6) -> bool:
             return True
         f = f.f_back
     return False
+
+
+_CACHE_DIRS: dict[str | None, str] = {}
+
+
+def _inductor_cache_dir(env: str | None) -> str:
+    """Inductor's cache directory for this value of its environment variable, asked once: the
+    lookup stats the file system (~8 us), and a compiled graph makes an ``out=`` call per
+    extern kernel."""
+    root = _CACHE_DIRS.get(env)
+    if root is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        root = _CACHE_DIRS[env] = cache_dir()
+    return root
 
 
 def _dispatch(executor: Executor, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -12,16 +12,21 @@ times a 256-element rounding (see ``round_to``).
 
 Stochastic rounding under torch.compile draws its seed from torch's default generator (inside
 the op, at run time): a ``torch.Generator`` cannot be an op input.
+
+Inductor compiles the op in two ways (:func:`register_inductor_lowering`): roundings of float32
+to bf16 or fp16 (round to nearest even, not saturating, subnormals kept) become a pointwise
+float32 -> bf16/fp16 -> float32 cast pair fused into the kernels around it; every other
+rounding stays one extern call of the eager kernels.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
 
-from mixprec.formats.float_format import FloatFormat
+from mixprec.formats.float_format import FloatFormat, get_format
 
 _OP = "mixprec::round"
 
@@ -54,7 +59,69 @@ def _round_fake(
     x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
     encoding: str, rounding: str, saturate: bool, subnormals: bool,
 ) -> torch.Tensor:  # fmt: skip
+    # the fake runs whenever a graph holding the op is traced, before inductor lowers it
+    register_inductor_lowering()
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def cast_dtype(
+    f: FloatFormat, rounding: str, saturate: bool, subnormals: bool
+) -> torch.dtype | None:
+    """The torch dtype whose float32 round trip (after a clamp to ``±f.max`` when saturating)
+    rounds exactly as this rounding does, else None: round to nearest even, subnormals kept,
+    into bf16 or fp16 (overflow to inf as IEEE casts do, or saturating), or fp8 e4m3fn and
+    e5m2 when saturating (their casts overflow differently in eager torch and in inductor's
+    CPU code, the clamp makes both exact). Checked bit for bit in the tests."""
+    if rounding != "nearest" or not subnormals:
+        return None
+    dtypes = _CASTS_SATURATING if saturate else _CASTS
+    for dtype in dtypes:
+        if f == get_format(dtype):
+            return dtype
+    return None
+
+
+_CASTS = (torch.bfloat16, torch.float16)
+_CASTS_SATURATING = (*_CASTS, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@cache
+def register_inductor_lowering() -> None:
+    """Give inductor a lowering of ``mixprec::round`` (once per process; imports inductor).
+
+    A float32 rounding with a :func:`cast_dtype` lowers to a pointwise cast pair that fuses
+    with its neighbours (no memory pass, no call). The casts are emitted with
+    ``use_compute_types=False``: inductor's CPU code generator otherwise maps the upcast back
+    to the unrounded value (its CSE trick for low-precision stores, off only under
+    ``emulate_precision_casts``), and the rounding would silently vanish. NaN inputs are passed
+    through unchanged, as the eager kernels do (a cast would give a canonical NaN). Any other
+    rounding lowers to the extern call inductor makes of any custom op.
+    """
+    from torch._inductor import lowering
+    from torch._inductor.virtualized import ops as ir_ops
+
+    op = torch.ops.mixprec.round.default
+    extern = lowering.fallback_handler(op, add_to_fallback_set=False)
+
+    @lowering.register_lowering(op, type_promotion_kind=None)
+    def _lower(x: Any, *fields: Any) -> Any:
+        f = _format(*fields[:5])
+        dtype = cast_dtype(f, *fields[5:])
+        if dtype is None or x.get_dtype() != torch.float32:
+            return extern(x, *fields)
+
+        saturate, top = fields[6], f.max
+
+        def round_trip(v: Any) -> Any:
+            w = v
+            if saturate:  # minimum/maximum propagate NaN, which the last line passes anyway
+                w = ir_ops.minimum(ir_ops.maximum(v, ir_ops.constant(-top, torch.float32)),
+                                   ir_ops.constant(top, torch.float32))  # fmt: skip
+            low = ir_ops.to_dtype(w, dtype, src_dtype=torch.float32, use_compute_types=False)
+            back = ir_ops.to_dtype(low, torch.float32, src_dtype=dtype, use_compute_types=False)
+            return ir_ops.where(ir_ops.ne(v, v), v, back)  # v != v: NaN (isnan is scalar code)
+
+        return lowering.make_pointwise(round_trip)(x)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
