@@ -13,10 +13,11 @@ times a 256-element rounding (see ``round_to``).
 Stochastic rounding under torch.compile draws its seed from torch's default generator (inside
 the op, at run time): a ``torch.Generator`` cannot be an op input.
 
-Inductor compiles the op in two ways (:func:`register_inductor_lowering`): roundings of float32
-to bf16 or fp16 (round to nearest even, not saturating, subnormals kept) become a pointwise
-float32 -> bf16/fp16 -> float32 cast pair fused into the kernels around it; every other
-rounding stays one extern call of the eager kernels.
+Inductor compiles the op in two ways (:func:`register_inductor_lowering`): float32 roundings
+that a torch dtype's casts make exactly (:func:`cast_dtype`: bf16 and fp16, saturating fp8
+e4m3/e5m2; round to nearest even, subnormals kept) become a clamp and a float32 -> low ->
+float32 cast pair fused into the kernels around it; every other rounding stays one extern call
+of the eager kernels.
 """
 
 from __future__ import annotations
