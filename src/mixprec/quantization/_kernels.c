@@ -442,20 +442,22 @@ MP_AVX2 static inline __m256i mix32_256(__m256i x) {
 }
 
 /* sr32_512 on 8 lanes: compares are signed (every operand but rnd and thr is below 2^31; those
- * two are compared with their sign bits flipped) and selects are blends. */
-MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f) {
+ * two are compared with their sign bits flipped) and selects are blends. tiny_block: whether
+ * the vector's block may hold an input below 2^q (any_tiny_256), else that path is skipped. */
+MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f, int tiny_block) {
     const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
     const __m256i qb = _mm256_set1_epi32(f->q_bits), sbit = _mm256_set1_epi32((int)0x80000000U);
     const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
     const __m256i efc = _mm256_max_epu32(_mm256_srli_epi32(a, 23), one);
-    const __m256i d = _mm256_min_epi32(
-        _mm256_max_epi32(_mm256_sub_epi32(_mm256_set1_epi32(f->dbase), efc),
-                         _mm256_set1_epi32(f->d0)), _mm256_set1_epi32(23));
+    /* fast32's d without its clamp to 23: d > 23 only below 2^q, whose lanes the tiny path
+     * replaces (and a block without them has no such lane); shifts by 32 or more give 0 */
+    const __m256i d = _mm256_max_epi32(_mm256_sub_epi32(_mm256_set1_epi32(f->dbase), efc),
+                                       _mm256_set1_epi32(f->d0));
     const __m256i mask = _mm256_sub_epi32(_mm256_sllv_epi32(one, d), one);
     const __m256i rs = _mm256_srlv_epi32(rnd, _mm256_sub_epi32(_mm256_set1_epi32(32), d));
     __m256i r = _mm256_andnot_si256(mask, _mm256_add_epi32(a, _mm256_xor_si256(mask, rs)));
-    const __m256i tiny = _mm256_cmpgt_epi32(qb, a);
-    if (!_mm256_testz_si256(tiny, tiny)) { /* below 2^q: rare outside fp6 / fp4 */
+    if (tiny_block) { /* below 2^q: rare outside fp6 / fp4 */
+        const __m256i tiny = _mm256_cmpgt_epi32(qb, a);
         const __m256i tt = _mm256_sub_epi32(efc, _mm256_set1_epi32(f->tbase));
         const __m256i m = _mm256_sub_epi32(a, _mm256_slli_epi32(_mm256_sub_epi32(efc, one), 23));
         const __m256i thr = _mm256_sllv_epi32(
@@ -467,8 +469,11 @@ MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f) {
     }
     if (f->minnorm) /* loop-invariant branch */
         r = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(f->minnorm), r), r);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32((int)f->ovfb),
-                           _mm256_cmpgt_epi32(r, _mm256_set1_epi32(f->maxb)));
+    if (f->ovfb == (uint32_t)f->maxb) /* saturating (fp6, fp4 always): a min, not a blend */
+        r = _mm256_min_epi32(r, _mm256_set1_epi32(f->maxb));
+    else
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32((int)f->ovfb),
+                               _mm256_cmpgt_epi32(r, _mm256_set1_epi32(f->maxb)));
     r = _mm256_blendv_epi8(r, _mm256_or_si256(a, _mm256_set1_epi32(0x400000)),
                            _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000)));
     __m256i sign = _mm256_and_si256(u, sbit);
@@ -476,7 +481,25 @@ MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f) {
     return _mm256_or_si256(r, sign);
 }
 
-#define DEFINE_RUN256(NAME, ROUND)                                                              \
+/* Whether any of the NBLOCK elements from s (fewer where left is smaller) is below 2^q in
+ * magnitude: sr32_256 tests its rare path once a block, as a branch per vector mispredicts where
+ * about half the vectors hold such an input (fp4 on data near 1: 2x slower). Magnitudes doubled
+ * (u << 1) compare unsigned without a mask. */
+MP_AVX2 static inline int any_tiny_256(const uint32_t *s, int64_t left, const fastp *f) {
+    __m256i lo = _mm256_set1_epi32(-1);
+    for (int64_t k = 0; k + 8 <= left && k < NBLOCK; k += 8) {
+        const __m256i u = _mm256_loadu_si256((const __m256i *)(s + k));
+        lo = _mm256_min_epu32(lo, _mm256_slli_epi32(u, 1));
+    }
+    const __m256i q2 = _mm256_set1_epi32((int)((uint32_t)f->q_bits << 1));
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_max_epu32(lo, q2), lo)) != -1;
+}
+
+/* no block test: e8m0_256 has no rare path */
+#define NO_SCAN(s, left, f) 0
+
+/* DEFINE_RUN512's loop on 8 lanes; SCAN(s, left, f) is ROUND's block flag */
+#define DEFINE_RUN256(NAME, ROUND, SCAN)                                                        \
     MP_AVX2 static int64_t NAME(const uint32_t *s, uint32_t *t, int64_t n, const fastp *fp,     \
                                 uint32_t lo0, uint32_t s_lo, uint32_t c) {                      \
         const fastp f = *fp; /* a local copy: stores through t cannot alias it */               \
@@ -484,17 +507,21 @@ MP_AVX2 static inline __m256i sr32_256(__m256i u, __m256i rnd, const fastp *f) {
         __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)lo0),                             \
                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));              \
         int64_t i = 0;                                                                          \
+        int flag = 0;                                                                           \
         for (; i + 8 <= n; i += 8) {                                                            \
             const __m256i h = mix32_256(_mm256_xor_si256(idx, seed));                           \
             const __m256i rnd = mix32_256(_mm256_add_epi32(h, cc));                             \
             idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));                                  \
-            if ((i & (NBLOCK - 1)) == 0) prefetch_ahead(s + i, n - i, 4);                       \
+            if ((i & (NBLOCK - 1)) == 0) {                                                      \
+                prefetch_ahead(s + i, n - i, 4);                                                \
+                flag = SCAN(s + i, n - i, &f);                                                  \
+            }                                                                                   \
             const __m256i u = _mm256_loadu_si256((const __m256i *)(s + i));                     \
-            _mm256_storeu_si256((__m256i *)(t + i), ROUND(u, rnd, &f));                         \
+            _mm256_storeu_si256((__m256i *)(t + i), ROUND(u, rnd, &f, flag));                   \
         }                                                                                       \
         return i;                                                                               \
     }
-DEFINE_RUN256(sr_avx2, sr32_256)
+DEFINE_RUN256(sr_avx2, sr32_256, any_tiny_256)
 #endif
 
 typedef int64_t (*sr_run_fn)(const uint32_t *, uint32_t *, int64_t, const fastp *, uint32_t,
@@ -657,8 +684,9 @@ MP_INLINE int is_e8m0(const qparams *p, int width) {
      * that only looks similar keeps the general path */
     const uint64_t lo = width == 32 ? 0x400000ULL : 896ULL << 52;     /* 2^-127 */
     const uint64_t mx = width == 32 ? 0x7f000000ULL : 1150ULL << 52;  /* 2^127 */
+    const uint64_t nan = width == 32 ? 0x7fc00000ULL : 0x7ff8000000000000ULL;
     return p->M == 0 && p->emin == -127 && p->flags == F_NEG_NAN && p->zero_bits == lo &&
-           p->max_bits == mx;
+           p->max_bits == mx && (p->ovf_bits == mx || p->ovf_bits == nan); /* e8m0_256 needs */
 }
 
 MP_INLINE uint32_t e8m0_32(uint32_t u, const int mode, uint32_t rnd, uint32_t maxb, uint32_t ovfb) {
@@ -744,7 +772,8 @@ MP_AVX512 static inline __m512i e8m0_512(__m512i u, __m512i rnd, const fastp *f)
 DEFINE_RUN512(e8m0_avx512, e8m0_512)
 
 /* e8m0_512 on 8 lanes */
-MP_AVX2 static inline __m256i e8m0_256(__m256i u, __m256i rnd, const fastp *f) {
+MP_AVX2 static inline __m256i e8m0_256(__m256i u, __m256i rnd, const fastp *f, int unused) {
+    (void)unused; /* DEFINE_RUN256's block flag */
     const __m256i lo = _mm256_set1_epi32(0x400000), next = _mm256_set1_epi32(0x800000);
     const __m256i sbit = _mm256_set1_epi32((int)0x80000000U), zero = _mm256_setzero_si256();
     const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
@@ -754,20 +783,22 @@ MP_AVX2 static inline __m256i e8m0_256(__m256i u, __m256i rnd, const fastp *f) {
     __m256i r = _mm256_add_epi32(_mm256_andnot_si256(_mm256_set1_epi32(0x7fffff), a),
                                  _mm256_and_si256(up, next));
     const __m256i sub_frac = _mm256_and_si256(a, _mm256_set1_epi32(0x3fffff));
-    const __m256i up2 =
+    __m256i up2 =
         _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_slli_epi32(sub_frac, 10), sbit), rs);
-    __m256i s = _mm256_blendv_epi8(lo, next, up2);
-    s = _mm256_blendv_epi8(s, lo, _mm256_cmpgt_epi32(lo, a));
+    up2 = _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, a), up2); /* below 2^-127: stays lo */
+    const __m256i s = _mm256_add_epi32(lo, _mm256_and_si256(up2, lo)); /* lo or next = 2 lo */
     r = _mm256_blendv_epi8(r, s, _mm256_cmpgt_epi32(next, a));
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32((int)f->ovfb),
                            _mm256_cmpgt_epi32(r, _mm256_set1_epi32(f->maxb)));
     const __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero),
                                             _mm256_cmpgt_epi32(zero, u));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), neg);
+    /* every r here (a power of two, max, NaN) has its bits inside 0x7fc00000's: an or is the
+     * select (blends cost 2-3 uops) */
+    r = _mm256_or_si256(r, _mm256_and_si256(neg, _mm256_set1_epi32(0x7fc00000)));
     return _mm256_blendv_epi8(r, _mm256_or_si256(u, lo),
                               _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000)));
 }
-DEFINE_RUN256(e8m0_avx2, e8m0_256)
+DEFINE_RUN256(e8m0_avx2, e8m0_256, NO_SCAN)
 #endif
 
 static void e8m0_32_stochastic(const uint32_t *in, uint32_t *out, int64_t n, const qparams *p) {
