@@ -14,9 +14,10 @@ Stochastic rounding under torch.compile draws its seed from torch's default gene
 the op, at run time): a ``torch.Generator`` cannot be an op input.
 
 Inductor compiles the op in two ways (:func:`register_inductor_lowering`): float32 roundings
-that a torch dtype's casts make exactly (:func:`cast_dtype`: bf16 and fp16, saturating fp8
-e4m3/e5m2; round to nearest even, subnormals kept) become a clamp and a float32 -> low ->
-float32 cast pair fused into the kernels around it; every other rounding stays one extern call
+on the CPU that a torch dtype's casts make exactly (:func:`cast_dtype`: bf16 and fp16,
+saturating fp8 e4m3/e5m2; round to nearest even, subnormals kept) become a clamp and a
+float32 -> low -> float32 cast pair fused into the kernels around it; every other rounding
+(and every rounding on CUDA, where Triton's casts have not been tested) stays one extern call
 of the eager kernels.
 """
 
@@ -90,8 +91,8 @@ _CASTS_SATURATING = (*_CASTS, torch.float8_e4m3fn, torch.float8_e5m2)
 def register_inductor_lowering() -> None:
     """Give inductor a lowering of ``mixprec::round`` (once per process; imports inductor).
 
-    A float32 rounding with a :func:`cast_dtype` lowers to a pointwise cast pair that fuses
-    with its neighbours (no memory pass, no call). The casts are emitted with
+    A float32 rounding on the CPU with a :func:`cast_dtype` lowers to a pointwise cast pair
+    that fuses with its neighbours (no memory pass, no call). The casts are emitted with
     ``use_compute_types=False``: inductor's CPU code generator otherwise maps the upcast back
     to the unrounded value (its CSE trick for low-precision stores, off only under
     ``emulate_precision_casts``), and the rounding would silently vanish. NaN inputs are passed
@@ -108,7 +109,15 @@ def register_inductor_lowering() -> None:
     def _lower(x: Any, *fields: Any) -> Any:
         f = _format(*fields[:5])
         dtype = cast_dtype(f, *fields[5:])
-        if dtype is None or x.get_dtype() != torch.float32:
+        device = x.get_device()
+        # CPU only: the bits are tested against inductor's C++ code; Triton's casts (CUDA)
+        # have not been run here, so there the op stays the call of the exact eager kernel
+        if (
+            dtype is None
+            or x.get_dtype() != torch.float32
+            or device is None
+            or device.type != "cpu"
+        ):
             return extern(x, *fields)
 
         saturate, top = fields[6], f.max
