@@ -308,6 +308,38 @@ def test_compiled_module_runs_eagerly_and_is_checked() -> None:
     assert "compiled_run_eagerly" not in _chained_report().stats
 
 
+_FRESH = """
+import sys, torch
+from mixprec.sanitizer import sanitize
+lin = torch.nn.Linear(4, 4)
+with sanitize() as first:
+    lin(torch.randn(2, 4)).sum().backward()
+print("dynamo after a sanitized step:", "torch._dynamo" in sys.modules)
+
+def f(x):
+    y = torch.exp(lin(x) + 100.0)
+    print("graph break")
+    return y.sum()
+
+with sanitize() as report:  # torch.compile first used inside the region
+    torch.compile(f, backend="eager")(torch.randn(2, 4)).backward()
+print(sorted({(x.op, x.kind, x.location.split(":")[0]) for x in report.findings}))
+"""
+
+
+def test_fresh_process_sanitizes_without_dynamo_and_checks_code_compiled_inside() -> None:
+    """A process that never compiles pays nothing for dynamo (torch's own wrapper of
+    __torch_dispatch__ would import it, ~1.5 s, at the first sanitized op); torch.compile
+    first used inside a region still runs eagerly and is checked."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "dynamo after a sanitized step: False" in out.stdout
+    assert "[('aten.exp.default', 'overflow', '<string>')]" in out.stdout
+
+
 def test_layer_norm_of_centred_rows_is_no_finding() -> None:
     # the saved row means cancel to ~0: judged against the mean of |x|, as a sum is (a BERT
     # step with some dropout masks hit this)

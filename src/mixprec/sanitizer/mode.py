@@ -289,7 +289,21 @@ class ShadowMode(TorchDispatchMode):
             self._internal = False
 
     # -- the dispatch hook ---------------------------------------------------------------------
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # False: torch then leaves __torch_dispatch__ unwrapped, and it disables dynamo itself
+        # (the same wrapper), only once torch._dynamo is loaded. torch's wrapper imports
+        # torch._dynamo on the first call: 1.5 s before the first sanitized op of a process
+        # that never compiles anything, and ~1 us per op after.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "torch._dynamo" in sys.modules:
+            # dynamo must not trace these frames (torch.compile inside the region)
+            return _dispatch_without_dynamo(self, func, types, args, kwargs)
+        return self._torch_dispatch(func, types, args, kwargs)
+
+    def _torch_dispatch(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._internal:  # our own bookkeeping ops (gradient hooks, note_rounding)
             return func(*args, **kwargs)
@@ -491,6 +505,10 @@ class ShadowMode(TorchDispatchMode):
         """A mutation we did not shadow: the mutated tensors are exact from now on."""
         for w in info.written:
             self.shadows.forget(call.arg(w))
+
+
+# what TorchDispatchMode does to every subclass's __torch_dispatch__ (imports dynamo lazily)
+_dispatch_without_dynamo = torch._disable_dynamo(ShadowMode._torch_dispatch, recursive=True)
 
 
 def _own_view_shadows(info: OpInfo, call: RealCall, sargs: list[Any]) -> None:
