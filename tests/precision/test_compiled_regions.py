@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import _get_current_function_mode_stack
 
+import mixprec
 from mixprec import autocast
 from mixprec.precision import current_policy
 
@@ -123,6 +124,40 @@ def test_bf16_region_compiles_to_fused_roundings(keep_casts: bool) -> None:
     torch.testing.assert_close(model.fc1.weight.grad, grad, rtol=1e-5, atol=1e-7)
     assert len(code) == 2  # forward and backward kernels
     assert "torch.ops.mixprec.round.default(" not in "\n".join(code)
+
+
+def test_generated_code_out_calls_pass_through_user_out_calls_are_emulated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inductor's extern kernels write into buffers with ``out=`` (``extern_kernels.addmm(...,
+    out=buf)``) while the region's mode is still active: those calls pass through, while the
+    user's own ``out=`` calls are emulated."""
+    from mixprec.precision.emulated import EmulatedExecutor
+
+    handled: list[str] = []
+    original = EmulatedExecutor.handle
+
+    def spy(self, func, name, args, kwargs):  # type: ignore[no-untyped-def]
+        if not torch.compiler.is_compiling():  # dynamo would replay a traced append
+            handled.append(name)
+        return original(self, func, name, args, kwargs)
+
+    monkeypatch.setattr(EmulatedExecutor, "handle", spy)
+    dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    compiled = torch.compile(_loss, fullgraph=True)
+    with autocast("bf16", emulate=True):
+        compiled(model, x)  # compiles
+        handled.clear()
+        compiled(model, x)  # the generated code: linears as extern addmm/mm calls with out=
+        # (the runtime's own state setters, _set_grad_enabled and the like, do reach it)
+        assert not {"addmm", "mm", "bmm", "linear"} & set(handled), handled
+        handled.clear()
+        buf = torch.empty(8, 48)
+        torch.mm(x, model.fc1.weight.t(), out=buf)  # the user's own out= call
+    assert "mm" in handled
+    assert torch.equal(buf, mixprec.quantize(buf, "bf16"))  # emulated: a bf16 result
 
 
 @pytest.mark.parametrize("how", ["apply_policy", "initialize"])
