@@ -254,8 +254,15 @@ def _seed(generator: torch.Generator | None) -> int:
 def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, seed: int) -> None:
     """Run the C kernel over contiguous CPU buffers src -> dst (which may alias)."""
     n = src.numel()
-    item = src.element_size()
     in_ptr, out_ptr = src.data_ptr(), dst.data_ptr()
+    if n < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1:
+        # one call, no closure: most roundings (per-op, in an emulated region) are small
+        _kernels.quantize(
+            p.width, in_ptr, out_ptr, n, mode, p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits,
+            p.minnorm_bits, p.zero_bits, p.flags, seed, 0, p.fast_lo,
+        )  # fmt: skip
+        return
+    item = src.element_size()
 
     def run(start: int, stop: int) -> None:
         _kernels.quantize(
@@ -264,10 +271,7 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
             p.flags, seed, start, p.fast_lo,
         )  # fmt: skip
 
-    threads = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN))
-    if threads <= 1:
-        run(0, n)
-        return
+    threads = min(torch.get_num_threads(), n // _PARALLEL_MIN)
     chunk = -(-n // threads)
     chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
@@ -282,7 +286,7 @@ def _quantize_work(
     dst: torch.Tensor | None,
 ) -> torch.Tensor:
     """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
-    use_c = work.device.type == "cpu" and has_c_kernel() and (dst is None or dst.is_contiguous())
+    use_c = work.is_cpu and has_c_kernel() and (dst is None or dst.is_contiguous())
     if use_c:
         src = work.contiguous()
         target = torch.empty_like(src) if dst is None else dst
