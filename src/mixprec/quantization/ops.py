@@ -107,31 +107,35 @@ def register_inductor_lowering() -> None:
 
     @lowering.register_lowering(op, type_promotion_kind=None)
     def _lower(x: Any, *fields: Any) -> Any:
-        f = _format(*fields[:5])
-        dtype = cast_dtype(f, *fields[5:])
+        *fmt_fields, rounding, saturate, subnormals = fields  # the op's inputs after x
+        f = _format(*fmt_fields)
+        dtype = cast_dtype(f, rounding, saturate, subnormals)
         device = x.get_device()
         # CPU only: the bits are tested against inductor's C++ code; Triton's casts (CUDA)
         # have not been run here, so there the op stays the call of the exact eager kernel
         if (
             dtype is None
             or x.get_dtype() != torch.float32
-            or device is None
-            or device.type != "cpu"
+            or getattr(device, "type", None) != "cpu"
         ):
             return extern(x, *fields)
+        return lowering.make_pointwise(_round_trip(ir_ops, dtype, f.max if saturate else None))(x)
 
-        saturate, top = fields[6], f.max
 
-        def round_trip(v: Any) -> Any:
-            w = v
-            if saturate:  # minimum/maximum propagate NaN, which the last line passes anyway
-                w = ir_ops.minimum(ir_ops.maximum(v, ir_ops.constant(-top, torch.float32)),
-                                   ir_ops.constant(top, torch.float32))  # fmt: skip
-            low = ir_ops.to_dtype(w, dtype, src_dtype=torch.float32, use_compute_types=False)
-            back = ir_ops.to_dtype(low, torch.float32, src_dtype=dtype, use_compute_types=False)
-            return ir_ops.where(ir_ops.ne(v, v), v, back)  # v != v: NaN (isnan is scalar code)
+def _round_trip(ir_ops: Any, dtype: torch.dtype, top: float | None) -> Any:
+    """The pointwise body of a fused rounding: clamp to ``±top`` (when saturating), the cast
+    pair, and NaN inputs passed through."""
 
-        return lowering.make_pointwise(round_trip)(x)
+    def round_trip(v: Any) -> Any:
+        w = v
+        if top is not None:  # minimum/maximum propagate NaN, which the last line passes anyway
+            w = ir_ops.minimum(ir_ops.maximum(v, ir_ops.constant(-top, torch.float32)),
+                               ir_ops.constant(top, torch.float32))  # fmt: skip
+        low = ir_ops.to_dtype(w, dtype, src_dtype=torch.float32, use_compute_types=False)
+        back = ir_ops.to_dtype(low, torch.float32, src_dtype=dtype, use_compute_types=False)
+        return ir_ops.where(ir_ops.ne(v, v), v, back)  # v != v: NaN (isnan is scalar code)
+
+    return round_trip
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
