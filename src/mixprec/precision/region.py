@@ -34,6 +34,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats.float_format import FloatFormat
+from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, AccumulateLike
 from mixprec.precision.emulated import EmulatedExecutor, round_output
 from mixprec.precision.executor import Executor
@@ -115,19 +116,14 @@ def _from_generated_code(depth: int = 6) -> bool:
     return False
 
 
-_CACHE_DIRS: dict[str | None, str] = {}
-
-
+@trace_cache(maxsize=8)
 def _inductor_cache_dir(env: str | None) -> str:
     """Inductor's cache directory for this value of its environment variable, asked once: the
     lookup stats the file system (~8 us), and a compiled graph makes an ``out=`` call per
     extern kernel."""
-    root = _CACHE_DIRS.get(env)
-    if root is None:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        root = _CACHE_DIRS[env] = cache_dir()
-    return root
+    return cache_dir()
 
 
 def _dispatch(executor: Executor, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
