@@ -72,3 +72,21 @@ def test_shadows_flow_through_tensor_list_arguments() -> None:
     found = [f for f in report.findings if f.kind == "cancellation"]
     assert len(found) == 1 and found[0].code == "stacked[0] - stacked[1]  # <list-args>"
     assert found[0].op == "aten.sub.Tensor" and found[0].count > 0
+
+
+def test_one_level_of_lists_keeps_its_containers_and_order() -> None:
+    """cat / stack arguments (plain lists or tuples of leaves) take the comprehension path:
+    the same leaves and container types as pytree, deeper nesting included."""
+    for tree in ([T[0], (T[1], None), [T[2]], 3], [T[0], [[T[1]], T[2]]], [(T[3],), {"a": T[0]}]):
+        got = trees.map_tensors(lambda t: t + 1, tree)
+        want = tree_map_only(torch.Tensor, lambda t: t + 1, list(tree))
+        assert [type(x) for x in got] == [type(x) for x in want]
+        assert all(
+            torch.equal(g, w) if isinstance(w, torch.Tensor) else g == w
+            for g, w in zip(tree_leaves(got), tree_leaves(want), strict=True)
+        )
+        assert [id(t) for t in trees.tensors(tree)] == [
+            id(t) for t in tree_leaves(tree) if isinstance(t, torch.Tensor)
+        ]
+        paired = trees.map_pairs(lambda r, s: s, tree, got)
+        assert [type(x) for x in paired] == [type(x) for x in want]

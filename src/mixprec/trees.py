@@ -5,8 +5,9 @@ Tensors may sit anywhere in an op's arguments (``Tensor[]`` lists, ``Tensor?[]``
 walks them. Almost every call is flat, though (a few tensors and scalars), and pytree's
 flatten / unflatten costs ~10 µs a call against ~1.5 µs for a comprehension, on every op the
 sanitizer and the precision regions see: sequences whose elements hold no tensors take the
-comprehension (a shape list stays one leaf: it holds no tensor), anything nested takes pytree.
-Tensors come out in the same order either way. Used by :mod:`mixprec.precision` (op arguments
+comprehension (a shape list stays one leaf: it holds no tensor), one level of plain lists
+(``cat``'s ``Tensor[]``) a nested comprehension, anything deeper takes pytree. Tensors come out
+in the same order either way. Used by :mod:`mixprec.precision` (op arguments
 and outputs inside a region) and :mod:`mixprec.sanitizer` (real and shadow arguments).
 """
 
@@ -19,25 +20,51 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 _CONTAINERS = (list, tuple, dict)
+_LEAF_OR_CONTAINER = (torch.Tensor, *_CONTAINERS)
+_PLAIN_SEQS = (list, tuple)  # exact types: subclasses (named tuples) keep pytree
 
 
 def _deep(x: Any) -> bool:
     """A container holding tensors or containers (not a plain list of ints, e.g. a shape)."""
-    items = x.values() if isinstance(x, dict) else x
-    return any(isinstance(y, (torch.Tensor, *_CONTAINERS)) for y in items)
+    # plain loops, not any(generator): these run on every op of a region or the sanitizer
+    for y in x.values() if isinstance(x, dict) else x:
+        if isinstance(y, _LEAF_OR_CONTAINER):
+            return True
+    return False
 
 
-def _nested(seq: Sequence[Any]) -> bool:
-    """Does ``seq`` need pytree: does any element hold tensors or containers?"""
-    return any(isinstance(x, _CONTAINERS) and _deep(x) for x in seq)
+def nested(seq: Sequence[Any]) -> bool:
+    """Does ``seq`` need pytree: does any element hold tensors or containers? (False: a flat
+    argument list, which callers may walk with a plain loop.)"""
+    for x in seq:  # noqa: SIM110 (a loop: no generator object per call, see _deep)
+        if isinstance(x, _CONTAINERS) and _deep(x):
+            return True
+    return False
+
+
+def _shallow(seq: Sequence[Any]) -> bool:
+    """Is ``seq``'s nesting one level of plain lists / tuples of leaves (a ``Tensor[]``
+    argument: ``cat``, ``stack``, ``_foreach_*``)? Those skip pytree too (same leaves, same
+    containers); anything deeper, dicts and tuple subclasses take it."""
+    for x in seq:
+        if isinstance(x, _CONTAINERS):
+            if type(x) not in _PLAIN_SEQS:
+                return False
+            for y in x:
+                if isinstance(y, _CONTAINERS):
+                    return False
+    return True
 
 
 def leaves(tree: Any) -> list[Any]:
     """The leaves of a result or argument tree, in order (a lone tensor: itself)."""
     if isinstance(tree, torch.Tensor):
         return [tree]
-    if isinstance(tree, (list, tuple)) and not _nested(tree):
-        return list(tree)
+    if isinstance(tree, (list, tuple)):
+        if not nested(tree):
+            return list(tree)
+        if _shallow(tree):
+            return [y for x in tree for y in (x if type(x) in _PLAIN_SEQS else (x,))]
     return tree_leaves(tree)
 
 
@@ -49,8 +76,14 @@ def tensors(tree: Any) -> list[torch.Tensor]:
 def map_tensors(fn: Callable[[torch.Tensor], Any], args: Sequence[Any]) -> list[Any]:
     """``args`` as a list, with every tensor in it (nested ones too) replaced by ``fn(tensor)``.
     Tensors are visited in order."""
-    if not _nested(args):
+    if not nested(args):
         return [fn(x) if isinstance(x, torch.Tensor) else x for x in args]
+
+    def one(x: Any) -> Any:
+        return fn(x) if isinstance(x, torch.Tensor) else x
+
+    if _shallow(args):
+        return [type(x)(map(one, x)) if type(x) in _PLAIN_SEQS else one(x) for x in args]
     flat, spec = tree_flatten(list(args))
     return tree_unflatten([fn(x) if isinstance(x, torch.Tensor) else x for x in flat], spec)
 
@@ -67,8 +100,15 @@ def map_pairs(fn: Callable[[Any, Any], Any], reals: Sequence[Any], shadows: list
     one; only container types may differ (a ``torch.Size`` becomes a tuple), which
     ``tree_map`` over both trees would refuse.
     """
-    if not _nested(shadows):
+    if not nested(shadows):
         return [fn(r, s) for r, s in zip(reals, shadows, strict=True)]
+    if _shallow(shadows):
+        return [
+            type(s)(fn(x, y) for x, y in zip(r, s, strict=True))
+            if type(s) in _PLAIN_SEQS
+            else fn(r, s)
+            for r, s in zip(reals, shadows, strict=True)
+        ]
     flat, spec = tree_flatten(shadows)
     pairs = zip(tree_leaves(list(reals)), flat, strict=True)
     return tree_unflatten([fn(r, s) for r, s in pairs], spec)

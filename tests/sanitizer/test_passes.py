@@ -102,9 +102,24 @@ def test_c_gradient_histogram_equals_the_torch_one(dtype: torch.dtype) -> None:
         assert all(torch.equal(c._raw[k], t._raw[k]) for k in c._raw)
 
 
+@needs_c
+def test_c_gradient_histogram_bins_dense_tensors_in_memory_order() -> None:
+    """A transposed or permuted gradient (dense, not contiguous) takes the kernel: the same
+    counts and maximum as the torch path on the same elements (unsampled: order is free)."""
+    g = _grad(torch.float64)[:6000]
+    for dense in (g.reshape(60, 100).t(), g.reshape(10, 20, 30).permute(2, 0, 1)):
+        assert not dense.is_contiguous()
+        c, t = gradients.GradCollector(), gradients.GradCollector()
+        assert c.add_fast("weight", dense)
+        t._add_torch("weight", dense, None)
+        assert c.max_abs == t.max_abs and c.tensors == t.tensors
+        assert all(torch.equal(c._raw[k], t._raw[k]) for k in c._raw)
+
+
 def test_gradient_histogram_takes_torch_where_the_kernel_does_not_apply() -> None:
     col = gradients.GradCollector()
-    for g in (torch.ones(4, 4).t(), torch.ones(4, dtype=torch.float16), torch.ones(1).expand(8)):
+    strided, expanded = torch.ones(4, 8)[:, ::2], torch.ones(1).expand(8)
+    for g in (strided, torch.ones(4, dtype=torch.float16), expanded):
         assert not col.add_fast("activation", g)
         col.add("activation", g)  # the torch path
     assert col.tensors == {"activation": 3} and col.max_abs == {"activation": 1.0}

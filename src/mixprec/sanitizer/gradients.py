@@ -37,7 +37,7 @@ class GradCollector:
         note its largest finite magnitude (``smax`` when it is already known).
 
         float64 (shadows) bins exactly; a float32 gradient's subnormals land in the zero count.
-        Cost: one C pass and no torch op for a contiguous float32/float64 CPU tensor
+        Cost: one C pass and no torch op for a dense float32/float64 CPU tensor
         (:meth:`add_fast`); else bit ops, a bincount and an aminmax pass (torch ops).
         """
         if not self.add_fast(kind, g, smax):

@@ -139,10 +139,11 @@ def dense(t: torch.Tensor) -> bool:
 
 
 def grad_stats(g: torch.Tensor, counts: torch.Tensor, step: int) -> float | None:
-    """Add the biased-exponent counts of every ``step``-th element of contiguous float32 /
-    float64 ``g`` into the int64 ``counts`` and return the largest finite ``|g|`` (0.0: none),
-    in one C pass and without any torch op (so no dispatch: safe in a gradient hook under the
-    sanitizer's mode). None (nothing done) where the kernel does not apply."""
+    """Add the biased-exponent counts of every ``step``-th element of float32 / float64 ``g``
+    (contiguous or :func:`dense`: taken in memory order) into the int64 ``counts`` and return
+    the largest finite ``|g|`` (0.0: none), in one C pass and without any torch op (so no
+    dispatch: safe in a gradient hook under the sanitizer's mode). None (nothing done) where
+    the kernel does not apply."""
     if not (
         _checks is not None
         and type(g) in _PLAIN
@@ -150,7 +151,7 @@ def grad_stats(g: torch.Tensor, counts: torch.Tensor, step: int) -> float | None
         and g.is_cpu
         and counts.is_cpu
         and g.layout == torch.strided
-        and g.is_contiguous()
+        and dense(g)  # its elements fill [data_ptr, data_ptr + numel): all strides positive
         and counts.is_contiguous()
         and counts.dtype == torch.int64
         and counts.numel() == (2048 if g.dtype == torch.float64 else 256)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mixprec.sanitizer.store import NONE, PARTIAL, ShadowStore
-from mixprec.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, tensors
+from mixprec.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, nested, tensors
 
 LOW = (torch.float16, torch.bfloat16, torch.float32)  # real dtypes that get shadows
 
@@ -80,8 +80,19 @@ class Shadows:
         Cost: one table lookup per tensor; an upcast copy per exact tensor unless ``lazy``.
         """
         found = ShadowInputs()
-        mapped = map_tensors(lambda t: self._shadow(t, found, lazy), args)
-        found.args = [self._scalar(a, compute) for a in mapped]
+        if nested(args):  # a Tensor[] argument (cat, stack, einsum): the tree walk
+            mapped = map_tensors(lambda t: self._shadow(t, found, lazy), args)
+            found.args = [self._scalar(a, compute) for a in mapped]
+            return found
+        # flat (almost every op): one loop, no per-element call but for tensors (~1 us less)
+        out = found.args
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                out.append(self._shadow(a, found, lazy))
+            elif type(a) is float:
+                out.append(f32(a) if compute else a)
+            else:
+                out.append(self._scalar(a, compute) if isinstance(a, torch.dtype) else a)
         return found
 
     def _shadow(self, t: torch.Tensor, found: ShadowInputs, lazy: bool) -> Any:

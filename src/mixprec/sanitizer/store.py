@@ -2,9 +2,10 @@
 
 Keys are storages, not Python tensors: autograd hands saved tensors back to backward ops as
 fresh Python objects (often fresh views) over the same storage, and those must find their
-shadows. A ``StorageWeakRef`` per entry keeps the storage's C++ object (not its memory)
-allocated, so its address cannot be reused by another storage while the entry exists: the
-address is a safe key. Entries of dead storages are dropped by :meth:`ShadowStore.sweep`.
+shadows. A weak storage reference per entry (what torch's ``StorageWeakRef`` holds) keeps
+the storage's C++ object (not its memory) allocated, so its address cannot be reused by
+another storage while the entry exists: the address is a safe key. Entries of dead storages
+are dropped by :meth:`ShadowStore.sweep`.
 
 When a shadow covers a whole storage (the usual case: an op's output), it is kept as one
 float64 tensor laid out like the storage (possibly shared: a copy's shadow is its source's,
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from mixprec.sanitizer.passes import dense
 
@@ -39,7 +39,9 @@ _COMPRESS_MAX_ERR = 2.0**20  # error bound (floor units) above which we keep flo
 _COMPRESS_MIN_MAG = 2.0**-90  # below this max|shadow| the residual could underflow float32
 _NEVER = 1 << 62  # ``born`` of an entry that is never compressed
 NONE, WHOLE, PARTIAL = 0, 1, 2  # what a storage's entry holds (ShadowStore.state)
-_expired = torch.Storage._expired  # type: ignore[attr-defined]  # StorageWeakRef.expired, minus a frame
+# torch's StorageWeakRef, without its Python object per entry: a weak reference is an int
+_expired = torch.UntypedStorage._expired  # type: ignore[attr-defined]
+_free_weak_ref = torch.UntypedStorage._free_weak_ref  # type: ignore[attr-defined]
 
 
 def _covers(t: torch.Tensor, n: int) -> bool:
@@ -49,7 +51,7 @@ def _covers(t: torch.Tensor, n: int) -> bool:
 
 @dataclass(slots=True)
 class _Entry:
-    ref: StorageWeakRef
+    wref: int  # a weak reference to the storage (torch's StorageWeakRef.cdata), freed in __del__
     dtype: torch.dtype
     n: int  # storage length in elements of dtype
     flat: torch.Tensor | None = None  # float64, n elements in storage, laid out like the real
@@ -61,6 +63,9 @@ class _Entry:
     origin: Any = None  # the op call that computed it (for root causes found after the fact)
     # partial shadows by view geometry (None: none; most entries are whole-storage ones)
     views: dict[tuple, tuple[torch.Tensor, float]] | None = None
+
+    def __del__(self, _free: Any = _free_weak_ref) -> None:  # bound early: safe at shutdown
+        _free(self.wref)
 
 
 class ShadowStore:
@@ -93,7 +98,7 @@ class ShadowStore:
             return None
 
     def _real_flat(self, e: _Entry) -> torch.Tensor | None:
-        st = torch.UntypedStorage._new_with_weak_ptr(e.ref.cdata)
+        st = torch.UntypedStorage._new_with_weak_ptr(e.wref)
         if st is None:
             return None
         return torch.empty(0, dtype=e.dtype, device=st.device).set_(st, 0, (e.n,), (1,))
@@ -164,15 +169,17 @@ class ShadowStore:
         if e is not None:
             e.cause = cause
 
-    def smax(self, t: torch.Tensor) -> float | None:
-        """max |shadow| of ``t`` when known without a pass over it (``t`` covers its storage)."""
+    def whole(self, t: torch.Tensor) -> tuple[torch.Tensor, float | None] | None:
+        """(flat shadow, max |shadow| if known) of ``t``'s storage where ``t`` covers all of it
+        (offset 0, every element once, in any order): the same values as ``t``'s shadow, in
+        storage order. For order-free uses (a histogram): no view is built, so no torch op runs
+        (a compressed shadow is rebuilt, as on any lookup). None otherwise."""
         st = self._storage(t)
-        if st is None:
+        e = None if st is None else self._map.get(st._cdata)
+        if e is None or e.dtype != t.dtype or not _covers(t, e.n):
             return None
-        e = self._map.get(st._cdata)
-        if e is None or e.smax is None or e.dtype != t.dtype or not _covers(t, e.n):
-            return None
-        return e.smax
+        flat = self._materialize(e)
+        return None if flat is None else (flat, e.smax)
 
     def _flat(self, t: torch.Tensor, shadow: torch.Tensor, n: int) -> torch.Tensor:
         """``shadow`` of ``t`` (which covers its ``n``-element storage) laid out like ``t``'s
@@ -210,12 +217,12 @@ class ShadowStore:
         itemsize = t.element_size()
         n = st.nbytes() // itemsize if itemsize else 0
         e = self._map.get(cd)
-        if e is not None and (e.dtype != t.dtype or e.n != n or _expired(e.ref.cdata)):
+        if e is not None and (e.dtype != t.dtype or e.n != n or _expired(e.wref)):
             e = None
         if _covers(t, n):
             flat = self._flat(t, shadow, n)
             if e is None:
-                e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
+                e = self._map[cd] = _Entry(st._weak_ref(), t.dtype, n)
             e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
             e.cause, e.origin = cause, origin
             e.views = None
@@ -234,7 +241,7 @@ class ShadowStore:
             e.smax = None if smax is None or e.smax is None else max(e.smax, smax)
         else:
             if e is None:
-                e = self._map[cd] = _Entry(StorageWeakRef(st), t.dtype, n)
+                e = self._map[cd] = _Entry(st._weak_ref(), t.dtype, n)
             # a partial shadow: other partial shadows of this storage may overlap, drop them
             e.views = {(t.storage_offset(), t.shape, t.stride()): (shadow, err)}
             e.cause, e.origin = cause, origin
@@ -254,16 +261,15 @@ class ShadowStore:
         """Drop entries of dead storages; while the flat shadows exceed the budget, compress
         those older than compress_after (oldest first)."""
         self._swept = self._puts
-        flat_n = 0  # elements of the flat shadows (float64 when compressing is possible)
-        for cd, e in list(self._map.items()):
-            if _expired(e.ref.cdata):
-                del self._map[cd]
-            elif e.flat is not None:
-                flat_n += e.n
-        if flat_n * 8 <= self.budget or self.shadow_dtype != torch.float64:
+        m = self._map
+        for cd in [cd for cd, e in m.items() if _expired(e.wref)]:
+            del m[cd]
+        if self.budget == math.inf or self.shadow_dtype != torch.float64:
             return
+        # elements of the flat shadows (float64 when compressing is possible)
+        flat_n = sum(e.n for e in m.values() if e.flat is not None)
         old = self._puts - self.compress_after
-        for e in list(self._map.values()):  # insertion order: oldest storages first
+        for e in list(m.values()):  # insertion order: oldest storages first
             if flat_n * 8 <= self.budget:
                 break
             if e.born <= old and e.flat is not None and self._compress(e):
