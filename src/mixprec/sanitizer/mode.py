@@ -55,7 +55,9 @@ aten = torch.ops.aten
 
 _META_KEY = "mixprec.sanitize"  # key in an autograd node's metadata dict
 
-_OP_INFO: dict[Any, OpInfo] = {}  # classify(func) per OpOverload, shared by all runs
+# classify(func) per OpOverload, shared by all runs: keyed by id (an OpOverload hashes in
+# Python, ~0.3 us an op); each entry holds its overload, so the id stays that overload's
+_OP_INFO: dict[int, tuple[Any, OpInfo]] = {}
 
 # process-wide, not thread-local: on CUDA the autograd engine runs backward (and our gradient
 # hooks) on its own device threads, which inherit the dispatch mode but not Python thread-locals
@@ -334,9 +336,11 @@ class ShadowMode(TorchDispatchMode):
         return call.out
 
     def _op_info(self, func: Any) -> OpInfo:
-        info = self.ops.get(func)
-        if info is None:
-            info = self.ops[func] = classify(func)
+        hit = self.ops.get(id(func))
+        if hit is not None:
+            return hit[1]
+        info = classify(func)
+        self.ops[id(func)] = (func, info)
         return info
 
     def _dispatch(self, call: RealCall) -> Any:
