@@ -116,10 +116,26 @@ def test_c_gradient_histogram_bins_dense_tensors_in_memory_order() -> None:
         assert all(torch.equal(c._raw[k], t._raw[k]) for k in c._raw)
 
 
+@needs_c
+def test_strided_gradients_are_copied_for_the_kernel_with_the_torch_paths_counts() -> None:
+    """A strided, non-dense gradient (a module output such as ``x[:, 0]``) is binned by the
+    kernel after one copy: the same sample, counts and maximum as the torch path."""
+    g = _grad(torch.float64)[:60_000].reshape(300, 200)
+    for strided in (g[:, ::2], g[::3, 1:]):  # sampled (max_elems 4096) and not
+        for max_elems in (4096, 1 << 16):
+            c, t = gradients.GradCollector(max_elems), gradients.GradCollector(max_elems)
+            assert not c.add_fast("activation", strided)
+            c._add_torch = None  # type: ignore[method-assign]  # the kernel must serve
+            c.add("activation", strided)
+            t._add_torch("activation", strided, None)
+            assert c.max_abs == t.max_abs and c.sampled == t.sampled and c.tensors == t.tensors
+            assert all(torch.equal(c._raw[k], t._raw[k]) for k in c._raw)
+
+
 def test_gradient_histogram_takes_torch_where_the_kernel_does_not_apply() -> None:
     col = gradients.GradCollector()
     strided, expanded = torch.ones(4, 8)[:, ::2], torch.ones(1).expand(8)
     for g in (strided, torch.ones(4, dtype=torch.float16), expanded):
         assert not col.add_fast("activation", g)
-        col.add("activation", g)  # the torch path
+        col.add("activation", g)  # a copy for the kernel, or the torch path
     assert col.tensors == {"activation": 3} and col.max_abs == {"activation": 1.0}

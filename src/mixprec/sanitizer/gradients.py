@@ -38,10 +38,17 @@ class GradCollector:
 
         float64 (shadows) bins exactly; a float32 gradient's subnormals land in the zero count.
         Cost: one C pass and no torch op for a dense float32/float64 CPU tensor
-        (:meth:`add_fast`); else bit ops, a bincount and an aminmax pass (torch ops).
+        (:meth:`add_fast`), a copy first for other strided ones; else bit ops, a bincount and
+        an aminmax pass (torch ops).
         """
-        if not self.add_fast(kind, g, smax):
-            self._add_torch(kind, g.detach(), smax)
+        if self.add_fast(kind, g, smax):
+            return
+        # a strided view (a module output such as x[:, 0]): one copy, then the kernel, instead
+        # of the torch path's ten ops (~150 us); the same sample, in logical order
+        strided = g.layout == torch.strided and g.dtype in (torch.float32, torch.float64)
+        if strided and g.is_cpu and self.add_fast(kind, g.detach().contiguous(), smax):
+            return
+        self._add_torch(kind, g.detach(), smax)
 
     def add_fast(self, kind: str, g: torch.Tensor, smax: float | None = None) -> bool:
         """:meth:`add` in the C kernel, without any torch op; False (nothing done) where the
