@@ -343,18 +343,19 @@ class Measurer:
 
     def measure(self, call: ShadowedCall, reals: list[Any], souts: list[Any]) -> None:
         """Check the results of a rounding op; the slow path for the suspicious ones."""
-        extra = _SlowPath(call)  # what the checks compute at most once per call, on demand
-        slow = self._fast_path(call, reals, souts, extra)
+        slow, extra = self._fast_path(call, reals, souts)
         if slow:
-            self._slow_path(call, slow, extra)
+            self._slow_path(call, slow, extra or _SlowPath(call))
 
     # -- fast path -----------------------------------------------------------------------------
     def _fast_path(
-        self, call: ShadowedCall, reals: list[Any], souts: list[Any], extra: _SlowPath
-    ) -> list[Slow]:
-        """Store each result's shadow; return the results worth the slow path."""
+        self, call: ShadowedCall, reals: list[Any], souts: list[Any]
+    ) -> tuple[list[Slow], _SlowPath | None]:
+        """Store each result's shadow; return the results worth the slow path, and what the
+        checks computed for them (None: nothing, the usual case)."""
         shadowable, sdt = self.shadows.shadowable, self.shadows.dtype
         slow: list[Slow] = []
+        extra: _SlowPath | None = None  # made on the first check that needs it
         for i, (r, s) in enumerate(zip(reals, souts, strict=False)):
             if not isinstance(r, torch.Tensor) or not isinstance(s, torch.Tensor):
                 continue
@@ -367,8 +368,10 @@ class Measurer:
                 origin = (call.info.name, call.phase, call.site)
                 self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
                 if suspicious is _AGREEING:
+                    extra = extra or _SlowPath(call)
                     suspicious = _NONFINITE if _new_nonfinite(extra, i, r) else False
                 elif suspicious and _sum_of_terms(call, i):
+                    extra = extra or _SlowPath(call)
                     suspicious = not _fine_against_terms(extra, i, r, s, fi)
                 if suspicious is _NONFINITE or (
                     # the local re-run only where this op made the error worse: more than _AMP
@@ -379,7 +382,7 @@ class Measurer:
                     slow.append((i, r, s))
             elif call.has_shadow and not r.is_floating_point() and not r.is_complex():
                 self._decision(call, r, s)
-        return slow
+        return slow, extra
 
     @staticmethod
     def _suspicious(r: torch.Tensor, s: torch.Tensor, fi: FmtInfo) -> tuple[Any, float, float]:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
 
 from mixprec.formats import FloatFormat, get_format
 from mixprec.quantization import register_rounding_observer
@@ -118,7 +117,10 @@ class ShadowMode(TorchDispatchMode):
         self._pending: list[torch.Tensor] = []  # outputs of the last op, to label (see _pend)
         self._pending_meta: Any = None
         self._internal = False  # our own bookkeeping ops run under the mode: pass them through
-        self._hooked = WeakIdKeyDictionary()
+        # tensors given a gradient hook: id -> weak reference (the reference tells a live
+        # tensor from a dead one whose id was reused; a WeakIdKeyDictionary probe builds a
+        # weak reference object per lookup, ~1 us on every forward op that uses a weight)
+        self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
         self._hook_handles: list[Any] = []
         self._observer: RemovableHandle | None = None  # our quantize observer, while active
         self._stance: Any = None  # torch.compiler's force_eager stance, while active
@@ -179,8 +181,9 @@ class ShadowMode(TorchDispatchMode):
         self.log.step += 1
         self._need_step = False
         self.shadows.clear()
-        # forget hook handles of tensors that died (long runs would accumulate them)
+        # forget hooks of tensors that died (long runs would accumulate them)
         self._hook_handles = [h for h in self._hook_handles if h.hooks_dict_ref() is not None]
+        self._hooked = {k: r for k, r in self._hooked.items() if r() is not None}
 
     # -- what the report reads -----------------------------------------------------------------
     def report_findings(self) -> list[Finding]:
@@ -241,8 +244,9 @@ class ShadowMode(TorchDispatchMode):
                 self._hook(a, "weight")
 
     def _hook(self, t: torch.Tensor, kind: str) -> None:
-        if t not in self._hooked:
-            self._hooked[t] = True
+        ref = self._hooked.get(id(t))
+        if ref is None or ref() is not t:
+            self._hooked[id(t)] = weakref.ref(t)
             self._hook_handles.append(t.register_hook(self._grad_hook(kind)))
 
     def _grad_hook(self, kind: str) -> Callable[[torch.Tensor], None]:

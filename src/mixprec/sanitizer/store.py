@@ -221,11 +221,14 @@ class ShadowStore:
             e = None
         if _covers(t, n):
             flat = self._flat(t, shadow, n)
-            if e is None:
-                e = self._map[cd] = _Entry(st._weak_ref(), t.dtype, n)
-            e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
-            e.cause, e.origin = cause, origin
-            e.views = None
+            if e is None:  # the usual case, an op's fresh output: one constructor call
+                self._map[cd] = _Entry(
+                    st._weak_ref(), t.dtype, n, flat, None, err, smax, self._puts, cause, origin
+                )
+            else:
+                e.flat, e.resid, e.err, e.smax, e.born = flat, None, err, smax, self._puts
+                e.cause, e.origin = cause, origin
+                e.views = None
         elif e is not None and (e.flat is not None or e.resid is not None):
             flat = self._materialize(e)
             if flat is None:
