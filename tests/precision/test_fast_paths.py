@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from mixprec import autocast, get_format, mx_quantize
-from mixprec.precision.emulated import element_rounder, ste, ste_in_handler
-from mixprec.precision.fp8 import _plain_scale, _scale_from_amax
+from mixprec.precision.emulated import element_rounder, spec_rounder, ste, ste_in_handler
+from mixprec.precision.fp8 import (
+    CurrentScaling,
+    _amax,
+    _apply_scale,
+    _plain_scale,
+    _plain_scale_value,
+    _scale_from_amax,
+)
+from mixprec.precision.policy import resolve_format
 from mixprec.quantization import blocks, get_mx_format, mx_round_to
 
 ELEMENTS = ["float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"]
@@ -85,6 +93,65 @@ def test_plain_scale_matches_the_general_scale() -> None:
         for a in amax:
             want = _scale_from_amax(a, fmax, 0, torch.ones_like(a), False)
             assert torch.equal(_bits(_plain_scale(a, fmax)), _bits(want)), a
+
+
+def test_float_scale_matches_the_tensor_scale() -> None:
+    """The eager CPU recipe's Python-float scale equals torch's float32 one bit for bit, over
+    every binade of amax (subnormal amaxes overflow the reciprocal) and the specials."""
+    binades = torch.arange(-149, 128, dtype=torch.float64)
+    mant = torch.rand(
+        binades.numel(), generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    amax = ((1 + mant) * 2.0**binades).float()
+    specials = torch.tensor(
+        [0.0, -0.0, 1e-45, 3.4e38, torch.finfo().max, float("inf"), float("nan")]
+    )
+    for fmt in ("float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"):
+        fmax = float(get_format(fmt).max)
+        for a in torch.cat((amax, specials)):
+            want = float(_plain_scale(a, fmax))
+            got = _plain_scale_value(float(a), fmax)
+            assert got == want or (got != got and want != want), (fmt, float(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_current_scaling_equals_the_tensor_path(dtype: torch.dtype) -> None:
+    """CurrentScaling.quantize on the CPU (scale as a Python float) gives the bits of the
+    tensor path that GPUs and compiled graphs take, from tiny to huge tensors and with
+    zeros, infs and NaNs."""
+    recipe = CurrentScaling("E4M3")
+    for seed, exp in enumerate(range(-140, 128, 9)):
+        x = _special((8, 33), seed) if exp == -5 else torch.randn(8, 33) * 2.0**exp
+        x = x.to(dtype)
+        for fmt in (get_format("float8_e4m3fn"), get_format("float8_e5m2"), get_format("e2m1")):
+            fmax = float(fmt.max)
+            want = _apply_scale(x, _plain_scale(_amax(x), fmax), fmt)
+            got = recipe.quantize(x, fmt, None)
+            assert got.dtype == want.dtype == dtype
+            assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
+    nan = torch.tensor([1.0, float("nan"), 3.0])
+    assert torch.equal(recipe.quantize(nan, fmt, None).isnan(), nan.isnan())
+
+
+def test_in_handler_recipe_and_mx_roundings_equal_the_straight_through_function() -> None:
+    """fp8 recipe and MX operand roundings in the handler (their result as the data of an
+    autograd-visible copy, the gradient rounded by a hook) give the Function's values and
+    gradients."""
+    recipe = CurrentScaling("HYBRID")
+    e4m3, e5m2 = recipe.forward_format, recipe.backward_format
+    rounders = [
+        (lambda x: recipe.quantize(x, e4m3, None), lambda g: recipe.quantize(g, e5m2, None)),
+        (spec_rounder(resolve_format("mxfp8_e4m3"), -1), element_rounder(get_format("bf16"))),
+        (spec_rounder(resolve_format("mxfp4"), 0), None),
+    ]
+    x = torch.randn(8, 64, requires_grad=True)
+    up = torch.randn(8, 64) * 1e-3
+    for fwd, bwd in rounders:
+        ys = [f(x, fwd, bwd) for f in (ste, ste_in_handler)]
+        grads = [torch.autograd.grad(y, x, up)[0] for y in ys]
+        assert ys[1].grad_fn is not None and ys[1]._base is None
+        assert torch.equal(ys[0], ys[1]) and not torch.equal(ys[1], x)
+        assert torch.equal(grads[0], grads[1])
 
 
 def test_in_handler_rounding_equals_the_straight_through_function() -> None:

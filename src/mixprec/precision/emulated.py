@@ -149,22 +149,26 @@ def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tens
 def ste_in_handler(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tensor:
     """:func:`ste` for the executor's own calls (the mode is off while it handles an op).
 
-    An element rounding of a tensor that needs a gradient becomes an autograd-visible copy
-    rounded in place, its gradient rounded by a tensor hook: the same values forward and
+    A rounding of a tensor that needs a gradient becomes an autograd-visible copy holding the
+    rounded values, its gradient rounded by a tensor hook: the same values forward and
     backward as the straight-through Function, without its Python ``apply`` and ``backward``
     (~10 us and ~15 us per use against ~4 us for the copy of a 32k-element operand and ~3 us
-    for the hook). Other rounders (MX blocks, fp8 recipes) keep the Function.
+    for the hook). An element rounding rounds the copy in place; any other rounder (fp8
+    recipes, MX blocks) computes its result, which becomes the copy's data.
     """
-    if (
-        not isinstance(fwd, ElementRounder)
-        or not (t.requires_grad and torch.is_grad_enabled())
-        or is_compiling()  # the Function traces; hooks on intermediates do not
-    ):
-        return ste(t, fwd, bwd)
+    if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or is_compiling():
+        return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
-    out = t.clone()
-    round_storage(out, fwd.fmt, saturate=fwd.saturate)
+    if isinstance(fwd, ElementRounder):
+        out = t.clone()
+        round_storage(out, fwd.fmt, saturate=fwd.saturate)
+    else:
+        q = fwd(t.detach())  # a fresh tensor
+        if q.dtype != t.dtype or q.shape != t.shape:
+            return ste(t, fwd, bwd)  # (defensive) not a rounding of t's values: the Function
+        out = t.clone()
+        out.data = q
     if bwd is not None:
         out.register_hook(bwd)
     return out

@@ -16,7 +16,9 @@ multiplication and division are fp32 operations, as on hardware).
 (e4m3 everywhere); ``forward=`` / ``backward=`` name other operand formats. ``power_of_two=True``
 rounds each scale down to a power of two (torchao's ``round_scales_to_power_of_2``), so scaling
 itself is exact. A format wider than 8 bits (e.g. ``backward="bfloat16"``) is rounded without a
-scale: its range needs none. No device sync anywhere: amaxes and scales stay tensors.
+scale: its range needs none. No device sync: on a GPU, and under torch.compile, amaxes and
+scales stay tensors; eager CPU code reads the default recipe's amax and scale as Python floats
+(there is no device to wait for), the same bits in two small ops instead of eight.
 
 **The default recipe.** Every fp8 training system scales per tensor by default, so a policy
 whose compute format is an 8-bit float gets :func:`default_recipe`: current scaling with that
@@ -27,10 +29,13 @@ of :func:`mixprec.autocast` and :func:`mixprec.apply_policy`) means exactly that
 
 from __future__ import annotations
 
+import math
+from ctypes import c_float
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
 
 import torch
+from torch.compiler import is_compiling
 
 from mixprec.formats.float_format import FloatFormat, get_format
 from mixprec.quantization.elementwise import round_to
@@ -96,6 +101,25 @@ def _plain_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
     return torch.where((s > 0) & (s < float("inf")), s, 1.0)
 
 
+def _plain_scale_value(amax: float, fmax: float) -> float:
+    """:func:`_plain_scale` on Python floats, bit for bit: torch computes ``fmax / amax`` as
+    ``reciprocal(amax) * fmax`` in float32. The double quotient rounded to float32 is the
+    float32 quotient (53 >= 2 * 24 + 2 bits), and the product of that 24-bit reciprocal and an
+    fmax of at most 8 significant bits is exact in double, so one rounding to float32 each
+    gives torch's values; ``c_float`` rounds (overflowing to inf) without raising."""
+    r = c_float(1.0 / amax).value if amax != 0.0 else math.inf
+    sc = c_float(r * fmax).value
+    return sc if 0.0 < sc < math.inf else 1.0
+
+
+def _amax_value(t: torch.Tensor) -> float:
+    """``max |t|`` as a Python float (NaN if any element is NaN): one pass (aminmax), no
+    temporary. Reading it is free on the CPU and a device sync elsewhere: CPU tensors only."""
+    lo, hi = torch.aminmax(t.detach())
+    a, b = float(lo), float(hi)
+    return math.nan if a != a or b != b else max(-a, b)
+
+
 def _amax(t: torch.Tensor) -> torch.Tensor:
     """``max |t|`` as a float32 0-dim tensor (NaN if any element is NaN); no device sync."""
     amax = t.detach().abs().amax()
@@ -116,12 +140,13 @@ def _unscaled(t: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
     return None
 
 
-def _apply_scale(t: torch.Tensor, s: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    # one temporary: (t * s) rounded in place, divided in place
+def _apply_scale(t: torch.Tensor, s: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
+    # one temporary: (t * s) rounded in place, divided in place (a 0-dim tensor and a Python
+    # float are both scalar operands of the float32 kernels: the same bits)
     work = t.detach().float() * s
     round_to(work, fmt, saturate=True, out=work)
     work.div_(s)
-    return work.to(t.dtype)
+    return work if work.dtype == t.dtype else work.to(t.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,14 +204,17 @@ class CurrentScaling:
         plain = _unscaled(t, fmt)
         if plain is not None:
             return plain
-        amax = _amax(t)
         if self.margin or self.power_of_two:
+            amax = _amax(t)
             s = _scale_from_amax(
                 amax, self._max_of(fmt), self.margin, torch.ones_like(amax), self.power_of_two
             )
-        else:
-            s = _plain_scale(amax, self._max_of(fmt))
-        return _apply_scale(t, s, fmt)
+            return _apply_scale(t, s, fmt)
+        if t.is_cpu and t.numel() and not is_compiling():
+            # the default recipe in eager CPU code: the scale as a Python float (no device to
+            # wait for), two tiny ops instead of eight, the same bits (_plain_scale_value)
+            return _apply_scale(t, _plain_scale_value(_amax_value(t), self._max_of(fmt)), fmt)
+        return _apply_scale(t, _plain_scale(_amax(t), self._max_of(fmt)), fmt)
 
 
 @dataclass
