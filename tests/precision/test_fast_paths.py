@@ -22,7 +22,16 @@ from mixprec.precision.fp8 import (
     _scale_from_amax,
 )
 from mixprec.precision.policy import resolve_format
-from mixprec.quantization import blocks, get_mx_format, mx_round_to
+from mixprec.quantization import (
+    KERNEL_ISAS,
+    blocks,
+    elementwise,
+    get_mx_format,
+    has_c_kernel,
+    kernel_isa,
+    mx_round_to,
+    register_rounding_observer,
+)
 
 ELEMENTS = ["float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"]
 SHAPES_AXES = [
@@ -70,6 +79,59 @@ def test_mx_block_views_are_the_general_path_bit_for_bit(
         for got in (mx_round_to(t, f, 32, axis), mx_quantize(t, f, block_size=32, axis=axis)):
             assert got.shape == t.shape
             assert torch.equal(_bits(got), _bits(want))  # NaN bits included
+
+
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize("element", ELEMENTS)
+def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
+    element: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C kernel's fused MX blocks (mx_round_to's default on the CPU) at every SIMD level
+    and the torch view path (MIXPREC_BACKEND=torch, a rounding observer, torch.compile) give
+    the general path's bits, specials included, for every axis layout (blocks contiguous or
+    one per inner column, ragged and short)."""
+    f = get_format(element)
+    mx = get_mx_format(f)
+    best = kernel_isa()
+    levels = KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]
+    calls: list[int] = []
+    kernel = elementwise._kernels.mx_floor
+    monkeypatch.setattr(
+        elementwise._kernels, "mx_floor", lambda *a: calls.append(1) or kernel(*a), raising=False
+    )
+    try:
+        payloads = torch.randn(5, 64)  # NaNs with payloads, a negative and a signalling one
+        bits = payloads.view(torch.int32)
+        bits[0, 3], bits[1, 10], bits[2, 50] = 0x7FC00123, -0x3FF, 0x7F800001
+        payloads[3] = 0.0  # all-zero blocks, and blocks of subnormals: the smallest scale
+        payloads[4] = torch.randn(64) * 1e-39
+        cases = [(_special(shape, 100 + i), axis) for i, (shape, axis) in enumerate(SHAPES_AXES)]
+        for x, axis in [*cases, (payloads, -1), (payloads, 0)]:
+            ax = axis % x.dim()
+            want = blocks._quantize_blocks(x, mx, 32, ax, "nearest", True, True, None, "floor")
+            for level in levels:
+                kernel_isa(level)
+                n = len(calls)
+                assert torch.equal(_bits(mx_round_to(x, f, 32, axis)), _bits(want)), level
+                assert len(calls) == n + 1  # the kernel served
+            monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+            n = len(calls)
+            assert torch.equal(_bits(mx_round_to(x, f, 32, axis)), _bits(want))
+            assert len(calls) == n  # the torch view path served
+            monkeypatch.delenv("MIXPREC_BACKEND")
+    finally:
+        kernel_isa(best)
+
+
+def test_fused_mx_kernel_leaves_observed_roundings_to_the_torch_path() -> None:
+    """With a rounding observer registered (the sanitizer's), MX blocks round through
+    quantize, so the observer sees the element rounding."""
+    seen: list[str] = []
+    x = torch.randn(4, 64)
+    with register_rounding_observer(lambda src, dst, fmt: seen.append(fmt.name)):
+        y = mx_round_to(x, get_format("e2m1"), 32, -1)
+    assert seen == ["float4_e2m1fn"]
+    assert torch.equal(y, mx_round_to(x, get_format("e2m1"), 32, -1))
 
 
 @pytest.mark.parametrize("rule", ["rceil", "ceil", "even"])

@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { R_NEAREST = 0, R_STOCHASTIC = 1, R_TOWARD_ZERO = 2, R_UP = 3, R_DOWN = 4, R_ODD = 5 };
@@ -859,6 +860,152 @@ static const loop64_fn E8M0_64[6][3] = {
     MP_TABLE(e8m0_64_nearest), MP_TABLE(e8m0_64_stochastic), MP_TABLE(e8m0_64_toward_zero),
     MP_TABLE(e8m0_64_up), MP_TABLE(e8m0_64_down), MP_TABLE(e8m0_64_odd)};
 
+/* MX blocks with the "floor" scale rule (mx_quantize's defaults on float32: nearest, saturating,
+ * subnormals), fused into one call: blocks._round_in_views' torch ops, the same float32
+ * operations in the same order, so the same bits. x is (outer, n, inner) contiguous; a block is
+ * `block` consecutive indices along n (the last one shorter), one per inner column; blocks are
+ * processed a chunk of `per_chunk` along n at a time. Per block:
+ * amax = max |x| (the largest magnitude pattern: for floats the same order), the scale
+ * max(2^floor(log2 amax) * down, smallest) (amax's exponent bits times down, a float32 product,
+ * clamped); then y = x / scale, rounded to the element format by the loop quantize() runs (in
+ * place on the block's contiguous slab), times scale. A block holding inf or NaN has a NaN
+ * scale in torch, and torch's division and product leave its NaN, 0x7fc00000, in every element
+ * (an input NaN's payload and sign included); written here directly. `scale` and `bad` are
+ * caller scratch of per_chunk * inner entries. One pass over the input for the maxima, one to
+ * scale, the rounding loop, one to scale back, all on a chunk that stays in cache. */
+/* One pass over a chunk's blocks: for block b, rows j0..j1 (indices along n), BODY(k, c) for
+ * the element at k = j * inner + i and its block column c = b * inner + i. Blocks along the last
+ * axis (inner == 1) take LAST(k, j0, j1, b) instead, a loop with the block's value in a local,
+ * which vectorises (a per-element index into the scratch arrays would not). */
+#define MX_BLOCK_PASS(BODY, LAST)                                                               \
+    for (int64_t b = 0; b < nb; b++) {                                                          \
+        const int64_t j0 = b * block, j1 = j0 + block < len ? j0 + block : len;                 \
+        if (inner == 1 && j1 - j0 == 32) {                                                      \
+            LAST(j0, j0 + 32, b); /* the MX block size: a constant trip count, unrolled */      \
+        } else if (inner == 1) {                                                                \
+            LAST(j0, j1, b);                                                                    \
+        } else {                                                                                \
+            for (int64_t j = j0; j < j1; j++)                                                   \
+                for (int64_t i = 0; i < inner; i++) BODY(j * inner + i, b * inner + i);         \
+        }                                                                                       \
+    }
+#define MX_MAX(k, c) bad[c] = (xu[k] & 0x7fffffffu) > bad[c] ? (xu[k] & 0x7fffffffu) : bad[c]
+#define MX_MAX1(j0, j1, b)                                                                      \
+    do {                                                                                        \
+        uint32_t m = 0u;                                                                        \
+        for (int64_t k = j0; k < j1; k++) {                                                     \
+            const uint32_t a = xu[k] & 0x7fffffffu;                                             \
+            m = a > m ? a : m;                                                                  \
+        }                                                                                       \
+        bad[b] = m;                                                                             \
+    } while (0)
+/* x / scale as x * (1 / scale): scale is a power of two in [2^-127, 2^127], so its reciprocal
+ * is exact and both are the correctly rounded x * 2^-k, bit for bit (a multiply, not a divide) */
+#define MX_DIV(k, c) yc[k] = xc[k] * inv[c]
+#define MX_DIV1(j0, j1, b)                                                                      \
+    do {                                                                                        \
+        const float r = inv[b];                                                                 \
+        for (int64_t k = j0; k < j1; k++) yc[k] = xc[k] * r;                                    \
+    } while (0)
+#define MX_MUL(k, c) yc[k] *= scale[c]
+#define MX_MUL1(j0, j1, b)                                                                      \
+    do {                                                                                        \
+        const float s = scale[b];                                                               \
+        for (int64_t k = j0; k < j1; k++) yc[k] *= s;                                           \
+    } while (0)
+#define MX_NAN(k, c) yu[k] = bad[c] ? 0x7fc00000u : yu[k]
+#define MX_NAN1(j0, j1, b)                                                                      \
+    do {                                                                                        \
+        if (bad[b])                                                                             \
+            for (int64_t k = j0; k < j1; k++) yu[k] = 0x7fc00000u;                              \
+    } while (0)
+#define DEFINE_MX_FLOOR(NAME, ATTR, ...)                                                        \
+    ATTR static void NAME(const float *x, float *y, int64_t outer, int64_t n, int64_t inner,   \
+                          int64_t block, int64_t per_chunk, const qparams *p, uint32_t lo,     \
+                          float down, float smallest, float *scale, float *inv, uint32_t *bad, \
+                          loop32_fn round) {                                                   \
+        const int64_t span = per_chunk * block; /* indices along n per chunk */                 \
+        for (int64_t o = 0; o < outer; o++) {                                                   \
+            for (int64_t c0 = 0; c0 < n; c0 += span) {                                          \
+                const int64_t len = n - c0 < span ? n - c0 : span;                              \
+                const int64_t nb = (len + block - 1) / block;                                   \
+                const float *restrict xc = x + (o * n + c0) * inner;                            \
+                float *yc = y + (o * n + c0) * inner;                                           \
+                const uint32_t *restrict xu = (const uint32_t *)xc;                             \
+                uint32_t *yu = (uint32_t *)yc;                                                  \
+                /* block maxima: bad[c] = the largest magnitude pattern of block column c */    \
+                for (int64_t c = 0; c < nb * inner; c++) bad[c] = 0u;                           \
+                MX_BLOCK_PASS(MX_MAX, MX_MAX1)                                                     \
+                int any_bad = 0;                                                                \
+                for (int64_t c = 0; c < nb * inner; c++) {                                      \
+                    const uint32_t e = bad[c] & 0x7f800000u;                                    \
+                    float p2;                                                                   \
+                    memcpy(&p2, &e, sizeof p2);                                                 \
+                    const float sc = p2 * down;                                                 \
+                    bad[c] = bad[c] >= 0x7f800000u; /* inf or NaN in the block */               \
+                    any_bad |= (int)bad[c];                                                     \
+                    /* a bad block's elements are overwritten below */                          \
+                    scale[c] = bad[c] ? 1.0f : (sc < smallest ? smallest : sc);                 \
+                    inv[c] = 1.0f / scale[c];                                                   \
+                }                                                                               \
+                MX_BLOCK_PASS(MX_DIV, MX_DIV1)                                                     \
+                round((const uint32_t *)yc, yu, len * inner, p, lo);                            \
+                MX_BLOCK_PASS(MX_MUL, MX_MUL1)                                                     \
+                if (any_bad) MX_BLOCK_PASS(MX_NAN, MX_NAN1)                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }
+MP_VARIANTS(DEFINE_MX_FLOOR, mx_floor32)
+#define MX_CHUNK 8192
+typedef void (*mx_floor_fn)(const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            const qparams *, uint32_t, float, float, float *, float *, uint32_t *,
+                            loop32_fn);
+static const mx_floor_fn MX_FLOOR32[3] = MP_TABLE(mx_floor32);
+
+/* mx_floor(in_ptr, out_ptr, outer, n, inner, block, down, smallest, M, emin, max_bits, ovf_bits,
+ *          minnorm_bits, zero_bits, flags, fast_lo): see DEFINE_MX_FLOOR; in and out must not
+ * overlap. The element format's parameters are quantize()'s (nearest, saturating). */
+static PyObject *py_mx_floor(PyObject *self, PyObject *args) {
+    unsigned long long in_ptr, out_ptr, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, fast_lo;
+    long long outer, n, inner, block, M, emin;
+    double down, smallest;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLLLLddLLKKKKKK", &in_ptr, &out_ptr, &outer, &n, &inner, &block,
+                          &down, &smallest, &M, &emin, &max_bits, &ovf_bits, &minnorm_bits,
+                          &zero_bits, &flags, &fast_lo))
+        return NULL;
+    if (outer < 0 || n < 0 || inner < 1 || block < 1) {
+        PyErr_SetString(PyExc_ValueError, "mx_floor: bad shape or block size");
+        return NULL;
+    }
+    qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
+    if (is_e8m0(&p, 32)) {
+        PyErr_SetString(PyExc_ValueError, "mx_floor: e8m0 is not an MX element format");
+        return NULL;
+    }
+    /* chunks of whole blocks of about MX_CHUNK elements: each pass over a chunk stays in cache,
+     * and the rounding loop gets long runs (a lone 32-element block would take its scalar tail) */
+    const int64_t per_block = block * inner;
+    const int64_t per_chunk = per_block >= MX_CHUNK ? 1 : MX_CHUNK / per_block;
+    float *scale = (float *)malloc((size_t)(2 * per_chunk * inner) * sizeof(float));
+    uint32_t *bad = (uint32_t *)malloc((size_t)(per_chunk * inner) * sizeof(uint32_t));
+    if (scale == NULL || bad == NULL) {
+        free(scale);
+        free(bad);
+        return PyErr_NoMemory();
+    }
+    float *inv = scale + per_chunk * inner;
+    const int level = simd_level;
+    Py_BEGIN_ALLOW_THREADS
+    MX_FLOOR32[level]((const float *)(uintptr_t)in_ptr, (float *)(uintptr_t)out_ptr, outer, n,
+                      inner, block, per_chunk, &p, (uint32_t)fast_lo, (float)down,
+                      (float)smallest, scale, inv, bad, LOOPS32[R_NEAREST][level]);
+    Py_END_ALLOW_THREADS
+    free(scale);
+    free(bad);
+    Py_RETURN_NONE;
+}
+
 /* quantize(width, in_ptr, out_ptr, n, mode, M, emin, max_bits, ovf_bits, minnorm_bits,
  *          zero_bits, flags, seed, offset, fast_lo)
  * fast_lo: nonzero when the float32 fast path is valid for this format (1 <= M <= 22, emin >= -126,
@@ -929,6 +1076,8 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
+    {"mx_floor", py_mx_floor, METH_VARARGS,
+     "Round float32 MX blocks (floor scale rule, nearest, saturating). Internal to mixprec."},
     {"simd", py_simd, METH_VARARGS,
      "simd([name]) -> the loops' instruction set; with a name, select it (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},

@@ -79,6 +79,7 @@ from mixprec.quantization.elementwise import (
     _pack_nibbles,
     decode,
     encode,
+    fused_mx_floor,
     quantize_,
     round_to,
 )
@@ -327,6 +328,9 @@ def _round_in_views(x: torch.Tensor, mx: MXFormat, block: int, axis: int) -> tor
     params = _view_params(mx)
     if params is None or x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
         return None
+    fused = fused_mx_floor(x, mx.element, block, axis, *params)  # the same, in one C call
+    if fused is not None:
+        return fused
     xb, dim = _block_view(x.contiguous(), axis, block)
     scale = _view_scales(xb.abs().amax(dim=dim, keepdim=True), *params)
     # x / 2^k is x * 2^-k exactly (both correctly rounded, same real value); NaN blocks: NaN

@@ -32,7 +32,7 @@ from mixprec.formats.float_format import (
 from mixprec.machine import run_parallel
 from mixprec.quantization import ops, torch_kernel
 from mixprec.quantization.autograd_rounding import straight_through
-from mixprec.quantization.observers import notify_rounding
+from mixprec.quantization.observers import has_rounding_observers, notify_rounding
 from mixprec.quantization.params import ROUNDING_CODES, KernelParams, kernel_params
 
 try:  # the optional C kernel
@@ -276,6 +276,32 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
     chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     run_parallel([partial(run, start, stop) for start, stop in bounds])
+
+
+def fused_mx_floor(
+    x: torch.Tensor, element: FloatFormat, block: int, axis: int, down: float, smallest: float
+) -> torch.Tensor | None:
+    """The MX blocks of float32 ``x`` along ``axis`` (normalised) under the "floor" scale rule
+    (``2^-emax_elem`` = ``down``, E8M0's smallest scale ``smallest``), nearest and saturating,
+    in one C call: :mod:`~mixprec.quantization.blocks`' view path, the same bits. A fresh
+    contiguous tensor; None where the kernel does not serve: no C kernel or
+    MIXPREC_BACKEND=torch, not on the CPU, under torch.compile, with a rounding observer (it
+    must see the element rounding), or a large tensor with several threads (torch's ops use
+    them). Cost: one read and one write of ``x``, the blocks in cache in between."""
+    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+        return None
+    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
+        return None
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    shape = xc.shape
+    p = kernel_params(element, 32, True, True, "nearest")
+    _kernels.mx_floor(
+        xc.data_ptr(), out.data_ptr(), math.prod(shape[:axis]), shape[axis],
+        math.prod(shape[axis + 1 :]), block, down, smallest, p.mantissa_bits, p.emin,
+        p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags, p.fast_lo,
+    )  # fmt: skip
+    return out
 
 
 def _quantize_work(

@@ -50,6 +50,13 @@ def register_rounding_observer(fn: RoundingObserver) -> RemovableHandle:
     return handle
 
 
+def has_rounding_observers() -> bool:
+    """Is any observer registered? (A fused kernel that rounds without calling ``quantize``
+    for every step, such as the MX block kernel, runs only when none is: they must see every
+    element rounding.)"""
+    return bool(_OBSERVERS)
+
+
 def notify_rounding(src: torch.Tensor, result: torch.Tensor, fmt: FloatFormat) -> None:
     """Tell every registered observer that ``result`` holds ``src`` rounded to ``fmt``."""
     if not _OBSERVERS:
