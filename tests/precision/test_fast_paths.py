@@ -177,20 +177,42 @@ def test_float_scale_matches_the_tensor_scale() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_eager_current_scaling_equals_the_tensor_path(dtype: torch.dtype) -> None:
-    """CurrentScaling.quantize on the CPU (scale as a Python float) gives the bits of the
-    tensor path that GPUs and compiled graphs take, from tiny to huge tensors and with
-    zeros, infs and NaNs."""
+def test_eager_current_scaling_equals_the_tensor_path(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CurrentScaling.quantize on the CPU (scale as a Python float; a float32 operand scaled,
+    rounded and unscaled in one C call, at every SIMD level) gives the bits of the tensor path
+    that GPUs and compiled graphs take, from tiny to huge tensors and with zeros, infs and
+    NaNs."""
     recipe = CurrentScaling("E4M3")
-    for seed, exp in enumerate(range(-140, 128, 9)):
-        x = _special((8, 33), seed) if exp == -5 else torch.randn(8, 33) * 2.0**exp
-        x = x.to(dtype)
-        for fmt in (get_format("float8_e4m3fn"), get_format("float8_e5m2"), get_format("e2m1")):
-            fmax = float(fmt.max)
-            want = _apply_scale(x, _plain_scale(_amax(x), fmax), fmt)
-            got = recipe.quantize(x, fmt, None)
-            assert got.dtype == want.dtype == dtype
-            assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
+    calls: list[int] = []
+    if has_c_kernel():
+        kernel = elementwise._kernels.scaled_round
+        monkeypatch.setattr(
+            elementwise._kernels, "scaled_round", lambda *a: calls.append(1) or kernel(*a)
+        )
+    best = kernel_isa()
+    levels = KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1] if best else [None]
+    try:
+        for level in levels:
+            if level is not None:
+                kernel_isa(level)
+            for seed, exp in enumerate(range(-140, 128, 9)):
+                x = _special((8, 33), seed) if exp == -5 else torch.randn(8, 33) * 2.0**exp
+                x = x.to(dtype)
+                for name in ("float8_e4m3fn", "float8_e5m2", "e2m1"):
+                    fmt = get_format(name)
+                    want = _apply_scale(x, _plain_scale(_amax(x), float(fmt.max)), fmt)
+                    got = recipe.quantize(x, fmt, None)
+                    assert got.dtype == want.dtype == dtype
+                    assert torch.equal(
+                        got.float().view(torch.int32), want.float().view(torch.int32)
+                    ), (level, exp, name)
+    finally:
+        if best is not None:
+            kernel_isa(best)
+    fused = dtype == torch.float32 and has_c_kernel()
+    assert bool(calls) == fused  # float32 took the kernel; 16-bit operands the torch ops
     nan = torch.tensor([1.0, float("nan"), 3.0])
     assert torch.equal(recipe.quantize(nan, fmt, None).isnan(), nan.isnan())
 

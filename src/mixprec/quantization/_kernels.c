@@ -962,6 +962,55 @@ typedef void (*mx_floor_fn)(const float *, float *, int64_t, int64_t, int64_t, i
                             loop32_fn);
 static const mx_floor_fn MX_FLOOR32[3] = MP_TABLE(mx_floor32);
 
+/* Per-tensor scaled rounding (fp8 current scaling): y = round(x * s) / s, the float32 product,
+ * the rounding loop quantize() runs and the float32 quotient, as mixprec.precision.fp8's torch
+ * ops compute them (one copy multiplied, rounded and divided in place), a chunk at a time so
+ * that the three passes stay in cache. x and y must not overlap. */
+#define DEFINE_SCALED_ROUND(NAME, ATTR, ...)                                                    \
+    ATTR static void NAME(const float *restrict x, float *y, int64_t n, float s,               \
+                          const qparams *p, uint32_t lo, loop32_fn round) {                    \
+        for (int64_t c0 = 0; c0 < n; c0 += MX_CHUNK) {                                          \
+            const int64_t len = n - c0 < MX_CHUNK ? n - c0 : MX_CHUNK;                          \
+            float *yc = y + c0;                                                                 \
+            const float *restrict xc = x + c0;                                                  \
+            for (int64_t k = 0; k < len; k++) yc[k] = xc[k] * s;                                \
+            round((const uint32_t *)yc, (uint32_t *)yc, len, p, lo);                            \
+            for (int64_t k = 0; k < len; k++) yc[k] = yc[k] / s;                                \
+        }                                                                                       \
+    }
+MP_VARIANTS(DEFINE_SCALED_ROUND, scaled_round32)
+typedef void (*scaled_round_fn)(const float *, float *, int64_t, float, const qparams *,
+                                uint32_t, loop32_fn);
+static const scaled_round_fn SCALED_ROUND32[3] = MP_TABLE(scaled_round32);
+
+/* scaled_round(in_ptr, out_ptr, n, scale, M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits,
+ *              flags, fast_lo): see DEFINE_SCALED_ROUND; nearest, with the format's
+ * parameters as quantize() gets them (saturating for fp8 recipes). */
+static PyObject *py_scaled_round(PyObject *self, PyObject *args) {
+    unsigned long long in_ptr, out_ptr, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, fast_lo;
+    long long n, M, emin;
+    double scale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLdLLKKKKKK", &in_ptr, &out_ptr, &n, &scale, &M, &emin,
+                          &max_bits, &ovf_bits, &minnorm_bits, &zero_bits, &flags, &fast_lo))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative element count");
+        return NULL;
+    }
+    qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
+    if (is_e8m0(&p, 32)) {
+        PyErr_SetString(PyExc_ValueError, "scaled_round: e8m0 takes no per-tensor scale");
+        return NULL;
+    }
+    const int level = simd_level;
+    Py_BEGIN_ALLOW_THREADS
+    SCALED_ROUND32[level]((const float *)(uintptr_t)in_ptr, (float *)(uintptr_t)out_ptr, n,
+                          (float)scale, &p, (uint32_t)fast_lo, LOOPS32[R_NEAREST][level]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* mx_floor(in_ptr, out_ptr, outer, n, inner, block, down, smallest, M, emin, max_bits, ovf_bits,
  *          minnorm_bits, zero_bits, flags, fast_lo): see DEFINE_MX_FLOOR; in and out must not
  * overlap. The element format's parameters are quantize()'s (nearest, saturating). */
@@ -1078,6 +1127,8 @@ static PyMethodDef methods[] = {
      "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
     {"mx_floor", py_mx_floor, METH_VARARGS,
      "Round float32 MX blocks (floor scale rule, nearest, saturating). Internal to mixprec."},
+    {"scaled_round", py_scaled_round, METH_VARARGS,
+     "round(x * s) / s of n float32 values (fp8 current scaling). Internal to mixprec."},
     {"simd", py_simd, METH_VARARGS,
      "simd([name]) -> the loops' instruction set; with a name, select it (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},

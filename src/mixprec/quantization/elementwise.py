@@ -304,6 +304,26 @@ def fused_mx_floor(
     return out
 
 
+def fused_scaled_round(x: torch.Tensor, scale: float, fmt: FloatFormat) -> torch.Tensor | None:
+    """``round(x * scale) / scale`` of float32 ``x`` in ``fmt`` (nearest, saturating: an fp8
+    recipe's per-tensor scaled rounding) in one C call: the float32 product, ``round_to`` and the
+    float32 quotient, the same bits as those three torch ops. A fresh contiguous tensor; None
+    where the kernel does not serve (as :func:`fused_mx_floor`). Cost: one read and one write
+    of ``x``."""
+    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+        return None
+    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
+        return None
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    p = kernel_params(fmt, 32, True, True, "nearest")
+    _kernels.scaled_round(
+        xc.data_ptr(), out.data_ptr(), xc.numel(), scale, p.mantissa_bits, p.emin, p.max_bits,
+        p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags, p.fast_lo,
+    )  # fmt: skip
+    return out
+
+
 def _quantize_work(
     work: torch.Tensor,
     p: KernelParams,
