@@ -160,7 +160,10 @@ class CurrentScaling:
         forward, backward: operand format names overriding ``fp8_format``'s (keyword only;
             e.g. ``forward="float8_e5m2"``); a format wider than 8 bits is rounded unscaled.
 
-    Cost per operand: one amax reduction, one scaled copy rounded and divided in place.
+    Cost per operand: one amax reduction, one scaled copy rounded and divided in place. In
+    eager CPU code (``margin=0``, no ``power_of_two``: the default recipe) the amax and scale
+    are read as Python floats and a float32 operand's scaled rounding is one C call: one
+    ``aminmax`` pass, one read and one write, the same bits.
     """
 
     fp8_format: Literal["HYBRID", "E4M3"] = "HYBRID"
