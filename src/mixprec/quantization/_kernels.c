@@ -869,8 +869,9 @@ static const loop64_fn E8M0_64[6][3] = {
  * max(2^floor(log2 amax) * down, smallest) (amax's exponent bits times down, a float32 product,
  * clamped); then y = x / scale, rounded to the element format by the loop quantize() runs (in
  * place on the block's contiguous slab), times scale. A block holding inf or NaN has a NaN
- * scale in torch, and torch's division and product leave its NaN, 0x7fc00000, in every element
- * (an input NaN's payload and sign included); written here directly. `scale` and `bad` are
+ * scale in torch, and torch's vectorised division and product leave its NaN, 0x7fc00000, in
+ * every element, input NaNs with a payload included (its scalar kernels keep such a payload);
+ * written here directly. `scale` and `bad` are
  * caller scratch of per_chunk * inner entries. One pass over the input for the maxima, one to
  * scale, the rounding loop, one to scale back, all on a chunk that stays in cache. */
 /* One pass over a chunk's blocks: for block b, rows j0..j1 (indices along n), BODY(k, c) for
