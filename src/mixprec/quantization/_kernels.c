@@ -963,6 +963,14 @@ typedef void (*mx_floor_fn)(const float *, float *, int64_t, int64_t, int64_t, i
                             loop32_fn);
 static const mx_floor_fn MX_FLOOR32[3] = MP_TABLE(mx_floor32);
 
+/* The fused kernels round with the float32 loops, which e8m0 (a scale format) does not take:
+ * 0 with a ValueError for its parameters. */
+static int element_format(const qparams *p, const char *who) {
+    if (!is_e8m0(p, 32)) return 1;
+    PyErr_Format(PyExc_ValueError, "%s: e8m0 is a scale format, not an element format", who);
+    return 0;
+}
+
 /* Per-tensor scaled rounding (fp8 current scaling): y = round(x * s) / s, the float32 product,
  * the rounding loop quantize() runs and the float32 quotient, as mixprec.precision.fp8's torch
  * ops compute them (one copy multiplied, rounded and divided in place), a chunk at a time so
@@ -1000,10 +1008,7 @@ static PyObject *py_scaled_round(PyObject *self, PyObject *args) {
         return NULL;
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
-    if (is_e8m0(&p, 32)) {
-        PyErr_SetString(PyExc_ValueError, "scaled_round: e8m0 takes no per-tensor scale");
-        return NULL;
-    }
+    if (!element_format(&p, "scaled_round")) return NULL;
     const int level = simd_level;
     Py_BEGIN_ALLOW_THREADS
     SCALED_ROUND32[level]((const float *)(uintptr_t)in_ptr, (float *)(uintptr_t)out_ptr, n,
@@ -1029,10 +1034,7 @@ static PyObject *py_mx_floor(PyObject *self, PyObject *args) {
         return NULL;
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
-    if (is_e8m0(&p, 32)) {
-        PyErr_SetString(PyExc_ValueError, "mx_floor: e8m0 is not an MX element format");
-        return NULL;
-    }
+    if (!element_format(&p, "mx_floor")) return NULL;
     /* chunks of whole blocks of about MX_CHUNK elements: each pass over a chunk stays in cache,
      * and the rounding loop gets long runs (a lone 32-element block would take its scalar tail) */
     const int64_t per_block = block * inner;

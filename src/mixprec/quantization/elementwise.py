@@ -278,28 +278,46 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
     run_parallel([partial(run, start, stop) for start, stop in bounds])
 
 
+def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(``x`` contiguous, an empty output like it) where a fused C kernel serves ``x``; None
+    where it does not: no C kernel or MIXPREC_BACKEND=torch, not on the CPU, under
+    torch.compile, with a rounding observer (it must see the element rounding), or a large
+    tensor with several threads (torch's ops use them)."""
+    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+        return None
+    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
+        return None
+    xc = x.contiguous()
+    return xc, torch.empty_like(xc)
+
+
+def _element_args(fmt: FloatFormat) -> tuple[int, ...]:
+    """The kernels' parameters of ``fmt`` for float32, nearest and saturating (an fp8 or MX
+    operand's rounding), in the order the fused kernels take them."""
+    p = kernel_params(fmt, 32, True, True, "nearest")
+    return (
+        p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
+        p.fast_lo,
+    )  # fmt: skip
+
+
 def fused_mx_floor(
     x: torch.Tensor, element: FloatFormat, block: int, axis: int, down: float, smallest: float
 ) -> torch.Tensor | None:
     """The MX blocks of float32 ``x`` along ``axis`` (normalised) under the "floor" scale rule
     (``2^-emax_elem`` = ``down``, E8M0's smallest scale ``smallest``), nearest and saturating,
     in one C call: :mod:`~mixprec.quantization.blocks`' view path, the same bits. A fresh
-    contiguous tensor; None where the kernel does not serve: no C kernel or
-    MIXPREC_BACKEND=torch, not on the CPU, under torch.compile, with a rounding observer (it
-    must see the element rounding), or a large tensor with several threads (torch's ops use
-    them). Cost: one read and one write of ``x``, the blocks in cache in between."""
-    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+    contiguous tensor; None where the kernel does not serve (:func:`_fused_buffers`). Cost: one
+    read and one write of ``x``, the blocks in cache in between."""
+    buffers = _fused_buffers(x)
+    if buffers is None:
         return None
-    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
-        return None
-    xc = x.contiguous()
-    out = torch.empty_like(xc)
+    xc, out = buffers
     shape = xc.shape
-    p = kernel_params(element, 32, True, True, "nearest")
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     _kernels.mx_floor(
-        xc.data_ptr(), out.data_ptr(), math.prod(shape[:axis]), shape[axis],
-        math.prod(shape[axis + 1 :]), block, down, smallest, p.mantissa_bits, p.emin,
-        p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags, p.fast_lo,
+        xc.data_ptr(), out.data_ptr(), outer, shape[axis], inner, block, down, smallest,
+        *_element_args(element),
     )  # fmt: skip
     return out
 
@@ -308,19 +326,13 @@ def fused_scaled_round(x: torch.Tensor, scale: float, fmt: FloatFormat) -> torch
     """``round(x * scale) / scale`` of float32 ``x`` in ``fmt`` (nearest, saturating: an fp8
     recipe's per-tensor scaled rounding) in one C call: the float32 product, ``round_to`` and the
     float32 quotient, the same bits as those three torch ops. A fresh contiguous tensor; None
-    where the kernel does not serve (as :func:`fused_mx_floor`). Cost: one read and one write
-    of ``x``."""
-    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+    where the kernel does not serve (:func:`_fused_buffers`). Cost: one read and one write of
+    ``x``."""
+    buffers = _fused_buffers(x)
+    if buffers is None:
         return None
-    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
-        return None
-    xc = x.contiguous()
-    out = torch.empty_like(xc)
-    p = kernel_params(fmt, 32, True, True, "nearest")
-    _kernels.scaled_round(
-        xc.data_ptr(), out.data_ptr(), xc.numel(), scale, p.mantissa_bits, p.emin, p.max_bits,
-        p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags, p.fast_lo,
-    )  # fmt: skip
+    xc, out = buffers
+    _kernels.scaled_round(xc.data_ptr(), out.data_ptr(), xc.numel(), scale, *_element_args(fmt))
     return out
 
 
