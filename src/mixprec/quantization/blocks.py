@@ -279,13 +279,28 @@ def _blocked_shape(shape: torch.Size, axis: int, nblocks: int) -> tuple[int, ...
 # ----------------------------------------------------------------------------------------------
 
 
+# _view_params per MX format object, in eager code (format properties cost ~1 us a call, on
+# every MX rounding of an emulated region); by id, each entry holding its format so that the id
+# stays that format's
+_VIEW_PARAMS: dict[int, tuple[MXFormat, tuple[float, float] | None]] = {}
+
+
 def _view_params(mx: MXFormat) -> tuple[float, float] | None:
     """(``2^-emax_elem``, the smallest E8M0 scale) of ``mx``, or None when a float32 block
     maximum could need a scale above E8M0's largest (no spec format does)."""
+    compiling = torch.compiler.is_compiling()  # dynamo traces the plain computation
+    hit = None if compiling else _VIEW_PARAMS.get(id(mx))
+    if hit is not None:
+        return hit[1]
     sf = mx.scale_format
-    if mx.emax_elem < 0 or 127 - mx.emax_elem > sf.emax:
-        return None
-    return 2.0**-mx.emax_elem, 2.0**sf.emin
+    params = None
+    if mx.emax_elem >= 0 and 127 - mx.emax_elem <= sf.emax:
+        params = 2.0**-mx.emax_elem, 2.0**sf.emin
+    if not compiling:
+        if len(_VIEW_PARAMS) > 256:  # formats made on the fly: keep the table small
+            _VIEW_PARAMS.clear()
+        _VIEW_PARAMS[id(mx)] = (mx, params)
+    return params
 
 
 def _view_scales(amax: torch.Tensor, down: float, smallest: float) -> torch.Tensor:
