@@ -139,3 +139,18 @@ def test_gradient_histogram_takes_torch_where_the_kernel_does_not_apply() -> Non
         assert not col.add_fast("activation", g)
         col.add("activation", g)  # a copy for the kernel, or the torch path
     assert col.tensors == {"activation": 3} and col.max_abs == {"activation": 1.0}
+
+
+def test_python_constants_round_to_float32_as_torch_casts_them() -> None:
+    """``f32`` (the value a Python float has inside a float32 kernel) equals torch's cast, sign
+    of zero and overflow to inf included, on first use and from its cache."""
+    from mixprec.sanitizer.shadows import f32
+
+    values = [0.1, -0.1, 1 / 3, 3.4028235e38, 3.4028236e38, 1e39, -1e39, 1e-45, 1e-46, 0.0, -0.0]
+    values += [math.inf, -math.inf, 2.0**-149 * 1.5, 65504.0001]
+    for _ in range(2):  # the second round reads the cache
+        for v in values:
+            want = torch.tensor(v, dtype=torch.float64).float().item()
+            got = f32(v)
+            assert got == want and math.copysign(1, got) == math.copysign(1, want), v
+    assert math.isnan(f32(math.nan))

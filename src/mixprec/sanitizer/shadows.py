@@ -8,8 +8,7 @@ aten ops take scalars.
 
 from __future__ import annotations
 
-import math
-import struct
+from ctypes import c_float
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +19,20 @@ from mixprec.trees import leaves, map_pairs, map_tensor_kwargs, map_tensors, nes
 
 LOW = (torch.float16, torch.bfloat16, torch.float32)  # real dtypes that get shadows
 
-_struct_f = struct.Struct("f")
+_F32: dict[float, float] = {}  # f32's results: a model's constants recur on every step
 
 
 def f32(v: float) -> float:
-    """``v`` rounded to float32 (Python scalars reach fp32/fp16/bf16 kernels as float32)."""
-    return _struct_f.unpack(_struct_f.pack(v))[0] if math.isfinite(v) else v
+    """``v`` rounded to float32 (Python scalars reach fp32/fp16/bf16 kernels as float32); a
+    magnitude beyond float32's range becomes ±inf, as torch's cast makes it."""
+    if v == 0.0 or v != v:
+        return v  # ±0 (equal dictionary keys of different sign) and NaN as they are
+    r = _F32.get(v)
+    if r is None:
+        r = c_float(v).value  # the C cast: rounds to nearest, overflows to ±inf
+        if len(_F32) < 4096:
+            _F32[v] = r
+    return r
 
 
 @dataclass(slots=True)
