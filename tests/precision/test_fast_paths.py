@@ -131,15 +131,20 @@ def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
         kernel_isa(best)
 
 
-def test_fused_mx_kernel_leaves_observed_roundings_to_the_torch_path() -> None:
-    """With a rounding observer registered (the sanitizer's), MX blocks round through
-    quantize, so the observer sees the element rounding."""
+def test_fused_kernels_leave_observed_roundings_to_the_torch_path() -> None:
+    """With a rounding observer registered (the sanitizer's), MX blocks and fp8 scaled
+    roundings go through quantize, so the observer sees the element rounding; the values are
+    the fused kernels'."""
     seen: list[str] = []
     x = torch.randn(4, 64)
+    recipe = CurrentScaling("E4M3")
+    e2m1, e4m3 = get_format("e2m1"), get_format("e4m3")
     with register_rounding_observer(lambda src, dst, fmt: seen.append(fmt.name)):
-        y = mx_round_to(x, get_format("e2m1"), 32, -1)
-    assert seen == ["float4_e2m1fn"]
-    assert torch.equal(y, mx_round_to(x, get_format("e2m1"), 32, -1))
+        y = mx_round_to(x, e2m1, 32, -1)
+        z = recipe.quantize(x, e4m3, None)
+    assert seen == ["float4_e2m1fn", "float8_e4m3fn"]
+    assert torch.equal(y, mx_round_to(x, e2m1, 32, -1))
+    assert torch.equal(z, recipe.quantize(x, e4m3, None))
 
 
 @pytest.mark.parametrize("rule", ["rceil", "ceil", "even"])
