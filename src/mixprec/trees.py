@@ -85,7 +85,7 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], args: Sequence[Any]) -> list[
     if _shallow(args):
         return [type(x)(map(one, x)) if type(x) in _PLAIN_SEQS else one(x) for x in args]
     flat, spec = tree_flatten(list(args))
-    return tree_unflatten([fn(x) if isinstance(x, torch.Tensor) else x for x in flat], spec)
+    return tree_unflatten([one(x) for x in flat], spec)
 
 
 def map_tensor_kwargs(fn: Callable[[torch.Tensor], Any], kwargs: dict[str, Any]) -> dict[str, Any]:

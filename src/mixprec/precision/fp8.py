@@ -219,7 +219,7 @@ class CurrentScaling:
             # scaled rounding of a float32 operand in one C call (the same bits too)
             s = _plain_scale_value(_amax_value(t), self._max_of(fmt))
             fused = fused_scaled_round(t.detach(), s, fmt) if t.dtype == torch.float32 else None
-            return fused.view(t.shape) if fused is not None else _apply_scale(t, s, fmt)
+            return fused if fused is not None else _apply_scale(t, s, fmt)
         return _apply_scale(t, _plain_scale(_amax(t), self._max_of(fmt)), fmt)
 
 

@@ -91,15 +91,12 @@ class Shadows:
             mapped = map_tensors(lambda t: self._shadow(t, found, lazy), args)
             found.args = [self._scalar(a, compute) for a in mapped]
             return found
-        # flat (almost every op): one loop, no per-element call but for tensors (~1 us less)
-        out = found.args
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                out.append(self._shadow(a, found, lazy))
-            elif type(a) is float:
-                out.append(f32(a) if compute else a)
-            else:
-                out.append(self._scalar(a, compute) if isinstance(a, torch.dtype) else a)
+        # flat (almost every op): one loop, no tree walk (~1 us less)
+        scalar, shadow = self._scalar, self._shadow
+        found.args = [
+            shadow(a, found, lazy) if isinstance(a, torch.Tensor) else scalar(a, compute)
+            for a in args
+        ]
         return found
 
     def _shadow(self, t: torch.Tensor, found: ShadowInputs, lazy: bool) -> Any:
