@@ -874,9 +874,11 @@ static const loop64_fn E8M0_64[6][3] = {
  * written here directly. `scale` and `bad` are
  * caller scratch of per_chunk * inner entries. One pass over the input for the maxima, one to
  * scale, the rounding loop, one to scale back, all on a chunk that stays in cache. */
+#define MX_CHUNK 8192 /* elements per chunk of the fused kernels (32 KiB: in L1/L2) */
+
 /* One pass over a chunk's blocks: for block b, rows j0..j1 (indices along n), BODY(k, c) for
  * the element at k = j * inner + i and its block column c = b * inner + i. Blocks along the last
- * axis (inner == 1) take LAST(k, j0, j1, b) instead, a loop with the block's value in a local,
+ * axis (inner == 1) take LAST(j0, j1, b) instead, a loop with the block's value in a local,
  * which vectorises (a per-element index into the scratch arrays would not). */
 #define MX_BLOCK_PASS(BODY, LAST)                                                               \
     for (int64_t b = 0; b < nb; b++) {                                                          \
@@ -936,7 +938,7 @@ static const loop64_fn E8M0_64[6][3] = {
                 uint32_t *yu = (uint32_t *)yc;                                                  \
                 /* block maxima: bad[c] = the largest magnitude pattern of block column c */    \
                 for (int64_t c = 0; c < nb * inner; c++) bad[c] = 0u;                           \
-                MX_BLOCK_PASS(MX_MAX, MX_MAX1)                                                     \
+                MX_BLOCK_PASS(MX_MAX, MX_MAX1)                                                  \
                 int any_bad = 0;                                                                \
                 for (int64_t c = 0; c < nb * inner; c++) {                                      \
                     const uint32_t e = bad[c] & 0x7f800000u;                                    \
@@ -949,15 +951,14 @@ static const loop64_fn E8M0_64[6][3] = {
                     scale[c] = bad[c] ? 1.0f : (sc < smallest ? smallest : sc);                 \
                     inv[c] = 1.0f / scale[c];                                                   \
                 }                                                                               \
-                MX_BLOCK_PASS(MX_DIV, MX_DIV1)                                                     \
+                MX_BLOCK_PASS(MX_DIV, MX_DIV1)                                                  \
                 round((const uint32_t *)yc, yu, len * inner, p, lo);                            \
-                MX_BLOCK_PASS(MX_MUL, MX_MUL1)                                                     \
-                if (any_bad) MX_BLOCK_PASS(MX_NAN, MX_NAN1)                                        \
+                MX_BLOCK_PASS(MX_MUL, MX_MUL1)                                                  \
+                if (any_bad) MX_BLOCK_PASS(MX_NAN, MX_NAN1)                                     \
             }                                                                                   \
         }                                                                                       \
     }
 MP_VARIANTS(DEFINE_MX_FLOOR, mx_floor32)
-#define MX_CHUNK 8192
 typedef void (*mx_floor_fn)(const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
                             const qparams *, uint32_t, float, float, float *, float *, uint32_t *,
                             loop32_fn);
