@@ -17,7 +17,6 @@ own (memory-bound); ``ATEN_CPU_CAPABILITY=avx2`` lowers torch's kernels as well.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 
@@ -26,22 +25,19 @@ import torch
 from _common import write_result
 from mixprec import quantize
 from mixprec.cli.bench_command import DEFAULT_FORMATS, best_of, markdown_table, quantize_table
-from mixprec.quantization import kernel_isa
+from mixprec.quantization import kernel_isa, quantize_backend
 
 
 def _with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with MIXPREC_BACKEND=backend (restored afterwards)."""
+    """fn run with the quantize backend ``backend`` (restored afterwards)."""
 
     def run() -> object:
-        previous = os.environ.get("MIXPREC_BACKEND")
-        os.environ["MIXPREC_BACKEND"] = backend
+        previous = quantize_backend()
+        quantize_backend(backend)
         try:
             return fn()
         finally:
-            if previous is None:
-                os.environ.pop("MIXPREC_BACKEND")
-            else:
-                os.environ["MIXPREC_BACKEND"] = previous
+            quantize_backend(previous)
 
     return run
 

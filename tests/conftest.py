@@ -1,9 +1,10 @@
 """Shared fixtures for the mixprec test suite.
 
 * ``backend``: runs a test once through the compiled C kernel and once through the pure-torch
-  reference kernel. The switch is the ``MIXPREC_BACKEND`` environment variable, which
-  ``mixprec.quantize.has_c_kernel()`` reads at call time; ``monkeypatch.setenv`` undoes it after
-  each test, so nothing leaks between tests.
+  reference kernel. The switch is ``mixprec.quantization.quantize_backend``; the fixture
+  restores the previous backend after each test, so nothing leaks between tests.
+* ``set_backend``: ``quantize_backend`` for a test that switches backends itself, restored after
+  it.
 * ``same_bits``: bit-for-bit comparison of float tensors (NaN == NaN whatever its payload).
 * session-scoped input sets (all fp16 / bf16 bit patterns, specials, fp32 subnormals, 2^22
   random fp32 bit patterns), built once because they are large.
@@ -39,18 +40,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def set_backend() -> Iterator[Callable[[str], str]]:
+    """``mixprec.quantization.quantize_backend``; the backend in use before the test comes back
+    after it, also on failure."""
+    before = mq.quantize_backend()
+    yield mq.quantize_backend
+    mq.quantize_backend(before)
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def backend(request: pytest.FixtureRequest, set_backend: Callable[[str], str]) -> str:
     """Select the quantize backend for one test: ``"c"`` (default dispatch) or ``"torch"``.
 
     Where the C kernel failed to build (no compiler at install) the default dispatch is the torch
     path too; then the ``"c"`` parameter re-runs the torch path rather than being skipped.
     """
     if request.param == "torch":
-        monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+        set_backend("torch")
         assert not mq.has_c_kernel()
     else:
-        monkeypatch.delenv("MIXPREC_BACKEND", raising=False)
+        set_backend("auto")
         assert mq.has_c_kernel() == (mq._kernels is not None)
     return request.param
 

@@ -8,11 +8,19 @@ of operands avoids), and whole training steps against fixed reference losses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from mixprec import autocast, get_format, mx_quantize
-from mixprec.precision.emulated import element_rounder, spec_rounder, ste, ste_in_handler
+from mixprec import autocast, get_format, mx_quantize, quantize
+from mixprec.precision.emulated import (
+    element_rounder,
+    round_result,
+    spec_rounder,
+    ste,
+    ste_in_handler,
+)
 from mixprec.precision.fp8 import (
     CurrentScaling,
     _amax,
@@ -89,7 +97,7 @@ def test_mx_block_views_are_the_general_path_bit_for_bit(
 @pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
 @pytest.mark.parametrize("element", ELEMENTS)
 def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
-    element: str, monkeypatch: pytest.MonkeyPatch
+    element: str, monkeypatch: pytest.MonkeyPatch, set_backend: Callable[[str], str]
 ) -> None:
     """The C kernel's fused MX blocks (mx_round_to's default on the CPU) at every SIMD level
     and the torch view path (MIXPREC_BACKEND=torch, a rounding observer, torch.compile) give
@@ -122,11 +130,11 @@ def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
                 n = len(calls)
                 assert torch.equal(bits(mx_round_to(x, f, 32, axis)), bits(want)), level
                 assert len(calls) == n + 1  # the kernel served
-            monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+            set_backend("torch")
             n = len(calls)
             assert torch.equal(bits(mx_round_to(x, f, 32, axis)), bits(want))
             assert len(calls) == n  # the torch view path served
-            monkeypatch.delenv("MIXPREC_BACKEND")
+            set_backend("auto")
     finally:
         kernel_isa(best)
 
@@ -261,6 +269,30 @@ def test_in_handler_rounding_equals_the_straight_through_function() -> None:
     assert torch.equal(ys[0], ys[1])
     assert torch.equal(grads[0], grads[1])
     assert not torch.equal(grads[0], up)  # the gradient was rounded (to fp16)
+
+
+def test_results_viewing_a_temporary_round_in_place_and_views_of_inputs_do_not() -> None:
+    """F.linear's result for a 3-d input (with a bias) views its 2-d addmm result, which nothing else holds:
+    it is rounded in place (no copy), with the values and gradient of the copying path. A
+    result viewing an input's storage is rounded out of place: the input keeps its values."""
+    bf16, fp16 = get_format("bf16"), element_rounder(get_format("fp16"))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6)
+    up = torch.randn(2, 5, 6) * 1e3
+    y = torch.nn.functional.linear(x, w, b)
+    assert y._base is not None  # the case at hand
+    temp = y._base
+    r = round_result(y, bf16, fp16, [x, w])
+    assert r is y and r._base is temp  # rounded where it lies
+    ref = ste(torch.nn.functional.linear(x, w, b), element_rounder(bf16), fp16)
+    assert torch.equal(r, ref)
+    assert torch.equal(torch.autograd.grad(r, x, up)[0], torch.autograd.grad(ref, x, up)[0])
+    base = torch.randn(4, 8)
+    before = base.clone()
+    view = base[:, :4]
+    out = round_result(view, bf16, None, [base])
+    assert torch.equal(base, before)  # the input untouched
+    assert torch.equal(out, quantize(before[:, :4], "bf16"))
 
 
 # One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|

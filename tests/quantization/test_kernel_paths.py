@@ -10,6 +10,7 @@ the general algorithm (fast_lo = 0), the baseline version or the torch kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_e8m0_params_same_grid_for_every_mode() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rounding", [m for m in MODES if m != "stochastic"])
 def test_e8m0_c_and_torch_kernels_agree(
-    rounding: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    rounding: str, dtype: torch.dtype, set_backend: Callable[[str], str]
 ) -> None:
     """Both kernels give the same bits for e8m0 around 2^-127 (its bottom binade and below)."""
     g = torch.Generator().manual_seed(11)
@@ -82,9 +83,9 @@ def test_e8m0_c_and_torch_kernels_agree(
     x = torch.cat([x, -x[:64], torch.tensor([0.0, -0.0, 1.5 * 2.0**-127, 1.25 * 2.0**-127])])
     x = x.to(dtype)
     itype = torch.int32 if dtype == torch.float32 else torch.int64
-    monkeypatch.delenv("MIXPREC_BACKEND", raising=False)
+    set_backend("auto")
     c = quantize(x, "float8_e8m0fnu", rounding=rounding)
-    monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+    set_backend("torch")
     t = quantize(x, "float8_e8m0fnu", rounding=rounding)
     assert torch.equal(c.view(itype), t.view(itype))
 
@@ -110,16 +111,16 @@ def _e8m0_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rounding", [m for m in MODES if m != "stochastic"])
 def test_e8m0_fast_path_matches_torch_kernel_everywhere(
-    rounding: str, dtype: torch.dtype, saturate: bool, monkeypatch: pytest.MonkeyPatch
+    rounding: str, dtype: torch.dtype, saturate: bool, set_backend: Callable[[str], str]
 ) -> None:
     """The C kernel's e8m0 path (closed form on the bits, no fallback) over the whole range:
     specials, negatives, overflow, float32 subnormals; out of place and in place."""
     x = _e8m0_bit_patterns(dtype)
     itype = torch.int32 if dtype == torch.float32 else torch.int64
-    monkeypatch.delenv("MIXPREC_BACKEND", raising=False)
+    set_backend("auto")
     c = quantize(x, "float8_e8m0fnu", rounding=rounding, saturate=saturate)
     inplace = quantize_(x.clone(), "float8_e8m0fnu", rounding=rounding, saturate=saturate)
-    monkeypatch.setenv("MIXPREC_BACKEND", "torch")
+    set_backend("torch")
     t = quantize(x, "float8_e8m0fnu", rounding=rounding, saturate=saturate)
     assert torch.equal(c.view(itype), t.view(itype))
     assert torch.equal(inplace.view(itype), t.view(itype))

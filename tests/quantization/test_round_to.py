@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
 
 import mixprec.quantization as q
-from mixprec.formats import get_format
-from mixprec.quantization import quantize, register_rounding_observer, round_to
+from mixprec.formats import FORMATS, get_format
+from mixprec.quantization import elementwise, quantize, register_rounding_observer, round_to
+from mixprec.quantization.elementwise import round_data_
 
 MODES = ["nearest", "stochastic", "toward_zero", "up", "down", "odd"]
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
@@ -55,3 +61,101 @@ def test_observers_are_notified() -> None:
 
 def test_exported() -> None:
     assert "round_to" in q.__all__
+
+
+def _specials(n: int, seed: int) -> torch.Tensor:
+    """Random float32 bit patterns (NaN payloads, subnormals, both zeros, infinities) plus
+    values over every binade, in one contiguous tensor."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g, dtype=torch.int64)
+    pats = bits.to(torch.int32).view(torch.float32)
+    spread = torch.randn(n, generator=g) * torch.exp2(torch.randint(-150, 128, (n,), generator=g))
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45])
+    return torch.cat([pats, spread, edges])
+
+
+def _c_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the C kernel's element-rounding calls."""
+    calls: list[int] = []
+    kernel = q.elementwise._kernels.quantize
+    monkeypatch.setattr(
+        q.elementwise._kernels, "quantize", lambda *a: calls.append(1) or kernel(*a)
+    )
+    return calls
+
+
+@pytest.mark.skipif(not q.has_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_one_call_lane_is_the_general_path_bit_for_bit(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """round_to's eager lane (float32, nearest, one C call) and round_data_ give the general
+    path's bits (``_round``: checks, work buffers, ``_run_c``) for every format, saturating or
+    not, specials included; one kernel call each, no version bump for round_data_."""
+    f = get_format(fmt)
+    x = _specials(3000, 11)
+    calls = _c_calls(monkeypatch)
+    for saturate in (False, True):
+        want = elementwise._round(x, f, "nearest", saturate, True, None, None)
+        n = len(calls)
+        got = round_to(x, f, saturate=saturate)
+        assert len(calls) == n + 1 and got is not x
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        w = x.clone().requires_grad_()
+        version = w._version
+        round_data_(w, f, saturate=saturate)
+        assert w._version == version  # a straight-through write: autograd does not see it
+        assert torch.equal(w.detach().view(torch.int32), want.view(torch.int32))
+
+
+def test_one_call_lane_steps_aside(
+    monkeypatch: pytest.MonkeyPatch, set_backend: Callable[[str], str]
+) -> None:
+    """Observed roundings, the torch backend, non-contiguous tensors and other dtypes take the
+    general path, with the same values."""
+    f = get_format("e4m3")
+    x = torch.randn(64, 33)
+    want = quantize(x, f)
+    seen: list[str] = []
+    with register_rounding_observer(lambda s, r, fmt: seen.append(fmt.name)):
+        assert torch.equal(round_to(x, f), want)
+        y = x.clone()
+        round_data_(y, f)
+        assert torch.equal(y, want)
+    assert seen == ["float8_e4m3fn", "float8_e4m3fn"]
+    cols = x[:, :32]  # not contiguous: a temporary
+    z = x.clone()
+    round_data_(z[:, :32], f)
+    assert torch.equal(z[:, :32], want[:, :32]) and torch.equal(z[:, 32], x[:, 32])
+    assert torch.equal(round_to(cols, f), want[:, :32])
+    assert torch.equal(round_to(x.double(), f), want.double())
+    set_backend("torch")
+    calls = _c_calls(monkeypatch) if elementwise._kernels is not None else []
+    assert torch.equal(round_to(x, f), want)
+    assert calls == []
+
+
+def test_quantize_backend_switches_and_refuses_bad_names(set_backend: Callable[[str], str]) -> None:
+    assert q.quantize_backend() in q.QUANTIZE_BACKENDS
+    assert set_backend("torch") == "torch" and not q.has_c_kernel()
+    assert set_backend("auto") == "auto"
+    assert q.has_c_kernel() == (elementwise._kernels is not None)
+    with pytest.raises(ValueError, match=r"unknown quantize backend 'c'; valid: 'auto', 'torch'"):
+        q.quantize_backend("c")
+    with pytest.raises(TypeError, match="backend must be a string or None, got int"):
+        q.quantize_backend(1)  # type: ignore[arg-type]
+    assert q.quantize_backend() == "auto"  # a refused name changes nothing
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"), [("torch", "torch"), ("bogus", "auto"), (None, "auto")]
+)
+def test_environment_variable_sets_the_backend_at_import(env: str | None, expected: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "MIXPREC_BACKEND"}
+    if env is not None:
+        environ["MIXPREC_BACKEND"] = env
+    code = "import mixprec.quantization as q; print(q.quantize_backend())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == expected

@@ -1,4 +1,4 @@
-"""MIXPREC_BACKEND=torch-compiled: the torch.compile'd generic torch kernel.
+"""quantize_backend("torch-compiled"): the torch.compile'd generic torch kernel.
 
 One compiled function serves every format, rounding mode and size (format and mode are tensor
 inputs, shapes are dynamic); it must give the eager torch kernel's bits (random bits included)
@@ -7,6 +7,8 @@ xdist worker): these tests are marked slow.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -52,9 +54,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_ITYPE[t.dtype])
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, backend: str, x: torch.Tensor, fmt: str,
+def _run(set_backend: Callable[[str], str], backend: str, x: torch.Tensor, fmt: str,
          rounding: str, options: dict[str, bool]) -> torch.Tensor:  # fmt: skip
-    monkeypatch.setenv("MIXPREC_BACKEND", backend)
+    set_backend(backend)
     gen = torch.Generator().manual_seed(9) if rounding == "stochastic" else None
     return quantize(x, fmt, rounding=rounding, generator=gen, **options)
 
@@ -63,24 +65,24 @@ def _run(monkeypatch: pytest.MonkeyPatch, backend: str, x: torch.Tensor, fmt: st
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rounding", ROUNDING_MODES)
 def test_compiled_kernel_bits_match_eager_and_c(
-    rounding: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    rounding: str, dtype: torch.dtype, set_backend: Callable[[str], str]
 ) -> None:
     x = _inputs(dtype)
     for fmt in FORMATS:
         for options in OPTIONS:
-            got = _run(monkeypatch, "torch-compiled", x, fmt, rounding, options)
-            eager = _run(monkeypatch, "torch", x, fmt, rounding, options)
+            got = _run(set_backend, "torch-compiled", x, fmt, rounding, options)
+            eager = _run(set_backend, "torch", x, fmt, rounding, options)
             assert torch.equal(_bits(got), _bits(eager)), (fmt, options)
             if rounding != "stochastic" and C_BUILT:  # the C kernel's stream differs
-                c = _run(monkeypatch, "auto", x, fmt, rounding, options)
+                c = _run(set_backend, "auto", x, fmt, rounding, options)
                 assert torch.equal(_bits(got), _bits(c)), (fmt, options)
 
 
 @pytest.mark.slow
-def test_no_recompile_across_formats_modes_and_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_recompile_across_formats_modes_and_sizes(set_backend: Callable[[str], str]) -> None:
     """After one call per dtype and per kind (deterministic / stochastic), every format, mode,
     option and size reuses those graphs."""
-    monkeypatch.setenv("MIXPREC_BACKEND", "torch-compiled")
+    set_backend("torch-compiled")
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     for dtype in (torch.float32, torch.float64):
         for rounding in ("nearest", "stochastic"):
@@ -96,7 +98,9 @@ def test_no_recompile_across_formats_modes_and_sizes(monkeypatch: pytest.MonkeyP
     assert not torch_kernel.compiled_kernel.failed
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_failure_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, set_backend: Callable[[str], str]
+) -> None:
     """A compiler failure warns once; the eager kernel's bits come out, then and after."""
 
     def broken(*args: object) -> torch.Tensor:
@@ -107,11 +111,11 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(torch_kernel, "compiled_kernel", kernel)
     x = _inputs(torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile of the quantize kernel failed"):
-        first = _run(monkeypatch, "torch-compiled", x, "e4m3", "stochastic", {})
-    second = _run(monkeypatch, "torch-compiled", x, "e2m1", "up", {})
+        first = _run(set_backend, "torch-compiled", x, "e4m3", "stochastic", {})
+    second = _run(set_backend, "torch-compiled", x, "e2m1", "up", {})
     assert kernel.failed
-    assert torch.equal(_bits(first), _bits(_run(monkeypatch, "torch", x, "e4m3", "stochastic", {})))
-    assert torch.equal(_bits(second), _bits(_run(monkeypatch, "torch", x, "e2m1", "up", {})))
+    assert torch.equal(_bits(first), _bits(_run(set_backend, "torch", x, "e4m3", "stochastic", {})))
+    assert torch.equal(_bits(second), _bits(_run(set_backend, "torch", x, "e2m1", "up", {})))
 
 
 @pytest.mark.slow

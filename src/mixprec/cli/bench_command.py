@@ -8,7 +8,6 @@ torch's own cast pair x.to(dtype).float() ÷ clone and ml_dtypes' astype pair ÷
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -81,7 +80,7 @@ def _format_row(
     import numpy as np
     import torch
 
-    from mixprec.quantization import quantize, quantize_
+    from mixprec.quantization import quantize, quantize_, quantize_backend
 
     sat = f.name == "float8_e4m3fn"  # torch's e4m3fn cast saturates
     t_oop = best_of(lambda: quantize(x, f, saturate=sat), repeat)
@@ -97,15 +96,12 @@ def _format_row(
         if mt is not None:
             with np.errstate(all="ignore"):
                 t_ml = best_of(lambda: xn.astype(mt).astype(np.float32), 2)
-        previous = os.environ.get("MIXPREC_BACKEND")
-        os.environ["MIXPREC_BACKEND"] = "torch"
+        previous = quantize_backend()
+        quantize_backend("torch")
         try:
             t_torch = best_of(lambda: quantize(x, f, saturate=sat), 2)
         finally:
-            if previous is None:
-                os.environ.pop("MIXPREC_BACKEND")
-            else:
-                os.environ["MIXPREC_BACKEND"] = previous
+            quantize_backend(previous)
     return [
         f.name, _ratio(t_oop, t_clone), _ratio(t_inp, t_copy), _ratio(t_sr, t_clone),
         _ratio(t_native, t_clone), _ratio(t_ml, t_clone), _ratio(t_torch, t_clone),

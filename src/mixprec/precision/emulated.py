@@ -45,7 +45,7 @@ from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
 from mixprec.quantization.autograd_rounding import Rounder, straight_through
 from mixprec.quantization.blocks import mx_round_to
-from mixprec.quantization.elementwise import round_to
+from mixprec.quantization.elementwise import round_data_, round_to
 from mixprec.trees import iter_tensors, map_args, map_outputs
 
 TAG = "_mixprec_fmt"
@@ -162,7 +162,7 @@ def ste_in_handler(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) ->
         return t
     if isinstance(fwd, ElementRounder):
         out = t.clone()
-        round_storage(out, fwd.fmt, saturate=fwd.saturate)
+        round_data_(out, fwd.fmt, saturate=fwd.saturate)
     else:
         q = fwd(t.detach())  # a fresh tensor
         if q.dtype != t.dtype or q.shape != t.shape:
@@ -185,24 +185,34 @@ def round_result(
     In place through ``y.data`` (autograd does not version-count it): no allocation, and an
     output the op saved for its backward (attention, tanh, ...) then holds the rounded values,
     as a low-precision kernel's saved output would. The gradient rounding is a tensor hook (no
-    extra graph node, no view). Results that alias an input are rounded out of place instead.
+    extra graph node, no view). Results that alias an input are rounded out of place instead
+    (:func:`_fresh`).
     """
     if not y.is_floating_point():
         return y
     if is_compiling():
         return _round_result_traced(y, fmt, bwd)
-    fresh = y._base is None and not any(y is t for t in inputs)
-    if not fresh:
+    if not _fresh(y, inputs):
         r = element_rounder(fmt) if fmt is not None else None
         out = ste_in_handler(y, r, bwd) if r is not None else y.view_as(y)
         if bwd is not None and r is None and out.requires_grad:
             out.register_hook(bwd)
         return out
     if fmt is not None:
-        round_storage(y, fmt)
+        round_data_(y, fmt)
     if bwd is not None and y.requires_grad:
         y.register_hook(bwd)
     return y
+
+
+def _fresh(y: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Is ``y``'s memory the op's own? Not when ``y`` is an input or a view into an input's
+    storage; yes for a view of a temporary the op made (``F.linear``'s result for a 3-d input
+    views its 2-d ``addmm`` result), which nothing else can reach."""
+    if y._base is None:
+        return not any(y is t for t in inputs)
+    ptr = y.untyped_storage().data_ptr()
+    return ptr != 0 and all(t.untyped_storage().data_ptr() != ptr for t in inputs)
 
 
 def _round_result_traced(
@@ -241,16 +251,6 @@ def round_output(t: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
 
 # Roundings below use the unchecked round_to: formats are resolved once per policy, and every
 # op pays for the rounding call (round_to documents the preconditions).
-
-
-def round_storage(t: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) -> None:
-    """Round ``t``'s values in place through ``t.data``, which autograd does not version-count
-    (a straight-through rounding). One pass; a temporary only for a non-contiguous ``t``."""
-    d = t.data
-    if d.is_contiguous():
-        round_to(d, fmt, saturate=saturate, out=d)
-    else:
-        d.copy_(round_to(d, fmt, saturate=saturate))
 
 
 class ElementRounder:
@@ -634,6 +634,6 @@ class EmulatedExecutor:
         if tag is not None and self_t is not None:
             spec = resolve_format(tag)
             if not spec.is_mx:  # an in-place op keeps its tensor's format
-                round_storage(self_t, spec.element)
+                round_data_(self_t, spec.element)
             set_tag(self_t, tag)
         return out

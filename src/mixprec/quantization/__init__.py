@@ -19,6 +19,7 @@ from mixprec.quantization.blocks import (
 )
 from mixprec.quantization.elementwise import (
     KERNEL_ISAS,
+    QUANTIZE_BACKENDS,
     code_dtype,
     decode,
     encode,
@@ -27,6 +28,7 @@ from mixprec.quantization.elementwise import (
     kernel_isa,
     quantize,
     quantize_,
+    quantize_backend,
     round_to,
 )
 from mixprec.quantization.observers import (
@@ -39,6 +41,7 @@ from mixprec.quantization.params import (
 __all__ = [
     "KERNEL_ISAS",
     "MX_FORMATS",
+    "QUANTIZE_BACKENDS",
     "ROUNDING_MODES",
     "MXFormat",
     "code_dtype",
@@ -55,6 +58,7 @@ __all__ = [
     "mx_scale_exponents",
     "quantize",
     "quantize_",
+    "quantize_backend",
     "register_rounding_observer",
     "round_to",
     "straight_through",

@@ -8,10 +8,11 @@ scale format.
 Fast paths: on CPU a C kernel (``mixprec.quantization._kernels``, built at install time from
 the Python headers only) does one read and one write per element and splits large tensors over
 ``torch.get_num_threads()`` threads. Elsewhere (CUDA, or no C compiler at install) a torch
-integer-op kernel with identical results runs instead (``MIXPREC_BACKEND=torch`` forces it,
-``MIXPREC_BACKEND=torch-compiled`` its torch.compile'd variant). float16/bfloat16 inputs are
-widened to float32 (exact), rounded, and narrowed back (a second rounding only where the target
-format is not a subset of the input dtype).
+integer-op kernel with identical results runs instead (``quantize_backend("torch")``, or
+``MIXPREC_BACKEND=torch`` at import, forces it; ``"torch-compiled"`` selects its
+torch.compile'd variant). float16/bfloat16 inputs are widened to float32 (exact), rounded, and
+narrowed back (a second rounding only where the target format is not a subset of the input
+dtype).
 """
 
 from __future__ import annotations
@@ -44,16 +45,40 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
 _is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
-# MIXPREC_BACKEND: "torch" forces the eager torch kernel (tests, debugging), "torch-compiled"
-# its torch.compile'd variant (opt in: the first call compiles for seconds); anything else (the
-# default "auto") uses the C kernel on CPU where it was built, the eager torch kernel elsewhere
-_BACKEND_ENV = "MIXPREC_BACKEND"
-_TORCH_BACKENDS = ("torch", "torch-compiled")
+QUANTIZE_BACKENDS = ("auto", "torch", "torch-compiled")
+# the backend in use, read on every rounding (a global costs nothing, an os.environ lookup
+# ~0.6 us); unknown values of the variable have always meant the default
+_BACKEND = os.environ.get("MIXPREC_BACKEND", "auto")
+if _BACKEND not in QUANTIZE_BACKENDS:
+    _BACKEND = "auto"
+
+
+def quantize_backend(name: str | None = None) -> str:
+    """The kernel the roundings run; with ``name``, selects it for the whole process.
+
+    ``"auto"`` (the default): the C kernel on the CPU where it was built, the torch kernel
+    elsewhere. ``"torch"``: the eager torch kernel everywhere (tests, debugging; the same bits).
+    ``"torch-compiled"``: its torch.compile'd variant (opt in: the first call compiles for
+    seconds). The ``MIXPREC_BACKEND`` environment variable sets the backend when mixprec is
+    imported (an unknown value means ``"auto"``); later changes go through this function.
+    Returns the backend in use. Raises ``TypeError`` for a non-string, ``ValueError`` for an
+    unknown name.
+    """
+    global _BACKEND
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
+        if name not in QUANTIZE_BACKENDS:
+            valid = ", ".join(map(repr, QUANTIZE_BACKENDS))
+            raise ValueError(f"unknown quantize backend {name!r}; valid: {valid}")
+        _BACKEND = name
+    return _BACKEND
 
 
 def has_c_kernel() -> bool:
-    """True when the compiled CPU kernel is available (and not disabled by MIXPREC_BACKEND)."""
-    return _kernels is not None and os.environ.get(_BACKEND_ENV, "auto") not in _TORCH_BACKENDS
+    """True when the compiled CPU kernel is available and the backend is ``"auto"``
+    (:func:`quantize_backend`)."""
+    return _kernels is not None and _BACKEND == "auto"
 
 
 KERNEL_ISAS = ("portable", "avx2", "avx512")
@@ -83,8 +108,8 @@ def kernel_isa(isa: str | None = None) -> str | None:
 def _torch_rounding() -> Callable[
     [torch.Tensor, KernelParams, str, torch.Generator | None], torch.Tensor
 ]:
-    """The torch kernel MIXPREC_BACKEND selects: eager, or compiled with torch-compiled."""
-    if os.environ.get(_BACKEND_ENV) == "torch-compiled":
+    """The torch kernel the backend selects: eager, or compiled with ``"torch-compiled"``."""
+    if _BACKEND == "torch-compiled":
         return torch_kernel.quantize_bits_compiled
     return torch_kernel.quantize_bits
 
@@ -278,17 +303,42 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
     run_parallel([partial(run, start, stop) for start, stop in bounds])
 
 
-def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(``x`` contiguous, an empty output like it) where a fused C kernel serves ``x``; None
-    where it does not: no C kernel or MIXPREC_BACKEND=torch, not on the CPU, under
-    torch.compile, with a rounding observer (it must see the element rounding), or a large
-    tensor with several threads (torch's ops use them)."""
+def _one_c_call(x: torch.Tensor) -> bool:
+    """Does one single-threaded C call serve ``x``? Not with no C kernel or
+    a torch backend, off the CPU, under torch.compile, with a rounding observer (it must
+    see every element rounding), or for a large tensor with several threads (those take the
+    threaded paths)."""
     if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
-        return None
-    if x.numel() >= 2 * _PARALLEL_MIN and torch.get_num_threads() > 1:
+        return False
+    return x.numel() < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1
+
+
+def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(``x`` contiguous, an empty output like it) where a fused C kernel serves ``x``
+    (:func:`_one_c_call`); None where it does not."""
+    if not _one_c_call(x):
         return None
     xc = x.contiguous()
     return xc, torch.empty_like(xc)
+
+
+@lru_cache(maxsize=1024)
+def _nearest_args(fmt: FloatFormat, saturate: bool) -> tuple[int, ...]:
+    """The C kernel's arguments after the element count for float32 round-to-nearest into
+    ``fmt``: what :func:`_run_c` passes (seed and offset 0)."""
+    p = kernel_params(fmt, 32, saturate, True, "nearest")
+    return (
+        ROUNDING_CODES["nearest"], p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits,
+        p.minnorm_bits, p.zero_bits, p.flags, 0, 0, p.fast_lo,
+    )  # fmt: skip
+
+
+def _nearest_lane(x: torch.Tensor) -> bool:
+    """The eager per-op lane of :func:`round_to` and :func:`round_data_`: a dense, non-empty
+    float32 ``x`` that one C call serves rounds in that call, skipping the general path's
+    ~3 us of Python (a third to a half of a rounding's cost at the sizes of an emulated
+    op)."""
+    return x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0 and _one_c_call(x)
 
 
 def _element_args(fmt: FloatFormat) -> tuple[int, ...]:
@@ -475,6 +525,17 @@ def round_to(
     which per-op roundings (the emulated precision regions, fp8 recipes, blocked accumulation)
     pay on every op for arguments that never change. Cost otherwise as :func:`quantize`.
     """
+    if (
+        out is None
+        and rounding == "nearest"
+        and subnormals
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and _nearest_lane(x)
+    ):
+        res = torch.empty_like(x)
+        args = _nearest_args(fmt, bool(saturate))
+        _kernels.quantize(32, x.data_ptr(), res.data_ptr(), x.numel(), *args)
+        return res  # (no observer to notify: the lane runs only when none is registered)
     if _is_compiling():  # eager calls skip the op: its dispatcher costs ~12 us a call
         res = _round_compiled(x, fmt, rounding, saturate, subnormals, generator, out)
     elif out is not None:
@@ -489,6 +550,25 @@ def round_to(
         res = _round(x, fmt, rounding, saturate, subnormals, generator, None)
     notify_rounding(x, res, fmt)  # e.g. the sanitizer: the C kernel is invisible to it
     return res
+
+
+def round_data_(x: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) -> None:
+    """Round ``x``'s values to ``fmt`` (nearest) in place, unseen by autograd: what
+    ``round_to(x.data, fmt, saturate=saturate, out=x.data)`` does, a straight-through rounding
+    of ``x``'s storage (its version counter is not bumped). Unchecked as :func:`round_to`.
+
+    The emulated regions round every fresh op result this way. Cost: one pass over ``x`` (one
+    C call on the CPU, :func:`_nearest_lane`); a temporary for a non-contiguous ``x``.
+    """
+    if _nearest_lane(x):
+        ptr = x.data_ptr()
+        _kernels.quantize(32, ptr, ptr, x.numel(), *_nearest_args(fmt, bool(saturate)))
+        return
+    d = x.data
+    if d.is_contiguous():
+        round_to(d, fmt, saturate=saturate, out=d)
+    else:
+        d.copy_(round_to(d, fmt, saturate=saturate))
 
 
 def quantize_(
