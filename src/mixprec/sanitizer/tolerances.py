@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -37,6 +38,7 @@ class FmtInfo:
     fmt: FloatFormat | None = None  # set for emulated formats (dtype_hint): local-input rounding
 
 
+@lru_cache(maxsize=64)  # every sanitize() entry asks again; FmtInfo is immutable
 def make_fmt_info(fmt: FloatFormat, threshold_bits: float | None) -> FmtInfo:
     p = fmt.mantissa_bits
     thr = p / 2 if threshold_bits is None else float(threshold_bits)
