@@ -272,9 +272,10 @@ def test_in_handler_rounding_equals_the_straight_through_function() -> None:
 
 
 def test_results_viewing_a_temporary_round_in_place_and_views_of_inputs_do_not() -> None:
-    """F.linear's result for a 3-d input (with a bias) views its 2-d addmm result, which nothing else holds:
-    it is rounded in place (no copy), with the values and gradient of the copying path. A
-    result viewing an input's storage is rounded out of place: the input keeps its values."""
+    """F.linear's result for a 3-d input (with a bias) views its 2-d addmm result, which
+    nothing else holds: it is rounded in place (no copy), with the values and gradient of the
+    copying path. A result viewing an input's storage is rounded out of place: the input keeps
+    its values."""
     bf16, fp16 = get_format("bf16"), element_rounder(get_format("fp16"))
     x = torch.randn(2, 5, 8, requires_grad=True)
     w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6)
@@ -293,6 +294,27 @@ def test_results_viewing_a_temporary_round_in_place_and_views_of_inputs_do_not()
     out = round_result(view, bf16, None, [base])
     assert torch.equal(base, before)  # the input untouched
     assert torch.equal(out, quantize(before[:, :4], "bf16"))
+
+
+def test_a_returned_copy_rounds_its_gradient_before_user_hooks() -> None:
+    """A rounded copy handed to user code (a result viewing an input) rounds its gradient in
+    a tensor hook, so the user's hooks and retain_grad see the rounded gradient; operand copies
+    (node pre-hooks) round it as well."""
+    x = torch.randn(4, 8, requires_grad=True)
+    out = round_result(x[:, :4], get_format("bf16"), element_rounder(get_format("fp16")), [x])
+    out.retain_grad()
+    seen: list[torch.Tensor] = []
+    out.register_hook(seen.append)
+    up = torch.randn(4, 4) * 1e3 + 1e-4  # not fp16 values
+    out.backward(up)
+    want = quantize(up, "fp16")
+    assert not torch.equal(want, up)
+    assert torch.equal(out.grad, want) and torch.equal(seen[0], want)
+    assert torch.equal(x.grad[:, :4], want)
+    w = torch.randn(4, 4, requires_grad=True)
+    op = ste_in_handler(w, element_rounder(get_format("bf16")), element_rounder(get_format("fp16")))
+    op.backward(up)
+    assert torch.equal(w.grad, want)
 
 
 # One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|
