@@ -187,3 +187,26 @@ def test_monotone_dense(backend, mode):
         q = quantize(xs, name, rounding=mode)
         q = q[~torch.isnan(q)]
         assert bool((q[1:] >= q[:-1]).all()), name
+
+
+@pytest.mark.parametrize("mode", DETERMINISTIC)
+@pytest.mark.parametrize("saturate", [False, True])
+def test_formats_wider_than_the_container_stop_at_a_format_value(
+    backend: str, mode: str, saturate: bool
+) -> None:
+    """e9m2's range passes float32's: the largest e9m2 value float32 holds is 1.75 * 2^127,
+    not float32's max (which needs 23 mantissa bits). Saturation and directed overflow stop
+    there, as decode(encode(x)) does; formats with float32's precision or more (e11m40) stop at
+    float32's max."""
+    top = 1.75 * 2.0**127
+    x = torch.tensor([float("inf"), 3.4e38, 3.3e38, 3.1e38, 2.9e38, 2.5e38])
+    x = torch.cat([x, -x])
+    q = quantize(x, "e9m2", rounding=mode, saturate=saturate)
+    assert _same(q, decode(encode(x, "e9m2", rounding=mode, saturate=saturate), "e9m2"))
+    finite = q[torch.isfinite(q)]
+    assert bool((finite.abs() <= top).all()) and bool((finite.abs() == top).any())
+    if saturate:
+        assert torch.equal(q[[0, 6]], torch.tensor([top, -top]))
+    fmax = torch.finfo(torch.float32).max
+    wide = quantize(x, "e11m40", rounding=mode, saturate=True)
+    assert float(wide[0]) == fmax and float(wide[6]) == -fmax

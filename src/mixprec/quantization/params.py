@@ -89,13 +89,25 @@ class KernelParams:
     fast_lo: int  # float32 fast path: bits of the target's min normal, 0 when not applicable
 
 
+def _largest_held(fmt: FloatFormat, c: Container) -> Fraction:
+    """The largest value of ``fmt`` that container ``c`` holds: the format's max, or, for a
+    format whose range passes the container's (e9m2, float64 in float32), the top of the
+    container's last binade on the format's grid, (2 - 2^-min(m, c.m)) * 2^c.emax. Not the
+    container's max itself, which a format with fewer mantissa bits cannot represent."""
+    held = _value_of(c, c.max_bits)
+    if fmt.max_exact <= held:
+        return fmt.max_exact
+    m = min(fmt.mantissa_bits, c.mantissa_bits)
+    return (2 - Fraction(1, 1 << m)) * Fraction(2) ** c.bias
+
+
 @lru_cache(maxsize=1024)
 def kernel_params(
     fmt: FloatFormat, width: int, saturate: bool, subnormals: bool, rounding: str = "nearest"
 ) -> KernelParams:
     c = FLOAT32 if width == 32 else FLOAT64
     two = Fraction(2)
-    max_bits = c.bits_of(fmt.max_exact)
+    max_bits = c.bits_of(_largest_held(fmt, c))
     emin = fmt.emin  # the same grid for every rounding mode (``rounding`` is part of the key only)
     if fmt.encoding == "e8m0":
         # e8m0 rounds on its own grid, the powers of two 2^-127 .. 2^127, in every mode: linear
