@@ -167,14 +167,14 @@ def ste_in_handler(
         return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
-    if isinstance(fwd, ElementRounder):
-        out = t.clone()
+    if isinstance(fwd, ElementRounder) and not t.is_contiguous():
+        out = t.clone()  # keeps t's strides (GEMMs sum in a layout-dependent order)
         round_data_(out, fwd.fmt, saturate=fwd.saturate)
     else:
         q = fwd(t.detach())  # a fresh tensor
         if q.dtype != t.dtype or q.shape != t.shape:
             return ste(t, fwd, bwd)  # (defensive) not a rounding of t's values: the Function
-        out = t.clone()
+        out = t.view_as(t)
         out.data = q
     if bwd is not None:
         if visible:
