@@ -8,6 +8,7 @@ of operands avoids), and whole training steps against fixed reference losses.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -316,6 +317,29 @@ def test_a_returned_copy_rounds_its_gradient_before_user_hooks() -> None:
     op = ste_in_handler(w, element_rounder(get_format("bf16")), element_rounder(get_format("fp16")))
     op.backward(up)
     assert torch.equal(w.grad, want)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+@pytest.mark.parametrize("fmt", [None, "bf16", "e4m3", "mxfp8_e4m3"])
+def test_in_place_change_after_the_op_errs_exactly_where_fp32_does(
+    fmt: str | None, weight_grad: bool
+) -> None:
+    """An emulated operand is a view of the operand (its version counter shared): changing the
+    operand in place after the op saved it fails in backward as in fp32, and where fp32's op
+    did not save it (no weight gradient needs it) it does not fail either."""
+    x0 = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(8, 32, requires_grad=weight_grad)
+    region = autocast(fmt, emulate=True) if fmt else contextlib.nullcontext()
+    with region:
+        x = x0 * 1.0  # a non-leaf: in-place changes allowed
+        y = torch.nn.functional.linear(x, w)
+    x.mul_(2.0)
+    if weight_grad:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    else:
+        y.sum().backward()
+        assert x0.grad is not None
 
 
 # One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|

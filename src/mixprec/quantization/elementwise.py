@@ -322,33 +322,30 @@ def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return xc, torch.empty_like(xc)
 
 
-@lru_cache(maxsize=1024)
-def _nearest_args(fmt: FloatFormat, saturate: bool) -> tuple[int, ...]:
-    """The C kernel's arguments after the element count for float32 round-to-nearest into
-    ``fmt``: what :func:`_run_c` passes (seed and offset 0)."""
-    p = kernel_params(fmt, 32, saturate, True, "nearest")
-    return (
-        ROUNDING_CODES["nearest"], p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits,
-        p.minnorm_bits, p.zero_bits, p.flags, 0, 0, p.fast_lo,
-    )  # fmt: skip
-
-
 def _nearest_lane(x: torch.Tensor) -> bool:
-    """The eager per-op lane of :func:`round_to` and :func:`round_data_`: a dense, non-empty
-    float32 ``x`` that one C call serves rounds in that call, skipping the general path's
-    ~3 us of Python (a third to a half of a rounding's cost at the sizes of an emulated
-    op)."""
+    """Does the eager lane of :func:`round_to` and :func:`round_data_` take ``x``: dense,
+    non-empty, float32, and served by one C call (:func:`_one_c_call`)? The lane makes that
+    call directly, skipping the general path's ~3 us of Python (a third to a half of a
+    rounding's cost at the sizes of an emulated op)."""
     return x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0 and _one_c_call(x)
 
 
-def _element_args(fmt: FloatFormat) -> tuple[int, ...]:
-    """The kernels' parameters of ``fmt`` for float32, nearest and saturating (an fp8 or MX
-    operand's rounding), in the order the fused kernels take them."""
-    p = kernel_params(fmt, 32, True, True, "nearest")
+def _element_args(fmt: FloatFormat, saturate: bool = True) -> tuple[int, ...]:
+    """The kernels' parameters of ``fmt`` for float32 and nearest (saturating by default: an
+    fp8 or MX operand's rounding), in the order the fused kernels take them."""
+    p = kernel_params(fmt, 32, saturate, True, "nearest")
     return (
         p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
         p.fast_lo,
     )  # fmt: skip
+
+
+@lru_cache(maxsize=1024)
+def _nearest_args(fmt: FloatFormat, saturate: bool) -> tuple[int, ...]:
+    """The C kernel's arguments after the element count for float32 round-to-nearest into
+    ``fmt``: what :func:`_run_c` passes (seed and offset 0)."""
+    *head, fast_lo = _element_args(fmt, saturate)
+    return (ROUNDING_CODES["nearest"], *head, 0, 0, fast_lo)
 
 
 def fused_mx_floor(
