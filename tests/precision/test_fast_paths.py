@@ -342,6 +342,19 @@ def test_in_place_change_after_the_op_errs_exactly_where_fp32_does(
         assert x0.grad is not None
 
 
+def test_a_returned_rounding_changed_in_place_leaves_its_input_alone() -> None:
+    """A rounded result handed to user code that aliased an input is a copy, not a view: the
+    user changing it in place changes neither the input nor the input's gradient."""
+    x0 = torch.randn(4, 8, requires_grad=True)
+    x = x0 * 1.0
+    before = x.detach().clone()
+    out = round_result(x, get_format("bf16"), None, [x])  # the op returned its input
+    out.mul_(2.0)
+    assert torch.equal(x, before)
+    ((x * 3).sum() + out.sum()).backward()
+    assert torch.equal(x0.grad, torch.full_like(x0, 5.0))
+
+
 # One nanoGPT training step (corpus example batch repeated 4x): the loss and the sum of |grad|
 # over the parameters, recorded (float.hex, 1 thread) before the fast paths existed, on a CPU
 # whose torch capability is AVX512. Other CPUs' float32 kernels sum GEMMs in another order

@@ -151,30 +151,35 @@ def ste_in_handler(
 ) -> torch.Tensor:
     """:func:`ste` for the executor's own calls (the mode is off while it handles an op).
 
-    A rounding of a tensor that needs a gradient becomes an autograd-visible copy holding the
+    A rounding of a tensor that needs a gradient becomes an autograd-visible tensor holding the
     rounded values, its gradient rounded on the way back: the same values forward and backward
     as the straight-through Function, without its Python ``apply`` and ``backward`` (~10 us and
-    ~15 us per use against ~4 us for the copy of a 32k-element operand and 2-3 us for the
-    hook). An element rounding rounds the copy in place; any other rounder (fp8 recipes, MX
-    blocks) computes its result, which becomes the copy's data.
+    ~15 us per use).
 
-    The gradient rounding is a pre-hook of the copy's ``CloneBackward`` node (~1.5 us to
-    register), for copies only the op being handled sees (operands, parameters). A copy the
-    caller returns to user code (``visible``) gets a tensor hook (~3 us) instead, which runs
-    before the user's own tensor hooks and ``retain_grad``, so those see the rounded gradient.
+    For an operand only the op being handled sees, that tensor is ``t.view_as(t)`` whose data
+    is the rounding's fresh result: one rounding pass, no copy, and an identity view for
+    autograd, its gradient rounded by a pre-hook of the view's node (~1.5 us to register). The
+    view shares ``t``'s version counter, so changing ``t`` in place after the op saved it fails
+    in backward exactly where fp32 fails. A non-contiguous ``t`` is cloned (keeping its strides:
+    GEMMs sum in a layout-dependent order) and the clone rounded in place.
+
+    A tensor the caller returns to user code (``visible``) is always a clone: user code may
+    change it in place, which must not reach ``t`` through a view. Its gradient rounding is a
+    tensor hook (~3 us), which runs before the user's own hooks and ``retain_grad``, so those
+    see the rounded gradient.
     """
     if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or is_compiling():
         return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
-    if isinstance(fwd, ElementRounder) and not t.is_contiguous():
-        out = t.clone()  # keeps t's strides (GEMMs sum in a layout-dependent order)
+    if isinstance(fwd, ElementRounder) and (visible or not t.is_contiguous()):
+        out = t.clone()
         round_data_(out, fwd.fmt, saturate=fwd.saturate)
     else:
         q = fwd(t.detach())  # a fresh tensor
         if q.dtype != t.dtype or q.shape != t.shape:
             return ste(t, fwd, bwd)  # (defensive) not a rounding of t's values: the Function
-        out = t.view_as(t)
+        out = t.clone() if visible else t.view_as(t)
         out.data = q
     if bwd is not None:
         if visible:
@@ -278,7 +283,7 @@ def round_output(t: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
 
 class ElementRounder:
     """Rounder into element format ``fmt`` (non-float tensors pass); a callable whose format
-    :func:`ste_in_handler` reads to round a copy in place."""
+    :func:`ste_in_handler` reads to round a clone in place."""
 
     __slots__ = ("fmt", "saturate")
 
