@@ -24,7 +24,14 @@ from mixprec.amp import (
     scale_loss,
 )
 from mixprec.formats import FORMATS, FloatFormat, get_format
-from mixprec.precision import OpLists, Policy, apply_policy, autocast, current_policy
+from mixprec.precision import (
+    OpLists,
+    Policy,
+    apply_policy,
+    autocast,
+    checkpoint_context,
+    current_policy,
+)
 from mixprec.quantization import (
     ROUNDING_MODES,
     decode,
@@ -53,6 +60,7 @@ __all__ = [
     "__version__",
     "apply_policy",
     "autocast",
+    "checkpoint_context",
     "current_policy",
     "decode",
     "encode",

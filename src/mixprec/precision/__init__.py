@@ -37,6 +37,7 @@ from mixprec.precision.region import (
     PolicyHandle,
     apply_policy,
     autocast,
+    checkpoint_context,
     current_policy,
     is_emulating,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "PolicyHandle",
     "apply_policy",
     "autocast",
+    "checkpoint_context",
     "coerce_recipe",
     "cpu_has_fast_bf16",
     "current_policy",

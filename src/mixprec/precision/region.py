@@ -20,6 +20,7 @@ Nothing is monkeypatched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -65,6 +66,7 @@ class _Local(threading.local):
     def __init__(self) -> None:
         self.entries: list[Executor] = []  # innermost last
         self.mode: list[_PolicyMode] = []  # the one pushed mode while any region is active
+        self.regions: list[Autocast] = []  # the regions entered in eager code, innermost last
 
 
 _LOCAL = _Local()
@@ -183,6 +185,42 @@ def _pop(executor: Executor) -> None:
         local.entries.pop()
     if not local.entries and local.mode:
         local.mode.pop().__exit__(None, None, None)
+
+
+def checkpoint_context() -> tuple[
+    contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]
+]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
+    context_fn=mixprec.checkpoint_context)``: the recomputation in backward runs in the regions
+    active when the forward ran, so activation checkpointing keeps emulation bit-exact.
+
+    Without it the recomputation runs outside any region, in plain fp32, and the gradients
+    differ from the same step without checkpointing. Called by torch at the forward, it
+    captures the regions (outermost first) and returns ``(nullcontext(), re-entry)``; each
+    region is entered again as a fresh entry (see :class:`Autocast`). HF transformers:
+    ``model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant":
+    False, "context_fn": mixprec.checkpoint_context})``. Exact for every stateless setting;
+    fp8 delayed scaling advances its amax history during the recomputation too, so its
+    recomputed values can differ.
+    """
+    return contextlib.nullcontext(), _entered(tuple(_LOCAL.regions))
+
+
+def _forget(region: Autocast) -> None:
+    """Drop ``region``'s innermost entry from the eager region stack."""
+    regions = _LOCAL.regions
+    for i in range(len(regions) - 1, -1, -1):
+        if regions[i] is region:
+            del regions[i]
+            return
+
+
+@contextlib.contextmanager
+def _entered(regions: tuple[Autocast, ...]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for region in regions:
+            stack.enter_context(region)
+        yield
 
 
 def current_policy() -> Policy | None:
@@ -308,10 +346,14 @@ class Autocast:
         ex.enter()
         _push(ex)
         self._active.append(ex)
+        if not torch.compiler.is_compiling():  # (for checkpoint_context, an eager seam)
+            _LOCAL.regions.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         ex = self._active.pop()
+        if not torch.compiler.is_compiling():
+            _forget(self)
         try:
             _pop(ex)
         finally:

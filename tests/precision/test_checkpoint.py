@@ -1,0 +1,133 @@
+"""Activation checkpointing inside emulated regions: ``mixprec.checkpoint_context``.
+
+torch.utils.checkpoint recomputes the forward during backward, outside the region that ran it;
+with ``context_fn=mixprec.checkpoint_context`` the recomputation re-enters the regions, and a
+checkpointed step gives the same bits as the plain one (HF GPT-2 from the corpus, with HF's own
+activation checkpointing; a hand-written block).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+import mixprec
+from mixprec.precision.region import _LOCAL
+from mixprec.testing import corpus
+
+FORMATS = ["bf16", "fp16", "e4m3", "mxfp8_e4m3"]
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _block_step(fmt: str, ckpt: bool, context_fn: object | None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x = torch.randn(4, 5, 32, requires_grad=True)
+    kwargs = {} if context_fn is None else {"context_fn": context_fn}
+    with mixprec.autocast(fmt, emulate=True):
+        y = checkpoint(net, x, use_reentrant=False, **kwargs) if ckpt else net(x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad, *_grads(net)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_checkpointed_block_is_bit_exact_with_the_context(fmt: str) -> None:
+    plain = _block_step(fmt, False, None)
+    with_context = _block_step(fmt, True, mixprec.checkpoint_context)
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_context, strict=True))
+    assert _LOCAL.regions == []  # every re-entry left again
+
+
+def test_without_the_context_the_recomputation_runs_in_fp32() -> None:
+    """Why the context exists: torch recomputes outside the region, and gradients differ."""
+    plain = _block_step("bf16", False, None)
+    bare = _block_step("bf16", True, None)
+    assert torch.equal(plain[0], bare[0])  # the forward itself ran in the region
+    assert not all(torch.equal(a, b) for a, b in zip(plain[1:], bare[1:], strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "e4m3"])
+def test_hf_gradient_checkpointing_is_bit_exact_with_the_context(fmt: str) -> None:
+    entry = corpus.get("gpt2")
+    model, args, kwargs = entry.example(0)
+    model.train()
+    for m in model.modules():  # dropout draws differ between forward and recomputation
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    checkpointed, bare = copy.deepcopy(model), copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={
+            "use_reentrant": False,
+            "context_fn": mixprec.checkpoint_context,
+        }
+    )
+    bare.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for m in (model, checkpointed, bare):
+        with mixprec.autocast(fmt, emulate=True):
+            loss = entry.loss(m, args, kwargs)
+        loss.backward()
+        results.append([loss.detach(), *_grads(m)])
+    assert len(results[0]) == len(results[1]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+    # the layers really were recomputed: without the context, in fp32
+    assert not all(torch.equal(a, b) for a, b in zip(results[0], results[2], strict=True))
+
+
+def test_nested_regions_are_re_entered_outermost_first() -> None:
+    seen: list[object] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(mixprec.current_policy())
+        return torch.sin(x)  # saves x: recomputed in backward
+
+    outer, inner = mixprec.autocast("bf16", emulate=True), mixprec.autocast("fp16", emulate=True)
+    x = torch.randn(3, requires_grad=True)
+    with outer, inner:
+        y = checkpoint(fn, x, use_reentrant=False, context_fn=mixprec.checkpoint_context)
+    y.sum().backward()
+    assert [p.compute for p in seen] == [inner.policy.compute] * 2  # forward, recomputation
+    assert _LOCAL.regions == []
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, context_fn: object) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU())
+        self.b = torch.nn.Linear(64, 16)
+        self.context_fn = context_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context_fn is None:  # not checkpointed
+            return self.b(self.a(x))
+        h = checkpoint(self.a, x, use_reentrant=False, context_fn=self.context_fn)
+        return self.b(h)
+
+
+def test_initialize_o2_step_is_bit_exact_with_the_context() -> None:
+    """The regions initialize enters (O2, emulated bf16) are re-entered as well: the weights
+    after one step equal the unchecked step's; torch's default context_fn does not."""
+    torch.manual_seed(0)
+    template = _Checkpointed(None)
+    x = torch.randn(4, 5, 32)
+    weights = []
+    for context_fn in (None, mixprec.checkpoint_context, noop_context_fn):
+        model = copy.deepcopy(template)
+        model.context_fn = context_fn
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = mixprec.initialize(
+            model, opt, opt_level="O2", compute="bfloat16", emulate=True
+        )
+        loss = model(x).square().mean()
+        with mixprec.scale_loss(loss, opt) as scaled:
+            scaled.backward()
+        opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2], strict=True))
