@@ -326,8 +326,15 @@ def _nearest_lane(x: torch.Tensor) -> bool:
     """Does the eager lane of :func:`round_to` and :func:`round_data_` take ``x``: dense,
     non-empty, float32, and served by one C call (:func:`_one_c_call`)? The lane makes that
     call directly, skipping the general path's ~3 us of Python (a third to a half of a
-    rounding's cost at the sizes of an emulated op)."""
-    return x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0 and _one_c_call(x)
+    rounding's cost at the sizes of an emulated op). Compiling is asked first: dynamo then
+    adds no guard on ``x``'s layout."""
+    return (
+        not _is_compiling()
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and x.numel() > 0
+        and _one_c_call(x)
+    )
 
 
 def _element_args(fmt: FloatFormat, saturate: bool = True) -> tuple[int, ...]:
