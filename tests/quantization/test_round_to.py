@@ -159,3 +159,38 @@ def test_environment_variable_sets_the_backend_at_import(env: str | None, expect
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.skipif(not q.has_c_kernel(), reason="C kernel not built")
+def test_round_data_runs_over_a_permuted_layout_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A permutation of a contiguous layout (a transpose, heads split by view + transpose), also
+    inside a larger storage, is rounded in place in one kernel call over its span, with the
+    general path's bits; a strided view with gaps takes the general path. Neither touches
+    memory outside the view."""
+    f = get_format("e4m3")
+    shape = (4, 2, 3, 5, 7)
+    big = _specials(420, 13)[: 4 * 2 * 3 * 5 * 7].view(shape)
+    flat_index = torch.arange(big.numel()).view(shape)
+    calls = _c_calls(monkeypatch)
+    views = [
+        big[1].permute(2, 0, 3, 1),
+        big.transpose(1, 3),
+        big.view(-1)[30:54].as_strided((1, 4, 6), (999, 1, 4)),  # a size-1 dim's stride is moot
+        big[2, :, 1].transpose(0, 2),
+    ]
+    assert [elementwise._gap_free(v) for v in views] == [True, True, True, False]
+    for v in views:
+        want = elementwise._round(v, f, "nearest", False, True, None, None)
+        before = big.clone()
+        n = len(calls)
+        round_data_(v, f)
+        if elementwise._gap_free(v):
+            assert len(calls) == n + 1  # one call over the span
+        assert torch.equal(v.view(torch.int32), want.view(torch.int32))
+        inside = torch.zeros(big.numel(), dtype=torch.bool)
+        inside[flat_index.as_strided(v.shape, v.stride(), v.storage_offset()).reshape(-1)] = True
+        changed = (big.view(torch.int32) != before.view(torch.int32)).reshape(-1)
+        assert bool(changed.any()) and not bool((changed & ~inside).any())
+        big.copy_(before)

@@ -323,18 +323,37 @@ def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _nearest_lane(x: torch.Tensor) -> bool:
-    """Does the eager lane of :func:`round_to` and :func:`round_data_` take ``x``: dense,
-    non-empty, float32, and served by one C call (:func:`_one_c_call`)? The lane makes that
-    call directly, skipping the general path's ~3 us of Python (a third to a half of a
-    rounding's cost at the sizes of an emulated op). Compiling is asked first: dynamo then
-    adds no guard on ``x``'s layout."""
+    """Does the eager lane of :func:`round_to` take ``x``: dense, non-empty, float32, and
+    served by one C call (:func:`_one_c_call`)? The lane makes that call directly, skipping the
+    general path's ~3 us of Python (a third to a half of a rounding's cost at the sizes of an
+    emulated op)."""
+    return _lane_serves(x, x.is_contiguous())
+
+
+def _lane_serves(x: torch.Tensor, gap_free: bool) -> bool:
+    # compiling is asked first: dynamo then adds no guard on x's layout
     return (
         not _is_compiling()
         and x.dtype == torch.float32
-        and x.is_contiguous()
+        and gap_free
         and x.numel() > 0
         and _one_c_call(x)
     )
+
+
+def _gap_free(x: torch.Tensor) -> bool:
+    """Do ``x``'s elements fill the span of ``numel`` elements from ``x.data_ptr()`` (contiguous,
+    or a permutation of a contiguous layout: a transpose, attention heads split by a view and a
+    transpose)? Then an in-place elementwise pass can run over the span as one flat buffer."""
+    if x.is_contiguous():
+        return True
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape, strict=True) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _element_args(fmt: FloatFormat, saturate: bool = True) -> tuple[int, ...]:
@@ -562,9 +581,10 @@ def round_data_(x: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) ->
     of ``x``'s storage (its version counter is not bumped). Unchecked as :func:`round_to`.
 
     The emulated regions round every fresh op result this way. Cost: one pass over ``x`` (one
-    C call on the CPU, :func:`_nearest_lane`); a temporary for a non-contiguous ``x``.
+    C call on the CPU where ``x`` is contiguous or a permutation of a contiguous layout); a
+    temporary for other strided tensors.
     """
-    if _nearest_lane(x):
+    if _lane_serves(x, _gap_free(x)):
         ptr = x.data_ptr()
         _kernels.quantize(32, ptr, ptr, x.numel(), *_nearest_args(fmt, bool(saturate)))
         return
