@@ -304,11 +304,11 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
 
 
 def _one_c_call(x: torch.Tensor) -> bool:
-    """Does one single-threaded C call serve ``x``? Not with no C kernel or
-    a torch backend, off the CPU, under torch.compile, with a rounding observer (it must
-    see every element rounding), or for a large tensor with several threads (those take the
-    threaded paths)."""
-    if not (x.is_cpu and has_c_kernel()) or _is_compiling() or has_rounding_observers():
+    """Does one single-threaded C call serve ``x``? Not under torch.compile, with no C kernel
+    or a torch backend, off the CPU, with a rounding observer (it must see every element
+    rounding), or for a large tensor with several threads (those take the threaded paths).
+    Compiling is asked first: dynamo then adds no guard on ``x``."""
+    if _is_compiling() or not (x.is_cpu and has_c_kernel()) or has_rounding_observers():
         return False
     return x.numel() < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1
 
@@ -322,23 +322,16 @@ def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return xc, torch.empty_like(xc)
 
 
-def _nearest_lane(x: torch.Tensor) -> bool:
-    """Does the eager lane of :func:`round_to` take ``x``: dense, non-empty, float32, and
-    served by one C call (:func:`_one_c_call`)? The lane makes that call directly, skipping the
-    general path's ~3 us of Python (a third to a half of a rounding's cost at the sizes of an
-    emulated op)."""
-    return _lane_serves(x, x.is_contiguous())
-
-
-def _lane_serves(x: torch.Tensor, gap_free: bool) -> bool:
-    # compiling is asked first: dynamo then adds no guard on x's layout
-    return (
-        not _is_compiling()
-        and x.dtype == torch.float32
-        and gap_free
-        and x.numel() > 0
-        and _one_c_call(x)
-    )
+def _nearest_lane(
+    x: torch.Tensor, layout_ok: Callable[[torch.Tensor], bool] = torch.Tensor.is_contiguous
+) -> bool:
+    """Does the eager lane of :func:`round_to` and :func:`round_data_` take ``x``: served by one
+    C call (:func:`_one_c_call`), float32, non-empty, and in a layout the caller can run over
+    as one flat buffer (``layout_ok``: contiguous by default; :func:`round_data_` also takes
+    :func:`_gap_free` ones)? The lane makes that call directly (:func:`_nearest_c`), skipping
+    the general path's ~3 us of Python (a third to a half of a rounding's cost at the sizes of
+    an emulated op)."""
+    return _one_c_call(x) and x.dtype == torch.float32 and x.numel() > 0 and layout_ok(x)
 
 
 def _gap_free(x: torch.Tensor) -> bool:
@@ -372,6 +365,13 @@ def _nearest_args(fmt: FloatFormat, saturate: bool) -> tuple[int, ...]:
     ``fmt``: what :func:`_run_c` passes (seed and offset 0)."""
     *head, fast_lo = _element_args(fmt, saturate)
     return (ROUNDING_CODES["nearest"], *head, 0, 0, fast_lo)
+
+
+def _nearest_c(src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat, saturate: bool) -> None:
+    """One C call rounding ``src``'s span to nearest ``fmt`` into ``dst``'s (the lane's call;
+    both spans of ``src.numel()`` float32 elements, possibly the same)."""
+    args = _nearest_args(fmt, bool(saturate))
+    _kernels.quantize(32, src.data_ptr(), dst.data_ptr(), src.numel(), *args)
 
 
 def fused_mx_floor(
@@ -556,8 +556,7 @@ def round_to(
         and _nearest_lane(x)
     ):
         res = torch.empty_like(x)
-        args = _nearest_args(fmt, bool(saturate))
-        _kernels.quantize(32, x.data_ptr(), res.data_ptr(), x.numel(), *args)
+        _nearest_c(x, res, fmt, saturate)
         return res  # (no observer to notify: the lane runs only when none is registered)
     if _is_compiling():  # eager calls skip the op: its dispatcher costs ~12 us a call
         res = _round_compiled(x, fmt, rounding, saturate, subnormals, generator, out)
@@ -584,9 +583,8 @@ def round_data_(x: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) ->
     C call on the CPU where ``x`` is contiguous or a permutation of a contiguous layout); a
     temporary for other strided tensors.
     """
-    if _lane_serves(x, _gap_free(x)):
-        ptr = x.data_ptr()
-        _kernels.quantize(32, ptr, ptr, x.numel(), *_nearest_args(fmt, bool(saturate)))
+    if _nearest_lane(x, _gap_free):
+        _nearest_c(x, x, fmt, saturate)
         return
     d = x.data
     if d.is_contiguous():
