@@ -30,6 +30,18 @@ def test_tensors_in_order_as_pytree_finds_them() -> None:
     assert trees.leaves((T[0], None)) == [T[0], None]  # a result tuple keeps its holes
 
 
+def test_iter_tensors_finds_positional_and_keyword_tensors_in_order() -> None:
+    """The flat loop and the tree walk give pytree's tensors, in order, keywords last."""
+    for tree in TREES:
+        args = tree if isinstance(tree, tuple) else (tree,)
+        for kwargs in ({}, {"out": T[3], "dim": -1}, {"xs": [T[2], 1], "n": [1, 2]}):
+            expected = [
+                x for x in tree_leaves([*args, *kwargs.values()]) if isinstance(x, torch.Tensor)
+            ]
+            got = trees.iter_tensors(args, kwargs)
+            assert [id(t) for t in got] == [id(t) for t in expected], (tree, kwargs)
+
+
 def test_map_tensors_equals_pytree_map() -> None:
     def double(t: torch.Tensor) -> torch.Tensor:
         return t * 2

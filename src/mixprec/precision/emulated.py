@@ -391,24 +391,6 @@ def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
     return tagged, None if mixed else target
 
 
-def _arg_tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors among an op's arguments, in order: :func:`mixprec.trees.iter_tensors`, with
-    the flat case (tensors, numbers, shape lists: almost every op) walked here in one loop."""
-    found: list[torch.Tensor] = []
-    for a in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif isinstance(a, (list, tuple, dict)) and not _flat(a):
-            return iter_tensors(args, kwargs)
-    return found
-
-
-def _flat(a: list | tuple | dict) -> bool:
-    """A container of plain values (a shape, a dim list): no tensors or containers inside."""
-    items = a.values() if isinstance(a, dict) else a
-    return not any(isinstance(x, (torch.Tensor, list, tuple, dict)) for x in items)
-
-
 class EmulatedExecutor:
     """Executes ops of one autocast region by rounding fp32 values (see the module docstring).
 
@@ -565,7 +547,7 @@ class EmulatedExecutor:
                 out = ref + (out_acc - ref).detach() if ref.requires_grad else out_acc
         if out is None:
             out = func(*args, **kwargs)
-        ins = _arg_tensors(args, kwargs)
+        ins = iter_tensors(args, kwargs)
         return map_outputs(lambda y: self._result(y, (self.scope, idx, "grad"), ins), out)
 
     def _round_operands(self, name: str, idx: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -616,7 +598,7 @@ class EmulatedExecutor:
 
     # -- follow ops -------------------------------------------------------------------------
     def _follow(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
-        ins = _arg_tensors(args, kwargs)  # one walk of the arguments per op
+        ins = iter_tensors(args, kwargs)  # one walk of the arguments per op
         tagged, target = _common_tag(ins)
         if not tagged:
             return func(*args, **kwargs)
