@@ -189,25 +189,67 @@ class _SlowPath:
     def abs_outputs(self) -> list[Any] | None:
         """The op on |shadow inputs| (|alpha|, |beta|): for a multilinear op, the sum of the
         absolute values of its terms, element by element. None if the op refuses."""
-        call = self.call
+        return abs_terms(self.call.func, self.call.sargs, self.call.skwargs)
 
-        def ab(t: torch.Tensor) -> torch.Tensor:
-            return t.abs() if t.is_floating_point() else t
-
-        kw = map_tensor_kwargs(ab, call.skwargs)
-        # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
-        kw.update({k: abs(v) for k, v in call.skwargs.items() if k in ("alpha", "beta")})
-        try:
-            return leaves(call.func(*map_tensors(ab, call.sargs), **kw))
-        except Exception:
-            return None
+    @cached_property
+    def abs_outputs32(self) -> list[Any] | None:
+        """:attr:`abs_outputs` computed in float32 (:func:`abs_terms` with ``dtype``)."""
+        return abs_terms(self.call.func, self.call.sargs, self.call.skwargs, torch.float32)
 
     def terms(self, i: int, s: torch.Tensor) -> torch.Tensor | None:
         """Result ``i``'s sum of |terms| element by element (:attr:`abs_outputs`), or None when
         the op refuses or it does not have the shape of the shadow ``s``."""
-        outs = self.abs_outputs
-        t = outs[i] if outs is not None and i < len(outs) else None
-        return t if isinstance(t, torch.Tensor) and t.shape == s.shape else None
+        return _result_like(self.abs_outputs, i, s)
+
+    def terms_bound(self, i: int, s: torch.Tensor) -> torch.Tensor | None:
+        """A lower bound of :meth:`terms` at float32 speed (:func:`terms_lower_bound`), else
+        :meth:`terms` itself. Cost: the op in float32, one float32 reduction and a sync."""
+        t = terms_lower_bound(_result_like(self.abs_outputs32, i, s))
+        return self.terms(i, s) if t is None else t
+
+
+def abs_terms(
+    func: Callable[..., Any], args: Any, kwargs: dict[str, Any], dtype: torch.dtype | None = None
+) -> list[Any] | None:
+    """``func`` on |args| (|alpha|, |beta|), float64 tensors first cast to ``dtype`` if given:
+    for a multilinear op, the sum of the absolute values of its terms, element by element.
+    None if the op refuses. Why ``dtype=torch.float32``: a float64 convolution runs 4-8x
+    slower than a float32 one on CPUs (no oneDNN kernels); a bound needs no more."""
+
+    def ab(t: torch.Tensor) -> torch.Tensor:
+        t = t.abs() if t.is_floating_point() else t
+        return t.to(dtype) if dtype is not None and t.dtype == torch.float64 else t
+
+    kw = map_tensor_kwargs(ab, kwargs)
+    # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
+    kw.update({k: abs(v) for k, v in kwargs.items() if k in ("alpha", "beta")})
+    try:
+        return leaves(func(*map_tensors(ab, args), **kw))
+    except Exception:
+        return None
+
+
+#: A float32 sum of K non-negative terms errs by at most ~(K + 2) * 2^-24 relative to the exact
+#: sum of the float64 terms (inputs rounded to float32 included; far less in torch's pairwise
+#: sums and blocked GEMMs), ~2^-8 where float32 GEMMs run through bf16: below 1/2 for any
+#: K < 2^23. Halved, the float32 sums bound the exact ones from below, so the fast test that
+#: uses them stays sufficient: it can only send more results to the slow path, where the
+#: float64 sums decide. Underflow and flushed subnormals only make the bound smaller.
+_TERMS32_MARGIN = 0.5
+
+
+def terms_lower_bound(t32: torch.Tensor | None) -> torch.Tensor | None:
+    """Float32 sums of |terms| (:func:`abs_terms`) made a lower bound of the float64 sums
+    (times :data:`_TERMS32_MARGIN`); None where they are not all finite (a product or a sum
+    beyond float32's range: the float64 sums must decide)."""
+    if t32 is None or (t32.numel() and not math.isfinite(float(t32.amax()))):
+        return None
+    return t32 * _TERMS32_MARGIN
+
+
+def _result_like(outs: list[Any] | None, i: int, s: torch.Tensor) -> torch.Tensor | None:
+    t = outs[i] if outs is not None and i < len(outs) else None
+    return t if isinstance(t, torch.Tensor) and t.shape == s.shape else None
 
 
 @dataclass(frozen=True)
@@ -310,13 +352,14 @@ def _fine_against_terms(
     """The fast test of :meth:`Measurer._suspicious` for a sum of products, with each element's
     sum of |terms| in the denominator (as the slow path judges it): True when nothing can be
     flagged. A sum that cancels to ~0 (a layer norm's row mean, a bias gradient) then needs no
-    local re-run. Cost: the op once more on |shadow inputs|, four float64 passes."""
-    terms = extra.terms(i, s)
+    local re-run. Cost: the op once more on |shadow inputs|, in float32
+    (:meth:`_SlowPath.terms_bound`), and four float64 passes."""
+    terms = extra.terms_bound(i, s)
     if terms is None:
         return False
     a = s.abs()
     floor = max(float(a.amax()) * fi.floor, _TINY)
-    den = torch.maximum(a, terms.abs()).clamp_(min=floor)
+    den = torch.maximum(a, terms.abs().to(a.dtype)).clamp_(min=floor)
     return float(torch.sub(r, s).abs_().div_(den).amax()) <= fi.tol
 
 
