@@ -420,7 +420,8 @@ def _quantize_work(
     use_c = work.is_cpu and has_c_kernel() and (dst is None or dst.is_contiguous())
     if use_c:
         src = work.contiguous()
-        target = torch.empty_like(src) if dst is None else dst
+        # a strided ``work`` was just copied: round that fresh copy in place (no second buffer)
+        target = dst if dst is not None else src if src is not work else torch.empty_like(src)
         seed = _seed(generator) if rounding == "stochastic" else 0
         if src.numel():
             _run_c(src, target, p, ROUNDING_CODES[rounding], seed)
