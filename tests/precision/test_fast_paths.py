@@ -140,6 +140,65 @@ def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
         kernel_isa(best)
 
 
+def _layouts() -> list[tuple[torch.Tensor, bool]]:
+    """(x, is x a permutation of a contiguous layout) for the fused kernels' layout tests."""
+    heads = _special((2, 17, 4, 64), 7).transpose(1, 2)  # attention heads: view + transpose
+    return [
+        (_special((64, 96), 5).t(), True),  # a transposed weight
+        (heads, True),
+        (heads.transpose(-2, -1), True),  # k^T of a manual attention
+        (_special((1, 64, 1, 40), 8).permute(2, 3, 0, 1), True),  # size-1 dimensions
+        (_special((64, 96), 9)[:, ::2], False),  # strided: a copy first
+    ]
+
+
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+def test_fused_mx_kernel_keeps_a_permuted_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mx_round_to (the emulated operands' MX rounding) runs the fused kernel over a permuted
+    operand in memory order: the general path's bits along every axis, at every SIMD level, in
+    the operand's own layout (no transposing copy), the input untouched; a strided operand is
+    copied first. mx_quantize keeps returning contiguous tensors."""
+    calls: list[int] = []
+    kernel = elementwise._kernels.mx_floor
+    monkeypatch.setattr(
+        elementwise._kernels, "mx_floor", lambda *a: calls.append(1) or kernel(*a), raising=False
+    )
+    best = kernel_isa()
+    f = get_format("float8_e4m3fn")
+    mx = get_mx_format(f)
+    try:
+        for level in KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]:
+            kernel_isa(level)
+            for x, permuted in _layouts():
+                before = x.clone()
+                for axis in range(x.dim()):
+                    want = blocks._quantize_blocks(
+                        x, mx, 32, axis, "nearest", True, True, None, "floor"
+                    )
+                    n = len(calls)
+                    got = mx_round_to(x, f, 32, axis)
+                    assert len(calls) == n + 1  # the kernel served
+                    assert torch.equal(_bits(got), _bits(want)), (level, x.shape, axis)
+                    assert got.stride() == (x.stride() if permuted else want.stride())
+                    assert mx_quantize(x, f, axis=axis).is_contiguous()
+                assert torch.equal(_bits(x), _bits(before))
+    finally:
+        kernel_isa(best)
+
+
+def test_fused_scaled_rounding_keeps_a_permuted_layout() -> None:
+    """fp8 current scaling's fused rounding of a permuted float32 operand gives the torch
+    ops' bits in the torch ops' layout (the operand's own); a strided one is copied first."""
+    recipe = CurrentScaling("E4M3")
+    for fmt in (get_format("float8_e4m3fn"), get_format("float8_e5m2")):
+        for x, permuted in _layouts():
+            want = _apply_scale(x, _plain_scale(_amax(x), float(fmt.max)), fmt)
+            got = recipe.quantize(x, fmt, None)
+            assert torch.equal(_bits(got), _bits(want)), (fmt.name, x.shape)
+            if permuted:
+                assert got.stride() == want.stride() == x.stride()
+
+
 def test_fused_kernels_leave_observed_roundings_to_the_torch_path() -> None:
     """With a rounding observer registered (the sanitizer's), MX blocks and fp8 scaled
     roundings go through quantize, so the observer sees the element rounding; the values are

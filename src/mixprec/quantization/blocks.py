@@ -330,7 +330,9 @@ def _block_view(x: torch.Tensor, axis: int, block: int) -> tuple[torch.Tensor, i
     return x.view(shape), axis + 1
 
 
-def _round_in_views(x: torch.Tensor, mx: MXFormat, block: int, axis: int) -> torch.Tensor | None:
+def _round_in_views(
+    x: torch.Tensor, mx: MXFormat, block: int, axis: int, *, keep_layout: bool = False
+) -> torch.Tensor | None:
     """:func:`mx_quantize` with the defaults (nearest, saturating, subnormals, "floor") for a
     float32 ``x``, bit for bit, with the blocks as a *view* of the contiguous tensor
     ``(..., nblocks, block, ...)`` reduced along their own dimension: no axis moves (the
@@ -343,7 +345,8 @@ def _round_in_views(x: torch.Tensor, mx: MXFormat, block: int, axis: int) -> tor
     params = _view_params(mx)
     if params is None or x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
         return None
-    fused = fused_mx_floor(x, mx.element, block, axis, *params)  # the same, in one C call
+    # the same, in one C call (in x's layout with keep_layout: see fused_mx_floor)
+    fused = fused_mx_floor(x, mx.element, block, axis, *params, keep_layout=keep_layout)
     if fused is not None:
         return fused
     xb, dim = _block_view(x.contiguous(), axis, block)
@@ -387,11 +390,14 @@ def mx_round_to(
     without its argument checks, for callers that validated once (the emulated regions round
     every GEMM operand with it): the unchecked seam, as :func:`round_to` is for elements.
     ``x`` must have a dimension ``axis``; ``mx`` an MX format or element format. Autograd does
-    not see its float32 rounding (callers attach their own gradient)."""
+    not see its float32 rounding (callers attach their own gradient). Unlike ``mx_quantize``, the
+    result keeps ``x``'s layout where ``x`` is a permutation of a contiguous one and the fused
+    kernel serves it (a transposed operand: no transposing copy, and the GEMM then sums in the
+    order it does in float32)."""
     fmt = get_mx_format(mx)
     ax = axis % x.dim() if x.dim() else 0
     if scale_rounding == "floor":
-        out = _round_in_views(x, fmt, block_size, ax)
+        out = _round_in_views(x, fmt, block_size, ax, keep_layout=True)
         if out is not None:
             return out
     return _quantize_blocks(x, fmt, block_size, ax, "nearest", True, True, None, scale_rounding)

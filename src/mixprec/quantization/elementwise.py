@@ -313,15 +313,6 @@ def _one_c_call(x: torch.Tensor) -> bool:
     return x.numel() < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1
 
 
-def _fused_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(``x`` contiguous, an empty output like it) where a fused C kernel serves ``x``
-    (:func:`_one_c_call`); None where it does not."""
-    if not _one_c_call(x):
-        return None
-    xc = x.contiguous()
-    return xc, torch.empty_like(xc)
-
-
 def _nearest_lane(
     x: torch.Tensor, layout_ok: Callable[[torch.Tensor], bool] = torch.Tensor.is_contiguous
 ) -> bool:
@@ -375,37 +366,67 @@ def _nearest_c(src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat, saturate:
 
 
 def fused_mx_floor(
-    x: torch.Tensor, element: FloatFormat, block: int, axis: int, down: float, smallest: float
+    x: torch.Tensor,
+    element: FloatFormat,
+    block: int,
+    axis: int,
+    down: float,
+    smallest: float,
+    *,
+    keep_layout: bool = False,
 ) -> torch.Tensor | None:
     """The MX blocks of float32 ``x`` along ``axis`` (normalised) under the "floor" scale rule
     (``2^-emax_elem`` = ``down``, E8M0's smallest scale ``smallest``), nearest and saturating,
     in one C call: :mod:`~mixprec.quantization.blocks`' view path, the same bits. A fresh
-    contiguous tensor; None where the kernel does not serve (:func:`_fused_buffers`). Cost: one
-    read and one write of ``x``, the blocks in cache in between."""
-    buffers = _fused_buffers(x)
-    if buffers is None:
+    contiguous tensor; with ``keep_layout``, a fresh tensor in ``x``'s layout where ``x`` is a
+    permutation of a contiguous one (:func:`_memory_order`: a transposed GEMM operand is
+    blocked in memory order, with no transposing copy). None where the kernel does not serve
+    (:func:`_one_c_call`). Cost: one read and one write of ``x`` (plus a copy of a strided
+    ``x`` it cannot run over), the blocks in cache in between."""
+    if not _one_c_call(x):
         return None
-    xc, out = buffers
-    shape = xc.shape
+    order = _memory_order(x) if keep_layout else None
+    if order is None:
+        src = x.contiguous()
+        out = dst = torch.empty_like(src)
+    else:
+        out = torch.empty_like(x)  # x's strides: dense and non-overlapping
+        src, dst = x.permute(order), out.permute(order)
+        axis = order.index(axis)
+    shape = src.shape
     outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     _kernels.mx_floor(
-        xc.data_ptr(), out.data_ptr(), outer, shape[axis], inner, block, down, smallest,
+        src.data_ptr(), dst.data_ptr(), outer, shape[axis], inner, block, down, smallest,
         *_element_args(element),
     )  # fmt: skip
     return out
 
 
+def _memory_order(x: torch.Tensor) -> list[int] | None:
+    """The permutation of ``x``'s dimensions into memory order (``x.permute(order)`` and a
+    tensor allocated like ``x`` permuted alike are contiguous), or None where ``x`` is not a
+    permutation of a contiguous layout. Size-1 dimensions keep their place among equals."""
+    if not _gap_free(x):
+        return None
+    strides = x.stride()
+    order = sorted(range(x.dim()), key=lambda d: (-strides[d] if x.shape[d] != 1 else 0, d))
+    if not x.permute(order).is_contiguous():
+        return None
+    return order
+
+
 def fused_scaled_round(x: torch.Tensor, scale: float, fmt: FloatFormat) -> torch.Tensor | None:
     """``round(x * scale) / scale`` of float32 ``x`` in ``fmt`` (nearest, saturating: an fp8
     recipe's per-tensor scaled rounding) in one C call: the float32 product, ``round_to`` and the
-    float32 quotient, the same bits as those three torch ops. A fresh contiguous tensor; None
-    where the kernel does not serve (:func:`_fused_buffers`). Cost: one read and one write of
-    ``x``."""
-    buffers = _fused_buffers(x)
-    if buffers is None:
+    float32 quotient, the same bits as those three torch ops. A fresh tensor in ``x``'s layout
+    where that is a permutation of a contiguous one (as the torch ops give), else contiguous;
+    None where the kernel does not serve (:func:`_one_c_call`). Cost: one read and one write of
+    ``x`` (plus a copy of a strided ``x`` it cannot run over)."""
+    if not _one_c_call(x):
         return None
-    xc, out = buffers
-    _kernels.scaled_round(xc.data_ptr(), out.data_ptr(), xc.numel(), scale, *_element_args(fmt))
+    src = x if _gap_free(x) else x.contiguous()
+    out = torch.empty_like(src)  # src's strides: elementwise over the span in memory order
+    _kernels.scaled_round(src.data_ptr(), out.data_ptr(), src.numel(), scale, *_element_args(fmt))
     return out
 
 
