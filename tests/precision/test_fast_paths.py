@@ -321,15 +321,28 @@ def test_in_handler_recipe_and_mx_roundings_equal_the_straight_through_function(
 
 
 def test_in_handler_rounding_equals_the_straight_through_function() -> None:
+    """Values and gradients of the Function, for contiguous, permuted and strided operands; a
+    permuted operand's rounding keeps its layout (one pass, no copy), a strided one's is
+    contiguous (as a clone of it would be)."""
     r = element_rounder(get_format("bf16"))
     g16 = element_rounder(get_format("fp16"))
-    x = torch.randn(8, 33, requires_grad=True)
-    up = torch.randn(8, 33) * 1e3
-    ys = [f(x, r, g16) for f in (ste, ste_in_handler)]
-    grads = [torch.autograd.grad(y, x, up)[0] for y in ys]
-    assert torch.equal(ys[0], ys[1])
-    assert torch.equal(grads[0], grads[1])
-    assert not torch.equal(grads[0], up)  # the gradient was rounded (to fp16)
+    leaf = torch.randn(8, 66, requires_grad=True)
+    for x, layout in (
+        (leaf[:, :33] * 1.0, "contiguous"),
+        (leaf.t() * 1.0, "permuted"),  # a transposed non-leaf keeps the transpose's strides
+        (leaf[:, ::2], "strided"),
+    ):
+        before = x.detach().clone()
+        up = torch.randn(x.shape) * 1e3
+        ys = [f(x, r, g16) for f in (ste, ste_in_handler)]
+        grads = [torch.autograd.grad(y, leaf, up, retain_graph=True)[0] for y in ys]
+        assert torch.equal(ys[0], ys[1]) and not torch.equal(ys[1], x), layout
+        assert torch.equal(grads[0], grads[1]), layout
+        assert torch.equal(x, before)  # the operand untouched
+        want = x.stride() if layout != "strided" else ys[0].contiguous().stride()
+        assert ys[1].stride() == want, layout
+    assert not torch.equal(grads[0], torch.zeros_like(leaf))
+    assert not torch.equal(grads[0][:, ::2], up)  # the gradient was rounded (to fp16)
 
 
 def test_results_viewing_a_temporary_round_in_place_and_views_of_inputs_do_not() -> None:

@@ -272,6 +272,48 @@ def test_shapes_and_strides(backend, same_bits):
     same_bits(quantize(base, "e5m2"), ref, base, "alias")
 
 
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that matter: those of dimensions longer than one."""
+    return tuple(st for st, n in zip(t.stride(), t.shape, strict=True) if n != 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_permuted_input_keeps_its_layout(backend, same_bits, threads):
+    """A permutation of a contiguous layout (a transpose, attention heads split by a view and a
+    transpose) comes back in its own layout, as torch's casts give it, on both backends and
+    with the kernel's threads; stochastic rounding draws in logical order, so its bits do not
+    depend on the layout; other strided inputs come back contiguous."""
+    g = torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big = torch.randn(600, 700, generator=g) * 100  # past the kernel's threading threshold
+        heads = torch.randn(2, 17, 4, 64, generator=g).transpose(1, 2)
+        for x in (big.t(), heads, heads.transpose(-2, -1), big[:, None].permute(2, 1, 0)):
+            for mode in ("nearest", "toward_zero", "up", "odd"):
+                q = quantize(x, "float8_e5m2", rounding=mode)
+                assert _layout(q) == _layout(x), (backend, mode)
+                same_bits(q, quantize(x.contiguous(), "float8_e5m2", rounding=mode), x, mode)
+            want = x.to(torch.bfloat16)
+            q = quantize(x, "bf16")
+            assert _layout(q) == _layout(want) == _layout(x)
+            same_bits(q, want.float(), x, "bf16 cast")
+            s1 = quantize(
+                x, "e4m3", rounding="stochastic", generator=torch.Generator().manual_seed(1)
+            )
+            s2 = quantize(
+                x.contiguous(),
+                "e4m3",
+                rounding="stochastic",
+                generator=torch.Generator().manual_seed(1),
+            )
+            same_bits(s1, s2, x, "stochastic")
+        stepped = big[:, ::2]
+        assert quantize(stepped, "bf16").is_contiguous()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_out_and_inplace(backend, same_bits):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1000, generator=g, dtype=torch.float64) * 1000

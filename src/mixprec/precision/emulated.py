@@ -160,8 +160,9 @@ def ste_in_handler(
     is the rounding's fresh result: one rounding pass, no copy, and an identity view for
     autograd, its gradient rounded by a pre-hook of the view's node (~1.5 us to register). The
     view shares ``t``'s version counter, so changing ``t`` in place after the op saved it fails
-    in backward exactly where fp32 fails. A non-contiguous ``t`` is cloned (keeping its strides:
-    GEMMs sum in a layout-dependent order) and the clone rounded in place.
+    in backward exactly where fp32 fails. The rounded tensor has ``t``'s layout where ``t`` is a
+    permutation of a contiguous one (a transpose: GEMMs sum in a layout-dependent order), and
+    is contiguous where ``t`` is not dense (what a clone of ``t`` would be).
 
     A tensor the caller returns to user code (``visible``) is always a clone: user code may
     change it in place, which must not reach ``t`` through a view. Its gradient rounding is a
@@ -172,7 +173,7 @@ def ste_in_handler(
         return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
-    if isinstance(fwd, ElementRounder) and (visible or not t.is_contiguous()):
+    if isinstance(fwd, ElementRounder) and visible:
         out = t.clone()
         round_data_(out, fwd.fmt, saturate=fwd.saturate)
     else:

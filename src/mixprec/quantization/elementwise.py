@@ -440,7 +440,7 @@ def _quantize_work(
     """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
     use_c = work.is_cpu and has_c_kernel() and (dst is None or dst.is_contiguous())
     if use_c:
-        src = work.contiguous()
+        src = work if dst is None and _in_own_layout(work, rounding) else work.contiguous()
         # a strided ``work`` was just copied: round that fresh copy in place (no second buffer)
         target = dst if dst is not None else src if src is not work else torch.empty_like(src)
         seed = _seed(generator) if rounding == "stochastic" else 0
@@ -450,11 +450,23 @@ def _quantize_work(
             # the kernel wrote raw memory: tell autograd, as torch's in-place ops do
             torch.autograd.graph.increment_version(dst)
         return target
+    order = _memory_order(work) if dst is None and _in_own_layout(work, rounding) else None
+    if order is not None:  # over the contiguous permutation, returned in work's layout
+        res = _torch_rounding()(work.permute(order), p, rounding, generator)
+        return res.permute(sorted(range(len(order)), key=order.__getitem__))
     res = _torch_rounding()(work, p, rounding, generator)
     if dst is not None:
         dst.copy_(res)
         return dst
     return res
+
+
+def _in_own_layout(work: torch.Tensor, rounding: str) -> bool:
+    """Is ``work`` rounded over its memory span into a tensor of its own layout, as torch's
+    elementwise ops (and the torch backend) keep a permutation of a contiguous layout? Not for
+    stochastic rounding, whose draws follow the elements' logical order (the same bits as
+    before for a given seed, whatever the layout)."""
+    return rounding != "stochastic" and _gap_free(work)
 
 
 def _round_compiled(
@@ -523,8 +535,11 @@ def quantize(
             out= ops: ``out`` may be ``x`` itself but may not partially overlap it, and
             neither may require grad while grad mode is on (``RuntimeError``, torch's wording).
 
-    Returns a tensor of ``x``'s dtype and shape (``out`` if given). Cost: one read and one
-    write of ``x`` on the CPU fast path; float16/bfloat16 inputs add a widening copy.
+    Returns a tensor of ``x``'s dtype and shape (``out`` if given), in ``x``'s layout where that
+    is a permutation of a contiguous one (a transpose, as torch's elementwise ops keep it) and
+    the rounding is deterministic, else contiguous. Cost: one read and one write of ``x`` on
+    the CPU fast path (plus a copy of other strided inputs); float16/bfloat16 inputs add a
+    widening copy.
     Stochastic rounding draws one seed from ``generator`` (a device sync on CUDA).
 
     Autograd: rounding is piecewise constant, so, like ``torch.round``, ``quantize`` is
@@ -575,9 +590,9 @@ def round_to(
         and rounding == "nearest"
         and subnormals
         and not (x.requires_grad and torch.is_grad_enabled())
-        and _nearest_lane(x)
+        and _nearest_lane(x, _gap_free)
     ):
-        res = torch.empty_like(x)
+        res = torch.empty_like(x)  # x's strides (dense, non-overlapping): the same span order
         _nearest_c(x, res, fmt, saturate)
         return res  # (no observer to notify: the lane runs only when none is registered)
     if _is_compiling():  # eager calls skip the op: its dispatcher costs ~12 us a call
