@@ -450,7 +450,8 @@ def _quantize_work(
             # the kernel wrote raw memory: tell autograd, as torch's in-place ops do
             torch.autograd.graph.increment_version(dst)
         return target
-    order = _memory_order(work) if dst is None and _in_own_layout(work, rounding) else None
+    permuted = dst is None and not work.is_contiguous() and _in_own_layout(work, rounding)
+    order = _memory_order(work) if permuted else None
     if order is not None:  # over the contiguous permutation, returned in work's layout
         res = _torch_rounding()(work.permute(order), p, rounding, generator)
         return res.permute(sorted(range(len(order)), key=order.__getitem__))
