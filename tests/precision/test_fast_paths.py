@@ -391,19 +391,23 @@ def test_a_returned_copy_rounds_its_gradient_before_user_hooks() -> None:
     assert torch.equal(w.grad, want)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("weight_grad", [True, False])
 @pytest.mark.parametrize("fmt", [None, "bf16", "e4m3", "mxfp8_e4m3"])
 def test_in_place_change_after_the_op_errs_exactly_where_fp32_does(
-    fmt: str | None, weight_grad: bool
+    fmt: str | None, weight_grad: bool, transposed: bool
 ) -> None:
     """An emulated operand is a view of the operand (its version counter shared): changing the
     operand in place after the op saved it fails in backward as in fp32, and where fp32's op
-    did not save it (no weight gradient needs it) it does not fail either."""
-    x0 = torch.randn(4, 32, requires_grad=True)
+    did not save it (no weight gradient needs it) it does not fail either. A transposed
+    operand too (rounded in its own layout, no copy)."""
+    x0 = torch.randn(32, 4) if transposed else torch.randn(4, 32)
+    x0.requires_grad_(True)
     w = torch.randn(8, 32, requires_grad=weight_grad)
     region = autocast(fmt, emulate=True) if fmt else contextlib.nullcontext()
     with region:
         x = x0 * 1.0  # a non-leaf: in-place changes allowed
+        x = x.t() if transposed else x
         y = torch.nn.functional.linear(x, w)
     x.mul_(2.0)
     if weight_grad:
