@@ -405,9 +405,8 @@ def fused_mx_floor(
 def _memory_order(x: torch.Tensor) -> list[int] | None:
     """The permutation of ``x``'s dimensions into memory order (``x.permute(order)`` and a
     tensor allocated like ``x`` permuted alike are contiguous), or None where ``x`` is not a
-    permutation of a contiguous layout. Size-1 dimensions keep their place among equals."""
-    if not _gap_free(x):
-        return None
+    permutation of a contiguous layout (an overlapping or gapped ``x`` permutes to no
+    contiguous tensor). Size-1 dimensions go last, in their order."""
     strides = x.stride()
     order = sorted(range(x.dim()), key=lambda d: (-strides[d] if x.shape[d] != 1 else 0, d))
     if not x.permute(order).is_contiguous():

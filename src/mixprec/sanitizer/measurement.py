@@ -359,7 +359,7 @@ def _fine_against_terms(
         return False
     a = s.abs()
     floor = max(float(a.amax()) * fi.floor, _TINY)
-    den = torch.maximum(a, terms.abs().to(a.dtype)).clamp_(min=floor)
+    den = torch.maximum(a, terms.abs()).clamp_(min=floor)  # float32 bounds promote
     return float(torch.sub(r, s).abs_().div_(den).amax()) <= fi.tol
 
 
