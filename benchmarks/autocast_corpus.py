@@ -13,7 +13,8 @@ machine is shared, and a preempted step's CPU time does not grow; ``OMP_WAIT_POL
 set, so that waiting threads do not count).
 
 ``--compile``: instead, the same step of each model under ``torch.compile(fullgraph=True)``
-(fp32, emulated bf16, e4m3 and mxfp8_e4m3, the region entered outside the compiled function),
+(fp32, emulated bf16, e4m3 and mxfp8_e4m3 with the region entered inside the compiled function,
+and bf16 with the region entered around the compiled call),
 compiled emulated ÷ compiled fp32, one thread, dropout off (inductor draws dropout masks from
 its own generator, so losses are compared without it), written to
 benchmarks/results/autocast_compile.md; see docs/autocast.md, "torch.compile". Compiling takes
@@ -102,12 +103,17 @@ def _row(name: str, repeat: int, steps: int, threads: int) -> list[str]:
 
 
 class CompiledRunner(Runner):
-    """A Runner whose loss function is ``torch.compile(fullgraph=True)``d; the region (if
-    any) is entered outside the compiled function."""
+    """A Runner whose loss function is ``torch.compile(fullgraph=True)``d. The region (if any)
+    is entered inside the compiled function (``torch.compile(autocast(...)(loss))``, the
+    placement docs/autocast.md recommends), or with ``outside=True`` around the call."""
 
-    def __init__(self, name: str, repeat: int, ctx: Ctx) -> None:
+    def __init__(self, name: str, repeat: int, ctx: Ctx, *, outside: bool = False) -> None:
         super().__init__(name, repeat, ctx)
-        self.loss_fn = torch.compile(self.entry.loss, fullgraph=True)
+        if outside or ctx is contextlib.nullcontext:
+            self.loss_fn = torch.compile(self.entry.loss, fullgraph=True)
+        else:
+            self.loss_fn = torch.compile(ctx()(self.entry.loss), fullgraph=True)
+            self.ctx = contextlib.nullcontext
 
     def step(self) -> float:
         with self.ctx():
@@ -139,6 +145,7 @@ def _compile_row(name: str, repeat: int, steps: int) -> list[str]:
     for m in COMPILED_MODES:
         runs[f"compiled {m}"] = CompiledRunner(name, repeat, MODES[m])
         runs[f"eager {m}"] = Runner(name, repeat, MODES[m])
+    runs["outside bf16"] = CompiledRunner(name, repeat, MODES["bf16"], outside=True)
     runs["eager fp32"] = Runner(name, repeat, contextlib.nullcontext)
     # transformers' loss functions log through Logger.warning_once (which transformers adds to
     # logging.Logger when the models above import it); dynamo cannot trace it in a fullgraph,
@@ -156,7 +163,10 @@ def _compile_row(name: str, repeat: int, steps: int) -> list[str]:
     for m in COMPILED_MODES:
         c, e = runs[f"compiled {m}"].first_loss, runs[f"eager {m}"].first_loss
         row += [f"{t[f'compiled {m}'] / t['compiled fp32']:.2f}", f"{abs(c - e) / abs(e):.1e}"]
-    return [*row, f"{t['eager fp32'] / t['compiled fp32']:.2f}"]
+    base = t["compiled fp32"]
+    row += [f"{t['outside bf16'] / base:.2f}", f"{t['eager fp32'] / base:.2f}"]
+    print(f"{name} x{repeat} compiled: {row[2:]}", file=sys.stderr, flush=True)
+    return row
 
 
 def _publish_compiled(models: list[str], repeats: list[int], steps: int) -> int:
@@ -164,12 +174,14 @@ def _publish_compiled(models: list[str], repeats: list[int], steps: int) -> int:
     header = ["model", "batch", "compiled fp32 (ms)"]
     for m in COMPILED_MODES:
         header += [f"compiled {m} ÷ compiled fp32", f"{m} loss rel. diff"]
-    header += ["eager fp32 ÷ compiled fp32"]
+    header += ["bf16 region outside ÷ compiled fp32", "eager fp32 ÷ compiled fp32"]
     note = (
         "CPU time, one thread, minimum of interleaved rounds after a warm-up (compiling) "
-        "round; `torch.compile(entry.loss, fullgraph=True)`, the emulated region entered "
-        "outside the compiled function (no graph breaks, one graph per mode), inductor's "
-        "default configuration; e4m3 = the default fp8 recipe; mxfp8 = mxfp8_e4m3. Dropout is "
+        "round; `torch.compile(autocast(fmt, emulate=True)(entry.loss), fullgraph=True)`: the "
+        "emulated region entered inside the compiled function (no graph breaks, one graph per "
+        "mode); `outside`: `with autocast(...)` around the compiled fp32 loss function, whose "
+        "function mode then sees the graph's runtime calls; inductor's default configuration; "
+        "e4m3 = the default fp8 recipe; mxfp8 = mxfp8_e4m3. Dropout is "
         "off in every run of this table (inductor draws dropout masks from its own generator); "
         "loss rel. diff = |compiled - eager| / eager of the emulated loss. Roundings into bf16, "
         "fp16 and saturating fp8 (MX elements included) compile to clamp-and-cast pairs fused "

@@ -51,7 +51,7 @@ def _eager(fmt: str) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), model.fc1.weight.grad
 
 
-@pytest.mark.parametrize("where", ["outside", "inside"])
+@pytest.mark.parametrize("where", ["outside", "inside", "decorator"])
 def test_compiled_region_is_one_graph_with_eager_losses(where: str) -> None:
     def inside(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with autocast("bf16", emulate=True):
@@ -61,7 +61,8 @@ def test_compiled_region_is_one_graph_with_eager_losses(where: str) -> None:
     dynamo.utils.counters.clear()
     torch.manual_seed(0)
     model, x = Tiny(), torch.randn(8, 16)
-    step = torch.compile(_loss if where == "outside" else inside, fullgraph=True)
+    fn = {"outside": _loss, "inside": inside, "decorator": autocast("bf16", emulate=True)(_loss)}
+    step = torch.compile(fn[where], fullgraph=True)
     losses = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -126,12 +127,24 @@ def test_bf16_region_compiles_to_fused_roundings(keep_casts: bool) -> None:
     assert "torch.ops.mixprec.round.default(" not in "\n".join(code)
 
 
-def test_generated_code_out_calls_pass_through_user_out_calls_are_emulated(
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.gelu(self.conv(x)).mean(1))
+
+
+def test_generated_code_calls_pass_through_user_calls_are_emulated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Inductor's extern kernels write into buffers with ``out=`` (``extern_kernels.addmm(...,
-    out=buf)``) while the region's mode is still active: those calls pass through, while the
-    user's own ``out=`` calls are emulated."""
+    """The region's mode is still active while the compiled graph runs. Inductor's extern
+    kernels, called by its generated code, pass through: GEMMs writing into buffers with
+    ``out=`` (``extern_kernels.addmm(..., out=buf)``) and the convolution, which returns its
+    result (``extern_kernels.convolution(...)``; it used to be emulated a second time). The
+    user's own calls, ``out=`` ones included, are emulated."""
     from mixprec.precision.emulated import EmulatedExecutor
 
     handled: list[str] = []
@@ -142,22 +155,27 @@ def test_generated_code_out_calls_pass_through_user_out_calls_are_emulated(
             handled.append(name)
         return original(self, func, name, args, kwargs)
 
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).square().mean()
+
     monkeypatch.setattr(EmulatedExecutor, "handle", spy)
     dynamo.reset()
     torch.manual_seed(0)
-    model, x = Tiny(), torch.randn(8, 16)
-    compiled = torch.compile(_loss, fullgraph=True)
+    model, x = TinyConv(), torch.randn(2, 3, 4, 16)
+    compiled = torch.compile(loss_fn, fullgraph=True)
     with autocast("bf16", emulate=True):
         compiled(model, x)  # compiles
         handled.clear()
-        compiled(model, x)  # the generated code: linears as extern addmm/mm calls with out=
-        # (the runtime's own state setters, _set_grad_enabled and the like, do reach it)
-        assert not {"addmm", "mm", "bmm", "linear"} & set(handled), handled
+        compiled(model, x)  # the generated code: extern convolution, addmm with out=
+        assert handled == []  # nor do the state setters of torch's runtime wrapper
         handled.clear()
-        buf = torch.empty(8, 48)
-        torch.mm(x, model.fc1.weight.t(), out=buf)  # the user's own out= call
-    assert "mm" in handled
-    assert torch.equal(buf, mixprec.quantize(buf, "bf16"))  # emulated: a bf16 result
+        w = model.fc.weight.detach()
+        buf = torch.empty(8, 16)
+        torch.mm(x.reshape(24, 16)[:8], w.t(), out=buf)  # the user's own out= call
+        y = F.conv2d(x, model.conv.weight.detach())  # and a call without out=
+    assert {"mm", "conv2d"} <= set(handled)
+    assert torch.equal(buf, mixprec.quantize(buf, "bf16"))  # emulated: bf16 results
+    assert torch.equal(y, mixprec.quantize(y, "bf16"))
 
 
 @pytest.mark.parametrize("how", ["apply_policy", "initialize"])

@@ -38,6 +38,8 @@ META = frozenset({
     "retain_grad", "register_hook", "backward", "ndimension", "nelement", "get_device",
     "untyped_storage", "_is_view", "__reduce_ex__", "__deepcopy__", "is_nonzero", "__hash__",
     "__setstate__", "dim_order", "__dlpack__", "numpy",
+    # state setters torch's own runtime calls (a compiled graph's autograd wrapper, per call)
+    "_set_grad_enabled", "_set_view_replay_enabled",
 })  # fmt: skip
 
 

@@ -80,7 +80,7 @@ class _PolicyMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entries = _LOCAL.entries
-        if not entries or _graph_call(func, kwargs):
+        if not entries or _graph_call(func):
             return func(*args, **kwargs)
         executor = entries[-1]
         if not executor.emulated and torch.compiler.is_compiling():
@@ -88,41 +88,48 @@ class _PolicyMode(TorchFunctionMode):
         return _dispatch(executor, func, args, kwargs)
 
 
-def _graph_call(func: Any, kwargs: dict) -> bool:
+def _graph_call(func: Any) -> bool:
     """A call a compiled graph makes at run time: pass it through.
 
     Dynamo traces a region's mode into the graph (the emulation is in it) but leaves the mode
     active while the graph runs, so the mode sees the graph's own calls again: ATen overloads
-    (``torch.ops.aten.mm.default``, ``torch.ops.mixprec.round.default``) and inductor's extern
-    kernels, which write into preallocated buffers (``torch.mm(a, b, out=buf)``) from the
-    generated code. Both pass through unchanged; the user's own ``out=`` calls are emulated.
+    (``torch.ops.aten.mm.default``, ``torch.ops.mixprec.round.default``) and the torch
+    functions inductor's generated code calls directly, its extern kernels
+    (``extern_kernels.addmm(..., out=buf)``, ``extern_kernels.convolution(...)``). Both pass
+    through unchanged: their operands were rounded inside the graph. The user's own calls,
+    ``out=`` ones included, are emulated.
     """
     if isinstance(func, (OpOverload, OpOverloadPacket)):
         return True
-    return kwargs.get("out") is not None and _from_generated_code()
+    if torch.compiler.is_compiling() or "torch._inductor" not in sys.modules:
+        return False  # traced calls are the user's; no generated code before inductor
+    return _from_generated_code(sys._getframe(2).f_code.co_filename)
 
 
-def _from_generated_code(depth: int = 6) -> bool:
-    """Is one of the nearest Python callers inductor's generated code (a file in its cache
-    directory)? Only asked for ``out=`` calls; False while inductor was never imported."""
-    if "torch._inductor" not in sys.modules:
-        return False
-    root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    f = sys._getframe(2)
-    for _ in range(depth):
-        if f is None:
-            return False
-        if f.f_code.co_filename.startswith(root):
-            return True
-        f = f.f_back
-    return False
+#: source file name -> is it inductor's generated code (a file in its cache directory)? Keyed
+#: by the file name, whose hash Python caches, not by the code object, whose hash is computed
+#: from its bytecode and constants on every lookup (~10 us for a generated graph's ``call``).
+#: A file never moves, so an entry never goes stale (also when TORCHINDUCTOR_CACHE_DIR changes).
+_GENERATED: dict[str, bool] = {}
+
+
+def _from_generated_code(filename: str) -> bool:
+    """Is ``filename`` (the caller of a torch function) inductor's generated code? One dict
+    lookup per call: every op of an eager region asks once inductor is imported (transformers
+    imports it)."""
+    hit = _GENERATED.get(filename)
+    if hit is None:
+        if len(_GENERATED) > 4096:  # a long session's exec'd sources: bound the map
+            _GENERATED.clear()
+        root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        hit = _GENERATED[filename] = filename.startswith(root)
+    return hit
 
 
 @trace_cache(maxsize=8)
 def _inductor_cache_dir(env: str | None) -> str:
     """Inductor's cache directory for this value of its environment variable, asked once: the
-    lookup stats the file system (~8 us), and a compiled graph makes an ``out=`` call per
-    extern kernel."""
+    lookup stats the file system (~8 us)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return cache_dir()
@@ -360,10 +367,18 @@ class Autocast:
             ex.exit()
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run inside this region. Under ``torch.compile(autocast(...)(fn))`` the region
+        is entered inside the compiled function, the fast placement (docs/autocast.md). The
+        wrapper calls ``__enter__``/``__exit__`` itself: dynamo cannot trace a ``with`` on a
+        context manager made outside the compiled function, but traces these calls."""
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self:
+            self.__enter__()
+            try:
                 return fn(*args, **kwargs)
+            finally:
+                self.__exit__(None, None, None)
 
         return wrapper
 
