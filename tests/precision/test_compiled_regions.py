@@ -86,6 +86,29 @@ def test_compiled_region_is_one_graph_with_eager_losses(where: str) -> None:
     assert _get_current_function_mode_stack() == [] and current_policy() is None
 
 
+def test_decorated_functions_compile_each_with_its_own_cache() -> None:
+    """Dynamo keeps compiled entries per code object. Each decorated function gets a wrapper
+    code of its own: with one shared wrapper the ninth function compiled with fullgraph=True
+    failed hard on dynamo's recompile limit (8)."""
+    dynamo.reset()
+    torch.manual_seed(0)
+    lin, x = nn.Linear(8, 8), torch.randn(4, 8)
+
+    def make(i: int):  # type: ignore[no-untyped-def]
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return (lin(x) * (i + 1)).sum()
+
+        return autocast("bf16", emulate=True)(f)
+
+    n = dynamo.config.recompile_limit + 2
+    eager = [float(make(i)(x).detach()) for i in range(n)]
+    step = [torch.compile(make(i), fullgraph=True, backend="eager") for i in range(n)]
+    compiled = [float(s(x).detach()) for s in step]
+    assert compiled == eager
+    assert make(0).__code__ is not make(1).__code__
+    assert make(0).__name__ == "f"  # functools.wraps still names it after the function
+
+
 def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
     for fmt in ("e4m3", "mxfp8_e4m3"):
         dynamo.reset()

@@ -380,6 +380,10 @@ class Autocast:
             finally:
                 self.__exit__(None, None, None)
 
+        # a code object of its own per decorated function: dynamo keeps its compiled entries
+        # per code object, and with one shared wrapper code the ninth decorated function to
+        # compile would hit the recompile limit (a hard error under fullgraph=True)
+        wrapper.__code__ = wrapper.__code__.replace()
         return wrapper
 
     def __repr__(self) -> str:
