@@ -7,13 +7,14 @@ ops that round (gelu, add), exact ops on multi-output results (split), fp32 ops 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import mixprec
 from mixprec import autocast
@@ -160,14 +161,21 @@ class TinyConv(nn.Module):
         return self.fc(F.gelu(self.conv(x)).mean(1))
 
 
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "under-another-mode"])
 def test_generated_code_calls_pass_through_user_calls_are_emulated(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, stacked: bool
 ) -> None:
     """The region's mode is still active while the compiled graph runs. Inductor's extern
     kernels, called by its generated code, pass through: GEMMs writing into buffers with
     ``out=`` (``extern_kernels.addmm(..., out=buf)``) and the convolution, which returns its
-    result (``extern_kernels.convolution(...)``; it used to be emulated a second time). The
-    user's own calls, ``out=`` ones included, are emulated."""
+    result (``extern_kernels.convolution(...)``; it used to be emulated a second time), also
+    when another function mode above the region's calls them again. The user's own calls,
+    ``out=`` ones included, are emulated."""
     from mixprec.precision.emulated import EmulatedExecutor
 
     handled: list[str] = []
@@ -186,7 +194,7 @@ def test_generated_code_calls_pass_through_user_calls_are_emulated(
     torch.manual_seed(0)
     model, x = TinyConv(), torch.randn(2, 3, 4, 16)
     compiled = torch.compile(loss_fn, fullgraph=True)
-    with autocast("bf16", emulate=True):
+    with autocast("bf16", emulate=True), _PassThrough() if stacked else contextlib.nullcontext():
         compiled(model, x)  # compiles
         handled.clear()
         compiled(model, x)  # the generated code: extern convolution, addmm with out=

@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -103,7 +104,7 @@ def _graph_call(func: Any) -> bool:
         return True
     if torch.compiler.is_compiling() or "torch._inductor" not in sys.modules:
         return False  # traced calls are the user's; no generated code before inductor
-    return _from_generated_code(sys._getframe(2).f_code.co_filename)
+    return _from_generated_code(sys._getframe(2))
 
 
 #: source file name -> is it inductor's generated code (a file in its cache directory)? Keyed
@@ -113,16 +114,30 @@ def _graph_call(func: Any) -> bool:
 _GENERATED: dict[str, bool] = {}
 
 
-def _from_generated_code(filename: str) -> bool:
-    """Is ``filename`` (the caller of a torch function) inductor's generated code? One dict
-    lookup per call: every op of an eager region asks once inductor is imported (transformers
-    imports it)."""
-    hit = _GENERATED.get(filename)
-    if hit is None:
-        if len(_GENERATED) > 4096:  # a long session's exec'd sources: bound the map
-            _GENERATED.clear()
-        root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-        hit = _GENERATED[filename] = filename.startswith(root)
+def _from_generated_code(frame: FrameType | None) -> bool:
+    """Is ``frame``, the caller of a torch function, inductor's generated code? One dict lookup
+    of its file name: every op of an eager region asks once inductor is imported (transformers
+    imports it). A function mode stacked above this one calls the function again from its own
+    ``__torch_function__``: that frame is looked through (up to a few), so a graph's calls pass
+    here too."""
+    for _ in range(4):
+        if frame is None:
+            return False
+        code = frame.f_code
+        hit = _GENERATED.get(code.co_filename)
+        if hit is None:
+            hit = _is_generated(code.co_filename)
+        if hit or code.co_name != "__torch_function__":
+            return hit
+        frame = frame.f_back
+    return False
+
+
+def _is_generated(filename: str) -> bool:
+    if len(_GENERATED) > 4096:  # a long session's exec'd sources: bound the map
+        _GENERATED.clear()
+    root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    hit = _GENERATED[filename] = filename.startswith(root)
     return hit
 
 
