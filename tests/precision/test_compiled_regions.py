@@ -244,6 +244,48 @@ def test_compiled_module_with_hook_regions_leaves_no_mode_behind(how: str) -> No
     assert _dynamo_warnings(caught) == []
 
 
+def test_compiling_the_loss_function_runs_hook_regions_inside_the_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``torch.compile(loss_fn)`` over a model whose policy hooks enter a region: the region is
+    entered and left while dynamo traces, so the compiled graph runs with no function mode (the
+    mode sees none of its calls), and the loss is eager's. ``torch.compile(model)`` leaves the
+    region active while the forward graph runs (the mode sees its calls), as documented."""
+    from mixprec.precision.region import _PolicyMode
+
+    seen: list[str] = []
+    original = _PolicyMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not torch.compiler.is_compiling():
+            seen.append(getattr(func, "__name__", "?"))
+        return original(self, func, types, args, kwargs)
+
+    x = torch.randn(8, 16)
+    torch.manual_seed(0)
+    model = Tiny()
+    mixprec.apply_policy(model, "bf16", emulate=True)
+    want = float(_loss(model, x).detach())
+    monkeypatch.setattr(_PolicyMode, "__torch_function__", spy)
+    counts = {}
+    for how in ("loss_fn", "model"):
+        dynamo.reset()
+        if how == "loss_fn":
+            step = torch.compile(_loss, fullgraph=True)
+            got = [float(step(model, x).detach()) for _ in range(2)]
+            seen.clear()
+            got.append(float(step(model, x).detach()))
+        else:
+            compiled = torch.compile(model, fullgraph=True)
+            got = [float(_loss(compiled, x).detach()) for _ in range(2)]
+            seen.clear()
+            got.append(float(_loss(compiled, x).detach()))
+        assert got == pytest.approx([want] * 3, rel=1e-5)
+        counts[how] = len(seen)
+    assert counts["loss_fn"] == 0
+    assert counts["model"] > 0
+
+
 def test_compiled_corpus_model_trains_under_initialize_like_eager() -> None:
     """``torch.compile(model)`` after ``initialize`` (O2, emulated bf16, fp32 masters) on the
     corpus nanoGPT: training steps with scale_loss and optimizer steps compile once, leave no
