@@ -116,8 +116,8 @@ _GENERATED: dict[str, bool] = {}
 
 def _from_generated_code(frame: FrameType | None) -> bool:
     """Is ``frame``, the caller of a torch function, inductor's generated code? One dict lookup
-    of its file name: every op of an eager region asks once inductor is imported (transformers
-    imports it). A function mode stacked above this one calls the function again from its own
+    of its file name: every op of an eager region asks once anything has imported inductor.
+    A function mode stacked above this one calls the function again from its own
     ``__torch_function__``: that frame is looked through (up to a few), so a graph's calls pass
     here too."""
     for _ in range(4):
