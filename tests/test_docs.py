@@ -57,12 +57,14 @@ import doctest
 import fcntl
 import importlib.util
 import io
+import itertools
 import os
 import random
 import re
 import shlex
 import sys
 import traceback
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,10 +255,23 @@ def needs(block: Block) -> list[Block]:
 # --------------------------------------------------------------------------------------------
 
 
+def _page_namespace() -> dict:
+    """A page's global namespace: that of a fresh module registered in ``sys.modules``, so code
+    that finds a global through its module's name does find it (torch.compile's guards do:
+    with ``__name__ == "__main__"`` they looked the page's names up in pytest's own
+    ``__main__``)."""
+    module = types.ModuleType(f"_doc_page_{next(_PAGE_IDS)}")
+    sys.modules[module.__name__] = module
+    return module.__dict__
+
+
+_PAGE_IDS = itertools.count()
+
+
 @dataclass
 class PageState:
     cwd: Path
-    globs: dict = field(default_factory=lambda: {"__name__": "__main__"})
+    globs: dict = field(default_factory=_page_namespace)
     done: list[int] = field(default_factory=list)
 
 
