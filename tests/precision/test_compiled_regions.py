@@ -209,6 +209,45 @@ def test_generated_code_calls_pass_through_user_calls_are_emulated(
     assert torch.equal(y, mixprec.quantize(y, "bf16"))
 
 
+def test_calls_from_generated_code_through_torch_wrappers_pass_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inductor calls some extern kernels through Python wrappers of its own (``bias_addmm``
+    calls ``torch.addmm``): a torch function whose callers are torch's code and then a file in
+    inductor's cache directory passes through; the same wrapper called from user code is
+    emulated. The generated module is simulated: code compiled under a file name in the cache
+    directory (which is all the check reads)."""
+    import os
+
+    from torch._inductor.kernel.mm import bias_addmm
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from mixprec.precision.emulated import EmulatedExecutor
+
+    handled: list[str] = []
+    original = EmulatedExecutor.handle
+
+    def spy(self, func, name, args, kwargs):  # type: ignore[no-untyped-def]
+        handled.append(name)
+        return original(self, func, name, args, kwargs)
+
+    monkeypatch.setattr(EmulatedExecutor, "handle", spy)
+    generated: dict = {"bias_addmm": bias_addmm}
+    source = "def call(bias, a, b, out):\n    return bias_addmm(bias, a, b, out=out)\n"
+    filename = os.path.join(cache_dir(), "zz", "czzgeneratedbyatest.py")
+    exec(compile(source, filename, "exec"), generated)
+    torch.manual_seed(0)
+    bias, a, b = torch.randn(1, 8), torch.randn(4, 8), torch.randn(8, 8)
+    out = torch.empty(4, 8)
+    with autocast("bf16", emulate=True):
+        generated["call"](bias, a, b, out)
+        from_graph = list(handled)
+        bias_addmm(bias, a, b, out=out)  # the user's call of the same wrapper
+    assert "addmm" not in from_graph, from_graph
+    assert "addmm" in handled
+    torch.testing.assert_close(out, mixprec.quantize(out, "bf16"), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("how", ["apply_policy", "initialize"])
 def test_compiled_module_with_hook_regions_leaves_no_mode_behind(how: str) -> None:
     """A custom module (not a torch.nn container) is compiled frame by frame: its pre-hook,

@@ -107,38 +107,51 @@ def _graph_call(func: Any) -> bool:
     return _from_generated_code(sys._getframe(2))
 
 
-#: source file name -> is it inductor's generated code (a file in its cache directory)? Keyed
-#: by the file name, whose hash Python caches, not by the code object, whose hash is computed
-#: from its bytecode and constants on every lookup (~10 us for a generated graph's ``call``).
-#: A file never moves, so an entry never goes stale (also when TORCHINDUCTOR_CACHE_DIR changes).
-_GENERATED: dict[str, bool] = {}
+#: source file name -> what its frames are to :func:`_from_generated_code`: ``_GEN`` (inductor's
+#: generated code, a file in its cache directory), ``_THROUGH`` (torch's own code: look at its
+#: caller) or ``_USER``. Keyed by the file name, whose hash Python caches, not by the code
+#: object, whose hash is computed from its bytecode and constants on every lookup (~10 us for a
+#: generated graph's ``call``). A file never moves, so an entry never goes stale.
+_FILES: dict[str, int] = {}
+_USER, _GEN, _THROUGH = 0, 1, 2
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def _from_generated_code(frame: FrameType | None) -> bool:
-    """Is ``frame``, the caller of a torch function, inductor's generated code? One dict lookup
-    of its file name: every op of an eager region asks once anything has imported inductor.
-    A function mode stacked above this one calls the function again from its own
-    ``__torch_function__``: that frame is looked through (up to a few), so a graph's calls pass
-    here too."""
-    for _ in range(4):
+    """Is ``frame``, the caller of a torch function, inductor's generated code, directly or
+    through torch's own Python? Inductor calls some extern kernels through Python wrappers of its
+    own (``bias_addmm``, ``conv1x1_via_mm``), and a function mode stacked above this one calls
+    the function again from its ``__torch_function__``: such frames are looked through to their
+    callers (a few). Generated code calls no user code, so an eager op never has it among its
+    callers. One dict lookup per frame: every op of an eager region asks once anything has
+    imported inductor."""
+    for _ in range(6):
         if frame is None:
             return False
         code = frame.f_code
-        hit = _GENERATED.get(code.co_filename)
-        if hit is None:
-            hit = _is_generated(code.co_filename)
-        if hit or code.co_name != "__torch_function__":
-            return hit
+        kind = _FILES.get(code.co_filename)
+        if kind is None:
+            kind = _file_kind(code.co_filename)
+        if kind == _GEN:
+            return True
+        if kind == _USER and code.co_name != "__torch_function__":
+            return False
         frame = frame.f_back
     return False
 
 
-def _is_generated(filename: str) -> bool:
-    if len(_GENERATED) > 4096:  # a long session's exec'd sources: bound the map
-        _GENERATED.clear()
+def _file_kind(filename: str) -> int:
+    if len(_FILES) > 4096:  # a long session's exec'd sources: bound the map
+        _FILES.clear()
     root = _inductor_cache_dir(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    hit = _GENERATED[filename] = filename.startswith(root)
-    return hit
+    if filename.startswith(root):
+        kind = _GEN
+    elif filename.startswith(_TORCH_DIR):
+        kind = _THROUGH
+    else:
+        kind = _USER
+    _FILES[filename] = kind
+    return kind
 
 
 @trace_cache(maxsize=8)
