@@ -81,7 +81,7 @@ class _PolicyMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entries = _LOCAL.entries
-        if not entries or _graph_call(func):
+        if not entries or _passes_through(func):
             return func(*args, **kwargs)
         executor = entries[-1]
         if not executor.emulated and torch.compiler.is_compiling():
@@ -89,8 +89,9 @@ class _PolicyMode(TorchFunctionMode):
         return _dispatch(executor, func, args, kwargs)
 
 
-def _graph_call(func: Any) -> bool:
-    """A call a compiled graph makes at run time: pass it through.
+def _passes_through(func: Any) -> bool:
+    """A call no region acts on: metadata and conversions (``size``, ``_is_view``, ...), and the
+    calls a compiled graph makes at run time.
 
     Dynamo traces a region's mode into the graph (the emulation is in it) but leaves the mode
     active while the graph runs, so the mode sees the graph's own calls again: ATen overloads
@@ -100,7 +101,7 @@ def _graph_call(func: Any) -> bool:
     through unchanged: their operands were rounded inside the graph. The user's own calls,
     ``out=`` ones included, are emulated.
     """
-    if isinstance(func, (OpOverload, OpOverloadPacket)):
+    if isinstance(func, (OpOverload, OpOverloadPacket)) or func_name(func) is None:
         return True
     if torch.compiler.is_compiling() or "torch._inductor" not in sys.modules:
         return False  # traced calls are the user's; no generated code before inductor
