@@ -325,10 +325,12 @@ def test_compiling_the_loss_function_runs_hook_regions_inside_the_graph(
     assert counts["model"] > 0
 
 
-def test_compiled_corpus_model_trains_under_initialize_like_eager() -> None:
-    """``torch.compile(model)`` after ``initialize`` (O2, emulated bf16, fp32 masters) on the
-    corpus nanoGPT: training steps with scale_loss and optimizer steps compile once, leave no
-    mode behind and give eager's losses (dynamo's own backend: no inductor reordering)."""
+@pytest.mark.parametrize("what", ["model", "loss_fn"])
+def test_compiled_corpus_model_trains_under_initialize_like_eager(what: str) -> None:
+    """``torch.compile(model)``, or of the loss function that calls it (the faster placement,
+    docs/amp.md), after ``initialize`` (O2, emulated bf16, fp32 masters) on the corpus
+    nanoGPT: training steps with scale_loss and optimizer steps compile once, leave no mode
+    behind and give eager's losses (dynamo's own backend: no inductor reordering)."""
     import mixprec
     from mixprec.testing import corpus
 
@@ -340,11 +342,15 @@ def test_compiled_corpus_model_trains_under_initialize_like_eager() -> None:
         model, opt = mixprec.initialize(
             model, opt, opt_level="O2", compute="bfloat16", emulate=True
         )
-        fwd = torch.compile(model, backend="eager") if compiled else model
+        fwd, loss_fn = model, entry.loss
+        if compiled and what == "model":
+            fwd = torch.compile(model, backend="eager")
+        elif compiled:
+            loss_fn = torch.compile(entry.loss, backend="eager")
         losses = []
         for _ in range(3):
             opt.zero_grad()
-            loss = entry.loss(fwd, args, kwargs)
+            loss = loss_fn(fwd, args, kwargs)
             with mixprec.scale_loss(loss, opt) as scaled:
                 scaled.backward()
             opt.step()
@@ -358,8 +364,11 @@ def test_compiled_corpus_model_trains_under_initialize_like_eager() -> None:
         warnings.simplefilter("always")
         got = train(compiled=True)
         graphs = dynamo.utils.counters["stats"]["unique_graphs"]
-        assert train(compiled=True) == got  # a second model: the compiled frames are reused
-        assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        if what == "model":
+            assert train(compiled=True) == got  # a second model: the compiled frames are reused
+            assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        else:  # one graph for the three steps (a second model would recompile once: dynamo
+            assert graphs == 1  # guards on the ids of the model's hooks)
     assert got == train(compiled=False)
     assert not dynamo.utils.counters["graph_break"]
     assert _dynamo_warnings(caught) == []
