@@ -87,6 +87,25 @@ def test_compiled_region_is_one_graph_with_eager_losses(where: str) -> None:
     assert _get_current_function_mode_stack() == [] and current_policy() is None
 
 
+def test_native_region_around_a_compiled_function_runs_it_eagerly() -> None:
+    """Native regions stay opaque to torch.compile (docs/autocast.md, Limits): a compiled
+    function called inside one breaks its graph at every op the region handles and gives
+    eager's result under the same region, call after call."""
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    with autocast("bf16", emulate=False):
+        want = float(_loss(model, x).detach())
+    assert want != float(_loss(model, x).detach())  # bf16 shows: fp32 would be told apart
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    step = torch.compile(_loss)
+    with autocast("bf16", emulate=False):
+        got = [float(step(model, x).detach()) for _ in range(2)]
+    assert got == [want, want]
+    assert dynamo.utils.counters["graph_break"]  # opaque: not traced into a graph
+    assert _get_current_function_mode_stack() == [] and current_policy() is None
+
+
 def test_decorated_functions_compile_each_with_its_own_cache() -> None:
     """Dynamo keeps compiled entries per code object. Each decorated function gets a wrapper
     code of its own: with one shared wrapper the ninth function compiled with fullgraph=True
