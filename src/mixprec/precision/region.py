@@ -81,16 +81,18 @@ class _PolicyMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entries = _LOCAL.entries
-        if not entries or _passes_through(func):
+        name = _region_op(func) if entries else None
+        if name is None:
             return func(*args, **kwargs)
         executor = entries[-1]
         if not executor.emulated and torch.compiler.is_compiling():
-            return _handle_opaque(executor, func, args, kwargs)
-        return _dispatch(executor, func, args, kwargs)
+            return _handle_opaque(executor, func, name, args, kwargs)
+        return _dispatch(executor, func, name, args, kwargs)
 
 
-def _passes_through(func: Any) -> bool:
-    """A call no region acts on: metadata and conversions (``size``, ``_is_view``, ...), and the
+def _region_op(func: Any) -> str | None:
+    """The op name a region acts on (:func:`~mixprec.precision.ops.func_name`), or None for a
+    call that passes through: metadata and conversions (``size``, ``_is_view``, ...), and the
     calls a compiled graph makes at run time.
 
     Dynamo traces a region's mode into the graph (the emulation is in it) but leaves the mode
@@ -101,11 +103,12 @@ def _passes_through(func: Any) -> bool:
     through unchanged: their operands were rounded inside the graph. The user's own calls,
     ``out=`` ones included, are emulated.
     """
-    if isinstance(func, (OpOverload, OpOverloadPacket)) or func_name(func) is None:
-        return True
-    if torch.compiler.is_compiling() or "torch._inductor" not in sys.modules:
-        return False  # traced calls are the user's; no generated code before inductor
-    return _from_generated_code(sys._getframe(2))
+    if isinstance(func, (OpOverload, OpOverloadPacket)):
+        return None
+    name = func_name(func)
+    if name is None or torch.compiler.is_compiling() or "torch._inductor" not in sys.modules:
+        return name  # traced calls are the user's; no generated code before inductor
+    return None if _from_generated_code(sys._getframe(2)) else name
 
 
 #: source file name -> what its frames are to :func:`_from_generated_code`: ``_GEN`` (inductor's
@@ -164,10 +167,9 @@ def _inductor_cache_dir(env: str | None) -> str:
     return cache_dir()
 
 
-def _dispatch(executor: Executor, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    name = func_name(func)
-    if name is None:  # metadata and conversions (size, item, ...): nothing to decide
-        return func(*args, **kwargs)
+def _dispatch(
+    executor: Executor, func: Callable[..., Any], name: str, args: tuple, kwargs: dict
+) -> Any:
     if kwargs.get("out") is not None:
         return _into_out(executor, func, name, args, kwargs)
     return executor.handle(func, name, args, kwargs)
@@ -187,7 +189,7 @@ def _into_out(executor: Executor, func: Any, name: str, args: tuple, kwargs: dic
     return out
 
 
-def _handle_opaque(executor: Executor, func: Any, args: tuple, kwargs: dict) -> Any:
+def _handle_opaque(executor: Executor, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
     # Native regions stay opaque to torch.compile (tracing their torch.autocast switching per op
     # is neither done nor tested): a compiled model called inside one runs its ops eagerly
     # through this handler (graph breaks), with eager's results.
@@ -196,7 +198,7 @@ def _handle_opaque(executor: Executor, func: Any, args: tuple, kwargs: dict) -> 
     global _OPAQUE
     if _OPAQUE is None:
         _OPAQUE = torch.compiler.disable(_dispatch)
-    return _OPAQUE(executor, func, args, kwargs)
+    return _OPAQUE(executor, func, name, args, kwargs)
 
 
 _OPAQUE: Any = None

@@ -313,16 +313,13 @@ def _one_c_call(x: torch.Tensor) -> bool:
     return x.numel() < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1
 
 
-def _nearest_lane(
-    x: torch.Tensor, layout_ok: Callable[[torch.Tensor], bool] = torch.Tensor.is_contiguous
-) -> bool:
+def _nearest_lane(x: torch.Tensor) -> bool:
     """Does the eager lane of :func:`round_to` and :func:`round_data_` take ``x``: served by one
-    C call (:func:`_one_c_call`), float32, non-empty, and in a layout the caller can run over
-    as one flat buffer (``layout_ok``: contiguous by default; :func:`round_data_` also takes
-    :func:`_gap_free` ones)? The lane makes that call directly (:func:`_nearest_c`), skipping
-    the general path's ~3 us of Python (a third to a half of a rounding's cost at the sizes of
-    an emulated op)."""
-    return _one_c_call(x) and x.dtype == torch.float32 and x.numel() > 0 and layout_ok(x)
+    C call (:func:`_one_c_call`), float32, non-empty, and runnable over as one flat buffer
+    (contiguous or a permutation of a contiguous layout, :func:`_gap_free`)? The lane makes that
+    call directly (:func:`_nearest_c`), skipping the general path's ~3 us of Python (a third to
+    a half of a rounding's cost at the sizes of an emulated op)."""
+    return _one_c_call(x) and x.dtype == torch.float32 and x.numel() > 0 and _gap_free(x)
 
 
 def _gap_free(x: torch.Tensor) -> bool:
@@ -590,7 +587,7 @@ def round_to(
         and rounding == "nearest"
         and subnormals
         and not (x.requires_grad and torch.is_grad_enabled())
-        and _nearest_lane(x, _gap_free)
+        and _nearest_lane(x)
     ):
         res = torch.empty_like(x)  # x's strides (dense, non-overlapping): the same span order
         _nearest_c(x, res, fmt, saturate)
@@ -620,7 +617,7 @@ def round_data_(x: torch.Tensor, fmt: FloatFormat, *, saturate: bool = False) ->
     C call on the CPU where ``x`` is contiguous or a permutation of a contiguous layout); a
     temporary for other strided tensors.
     """
-    if _nearest_lane(x, _gap_free):
+    if _nearest_lane(x):
         _nearest_c(x, x, fmt, saturate)
         return
     d = x.data
