@@ -653,6 +653,11 @@ def test_bad_arguments(kwargs: dict, exc: type, needle: str) -> None:
         autocast(**kwargs)
 
 
+def test_decorating_a_non_callable_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"decorates a callable .*got int: 5"):
+        autocast("bf16", emulate=True)(5)  # type: ignore[arg-type]
+
+
 def test_accumulate_is_a_frozen_config() -> None:
     acc = Accumulate.coerce(("fp16", 256))
     assert acc == Accumulate("float16", 256) and acc.format is get_format("float16")

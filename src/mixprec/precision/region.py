@@ -401,7 +401,14 @@ class Autocast:
         """``fn`` run inside this region. Under ``torch.compile(autocast(...)(fn))`` the region
         is entered inside the compiled function, the fast placement (docs/autocast.md). The
         wrapper calls ``__enter__``/``__exit__`` itself: dynamo cannot trace a ``with`` on a
-        context manager made outside the compiled function, but traces these calls."""
+        context manager made outside the compiled function, but traces these calls.
+
+        Raises ``TypeError`` when ``fn`` is not callable."""
+        if not callable(fn):
+            raise TypeError(
+                f"autocast(...) decorates a callable (a function or module); got "
+                f"{type(fn).__name__}: {fn!r}"
+            )
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
