@@ -20,6 +20,10 @@ its own generator, so losses are compared without it), written to
 benchmarks/results/autocast_compile.md; see docs/autocast.md, "torch.compile". Compiling takes
 a minute or two per model.
 
+``--drift``: instead, how far one step's compiled loss is from the eager one (fp32,
+torch.autocast bf16, emulated bf16, and the bf16 modes with BatchNorm in eval mode), written to
+benchmarks/results/autocast_drift.md.
+
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/autocast_corpus.py [--steps N]
 [--repeat N ...] [--threads N ...]`` (writes benchmarks/results/autocast_corpus.md). Targets
 (issue 15): <= 1.3x for bf16, fp16, e4m3; <= 1.5x for MX formats.
@@ -133,26 +137,33 @@ def _without_dropout(run: Runner) -> Runner:
 COMPILED_MODES = ("bf16", "e4m3", "mxfp8")
 
 
-def _compile_row(name: str, repeat: int, steps: int) -> list[str]:
-    """Compiled fp32 and compiled emulated modes, each ÷ compiled fp32; eager for scale."""
+def _fresh_dynamo() -> None:
+    """Forget compiled frames (each model compiles its own) and run one thread."""
     import logging
 
     import torch._dynamo
 
     torch._dynamo.reset()
     torch.set_num_threads(1)
+    # transformers' loss functions log through Logger.warning_once (which transformers adds to
+    # logging.Logger on import); dynamo cannot trace it in a fullgraph, and the hint of its
+    # error message is this setting
+    with contextlib.suppress(ImportError):
+        import transformers.utils.logging  # noqa: F401
+    once = getattr(logging.Logger, "warning_once", None)
+    if once is not None:
+        torch._dynamo.config.ignore_logging_functions.add(once)
+
+
+def _compile_row(name: str, repeat: int, steps: int) -> list[str]:
+    """Compiled fp32 and compiled emulated modes, each ÷ compiled fp32; eager for scale."""
+    _fresh_dynamo()
     runs = {"compiled fp32": CompiledRunner(name, repeat, contextlib.nullcontext)}
     for m in COMPILED_MODES:
         runs[f"compiled {m}"] = CompiledRunner(name, repeat, MODES[m])
         runs[f"eager {m}"] = Runner(name, repeat, MODES[m])
     runs["outside bf16"] = CompiledRunner(name, repeat, MODES["bf16"], outside=True)
     runs["eager fp32"] = Runner(name, repeat, contextlib.nullcontext)
-    # transformers' loss functions log through Logger.warning_once (which transformers adds to
-    # logging.Logger when the models above import it); dynamo cannot trace it in a fullgraph,
-    # and the hint of its error message is this setting
-    once = getattr(logging.Logger, "warning_once", None)
-    if once is not None:
-        torch._dynamo.config.ignore_logging_functions.add(once)
     for run in runs.values():
         _without_dropout(run).step()  # compiles (about 15-40 s a graph on this machine)
     for _ in range(steps):
@@ -167,6 +178,62 @@ def _compile_row(name: str, repeat: int, steps: int) -> list[str]:
     row += [f"{t['outside bf16'] / base:.2f}", f"{t['eager fp32'] / base:.2f}"]
     print(f"{name} x{repeat} compiled: {row[2:]}", file=sys.stderr, flush=True)
     return row
+
+
+DRIFT_MODES: dict[str, Ctx] = {
+    "fp32": contextlib.nullcontext,
+    "torch.autocast bf16": lambda: torch.autocast("cpu", torch.bfloat16),
+    "mixprec bf16": MODES["bf16"],
+}
+
+
+def _batch_norm_eval(run: Runner) -> bool:
+    """Put ``run``'s BatchNorm layers in eval mode (running statistics); False where it has none."""
+    norms = [m for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    return bool(norms)
+
+
+def _drift(name: str, repeat: int, ctx: Ctx, *, eval_norm: bool = False) -> str:
+    """|compiled - eager| / eager of one step's loss in one mode (same weights, dropout off)."""
+    eager = _without_dropout(Runner(name, repeat, ctx))
+    compiled = _without_dropout(CompiledRunner(name, repeat, ctx))
+    if eval_norm and not (_batch_norm_eval(eager) and _batch_norm_eval(compiled)):
+        return "—"  # no BatchNorm: the column above already is this model's figure
+    e, c = eager.step(), compiled.step()
+    return f"{abs(c - e) / abs(e):.1e}"
+
+
+def _drift_row(name: str, repeat: int) -> list[str]:
+    _fresh_dynamo()
+    row = [name, corpus.get(name).batch(repeat)]
+    row += [_drift(name, repeat, ctx) for ctx in DRIFT_MODES.values()]
+    row += [_drift(name, repeat, ctx, eval_norm=True) for ctx in list(DRIFT_MODES.values())[1:]]
+    print(f"{name} x{repeat} drift: {row[2:]}", file=sys.stderr, flush=True)
+    return row
+
+
+def _publish_drift(models: list[str], repeats: list[int]) -> int:
+    rows = [_drift_row(name, k) for k in repeats for name in models]
+    header = ["model", "batch", *DRIFT_MODES]
+    header += [f"{m}, BatchNorm in eval mode" for m in list(DRIFT_MODES)[1:]]
+    note = (
+        "Relative difference |compiled - eager| / eager of one training step's loss, the same "
+        "weights and batch, dropout off, one thread; compiled = `torch.compile(fullgraph=True)` "
+        'of the loss function with the region entered inside it (`torch.autocast("cpu", '
+        'torch.bfloat16)` or `mixprec.autocast("bf16", emulate=True)`), inductor\'s default '
+        "configuration. `BatchNorm in eval mode`: the same with every BatchNorm layer using its "
+        "running statistics (— for models without BatchNorm). Inductor computes reductions "
+        "(batch statistics, normalization gradients) in its own order, so compiled and eager "
+        "fp32 values can differ in their last bits; a bf16 rounding downstream turns an "
+        "occasional last-bit difference into a one-ulp bf16 difference (0.4 %), which is how "
+        "compiled bf16 drifts from eager bf16 in torch.autocast as under emulation. Target "
+        "(issue 15): compiled losses within 1e-3 of eager."
+    )
+    title = "torch.compile on the corpus models: compiled vs eager loss, fp32 and bf16"
+    publish("autocast_drift", title, header, rows, note)
+    return 0
 
 
 def _publish_compiled(models: list[str], repeats: list[int], steps: int) -> int:
@@ -205,10 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time torch.compile'd steps instead (slow; writes results/autocast_compile.md)",
     )
+    ap.add_argument(
+        "--drift",
+        action="store_true",
+        help="compare compiled and eager losses instead (writes results/autocast_drift.md)",
+    )
     args = ap.parse_args(argv)
     models = args.models or corpus.available()
     if args.compile:
         return _publish_compiled(models, args.repeat, args.steps)
+    if args.drift:
+        return _publish_drift(models, args.repeat)
     rows = [
         _row(name, k, args.steps, n) for k in args.repeat for n in args.threads for name in models
     ]

@@ -196,8 +196,15 @@ class NanoGPT(nn.Module):
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)
-    return GPT2LMHeadModel(cfg).train()
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,  # GPT-2's 50256, within the small vocab
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg).train()
+    # transformers infers the loss from the class name, which GPT2LMHeadModel's does not match:
+    # name the causal-LM loss it falls back to, without its warning
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def _bert() -> nn.Module:
