@@ -217,8 +217,12 @@ def abs_terms(
     slower than a float32 one on CPUs (no oneDNN kernels); a bound needs no more."""
 
     def ab(t: torch.Tensor) -> torch.Tensor:
-        t = t.abs() if t.is_floating_point() else t
-        return t.to(dtype) if dtype is not None and t.dtype == torch.float64 else t
+        if not t.is_floating_point():
+            return t
+        if dtype is not None and t.dtype == torch.float64:
+            # rounding commutes with abs: narrow first, then abs in place on the narrow copy
+            return t.to(dtype).abs_()
+        return t.abs()
 
     kw = map_tensor_kwargs(ab, kwargs)
     # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
