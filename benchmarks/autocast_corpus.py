@@ -2,9 +2,10 @@
 
 Models: ``mixprec.testing.corpus`` (HF GPT-2, BERT, LLaMA, ResNet-18 and ViT from small configs, a
 nanoGPT-style GPT; random init, nothing downloaded), their example batch (2 x 16 tokens, or 2 images
-of 64x64) repeated ``--repeat`` times along the batch (default 1 and 16: at the corpus batch the
-tiny configs make the step a few milliseconds, so the fixed Python cost of the function mode per op
-dominates; at 16x the arithmetic does, as in real training). Step = forward, the entry's loss,
+of 64x64) repeated ``--repeat`` times along the batch (default 1, 16 and 64: at the corpus batch
+the tiny configs make the step a few milliseconds, so the fixed Python cost of the function mode
+per op dominates; the larger batches show the arithmetic taking over, as in real training;
+benchmarks/overhead_sweep.py follows bf16 over the whole range). Step = forward, the entry's loss,
 backward (no optimizer: it is the same in every mode). Modes: fp32; ``mixprec.autocast(fmt,
 emulate=True)`` for bf16, fp16, e4m3 (the default fp8 recipe: per-tensor current scaling, e5m2...
 gradients as the policy says) and mxfp8_e4m3. Time: minimum process CPU time over ``--steps``
@@ -264,7 +265,9 @@ def _publish_compiled(models: list[str], repeats: list[int], steps: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (minimum is reported)")
-    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
+    ap.add_argument(
+        "--repeat", type=int, nargs="+", help="batch repeats (1 16 64; --compile, --drift: 1 16)"
+    )
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads")
     ap.add_argument("--models", nargs="+", default=None, help="corpus models (default: all)")
     ap.add_argument(
@@ -280,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     models = args.models or corpus.available()
     if args.compile:
-        return _publish_compiled(models, args.repeat, args.steps)
+        return _publish_compiled(models, args.repeat or [1, 16], args.steps)
     if args.drift:
-        return _publish_drift(models, args.repeat)
+        return _publish_drift(models, args.repeat or [1, 16])
+    args.repeat = args.repeat or [1, 16, 64]
     rows = [
         _row(name, k, args.steps, n) for k in args.repeat for n in args.threads for name in models
     ]

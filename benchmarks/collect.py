@@ -13,7 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     "quantize", "quantize_isa", "autocast", "autocast_corpus", "autocast_compile",
-    "autocast_drift", "amp", "sanitize", "sanitize_corpus", "ulp", "stable_speed", "stabilize",
+    "autocast_drift", "overhead_sweep", "amp", "sanitize", "sanitize_corpus", "ulp",
+    "stable_speed", "stabilize",
 ]  # fmt: skip
 
 INTRO = """# Benchmarks
@@ -29,6 +30,7 @@ tables were measured at different times. Regenerate a table with its script, the
 | `benchmarks/quantize.py`, `mixprec bench --slow` | quantize ÷ clone or copy_, torch, ml_dtypes |
 | `benchmarks/autocast.py` | transformer training step: fp32, emulated, torch.autocast |
 | `benchmarks/autocast_corpus.py` | emulated ÷ fp32 step on the corpus; `--compile`, `--drift` |
+| `benchmarks/overhead_sweep.py` | emulated bf16 and sanitize() ÷ fp32 against step size (plot) |
 | `benchmarks/amp.py` | O0–O3 step times and the loss scaler's overhead |
 | `benchmarks/sanitize.py` | a training step under the float64 shadow sanitizer ÷ plain step |
 | `benchmarks/sanitize_corpus.py` | the same on the real-model corpus (HF models, nanoGPT) |
