@@ -9,12 +9,13 @@ of operands avoids), and whole training steps against fixed reference losses.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from mixprec import autocast, get_format, mx_quantize, quantize
+from mixprec import autocast, decode, get_format, mx_quantize, quantize
 from mixprec.precision.emulated import (
     element_rounder,
     round_result,
@@ -25,6 +26,7 @@ from mixprec.precision.emulated import (
 from mixprec.precision.fp8 import (
     CurrentScaling,
     _amax,
+    _amax_value,
     _apply_scale,
     _plain_scale,
     _plain_scale_value,
@@ -257,6 +259,53 @@ def test_float_scale_matches_the_tensor_scale() -> None:
             assert got == want or (got != got and want != want), (fmt, float(a))
 
 
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+def test_fused_current_scaling_computes_the_float_scale() -> None:
+    """The C kernel's amax and scale are _plain_scale_value's (torch's float32 scale) bit for
+    bit, over every binade of amax and the specials (zero, inf and NaN amaxes: scale 1), at
+    every SIMD level; the amax is the largest magnitude whatever the sign or the position."""
+    binades = torch.arange(-149, 128, dtype=torch.float64)
+    mant = torch.rand(
+        binades.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    amaxes = [float(a) for a in ((1 + mant) * 2.0**binades).float()]
+    amaxes += [0.0, 1e-45, torch.finfo().max, math.inf, math.nan]
+    best = kernel_isa()
+    try:
+        for level in KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]:
+            kernel_isa(level)
+            for k, a in enumerate(amaxes):
+                x = torch.tensor([a / 4, 0.0, -a, a / 2] * (k % 7 + 1))  # -a: the sign drops
+                for name in ("float8_e4m3fn", "float8_e5m2", "e2m1"):
+                    fmt = get_format(name)
+                    fmax = float(fmt.max)
+                    got = elementwise.fused_current_scaled_round(x, fmax, fmt)
+                    assert got is not None
+                    want = _plain_scale_value(_amax_value(x), fmax)
+                    assert got[1] == want, (level, a, name)
+    finally:
+        kernel_isa(best)
+
+
+def test_quotients_of_narrow_values_need_no_division() -> None:
+    """Why the scaled-rounding kernel may unscale without dividing: for every value q of a
+    format with at most 3 mantissa bits (all fp8, fp6 and fp4 values) and float32 scales s
+    across every binade, q / s in float32 equals q * (1 / s) computed in double and rounded to
+    float32 (the kernel's comment has the proof, which needs values of at most 4 significant
+    bits; wider formats keep the division)."""
+    gen = torch.Generator().manual_seed(11)
+    binades = torch.arange(-149, 128, dtype=torch.float64).repeat_interleave(160)
+    mant = torch.rand(binades.numel(), generator=gen, dtype=torch.float64)
+    s = ((1 + mant) * 2.0**binades).float()
+    s = torch.cat((s, torch.tensor([1e-45, 2.0**-126, 1.0, torch.finfo().max])))
+    for name in ("float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"):
+        q = decode(torch.arange(256, dtype=torch.int32) % 2 ** get_format(name).bits, name)
+        q = q[torch.isfinite(q)].unique()
+        want = q[:, None] / s[None, :]
+        got = (q.double()[:, None] * (1.0 / s.double())[None, :]).float()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_eager_current_scaling_equals_the_tensor_path(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
@@ -268,9 +317,9 @@ def test_eager_current_scaling_equals_the_tensor_path(
     recipe = CurrentScaling("E4M3")
     calls: list[int] = []
     if has_c_kernel():
-        kernel = elementwise._kernels.scaled_round
+        kernel = elementwise._kernels.current_scaled_round
         monkeypatch.setattr(
-            elementwise._kernels, "scaled_round", lambda *a: calls.append(1) or kernel(*a)
+            elementwise._kernels, "current_scaled_round", lambda *a: calls.append(1) or kernel(*a)
         )
     best = kernel_isa()
     levels = KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1] if best else [None]

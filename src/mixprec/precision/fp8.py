@@ -38,7 +38,7 @@ import torch
 from torch.compiler import is_compiling
 
 from mixprec.formats.float_format import FloatFormat, get_format
-from mixprec.quantization.elementwise import fused_scaled_round, round_to
+from mixprec.quantization.elementwise import fused_current_scaled_round, round_to
 
 if TYPE_CHECKING:
     from mixprec.precision.policy import FormatSpec, Policy
@@ -214,12 +214,18 @@ class CurrentScaling:
             )
             return _apply_scale(t, s, fmt)
         if t.is_cpu and t.numel() and not is_compiling():
-            # the default recipe in eager CPU code: the scale as a Python float (no device to
-            # wait for), two tiny ops instead of eight, the same bits (_plain_scale_value); the
-            # scaled rounding of a float32 operand in one C call (the same bits too)
-            s = _plain_scale_value(_amax_value(t), self._max_of(fmt))
-            fused = fused_scaled_round(t.detach(), s, fmt) if t.dtype == torch.float32 else None
-            return fused if fused is not None else _apply_scale(t, s, fmt)
+            # the default recipe in eager CPU code: a float32 operand's amax, scale and scaled
+            # rounding in one C call; else the scale as a Python float (no device to wait for),
+            # two tiny ops instead of eight. The same bits (_plain_scale_value) either way.
+            fmax = self._max_of(fmt)
+            fused = (
+                fused_current_scaled_round(t.detach(), fmax, fmt)
+                if t.dtype == torch.float32
+                else None
+            )
+            if fused is not None:
+                return fused[0]
+            return _apply_scale(t, _plain_scale_value(_amax_value(t), fmax), fmt)
         return _apply_scale(t, _plain_scale(_amax(t), self._max_of(fmt)), fmt)
 
 

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 enum { R_NEAREST = 0, R_STOCHASTIC = 1, R_TOWARD_ZERO = 2, R_UP = 3, R_DOWN = 4, R_ODD = 5 };
 enum { F_FLUSH = 1, F_NO_NEGZERO = 2, F_NEG_NAN = 4 };
@@ -972,20 +973,38 @@ static int element_format(const qparams *p, const char *who) {
     return 0;
 }
 
-/* Per-tensor scaled rounding (fp8 current scaling): y = round(x * s) / s, the float32 product,
- * the rounding loop quantize() runs and the float32 quotient, as mixprec.precision.fp8's torch
- * ops compute them (one copy multiplied, rounded and divided in place), a chunk at a time so
- * that the three passes stay in cache. x and y must not overlap. */
+/* Per-tensor current scaling (fp8 recipes): amax = max |x|, the scale s = fmax / amax as torch
+ * computes it in float32 (1.0 where that is not a positive finite number), then
+ * y = round(x * s) / s: the float32 product, the rounding loop quantize() runs and the float32
+ * quotient, as mixprec.precision.fp8's torch ops compute them (one copy multiplied, rounded and
+ * divided in place), a chunk at a time so that the three passes stay in cache. x and y must not
+ * overlap.
+ *
+ * The quotient without a division where the format has at most 3 mantissa bits (every fp8, fp6
+ * and fp4 format): q / s is then q * (1 / s) in double, rounded to float32, the same bits. Proof:
+ * write q = a 2^e (integer a <= 15) and s = b 2^f (integer b < 2^24), Q = q / s = (a / b) 2^k.
+ * The double result D errs by at most |Q| (2^-52 + 2^-106). A float32 rounding boundary M
+ * (a midpoint between neighbours, or the overflow threshold) is m 2^j with m odd of 25 bits, and
+ * j >= k - 48 because Q >= 2^(k-24). M = Q is impossible (the odd part of a 2^(k-j) is at most
+ * 15, that of b m at least 2^24); otherwise |Q - M| = |a 2^k - b m 2^j| / b >= 2^min(k,j) / b,
+ * which exceeds the error bound a 2^(k-52) / b (1 + 2^-54) since a < 16 and k - j <= 48. So D
+ * and Q round to the same float32 (subnormal results: j is larger still, the bound easier).
+ * Division costs a few cycles per element even vectorised, more than the rounding itself. */
 #define DEFINE_SCALED_ROUND(NAME, ATTR, ...)                                                    \
     ATTR static void NAME(const float *restrict x, float *y, int64_t n, float s,               \
                           const qparams *p, uint32_t lo, loop32_fn round) {                    \
+        const double rs = 1.0 / (double)s;                                                      \
+        const int narrow = p->M <= 3;                                                           \
         for (int64_t c0 = 0; c0 < n; c0 += MX_CHUNK) {                                          \
             const int64_t len = n - c0 < MX_CHUNK ? n - c0 : MX_CHUNK;                          \
-            float *yc = y + c0;                                                                 \
+            float *restrict yc = y + c0;                                                        \
             const float *restrict xc = x + c0;                                                  \
             for (int64_t k = 0; k < len; k++) yc[k] = xc[k] * s;                                \
             round((const uint32_t *)yc, (uint32_t *)yc, len, p, lo);                            \
-            for (int64_t k = 0; k < len; k++) yc[k] = yc[k] / s;                                \
+            if (narrow)                                                                         \
+                for (int64_t k = 0; k < len; k++) yc[k] = (float)((double)yc[k] * rs);          \
+            else                                                                                \
+                for (int64_t k = 0; k < len; k++) yc[k] = yc[k] / s;                            \
         }                                                                                       \
     }
 MP_VARIANTS(DEFINE_SCALED_ROUND, scaled_round32)
@@ -993,15 +1012,42 @@ typedef void (*scaled_round_fn)(const float *, float *, int64_t, float, const qp
                                 uint32_t, loop32_fn);
 static const scaled_round_fn SCALED_ROUND32[3] = MP_TABLE(scaled_round32);
 
-/* scaled_round(in_ptr, out_ptr, n, scale, M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits,
- *              flags, fast_lo): see DEFINE_SCALED_ROUND; nearest, with the format's
- * parameters as quantize() gets them (saturating for fp8 recipes). */
-static PyObject *py_scaled_round(PyObject *self, PyObject *args) {
+/* The largest |x| as a bit pattern (sign cleared): float magnitudes order as their patterns,
+ * and any pattern above inf's is a NaN. One vectorised integer pass. */
+#define DEFINE_ABSMAX(NAME, ATTR, ...)                                                          \
+    ATTR static uint32_t NAME(const uint32_t *restrict x, int64_t n) {                         \
+        uint32_t m = 0;                                                                         \
+        for (int64_t k = 0; k < n; k++) {                                                       \
+            const uint32_t v = x[k] & 0x7fffffffu;                                              \
+            m = v > m ? v : m;                                                                  \
+        }                                                                                       \
+        return m;                                                                               \
+    }
+MP_VARIANTS(DEFINE_ABSMAX, absmax32)
+typedef uint32_t (*absmax_fn)(const uint32_t *, int64_t);
+static const absmax_fn ABSMAX32[3] = MP_TABLE(absmax32);
+
+/* fp8.py's _plain_scale_value in C, the same IEEE operations: the float32 reciprocal of amax
+ * (inf for 0) times fmax, rounded to float32; 1.0 unless that is positive and finite (NaN
+ * amax included). */
+static float plain_scale(uint32_t amax_bits, double fmax) {
+    if (amax_bits > 0x7f800000u) return 1.0f;
+    float amax;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    const float r = amax != 0.0f ? (float)(1.0 / (double)amax) : (float)HUGE_VAL;
+    const float sc = (float)((double)r * fmax);
+    return sc > 0.0f && sc < (float)HUGE_VAL ? sc : 1.0f;
+}
+
+/* current_scaled_round(in_ptr, out_ptr, n, fmax, M, emin, max_bits, ovf_bits, minnorm_bits,
+ *                      zero_bits, flags, fast_lo) -> scale: see DEFINE_SCALED_ROUND; nearest,
+ * with the format's parameters as quantize() gets them (saturating for fp8 recipes). */
+static PyObject *py_current_scaled_round(PyObject *self, PyObject *args) {
     unsigned long long in_ptr, out_ptr, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, fast_lo;
     long long n, M, emin;
-    double scale;
+    double fmax;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKLdLLKKKKKK", &in_ptr, &out_ptr, &n, &scale, &M, &emin,
+    if (!PyArg_ParseTuple(args, "KKLdLLKKKKKK", &in_ptr, &out_ptr, &n, &fmax, &M, &emin,
                           &max_bits, &ovf_bits, &minnorm_bits, &zero_bits, &flags, &fast_lo))
         return NULL;
     if (n < 0) {
@@ -1009,13 +1055,16 @@ static PyObject *py_scaled_round(PyObject *self, PyObject *args) {
         return NULL;
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
-    if (!element_format(&p, "scaled_round")) return NULL;
+    if (!element_format(&p, "current_scaled_round")) return NULL;
     const int level = simd_level;
+    float scale;
     Py_BEGIN_ALLOW_THREADS
-    SCALED_ROUND32[level]((const float *)(uintptr_t)in_ptr, (float *)(uintptr_t)out_ptr, n,
-                          (float)scale, &p, (uint32_t)fast_lo, LOOPS32[R_NEAREST][level]);
+    const float *x = (const float *)(uintptr_t)in_ptr;
+    scale = plain_scale(ABSMAX32[level]((const uint32_t *)x, n), fmax);
+    SCALED_ROUND32[level](x, (float *)(uintptr_t)out_ptr, n, scale, &p, (uint32_t)fast_lo,
+                          LOOPS32[R_NEAREST][level]);
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)scale);
 }
 
 /* mx_floor(in_ptr, out_ptr, outer, n, inner, block, down, smallest, M, emin, max_bits, ovf_bits,
@@ -1131,8 +1180,9 @@ static PyMethodDef methods[] = {
      "Round n contiguous floats at in_ptr into out_ptr (may alias). Internal to mixprec."},
     {"mx_floor", py_mx_floor, METH_VARARGS,
      "Round float32 MX blocks (floor scale rule, nearest, saturating). Internal to mixprec."},
-    {"scaled_round", py_scaled_round, METH_VARARGS,
-     "round(x * s) / s of n float32 values (fp8 current scaling). Internal to mixprec."},
+    {"current_scaled_round", py_current_scaled_round, METH_VARARGS,
+     "round(x * s) / s of n float32 values, s = fmax / max|x| (fp8 current scaling); returns s."
+     " Internal to mixprec."},
     {"simd", py_simd, METH_VARARGS,
      "simd([name]) -> the loops' instruction set; with a name, select it (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},

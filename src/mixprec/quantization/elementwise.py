@@ -411,19 +411,25 @@ def _memory_order(x: torch.Tensor) -> list[int] | None:
     return order
 
 
-def fused_scaled_round(x: torch.Tensor, scale: float, fmt: FloatFormat) -> torch.Tensor | None:
-    """``round(x * scale) / scale`` of float32 ``x`` in ``fmt`` (nearest, saturating: an fp8
-    recipe's per-tensor scaled rounding) in one C call: the float32 product, ``round_to`` and the
-    float32 quotient, the same bits as those three torch ops. A fresh tensor in ``x``'s layout
-    where that is a permutation of a contiguous one (as the torch ops give), else contiguous;
-    None where the kernel does not serve (:func:`_one_c_call`). Cost: one read and one write of
-    ``x`` (plus a copy of a strided ``x`` it cannot run over)."""
+def fused_current_scaled_round(
+    x: torch.Tensor, fmax: float, fmt: FloatFormat
+) -> tuple[torch.Tensor, float] | None:
+    """fp8 current scaling of float32 ``x`` in one C call: ``s = fmax / max|x|`` as torch
+    computes it in float32 (1.0 where that is not a positive finite number: zeros, inf or NaN
+    in ``x``), then ``round(x * s) / s`` in ``fmt`` (nearest, saturating): the float32 product,
+    ``round_to`` and the float32 quotient, the same bits as those torch ops. Returns the
+    rounded tensor (fresh, in ``x``'s layout where that is a permutation of a contiguous one,
+    as the torch ops give; else contiguous) and ``s``; None where the kernel does not serve
+    (:func:`_one_c_call`). Cost: two reads of ``x`` (the maximum, then the rounding) and one
+    write, no temporaries (plus a copy of a strided ``x`` it cannot run over)."""
     if not _one_c_call(x):
         return None
     src = x if _gap_free(x) else x.contiguous()
     out = torch.empty_like(src)  # src's strides: elementwise over the span in memory order
-    _kernels.scaled_round(src.data_ptr(), out.data_ptr(), src.numel(), scale, *_element_args(fmt))
-    return out
+    scale = _kernels.current_scaled_round(
+        src.data_ptr(), out.data_ptr(), src.numel(), fmax, *_element_args(fmt)
+    )
+    return out, scale
 
 
 def _quantize_work(
