@@ -161,9 +161,9 @@ class CurrentScaling:
             e.g. ``forward="float8_e5m2"``); a format wider than 8 bits is rounded unscaled.
 
     Cost per operand: one amax reduction, one scaled copy rounded and divided in place. In
-    eager CPU code (``margin=0``, no ``power_of_two``: the default recipe) the amax and scale
-    are read as Python floats and a float32 operand's scaled rounding is one C call: one
-    ``aminmax`` pass, one read and one write, the same bits.
+    eager CPU code (``margin=0``, no ``power_of_two``: the default recipe) a float32 operand's
+    amax, scale and scaled rounding are one C call (an amax pass, then one read and one write;
+    no sync: a CPU tensor), other dtypes read amax and scale as Python floats; the same bits.
     """
 
     fp8_format: Literal["HYBRID", "E4M3"] = "HYBRID"
