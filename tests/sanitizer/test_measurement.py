@@ -60,6 +60,22 @@ def test_float32_sums_of_terms_bound_the_float64_sums_from_below(k: int) -> None
         assert bool((e >= 0).all())
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
+def test_sums_of_terms_leave_the_shadows_alone_and_take_exact_magnitudes(
+    dtype: torch.dtype | None,
+) -> None:
+    """The |arguments| are fresh tensors whatever ``dtype`` asks (narrowed before abs: the
+    same values, rounding commutes with abs), so the shadows passed in keep their signs."""
+    x = _f64(6, 7)
+    before = x.clone()
+    seen: list[torch.Tensor] = []
+    out = abs_terms(lambda t: seen.append(t) or t, (x,), {}, dtype)
+    assert out is not None and seen[0] is not x
+    assert torch.equal(x, before)
+    want = x.abs() if dtype in (None, torch.float64) else x.abs().to(dtype)
+    assert torch.equal(seen[0], want)
+
+
 def test_float64_sums_beyond_float32_range_are_not_bounded_in_float32() -> None:
     torch.manual_seed(0)
     func, args, kwargs = _ops(1e25)[0]  # products ~1e50: past float32's max

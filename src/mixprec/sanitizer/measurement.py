@@ -219,10 +219,10 @@ def abs_terms(
     def ab(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        if dtype is not None and t.dtype == torch.float64:
+        if dtype is not None and dtype != t.dtype and t.dtype == torch.float64:
             # rounding commutes with abs: narrow first, then abs in place on the narrow copy
             return t.to(dtype).abs_()
-        return t.abs()
+        return t.abs()  # a fresh tensor: the caller's shadow is never written
 
     kw = map_tensor_kwargs(ab, kwargs)
     # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
