@@ -382,7 +382,8 @@ def fused_mx_floor(
     ``x`` it cannot run over), the blocks in cache in between."""
     if not _one_c_call(x):
         return None
-    order = _memory_order(x) if keep_layout else None
+    # a contiguous x (most operands) is its own memory order: no permutation to work out
+    order = _memory_order(x) if keep_layout and not x.is_contiguous() else None
     if order is None:
         src = x.contiguous()
         out = dst = torch.empty_like(src)
