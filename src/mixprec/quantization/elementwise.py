@@ -337,9 +337,11 @@ def _gap_free(x: torch.Tensor) -> bool:
     return True
 
 
+@lru_cache(maxsize=1024)
 def _element_args(fmt: FloatFormat, saturate: bool = True) -> tuple[int, ...]:
     """The kernels' parameters of ``fmt`` for float32 and nearest (saturating by default: an
-    fp8 or MX operand's rounding), in the order the fused kernels take them."""
+    fp8 or MX operand's rounding), in the order the fused kernels take them. Cached: every
+    fused rounding passes them."""
     p = kernel_params(fmt, 32, saturate, True, "nearest")
     return (
         p.mantissa_bits, p.emin, p.max_bits, p.ovf_bits, p.minnorm_bits, p.zero_bits, p.flags,
