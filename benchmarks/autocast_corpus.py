@@ -190,7 +190,8 @@ DRIFT_MODES: dict[str, Ctx] = {
 
 def _batch_norm_eval(run: Runner) -> bool:
     """Put ``run``'s BatchNorm layers in eval mode (running statistics); False where it has none."""
-    norms = [m for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    norms = [m for m in run.model.modules() if isinstance(m, kinds)]
     for m in norms:
         m.eval()
     return bool(norms)

@@ -35,6 +35,7 @@ import mixprec
 from _common import RESULTS, publish
 from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
+from sanitize_corpus import Runner
 
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "fp32": contextlib.nullcontext,
@@ -43,29 +44,16 @@ MODES: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
 }
 
 
-class Step:
-    """One corpus model at one batch; :meth:`run` is forward, loss and backward in a mode."""
-
-    def __init__(self, name: str, repeat: int) -> None:
-        self.entry = corpus.get(name)
-        self.model, self.args, self.kwargs = self.entry.example(0, repeat)
-
-    def run(self, mode: str) -> float:
-        with MODES[mode]():
-            t0 = time.process_time()
-            self.entry.loss(self.model, self.args, self.kwargs).backward()
-            dt = time.process_time() - t0
-        self.model.zero_grad(set_to_none=True)
-        return dt
-
-
 def measure(name: str, repeat: int, steps: int) -> dict[str, float]:
     """Best CPU seconds per mode, interleaved rounds after a warm-up round."""
-    step = Step(name, repeat)
+    run = Runner(name, repeat)  # its step: forward, loss, backward, zero_grad
     best = dict.fromkeys(MODES, float("inf"))
     for i in range(steps + 1):
-        for mode in MODES:
-            dt = step.run(mode)
+        for mode, ctx in MODES.items():
+            with ctx():
+                t0 = time.process_time()
+                run.step()
+                dt = time.process_time() - t0
             if i:
                 best[mode] = min(best[mode], dt)
     return best
