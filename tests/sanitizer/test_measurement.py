@@ -120,3 +120,27 @@ def test_a_cancelling_convolution_is_judged_on_the_fast_path(
     assert report.findings == []
     assert [d for f, d in seen if f is aten.convolution.default] == [torch.float32]
     assert (aten.convolution_backward.default, torch.float32) in seen
+
+
+def test_an_inherited_error_is_not_judged_against_sums_of_terms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GEMM whose error is the one its input brought (a cancelling subtraction before it) is
+    no finding of its own, whatever its sums of |terms|: they are never computed for it (the op
+    once more, in float32), only the subtraction is reported."""
+    seen: list[Any] = []
+
+    def spy(func: Any, args: Any, kwargs: dict[str, Any], dtype: Any = None) -> Any:
+        seen.append(func)
+        return abs_terms(func, args, kwargs, dtype)
+
+    monkeypatch.setattr(measurement, "abs_terms", spy)
+    torch.manual_seed(0)
+    x = 1e-3 * torch.rand(16, 32)
+    w = torch.randn(32, 8)
+    with sanitize() as report:
+        u = (x + 1e4) - 1e4  # keeps ~4 of x's 24 bits
+        torch.mm(u, w)
+    assert [f.op for f in report.findings] == ["aten.sub.Tensor"]
+    assert report.stats["ops_shadowed"] == 3
+    assert aten.mm.default not in seen

@@ -345,6 +345,13 @@ def _new_nonfinite(extra: _SlowPath, i: int, r: torch.Tensor) -> bool:
     return bool(nan_r.any()) or bool((torch.isinf(r) & ~any_t).any())
 
 
+def _worse(call: ShadowedCall, e_out: float) -> bool:
+    """Did this op make the error worse: more than ``_AMP`` times the error it inherited? Only
+    then is a result worth the local re-run. (Non-finite inherited errors: only non-finite
+    results are news, judged element by element on the slow path.)"""
+    return e_out > _AMP * call.err and math.isfinite(call.err)
+
+
 def _sum_of_terms(call: ShadowedCall, i: int) -> bool:
     """Is result ``i`` a sum of products of the inputs (judged against the sum of |terms|)?"""
     return call.info.multilinear or i in call.info.sum_results
@@ -414,19 +421,23 @@ class Measurer:
                 suspicious, e_out, smax = self._suspicious(r, s, fi)
                 origin = (call.info.name, call.phase, call.site)
                 self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
+                sums = _sum_of_terms(call, i)
                 if suspicious is _AGREEING:
                     extra = extra or _SlowPath(call)
                     suspicious = _NONFINITE if _new_nonfinite(extra, i, r) else False
-                elif suspicious and _sum_of_terms(call, i):
-                    extra = extra or _SlowPath(call)
-                    suspicious = not _fine_against_terms(extra, i, r, s, fi)
-                if suspicious is _NONFINITE or (
-                    # the local re-run only where this op made the error worse: more than _AMP
-                    # times the error it inherited (non-finite inherited errors: only non-finite
-                    # results are news, judged element by element on the slow path)
-                    suspicious and e_out > _AMP * call.err and math.isfinite(call.err)
-                ):
-                    slow.append((i, r, s))
+                elif suspicious is _NONFINITE and sums:
+                    # judged like any other error: a non-finite element makes the ratio of
+                    # the terms test NaN, so that test cannot pass and is not run
+                    suspicious, sums = True, False
+                if suspicious is not _NONFINITE:
+                    if not (suspicious and _worse(call, e_out)):
+                        continue
+                    # the terms bound costs the op once more: only where it can decide
+                    if sums:
+                        extra = extra or _SlowPath(call)
+                        if _fine_against_terms(extra, i, r, s, fi):
+                            continue
+                slow.append((i, r, s))
             elif call.has_shadow and not r.is_floating_point() and not r.is_complex():
                 self._decision(call, r, s)
         return slow, extra
