@@ -142,6 +142,57 @@ def test_fused_mx_kernel_is_the_view_path_at_every_simd_level(
         kernel_isa(best)
 
 
+def _narrow_range_rows(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Rows whose 32-element blocks span at most 4 binades, so that every scaled element of most
+    blocks is a normal of an fp8 element format or above its largest (the kernel's cheaper
+    rounding for such blocks), with mantissa tails at and around every rounding tie, both
+    signs, and a few blocks spoiled by a zero, a subnormal, an inf or a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    sign = torch.randint(0, 2, (n,), generator=g, dtype=torch.int32) << 31
+    binade = torch.randint(0, 5, (n,), generator=g, dtype=torch.int32)
+    offset = torch.randint(-60, 60, (rows, 1), generator=g, dtype=torch.int32)  # per row
+    exponent = (127 + binade.view(rows, cols) + offset).view(-1) << 23
+    tails = torch.tensor(
+        [0, 1, 0x7FFFF, 0x80000, 0x80001, 0xFFFFF, 0x3FFFF, 0x40000, 0x1FFFF, 0x20000],
+        dtype=torch.int32,
+    )
+    pick = torch.randint(0, len(tails) + 1, (n,), generator=g)
+    tail = torch.where(
+        pick < len(tails),
+        tails[pick.clamp(max=len(tails) - 1)],
+        torch.randint(0, 1 << 20, (n,), generator=g, dtype=torch.int32),
+    )
+    top = torch.randint(0, 8, (n,), generator=g, dtype=torch.int32) << 20
+    x = (sign | exponent | top | tail).view(torch.float32)
+    for k, v in zip((37, 101, 170, 233), (0.0, 1e-40, float("inf"), float("nan")), strict=True):
+        x[k % n] = v
+    return x.view(rows, cols)
+
+
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize("element", ELEMENTS)
+def test_fused_mx_rows_in_one_pass_are_the_general_path(element: str) -> None:
+    """Blocks along the last axis run in one pass per block (each block's maximum, scale,
+    division, rounding and multiplication in registers), with a cheaper rounding where every
+    scaled element is a normal of the element format or above it: the general path's bits at
+    every SIMD level, ties, saturation and ragged or short rows included."""
+    f = get_format(element)
+    mx = get_mx_format(f)
+    best = kernel_isa()
+    try:
+        for cols in (256, 200, 31, 1):
+            x = _narrow_range_rows(8, cols, cols)
+            want = blocks._quantize_blocks(x, mx, 32, 1, "nearest", True, True, None, "floor")
+            for level in KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]:
+                kernel_isa(level)
+                got = elementwise.fused_mx_floor(x, f, 32, 1, 2.0**-mx.emax_elem, 2.0**-127)
+                assert got is not None
+                assert torch.equal(_bits(got), _bits(want)), (level, cols)
+    finally:
+        kernel_isa(best)
+
+
 def _layouts() -> list[tuple[torch.Tensor, bool]]:
     """(x, is x a permutation of a contiguous layout) for the fused kernels' layout tests."""
     heads = _special((2, 17, 4, 64), 7).transpose(1, 2)  # attention heads: view + transpose

@@ -923,11 +923,74 @@ static const loop64_fn E8M0_64[6][3] = {
         if (bad[b])                                                                             \
             for (int64_t k = j0; k < j1; k++) yu[k] = 0x7fc00000u;                              \
     } while (0)
+/* One block of a row along the last axis in one pass, for formats with a fast path (lo != 0):
+ * the block's largest magnitude, its scale, then each element divided (a multiply by the exact
+ * reciprocal), rounded and multiplied back, in registers: the same float32 operations and the
+ * same nearest rounding as the passes of DEFINE_MX_FLOOR, so the same bits, with one read and
+ * one write per element instead of a read and a write per pass. The rounding is fast32's, or
+ * where every scaled element is a normal of the target or above its range (the smallest
+ * magnitude scaled is >= lo: scaling is monotonic) and such blocks pay (nearest_block's rule),
+ * fast32's steps for exactly those: the target's quantum is the same d0 trailing bits
+ * everywhere, then the overflow rule (fast32's `r > max`), then the sign (a non-zero result:
+ * no zero, flush or NaN rule applies). A block holding inf or NaN is NaN. */
+#define MX_ROW_BLOCK(X, Y, LEN)                                                                 \
+    do {                                                                                        \
+        const uint32_t *restrict xb = (const uint32_t *)(X);                                    \
+        uint32_t m = 0u, mn = 0x7fffffffu;                                                      \
+        for (int64_t k = 0; k < (LEN); k++) {                                                   \
+            const uint32_t a = xb[k] & 0x7fffffffu;                                             \
+            m = a > m ? a : m;                                                                  \
+            mn = a < mn ? a : mn;                                                               \
+        }                                                                                       \
+        uint32_t *yb = (uint32_t *)(Y);                                                         \
+        if (m >= 0x7f800000u) {                                                                 \
+            for (int64_t k = 0; k < (LEN); k++) yb[k] = 0x7fc00000u;                            \
+        } else {                                                                                \
+            const uint32_t e = m & 0x7f800000u;                                                 \
+            float p2, mnf;                                                                      \
+            memcpy(&p2, &e, sizeof p2);                                                         \
+            memcpy(&mnf, &mn, sizeof mnf);                                                      \
+            const float sc0 = p2 * down, sc = sc0 < smallest ? smallest : sc0, r = 1.0f / sc;   \
+            const float tmin = mnf * r;                                                         \
+            uint32_t tminu;                                                                     \
+            memcpy(&tminu, &tmin, sizeof tminu);                                                \
+            float tf[32];                                                                       \
+            uint32_t tu[32];                                                                    \
+            for (int64_t k = 0; k < (LEN); k++) tf[k] = (X)[k] * r;                             \
+            memcpy(tu, tf, sizeof tu);                                                          \
+            if (normal && tminu >= lo) {                                                        \
+                for (int64_t k = 0; k < (LEN); k++) {                                           \
+                    const uint32_t a = tu[k] & 0x7fffffffu;                                     \
+                    uint32_t q = (a + inc + ((a >> d0) & 1u)) & keep;                           \
+                    q = (int32_t)q > fp.maxb ? fp.ovfb : q;                                     \
+                    tu[k] = q | (tu[k] & 0x80000000u);                                          \
+                }                                                                               \
+            } else {                                                                            \
+                for (int64_t k = 0; k < (LEN); k++) tu[k] = fast32(tu[k], R_NEAREST, &fp, 0u);  \
+            }                                                                                   \
+            memcpy(tf, tu, sizeof tf);                                                          \
+            for (int64_t k = 0; k < (LEN); k++) (Y)[k] = tf[k] * sc;                            \
+        }                                                                                       \
+    } while (0)
 #define DEFINE_MX_FLOOR(NAME, ATTR, ...)                                                        \
     ATTR static void NAME(const float *x, float *y, int64_t outer, int64_t n, int64_t inner,   \
                           int64_t block, int64_t per_chunk, const qparams *p, uint32_t lo,     \
                           float down, float smallest, float *scale, float *inv, uint32_t *bad, \
                           loop32_fn round) {                                                   \
+        if (inner == 1 && block == 32 && lo != 0u) {                                            \
+            const qparams pp = *p;                                                              \
+            const fastp fp = make_fastp(&pp);                                                   \
+            const int normal = normal_blocks_pay(&fp, lo, pp.flags);                            \
+            const uint32_t d0 = (uint32_t)fp.d0, keep = ~0u << d0, inc = (~keep) >> 1;          \
+            for (int64_t o = 0; o < outer; o++) {                                               \
+                const float *restrict xr = x + o * n;                                           \
+                float *restrict yr = y + o * n;                                                 \
+                int64_t j = 0;                                                                  \
+                for (; j + 32 <= n; j += 32) MX_ROW_BLOCK(xr + j, yr + j, 32);                  \
+                if (j < n) MX_ROW_BLOCK(xr + j, yr + j, n - j);                                 \
+            }                                                                                   \
+            return;                                                                             \
+        }                                                                                       \
         const int64_t span = per_chunk * block; /* indices along n per chunk */                 \
         for (int64_t o = 0; o < outer; o++) {                                                   \
             for (int64_t c0 = 0; c0 < n; c0 += span) {                                          \
