@@ -1053,11 +1053,49 @@ static int element_format(const qparams *p, const char *who) {
  * which exceeds the error bound a 2^(k-52) / b (1 + 2^-54) since a < 16 and k - j <= 48. So D
  * and Q round to the same float32 (subnormal results: j is larger still, the bound easier).
  * Division costs a few cycles per element even vectorised, more than the rounding itself. */
+/* With a fast path for the format (lo != 0) the three steps run NBLOCK elements at a time in
+ * registers (one read and one write per element instead of three passes over a chunk), the
+ * block rounded as the rounding loop rounds it (nearest_block where normal blocks pay, else
+ * fast32): the same bits. */
+#define SCALED_BLOCK(X, Y, LEN, ROUND_BODY)                                                     \
+    do {                                                                                        \
+        float tf[NBLOCK];                                                                       \
+        uint32_t tu[NBLOCK];                                                                    \
+        for (int64_t k = 0; k < (LEN); k++) tf[k] = (X)[k] * s;                                 \
+        memcpy(tu, tf, sizeof tu);                                                              \
+        ROUND_BODY;                                                                             \
+        memcpy(tf, tu, sizeof tf);                                                              \
+        if (narrow)                                                                             \
+            for (int64_t k = 0; k < (LEN); k++) (Y)[k] = (float)((double)tf[k] * rs);           \
+        else                                                                                    \
+            for (int64_t k = 0; k < (LEN); k++) (Y)[k] = tf[k] / s;                             \
+    } while (0)
 #define DEFINE_SCALED_ROUND(NAME, ATTR, ...)                                                    \
     ATTR static void NAME(const float *restrict x, float *y, int64_t n, float s,               \
                           const qparams *p, uint32_t lo, loop32_fn round) {                    \
         const double rs = 1.0 / (double)s;                                                      \
         const int narrow = p->M <= 3;                                                           \
+        if (lo != 0u) {                                                                         \
+            const qparams pp = *p;                                                              \
+            const fastp fp = make_fastp(&pp);                                                   \
+            const int normal = normal_blocks_pay(&fp, lo, pp.flags);                            \
+            int64_t i0 = 0;                                                                     \
+            for (; i0 + NBLOCK <= n; i0 += NBLOCK) {                                            \
+                prefetch_ahead(x + i0, n - i0, 4);                                              \
+                if (normal)                                                                     \
+                    SCALED_BLOCK(x + i0, y + i0, NBLOCK, nearest_block(tu, tu, &fp, lo));       \
+                else                                                                            \
+                    SCALED_BLOCK(x + i0, y + i0, NBLOCK,                                        \
+                                 for (int k = 0; k < NBLOCK; k++) tu[k] =                       \
+                                     fast32(tu[k], R_NEAREST, &fp, 0u));                        \
+            }                                                                                   \
+            const int64_t left = n - i0;                                                        \
+            if (left > 0)                                                                       \
+                SCALED_BLOCK(x + i0, y + i0, left,                                              \
+                             for (int64_t k = 0; k < left; k++) tu[k] =                         \
+                                 fast32(tu[k], R_NEAREST, &fp, 0u));                            \
+            return;                                                                             \
+        }                                                                                       \
         for (int64_t c0 = 0; c0 < n; c0 += MX_CHUNK) {                                          \
             const int64_t len = n - c0 < MX_CHUNK ? n - c0 : MX_CHUNK;                          \
             float *restrict yc = y + c0;                                                        \
