@@ -421,22 +421,27 @@ class Measurer:
                 suspicious, e_out, smax = self._suspicious(r, s, fi)
                 origin = (call.info.name, call.phase, call.site)
                 self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
-                sums = _sum_of_terms(call, i)
-                if suspicious is _AGREEING:
+                if not suspicious:
+                    continue
+                if suspicious is _AGREEING:  # new inf / NaN only: the slow path, always
                     extra = extra or _SlowPath(call)
-                    suspicious = _NONFINITE if _new_nonfinite(extra, i, r) else False
-                elif suspicious is _NONFINITE and sums:
-                    # judged like any other error: a non-finite element makes the ratio of
-                    # the terms test NaN, so that test cannot pass and is not run
-                    suspicious, sums = True, False
-                if suspicious is not _NONFINITE:
-                    if not (suspicious and _worse(call, e_out)):
+                    if _new_nonfinite(extra, i, r):
+                        slow.append((i, r, s))
+                    continue
+                sums = _sum_of_terms(call, i)
+                if suspicious is _NONFINITE and not sums:
+                    slow.append((i, r, s))  # judged element by element there
+                    continue
+                # an error (in a sum of products a non-finite element too: it makes the ratio of
+                # the terms test NaN, so that test cannot pass and is not run) goes to the slow
+                # path where this op made it worse, unless the terms bound, which costs the op
+                # once more and runs only where it can decide, clears it
+                if not _worse(call, e_out):
+                    continue
+                if sums and suspicious is not _NONFINITE:
+                    extra = extra or _SlowPath(call)
+                    if _fine_against_terms(extra, i, r, s, fi):
                         continue
-                    # the terms bound costs the op once more: only where it can decide
-                    if sums:
-                        extra = extra or _SlowPath(call)
-                        if _fine_against_terms(extra, i, r, s, fi):
-                            continue
                 slow.append((i, r, s))
             elif call.has_shadow and not r.is_floating_point() and not r.is_complex():
                 self._decision(call, r, s)
