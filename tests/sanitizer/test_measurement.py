@@ -97,19 +97,25 @@ def test_an_op_refusing_float32_arguments_gives_none() -> None:
     assert out is not None and bool((out[0] >= 0).all())
 
 
-def test_a_cancelling_convolution_is_judged_on_the_fast_path(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Outputs that cancel to ~0 (inputs near 100, kernels of +1 and -1) fail the cheap test
-    but are fine against their sums of |terms|; float32 sums decide that for the forward
-    convolution (no float64 sums, no slow path) and nothing is reported."""
-    seen: list[tuple[Any, torch.dtype | None]] = []
+def _spy_on_sums_of_terms(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
+    """The (op, dtype) of every sums-of-|terms| computation the sanitizer makes from now on."""
+    seen: list[tuple[Any, Any]] = []
 
     def spy(func: Any, args: Any, kwargs: dict[str, Any], dtype: Any = None) -> Any:
         seen.append((func, dtype))
         return abs_terms(func, args, kwargs, dtype)
 
     monkeypatch.setattr(measurement, "abs_terms", spy)
+    return seen
+
+
+def test_a_cancelling_convolution_is_judged_on_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outputs that cancel to ~0 (inputs near 100, kernels of +1 and -1) fail the cheap test
+    but are fine against their sums of |terms|; float32 sums decide that for the forward
+    convolution (no float64 sums, no slow path) and nothing is reported."""
+    seen = _spy_on_sums_of_terms(monkeypatch)
     torch.manual_seed(0)
     x = 100.0 + 1e-3 * torch.randn(2, 4, 12, 12)
     w = torch.ones(6, 4, 3, 3)
@@ -128,13 +134,7 @@ def test_an_inherited_error_is_not_judged_against_sums_of_terms(
     """A GEMM whose error is the one its input brought (a cancelling subtraction before it) is
     no finding of its own, whatever its sums of |terms|: they are never computed for it (the op
     once more, in float32), only the subtraction is reported."""
-    seen: list[Any] = []
-
-    def spy(func: Any, args: Any, kwargs: dict[str, Any], dtype: Any = None) -> Any:
-        seen.append(func)
-        return abs_terms(func, args, kwargs, dtype)
-
-    monkeypatch.setattr(measurement, "abs_terms", spy)
+    seen = _spy_on_sums_of_terms(monkeypatch)
     torch.manual_seed(0)
     x = 1e-3 * torch.rand(16, 32)
     w = torch.randn(32, 8)
@@ -143,4 +143,4 @@ def test_an_inherited_error_is_not_judged_against_sums_of_terms(
         torch.mm(u, w)
     assert [f.op for f in report.findings] == ["aten.sub.Tensor"]
     assert report.stats["ops_shadowed"] == 3
-    assert aten.mm.default not in seen
+    assert aten.mm.default not in [f for f, _ in seen]
