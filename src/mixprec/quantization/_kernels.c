@@ -279,6 +279,14 @@ MP_INLINE int normal_blocks_pay(const fastp *f, uint32_t lo, uint64_t flags) {
     return !(flags & F_NEG_NAN) && (((uint32_t)f->maxb >> 23) - (lo >> 23)) >= 8u;
 }
 
+/* Round to nearest (ties to even) where the target's quantum is the last d0 bits of u's pattern:
+ * a normal of the target, or a pattern beyond its largest (the caller's overflow rule then).
+ * The sign bit is untouched while the rounded magnitude stays below 2^31. */
+MP_INLINE uint32_t nearest_normal(uint32_t u, uint32_t d0) {
+    const uint32_t keep = ~0u << d0, inc = (~keep) >> 1;
+    return (u + inc + ((u >> d0) & 1u)) & keep;
+}
+
 MP_INLINE void nearest_block(const uint32_t *src, uint32_t *dst, const fastp *f, uint32_t lo) {
     const int32_t lo_i = (int32_t)lo, max_i = f->maxb; /* magnitudes are < 2^31: signed */
     uint32_t outside = 0;
@@ -290,8 +298,8 @@ MP_INLINE void nearest_block(const uint32_t *src, uint32_t *dst, const fastp *f,
         for (int i = 0; i < NBLOCK; i++) dst[i] = fast32(src[i], R_NEAREST, f, 0u);
         return;
     }
-    const uint32_t d0 = (uint32_t)f->d0, keep = ~0u << d0, inc = (~keep) >> 1;
-    for (int i = 0; i < NBLOCK; i++) dst[i] = (src[i] + inc + ((src[i] >> d0) & 1u)) & keep;
+    const uint32_t d0 = (uint32_t)f->d0;
+    for (int i = 0; i < NBLOCK; i++) dst[i] = nearest_normal(src[i], d0);
 }
 
 MP_INLINE void nearest_blocks(const uint32_t *src, uint32_t *dst, int64_t n, const fastp *f,
@@ -930,9 +938,9 @@ static const loop64_fn E8M0_64[6][3] = {
  * one write per element instead of a read and a write per pass. The rounding is fast32's, or
  * where every scaled element is a normal of the target or above its range (the smallest
  * magnitude scaled is >= lo: scaling is monotonic) and such blocks pay (nearest_block's rule),
- * fast32's steps for exactly those: the target's quantum is the same d0 trailing bits
- * everywhere, then the overflow rule (fast32's `r > max`), then the sign (a non-zero result:
- * no zero, flush or NaN rule applies). A block holding inf or NaN is NaN. */
+ * fast32's steps for exactly those: nearest_normal on the magnitude, then the overflow rule
+ * (fast32's `r > max`), then the sign (a non-zero result: no zero, flush or NaN rule applies).
+ * A block holding inf or NaN is NaN. */
 #define MX_ROW_BLOCK(X, Y, LEN)                                                                 \
     do {                                                                                        \
         const uint32_t *restrict xb = (const uint32_t *)(X);                                    \
@@ -960,8 +968,7 @@ static const loop64_fn E8M0_64[6][3] = {
             memcpy(tu, tf, sizeof tu);                                                          \
             if (normal && tminu >= lo) {                                                        \
                 for (int64_t k = 0; k < (LEN); k++) {                                           \
-                    const uint32_t a = tu[k] & 0x7fffffffu;                                     \
-                    uint32_t q = (a + inc + ((a >> d0) & 1u)) & keep;                           \
+                    uint32_t q = nearest_normal(tu[k] & 0x7fffffffu, d0);                       \
                     q = (int32_t)q > fp.maxb ? fp.ovfb : q;                                     \
                     tu[k] = q | (tu[k] & 0x80000000u);                                          \
                 }                                                                               \
@@ -981,7 +988,7 @@ static const loop64_fn E8M0_64[6][3] = {
             const qparams pp = *p;                                                              \
             const fastp fp = make_fastp(&pp);                                                   \
             const int normal = normal_blocks_pay(&fp, lo, pp.flags);                            \
-            const uint32_t d0 = (uint32_t)fp.d0, keep = ~0u << d0, inc = (~keep) >> 1;          \
+            const uint32_t d0 = (uint32_t)fp.d0;                                                \
             for (int64_t o = 0; o < outer; o++) {                                               \
                 const float *restrict xr = x + o * n;                                           \
                 float *restrict yr = y + o * n;                                                 \
@@ -1039,9 +1046,11 @@ static int element_format(const qparams *p, const char *who) {
 /* Per-tensor current scaling (fp8 recipes): amax = max |x|, the scale s = fmax / amax as torch
  * computes it in float32 (1.0 where that is not a positive finite number), then
  * y = round(x * s) / s: the float32 product, the rounding loop quantize() runs and the float32
- * quotient, as mixprec.precision.fp8's torch ops compute them (one copy multiplied, rounded and
- * divided in place), a chunk at a time so that the three passes stay in cache. x and y must not
- * overlap.
+ * quotient, as mixprec.precision.fp8's torch ops compute them. With a fast path for the format
+ * (lo != 0) the three steps run NBLOCK elements at a time in registers, one read and one write
+ * per element, the block rounded as the rounding loop rounds it (nearest_block where normal
+ * blocks pay, else fast32); otherwise (the general algorithm) a chunk at a time, so that three
+ * passes stay in cache. The same bits either way. x and y must not overlap.
  *
  * The quotient without a division where the format has at most 3 mantissa bits (every fp8, fp6
  * and fp4 format): q / s is then q * (1 / s) in double, rounded to float32, the same bits. Proof:
@@ -1053,10 +1062,8 @@ static int element_format(const qparams *p, const char *who) {
  * which exceeds the error bound a 2^(k-52) / b (1 + 2^-54) since a < 16 and k - j <= 48. So D
  * and Q round to the same float32 (subnormal results: j is larger still, the bound easier).
  * Division costs a few cycles per element even vectorised, more than the rounding itself. */
-/* With a fast path for the format (lo != 0) the three steps run NBLOCK elements at a time in
- * registers (one read and one write per element instead of three passes over a chunk), the
- * block rounded as the rounding loop rounds it (nearest_block where normal blocks pay, else
- * fast32): the same bits. */
+/* One NBLOCK-element (or shorter, LEN) block of DEFINE_SCALED_ROUND's fast path, rounded by
+ * ROUND_BODY on the patterns tu. */
 #define SCALED_BLOCK(X, Y, LEN, ROUND_BODY)                                                     \
     do {                                                                                        \
         float tf[NBLOCK];                                                                       \
