@@ -144,6 +144,22 @@ def test_non_finite_input_does_not_hide_other_elements() -> None:
     assert not only(report.findings, location=line_of("exp-propagates"))
 
 
+def test_nan_born_from_inf_inside_a_gemm_is_new_and_names_its_cause() -> None:
+    # a product sum holding +inf and -inf terms gives NaN where no NaN input reaches: new, as
+    # at an elementwise op, although the GEMM's inputs carry an infinite inherited error
+    x = torch.tensor([[100.0, 100.0], [1.0, 2.0]])
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    with sanitize() as report:
+        y = torch.exp(x)  # <gemm-exp>
+        torch.mm(y, w)  # <gemm-nan>
+    over = only(report.findings, kind="overflow", location=line_of("gemm-exp"))
+    nan = only(report.findings, kind="nan", location=line_of("gemm-nan"))
+    assert over and nan, [f.label for f in report.findings]
+    assert nan[0].count == 1  # row 0, column 1: inf - inf; column 0's inf is inherited
+    assert nan[0].cause == over[0].label
+    assert not only(report.findings, kind="overflow", location=line_of("gemm-nan"))
+
+
 def test_in_place_on_a_view_keeps_the_base_shadow() -> None:
     a = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
     with sanitize() as report:
@@ -337,7 +353,9 @@ def test_fresh_process_sanitizes_without_dynamo_and_checks_code_compiled_inside(
     out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dynamo after a sanitized step: False" in out.stdout
-    assert "[('aten.exp.default', 'overflow', '<string>')]" in out.stdout
+    # the overflow, and the NaN its inf makes in the weight gradient (inf - inf in the GEMM)
+    found = "[('aten.exp.default', 'overflow', '<string>'), ('aten.mm.default', 'nan', '<string>')]"
+    assert found in out.stdout, out.stdout
 
 
 def test_layer_norm_of_centred_rows_is_no_finding() -> None:

@@ -348,7 +348,7 @@ def _new_nonfinite(extra: _SlowPath, i: int, r: torch.Tensor) -> bool:
 def _worse(call: ShadowedCall, e_out: float) -> bool:
     """Did this op make the error worse: more than ``_AMP`` times the error it inherited? Only
     then is a result worth the local re-run. (Non-finite inherited errors: only non-finite
-    results are news, judged element by element on the slow path.)"""
+    results are news, and those take the slow path whatever their error.)"""
     return e_out > _AMP * call.err and math.isfinite(call.err)
 
 
@@ -428,17 +428,15 @@ class Measurer:
                     if _new_nonfinite(extra, i, r):
                         slow.append((i, r, s))
                     continue
-                sums = _sum_of_terms(call, i)
-                if suspicious is _NONFINITE and not sums:
+                if suspicious is _NONFINITE:
                     slow.append((i, r, s))  # judged element by element there
                     continue
-                # an error (in a sum of products a non-finite element too: it makes the ratio of
-                # the terms test NaN, so that test cannot pass and is not run) goes to the slow
-                # path where this op made it worse, unless the terms bound, which costs the op
-                # once more and runs only where it can decide, clears it
+                # an error goes to the slow path where this op made it worse, unless the terms
+                # bound of a sum of products, which costs the op once more and runs only where
+                # it can decide, clears it
                 if not _worse(call, e_out):
                     continue
-                if sums and suspicious is not _NONFINITE:
+                if _sum_of_terms(call, i):
                     extra = extra or _SlowPath(call)
                     if _fine_against_terms(extra, i, r, s, fi):
                         continue
