@@ -206,3 +206,121 @@ def test_inductor_fuses_cast_roundings_bit_exact(simdlen: int | None) -> None:
         assert torch.equal(_bits(g), _bits(want)), (fmt, sat)
     calls = "\n".join(code).count("= torch.ops.mixprec.round.default(")
     assert calls == sum(not fused for *_, fused in FUSED_CASES)
+
+
+# -- MX blocks: mixprec::mx_round ----------------------------------------------------------------
+
+_MX_ELEMENTS = ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1")
+
+
+def _mx_cases() -> list[tuple[torch.Tensor, int]]:
+    """(operand, axis): channels-last activations blocked along channels, rows along the last
+    axis and down the first, a transposed operand, a ragged (48) axis, a strided slice, and
+    blocks holding NaN, inf, zeros and subnormals."""
+    g = torch.Generator().manual_seed(1)
+    act = torch.randn(2, 64, 5, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = torch.randn(6, 96, generator=g) * torch.logspace(-40, 30, 96)
+    rows[0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    rows[1, :32] = 0.0
+    rows[2, 32:64] = 1e-42  # a block of subnormals
+    ragged = torch.randn(4, 48, generator=g)
+    sliced = torch.randn(8, 64, generator=g)[::2]
+    return [(act, 1), (rows, -1), (rows.t(), 0), (rows.t(), 1), (ragged, -1), (sliced, 0)]
+
+
+def _mx_round_all(xs: list[torch.Tensor], elem: str, rule: str) -> list[torch.Tensor]:
+    from mixprec.quantization import mx_round_to
+
+    return [mx_round_to(x, elem, 32, axis, rule) for x, axis in zip(xs, _AXES, strict=True)]
+
+
+_AXES = [axis for _, axis in _mx_cases()]
+
+
+def _graph_ops(backend: str) -> tuple[Callable[..., object], list[str]]:
+    """A backend that notes the ops of every graph it is given, then runs ``backend``."""
+    seen: list[str] = []
+
+    def note(gm: torch.fx.GraphModule, example: list[torch.Tensor]) -> Callable[..., object]:
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op.startswith("call_"))
+        return torch._dynamo.lookup_backend(backend)(gm, example)
+
+    return note, seen
+
+
+# each element format and rule is a compile of _mx_round_all (strings are guarded constants)
+@torch._dynamo.config.patch(recompile_limit=64)
+@pytest.mark.parametrize("rule", ["floor", "ceil", "even", "rceil"])
+def test_compiled_mx_blocks_are_the_eager_bits_in_one_op(rule: str, monkeypatch) -> None:
+    """On CPU an MX rounding traces to one ``mixprec::mx_round`` call (the C kernel at run
+    time) with eager's bits, in ``x``'s layout, for every element format and scale rule (every
+    operand here: large ones only by default)."""
+    from mixprec.quantization import blocks
+
+    monkeypatch.setattr(blocks, "_EXTERN_MIN", 1)
+    torch._dynamo.reset()  # _mx_round_all's compiles of other tests
+    counters.clear()
+    xs = [x for x, _ in _mx_cases()]
+    backend, seen = _graph_ops("aot_eager")
+    f = torch.compile(_mx_round_all, backend=backend, fullgraph=True)
+    for elem in _MX_ELEMENTS:
+        for x, got, want in zip(xs, f(xs, elem, rule), _mx_round_all(xs, elem, rule), strict=True):
+            assert torch.equal(_bits(got), _bits(want)), (elem, rule)
+            assert got.stride() == torch.empty_like(x).stride()  # x's, where x is dense
+    assert seen.count("mixprec.mx_round.default") == len(xs) * len(_MX_ELEMENTS)
+    assert not counters["graph_break"]
+
+
+def test_inductor_runs_mx_blocks_as_the_eager_kernel(monkeypatch) -> None:
+    from mixprec.quantization import blocks
+
+    monkeypatch.setattr(blocks, "_EXTERN_MIN", 1)
+    torch._dynamo.reset()
+    counters.clear()
+    xs = [x for x, _ in _mx_cases()]
+    f = torch.compile(_mx_round_all, fullgraph=True)
+    for got, want in zip(f(xs, "e4m3", "floor"), _mx_round_all(xs, "e4m3", "floor"), strict=True):
+        assert torch.equal(_bits(got), _bits(want))
+    assert not counters["graph_break"]
+
+
+def test_compiled_mx_blocks_without_the_c_kernel_trace_the_torch_ops(monkeypatch) -> None:
+    """Where the C kernel does not serve (CUDA, the torch backend) the torch ops are traced
+    and compiled: the same bits (run here on the CPU by hiding the kernel)."""
+    from mixprec.quantization import blocks
+
+    monkeypatch.setattr(blocks, "has_c_kernel", lambda: False)
+    torch._dynamo.reset()
+    xs = [x for x, _ in _mx_cases()]
+    backend, seen = _graph_ops("inductor")
+    f = torch.compile(_mx_round_all, backend=backend, fullgraph=True)
+    for got, want in zip(f(xs, "e4m3", "floor"), _mx_round_all(xs, "e4m3", "floor"), strict=True):
+        assert torch.equal(_bits(got), _bits(want))
+    assert "mixprec.mx_round.default" not in seen and any("amax" in op for op in seen)
+    torch._dynamo.reset()  # the next compile of _mx_round_all sees the kernel again
+
+
+def test_compiled_graphs_round_only_large_mx_operands_by_the_kernel() -> None:
+    """Small operands keep the traced torch ops (inductor fuses them; an extern call costs
+    more than they do), from 32k elements the C kernel rounds them: the same bits."""
+    from mixprec.quantization import mx_round_to
+
+    def two(small: torch.Tensor, large: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mx_round_to(small, "e4m3", 32, -1), mx_round_to(large, "e4m3", 32, 0)
+
+    g = torch.Generator().manual_seed(2)
+    small, large = torch.randn(64, 64, generator=g), torch.randn(1024, 40, generator=g)
+    backend, seen = _graph_ops("inductor")
+    got = torch.compile(two, backend=backend, fullgraph=True)(small, large)
+    for a, b in zip(got, two(small, large), strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    assert seen.count("mixprec.mx_round.default") == 1
+
+
+def test_mx_round_op_gradient_is_zero_under_compile() -> None:
+    from mixprec.quantization import mx_round_to
+
+    f = torch.compile(lambda x: (mx_round_to(x, "e4m3", 32, -1) * 2).sum(), backend="aot_eager")
+    x = torch.randn(512, 64).requires_grad_()  # 32k elements: the op
+    f(x).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

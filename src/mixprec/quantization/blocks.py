@@ -70,6 +70,7 @@ from mixprec.formats.mx_format import (
     check_scale_rounding,
     get_mx_format,
 )
+from mixprec.quantization import ops
 from mixprec.quantization.elementwise import (
     _check_code_range,
     _check_codes_tensor,
@@ -80,6 +81,7 @@ from mixprec.quantization.elementwise import (
     decode,
     encode,
     fused_mx_floor,
+    has_c_kernel,
     quantize_,
     round_to,
 )
@@ -316,18 +318,25 @@ def _view_scales(amax: torch.Tensor, down: float, smallest: float) -> torch.Tens
     return torch.where(torch.isfinite(amax), scale, float("nan"))
 
 
-def _block_view(x: torch.Tensor, axis: int, block: int) -> tuple[torch.Tensor, int]:
-    """Contiguous ``x`` as ``(..., nblocks, size, ...)`` along ``axis``, and the block dim.
-
-    A length above ``block`` that it does not divide is zero padded (a copy; padding zeros
-    never change a block's maximum); a shorter one is one short block."""
+def _block_view(x: torch.Tensor, axis: int, size: int) -> tuple[torch.Tensor, int]:
+    """Contiguous ``x``, whose length along ``axis`` is a multiple of ``size``, as
+    ``(..., nblocks, size, ...)``, and the block dimension."""
     n = x.shape[axis]
-    size = min(n, block)
-    pad = -n % size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - axis) + (0, pad))
-    shape = (*x.shape[:axis], (n + pad) // size, size, *x.shape[axis + 1 :])
-    return x.view(shape), axis + 1
+    return x.view(*x.shape[:axis], n // size, size, *x.shape[axis + 1 :]), axis + 1
+
+
+def _views_round(
+    x: torch.Tensor, mx: MXFormat, size: int, axis: int, params: tuple[float, float]
+) -> torch.Tensor:
+    """The blocks of ``size`` elements along ``axis`` (a multiple of ``size`` long) of float32
+    ``x``, rounded in views (``params``: :func:`_view_params`): :func:`_round_in_views`' torch
+    ops. A fresh contiguous tensor."""
+    xb, dim = _block_view(x.contiguous(), axis, size)
+    scale = _view_scales(xb.abs().amax(dim=dim, keepdim=True), *params)
+    # x / 2^k is x * 2^-k exactly (both correctly rounded, same real value); NaN blocks: NaN
+    scaled = xb / scale
+    round_to(scaled, mx.element, saturate=True, out=scaled)
+    return scaled.mul_(scale).view(x.shape)  # exact: the rounded elements times 2^k
 
 
 def _round_in_views(
@@ -340,7 +349,8 @@ def _round_in_views(
     ``aminmax``, slow on CPU). None where it does not apply (the general path decides).
 
     Cost: one pass for the block maxima (an ``abs`` temporary), one allocation for the scaled
-    copy, rounded and rescaled in place; tiny ops on the per-block scales. No device sync.
+    copy, rounded and rescaled in place; tiny ops on the per-block scales; for a ragged axis,
+    copies of the whole blocks and of the last block, and their concatenation. No device sync.
     """
     params = _view_params(mx)
     if params is None or x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
@@ -349,16 +359,17 @@ def _round_in_views(
     fused = fused_mx_floor(x, mx.element, block, axis, *params, keep_layout=keep_layout)
     if fused is not None:
         return fused
-    xb, dim = _block_view(x.contiguous(), axis, block)
-    scale = _view_scales(xb.abs().amax(dim=dim, keepdim=True), *params)
-    # x / 2^k is x * 2^-k exactly (both correctly rounded, same real value); NaN blocks: NaN
-    scaled = xb / scale
-    round_to(scaled, mx.element, saturate=True, out=scaled)
-    scaled = scaled.mul_(scale)  # exact: the rounded elements times 2^k
-    if scaled.numel() == x.numel():
-        return scaled.view(x.shape)
-    flat = scaled.flatten(dim - 1, dim)  # drop the padding
-    return flat.narrow(axis, 0, x.shape[axis]).contiguous()
+    n = x.shape[axis]
+    size = min(n, block)
+    whole = n - n % size
+    if whole == n:
+        return _views_round(x, mx, size, axis, params)
+    # a ragged axis: the whole blocks, then the last, short block on its own (no zero padding:
+    # inductor miscompiles a block reduction over a padded view whose narrowed result is
+    # returned, in torch 2.13 it reads past the data there)
+    head = _views_round(x.narrow(axis, 0, whole), mx, size, axis, params)
+    tail = _views_round(x.narrow(axis, whole, n - whole), mx, n - whole, axis, params)
+    return torch.cat([head, tail], axis)
 
 
 def _quantize_blocks(
@@ -379,6 +390,21 @@ def _quantize_blocks(
     return _from_blocks(scaled, n, axis, x.shape, x.dtype)
 
 
+#: Operands from this many elements up are rounded in compiled CPU graphs by the C kernel (an
+#: extern call, ~25 us of dispatch), smaller ones by the traced torch ops, which inductor fuses
+#: into the kernel that makes the operand but compiles to scalar bit casts and a division per
+#: element (benchmarked: at 32k elements the two cost the same for blocks along the last axis,
+#: the extern call half as much along other axes; at 512k, a fifth to a half)
+_EXTERN_MIN = 1 << 15
+
+
+def _extern_when_compiled(x: torch.Tensor) -> bool:
+    """Does a compiled graph round ``x``'s MX blocks by the C kernel (``mixprec::mx_round``)?
+    On the CPU, with the kernel built, for operands of :data:`_EXTERN_MIN` elements or more
+    (a guard on ``x``'s size)."""
+    return x.is_cpu and has_c_kernel() and x.numel() >= _EXTERN_MIN
+
+
 def mx_round_to(
     x: torch.Tensor,
     mx: MXFormat | FloatFormat,
@@ -393,9 +419,14 @@ def mx_round_to(
     not see its float32 rounding (callers attach their own gradient). Unlike ``mx_quantize``, the
     result keeps ``x``'s layout where ``x`` is a permutation of a contiguous one and the fused
     kernel serves it (a transposed operand: no transposing copy, and the GEMM then sums in the
-    order it does in float32)."""
+    order it does in float32). While torch.compile traces a CPU graph, operands of 32k
+    elements or more are rounded by the custom op ``mixprec::mx_round``
+    (:func:`~.ops.mx_round_op`: the C kernel, an extern call); smaller ones, and every operand
+    off the CPU, by traced torch ops that inductor fuses."""
     fmt = get_mx_format(mx)
     ax = axis % x.dim() if x.dim() else 0
+    if torch.compiler.is_compiling() and _extern_when_compiled(x):
+        return ops.mx_round_op(x, fmt.element, block_size, ax, scale_rounding)
     if scale_rounding == "floor":
         out = _round_in_views(x, fmt, block_size, ax, keep_layout=True)
         if out is not None:
