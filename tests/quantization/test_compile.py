@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import mixprec
-from mixprec.quantization import round_to
+from mixprec.quantization import has_c_kernel, round_to
 
 CASES = [
     ("bf16", {}),
@@ -211,6 +211,7 @@ def test_inductor_fuses_cast_roundings_bit_exact(simdlen: int | None) -> None:
 # -- MX blocks: mixprec::mx_round ----------------------------------------------------------------
 
 _MX_ELEMENTS = ("e4m3", "e5m2", "e3m2", "e2m3", "e2m1")
+needs_c = pytest.mark.skipif(not has_c_kernel(), reason="no C kernel: the torch ops are traced")
 
 
 def _mx_cases() -> list[tuple[torch.Tensor, int]]:
@@ -249,6 +250,7 @@ def _graph_ops(backend: str) -> tuple[Callable[..., object], list[str]]:
 
 
 # each element format and rule is a compile of _mx_round_all (strings are guarded constants)
+@needs_c
 @torch._dynamo.config.patch(recompile_limit=64)
 @pytest.mark.parametrize("rule", ["floor", "ceil", "even", "rceil"])
 def test_compiled_mx_blocks_are_the_eager_bits_in_one_op(rule: str, monkeypatch) -> None:
@@ -271,6 +273,7 @@ def test_compiled_mx_blocks_are_the_eager_bits_in_one_op(rule: str, monkeypatch)
     assert not counters["graph_break"]
 
 
+@needs_c
 def test_inductor_runs_mx_blocks_as_the_eager_kernel(monkeypatch) -> None:
     from mixprec.quantization import blocks
 
@@ -300,6 +303,7 @@ def test_compiled_mx_blocks_without_the_c_kernel_trace_the_torch_ops(monkeypatch
     torch._dynamo.reset()  # the next compile of _mx_round_all sees the kernel again
 
 
+@needs_c
 def test_compiled_graphs_round_only_large_mx_operands_by_the_kernel() -> None:
     """Small operands keep the traced torch ops (inductor fuses them; an extern call costs
     more than they do), from 32k elements the C kernel rounds them: the same bits."""
@@ -317,10 +321,47 @@ def test_compiled_graphs_round_only_large_mx_operands_by_the_kernel() -> None:
     assert seen.count("mixprec.mx_round.default") == 1
 
 
-def test_mx_round_op_gradient_is_zero_under_compile() -> None:
+def test_compiled_mx_rounding_gradient_is_zero() -> None:
     from mixprec.quantization import mx_round_to
 
     f = torch.compile(lambda x: (mx_round_to(x, "e4m3", 32, -1) * 2).sum(), backend="aot_eager")
-    x = torch.randn(512, 64).requires_grad_()  # 32k elements: the op
+    x = torch.randn(512, 64).requires_grad_()  # 32k elements: the op where the kernel is built
     f(x).backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def _mx_quantize_ragged(xs: list[torch.Tensor], rule: str) -> list[torch.Tensor]:
+    axes = (-1, -1, 0, -1)
+    return [
+        mixprec.mx_quantize(x, "mxfp8_e4m3", axis=a, scale_rounding=rule)
+        for x, a in zip(xs, axes, strict=True)
+    ] + list(mixprec.mx_encode(xs[1], "mxfp8_e4m3", scale_rounding=rule))
+
+
+def test_mx_quantize_compiles_in_one_graph_with_eager_bits_on_ragged_axes() -> None:
+    """The public MX rounding and encoding trace whole (the in-place element rounding is the
+    custom op): ragged axes (whole blocks and a short last block), a single short block,
+    every scale rule, the eager bits. Inductor had returned garbage past the data for a
+    ragged axis."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(s, generator=g) * 100 for s in ((4, 48), (3, 70), (70, 3), (5, 20))]
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(_mx_quantize_ragged, fullgraph=True)
+    for rule in ("floor", "ceil", "even", "rceil"):
+        for got, want in zip(f(xs, rule), _mx_quantize_ragged(xs, rule), strict=True):
+            if want.is_floating_point():
+                got, want = _bits(got), _bits(want)
+            assert torch.equal(got, want), (tuple(want.shape), rule)  # codes and scales: uint8
+    assert not counters["graph_break"]
+
+
+def test_in_place_quantize_compiles_in_one_graph() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x * 3
+        return mixprec.quantize_(y, "e5m2", rounding="toward_zero")
+
+    counters.clear()
+    x = _x()
+    assert torch.equal(_bits(torch.compile(f, fullgraph=True)(x)), _bits(f(x)))
+    assert not counters["graph_break"]

@@ -379,6 +379,16 @@ def _quantize_blocks(
     """The general path of :func:`mx_quantize` (checked arguments, ``axis`` normalised)."""
     if x.numel() == 0:
         return x.clone()
+    n = x.shape[axis] if x.dim() else 1
+    whole = n - n % block_size
+    if torch.compiler.is_compiling() and 0 < whole < n:
+        # the whole blocks and the short last one (a block of its own length) apart, with no
+        # zero padding, which inductor miscompiles (see _round_in_views); eager keeps one pass,
+        # whose stochastic draws follow the elements' order
+        rest = (axis, rounding, saturate, subnormals, generator, scale_rounding)
+        head = _quantize_blocks(x.narrow(axis, 0, whole), mx, block_size, *rest)
+        tail = _quantize_blocks(x.narrow(axis, whole, n - whole), mx, n - whole, *rest)
+        return torch.cat([head, tail], axis)
     blocks, n, shared, bad = _blocked(x, mx, block_size, axis, scale_rounding)
     scaled = _scaled_elements(blocks, shared, bad, rounding)
     quantize_(

@@ -218,7 +218,8 @@ def _check_writable(t: torch.Tensor) -> None:
     """What torch checks before any in-place write: no self-overlap, no inference tensor."""
     if not t.is_contiguous() and any(st == 0 and sz > 1 for sz, st in _dims(t)):
         raise RuntimeError(_INTERNAL_OVERLAP_MSG)
-    if t.is_inference() and not torch.is_inference_mode_enabled():
+    # (dynamo traces no inference tensors, and refuses the question)
+    if not _is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(_INFERENCE_MSG)
 
 
@@ -662,6 +663,8 @@ def quantize_(
     if torch.is_grad_enabled() and x.requires_grad:
         _check_inplace_autograd(x)
         x.copy_(_round(x.detach(), f, rounding, saturate, subnormals, generator, None))
+    elif _is_compiling():  # the custom op, its result copied back
+        _round_compiled(x, f, rounding, saturate, subnormals, generator, x)
     else:
         _round(x, f, rounding, saturate, subnormals, generator, x)
     notify_rounding(x, x, f)
