@@ -143,6 +143,24 @@ def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
         assert abs(float(loss.detach()) - want) <= 1e-3 * abs(want)
 
 
+def test_compiled_mx_region_over_ragged_reduction_axes_is_eager() -> None:
+    """Reduction lengths 48 and 40 (a whole block and a short one): the traced MX rounding
+    once gave a NaN loss under inductor (it read past the data of a zero-padded block)."""
+    dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 8))
+    x = torch.randn(16, 48)
+
+    def loss(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        return m(t).square().mean()
+
+    with autocast("mxfp8_e4m3", emulate=True):
+        want = float(loss(model, x))
+    step = torch.compile(autocast("mxfp8_e4m3", emulate=True)(loss), fullgraph=True)
+    got = float(step(model, x))
+    assert abs(got - want) <= 1e-6 * abs(want)
+
+
 @pytest.mark.parametrize("keep_casts", [False, True], ids=["default", "emulate_precision_casts"])
 def test_bf16_region_compiles_to_fused_roundings(keep_casts: bool) -> None:
     """Under inductor, a bf16 region's roundings fuse into the generated kernels (no
