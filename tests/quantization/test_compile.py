@@ -339,10 +339,10 @@ def _mx_quantize_ragged(xs: list[torch.Tensor], rule: str) -> list[torch.Tensor]
 
 
 def test_mx_quantize_compiles_in_one_graph_with_eager_bits_on_ragged_axes() -> None:
-    """The public MX rounding and encoding trace whole (the in-place element rounding is the
-    custom op): ragged axes (whole blocks and a short last block), a single short block,
-    every scale rule, the eager bits. Inductor had returned garbage past the data for a
-    ragged axis."""
+    """The public MX rounding (and fp8 encoding) traces whole (the in-place element rounding
+    is the custom op): ragged axes (whole blocks and a short last block), a single short
+    block, every scale rule, the eager bits. Inductor had returned garbage past the data for
+    a ragged axis."""
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(s, generator=g) * 100 for s in ((4, 48), (3, 70), (70, 3), (5, 20))]
     torch._dynamo.reset()
