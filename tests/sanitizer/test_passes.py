@@ -59,6 +59,48 @@ def test_c_passes_equal_torch_passes(i: int) -> None:
         assert c.ratio64(frac, 2.0**-1022) == t.ratio64(frac, 2.0**-1022)
 
 
+def _nonfinite_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(real, shadow) pairs holding inf or NaN: agreeing (the same inf, both NaN), disagreeing
+    (an inf or NaN against a finite value, +inf against -inf, a NaN against an inf), an
+    overflowed float32 real, in float32 and bfloat16, with finite noise around them."""
+    g = torch.Generator().manual_seed(1)
+    cases = [
+        (math.inf, math.inf), (-math.inf, -math.inf), (math.nan, math.nan),
+        (math.inf, 3.0), (math.nan, 3.0), (3.0, math.nan), (math.inf, -math.inf),
+        (math.nan, math.inf), (math.inf, 1e300),
+    ]  # fmt: skip
+    out = []
+    for n in (5, 16, 37):
+        for rv, sv in cases:
+            s = torch.randn(n, generator=g, dtype=torch.float64)
+            s[n // 2] = sv
+            r = (s * (1 + 2.0**-9)).float()
+            r[n // 2] = rv
+            out += [(r, s), (r.bfloat16(), s)]
+        s = torch.randn(n, generator=g, dtype=torch.float64)
+        r = s.float()
+        r[0], s[0] = -math.inf, -math.inf  # an agreeing -inf (a mask) beside a finite error
+        r[1] = r[1] * (1 + 2.0**-5)
+        out += [(r, s), (r.bfloat16(), s)]
+    return out
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
+@needs_c
+@pytest.mark.parametrize("i", range(len(_nonfinite_pairs())))
+def test_c_non_finite_pass_equals_the_torch_one(i: int) -> None:
+    r, s = _nonfinite_pairs()[i]
+    c, t = P.pick(r, s), P.TorchPasses(r, s)
+    assert isinstance(c, P.CPasses)
+    assert c.max_pass()[2]  # the results that take this pass
+    for frac in (2.0**-6, 2.0**-20):
+        got, want = c.nonfinite(frac, 2.0**-1022), t.nonfinite(frac, 2.0**-1022)
+        assert _same(got, want), (got, want)
+
+
 def test_permuted_results_take_the_kernel_when_laid_out_alike() -> None:
     """A transposed result and a shadow with the same strides pair up in memory order."""
     s = torch.randn(5, 6, 7, dtype=torch.float64).permute(2, 0, 1)

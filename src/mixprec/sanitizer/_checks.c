@@ -135,6 +135,42 @@ MP_CLONES static double pass_ratio64(const void *r, int kind, const double *s, i
     return mx;
 }
 
+/* A result or shadow holding inf or NaN (torch: rs = r.double(); same = (rs == s) | both NaN;
+ * a = where(isfinite(s), |s|, 0); d = where(same, 0, |rs - s|); floor = max(a.amax() * frac,
+ * tiny); then d.amax() and (d / max(a, floor)).amax(), which propagate NaN):
+ * out[0] = max d, out[1] = max a, out[2] = max d / max(a, floor), out[3] = 1 when every r is
+ * finite. A d is NaN exactly where one of r, s is NaN: out[0] and out[2] are NaN then, as
+ * torch's amax makes them. Rare (only such results come here): plain loops. */
+static void pass_nonfinite(const void *r, int kind, const double *s, int64_t n, double frac,
+                           double tiny, double *out) {
+    double dm = 0.0, am = 0.0;
+    int nan_d = 0, r_finite = 1;
+    for (int64_t k = 0; k < n; k++) {
+        const double rv = (double)R_AT(k), sv = s[k];
+        if (!isfinite(rv)) r_finite = 0;
+        const double a = isfinite(sv) ? fabs(sv) : 0.0;
+        am = a > am ? a : am;
+        if (rv == sv || (isnan(rv) && isnan(sv))) continue;
+        const double d = fabs(rv - sv);
+        if (isnan(d))
+            nan_d = 1;
+        else
+            dm = d > dm ? d : dm;
+    }
+    double floor = am * frac, q = 0.0;
+    floor = floor < tiny ? tiny : floor;
+    for (int64_t k = 0; k < n && !nan_d; k++) {
+        const double rv = (double)R_AT(k), sv = s[k];
+        if (rv == sv || (isnan(rv) && isnan(sv))) continue;
+        const double a = isfinite(sv) ? fabs(sv) : 0.0, d = fabs(rv - sv) / (a < floor ? floor : a);
+        q = d > q ? d : q;
+    }
+    out[0] = nan_d ? NAN : dm;
+    out[1] = am;
+    out[2] = nan_d ? NAN : q;
+    out[3] = r_finite;
+}
+
 /* Gradient histogram: counts[(bits >> shift) & mask] += 1 over every `step`-th of n contiguous
  * floats (torch: bincount of the biased exponent field of a strided sample), and the largest
  * finite |g| over all n (0 when none is finite). width 32 or 64. */
@@ -214,6 +250,21 @@ static PyObject *py_ratio64(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(m);
 }
 
+static PyObject *py_nonfinite(PyObject *self, PyObject *args) {
+    unsigned long long rp, sp;
+    long long n;
+    int kind;
+    double frac, tiny, out[4];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKLdd", &rp, &kind, &sp, &n, &frac, &tiny) || !check_kind(kind))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pass_nonfinite((const void *)(uintptr_t)rp, kind, (const double *)(uintptr_t)sp, n, frac, tiny,
+                   out);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("dddO", out[0], out[1], out[2], out[3] ? Py_True : Py_False);
+}
+
 static PyObject *py_grad_stats(PyObject *self, PyObject *args) {
     unsigned long long gp, cp;
     long long n, step;
@@ -247,6 +298,9 @@ static PyMethodDef methods[] = {
      "max |f32(s) - r| / max(|f32(s)|, floor) in float32. Internal."},
     {"ratio64", py_ratio64, METH_VARARGS,
      "max |r - s| / max(|s|, max(max|s| * frac, tiny)) in float64. Internal."},
+    {"nonfinite", py_nonfinite, METH_VARARGS,
+     "(max d, max finite |s|, max d / max(|s|, floor), every r finite?) where non-finite values"
+     " that agree count as exact. Internal."},
     {"grad_stats", py_grad_stats, METH_VARARGS,
      "Exponent counts of every step-th of n floats into an int64 array; max finite |g|."},
     {NULL, NULL, 0, NULL},

@@ -6,7 +6,11 @@ result ``r`` and its shadow ``s``; each is one pass here:
 * :meth:`Passes.max_pass`: ``max|f32(s) - r|`` and ``max|f32(s)|`` (float32), whether any of
   those differences is not finite, whether any ``s`` is non-zero;
 * :meth:`Passes.ratio32`: ``max |f32(s) - r| / max(|f32(s)|, floor)`` in float32;
-* :meth:`Passes.ratio64`: the same in float64 with ``floor = max(max|s| * frac, tiny)``.
+* :meth:`Passes.ratio64`: the same in float64 with ``floor = max(max|s| * frac, tiny)``;
+
+and, for the rare result where ``r`` or ``s`` holds inf or NaN, :meth:`Passes.nonfinite`: the
+float64 differences with the non-finite values that agree (the same inf, or both NaN) taken as
+exact.
 
 Two implementations compute the same numbers: the C kernel ``mixprec.sanitizer._checks`` (one
 fused pass each, no temporaries; float32/bfloat16 CPU results laid out like their shadows) and
@@ -47,6 +51,13 @@ class Passes:
     def ratio64(self, frac: float, tiny: float) -> float:
         raise NotImplementedError
 
+    def nonfinite(self, frac: float, tiny: float) -> tuple[float, float, float, bool]:
+        """(``max d``, ``max |s|`` over finite ``s``, ``max d / max(|s|, floor)``, every ``r``
+        finite?) with ``d = |r - s|`` in float64, 0 where ``r`` and ``s`` agree (equal, or both
+        NaN), and ``floor = max(max|s| * frac, tiny)``. The two maxima of ``d`` are NaN where
+        some ``d`` is (one of ``r``, ``s`` NaN), as torch's ``amax`` makes them."""
+        raise NotImplementedError
+
 
 class CPasses(Passes):
     """The passes in the C kernel: each one call, one pass over ``r`` and ``s``, no sync."""
@@ -67,6 +78,9 @@ class CPasses(Passes):
 
     def ratio64(self, frac: float, tiny: float) -> float:
         return _checks.ratio64(*self.args, frac, tiny)
+
+    def nonfinite(self, frac: float, tiny: float) -> tuple[float, float, float, bool]:
+        return _checks.nonfinite(*self.args, frac, tiny)
 
 
 class TorchPasses(Passes):
@@ -99,6 +113,18 @@ class TorchPasses(Passes):
         a = self.s.abs()
         floor = (a.amax() * frac).clamp_(min=tiny)
         return float(torch.sub(self.r, self.s).abs_().div_(a.clamp_(min=floor)).amax())
+
+    def nonfinite(self, frac: float, tiny: float) -> tuple[float, float, float, bool]:
+        r, s = self.r, self.s
+        rs = r.to(s.dtype)
+        same = (rs == s) | (torch.isnan(rs) & torch.isnan(s))
+        a = torch.where(torch.isfinite(s), s.abs(), 0.0)
+        sm = float(a.amax())
+        d = torch.where(same, 0.0, torch.sub(rs, s).abs_())
+        dm = float(d.amax())
+        floor = torch.tensor(max(sm * frac, tiny), dtype=a.dtype, device=a.device)
+        rmax = float(d.div_(torch.maximum(a, floor)).amax())
+        return dm, sm, rmax, bool(torch.isfinite(r).all())
 
 
 def pick(r: torch.Tensor, s: torch.Tensor) -> Passes:
