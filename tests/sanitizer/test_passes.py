@@ -42,12 +42,17 @@ def _pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _both(r: torch.Tensor, s: torch.Tensor) -> tuple[P.Passes, P.Passes]:
+    """The kernel's passes (asserted to serve) and the torch ones over one pair."""
+    c = P.pick(r, s)
+    assert isinstance(c, P.CPasses)
+    return c, P.TorchPasses(r, s)
+
+
 @needs_c
 @pytest.mark.parametrize("i", range(len(_pairs())))
 def test_c_passes_equal_torch_passes(i: int) -> None:
-    r, s = _pairs()[i]
-    c, t = P.pick(r, s), P.TorchPasses(r, s)
-    assert isinstance(c, P.CPasses)
+    c, t = _both(*_pairs()[i])
     cm, tm = c.max_pass(), t.max_pass()
     assert cm[2:] == tm[2:]  # (non-finite?, non-zero?)
     if cm[2]:  # the max values are meaningless there (the torch path leaves the fast test)
@@ -92,9 +97,7 @@ def _same(a: tuple, b: tuple) -> bool:
 @needs_c
 @pytest.mark.parametrize("i", range(len(_nonfinite_pairs())))
 def test_c_non_finite_pass_equals_the_torch_one(i: int) -> None:
-    r, s = _nonfinite_pairs()[i]
-    c, t = P.pick(r, s), P.TorchPasses(r, s)
-    assert isinstance(c, P.CPasses)
+    c, t = _both(*_nonfinite_pairs()[i])
     assert c.max_pass()[2]  # the results that take this pass
     for frac in (2.0**-6, 2.0**-20):
         got, want = c.nonfinite(frac, 2.0**-1022), t.nonfinite(frac, 2.0**-1022)
@@ -106,8 +109,7 @@ def test_permuted_results_take_the_kernel_when_laid_out_alike() -> None:
     s = torch.randn(5, 6, 7, dtype=torch.float64).permute(2, 0, 1)
     r = (s * (1 + 2.0**-12)).float()  # keeps the permuted layout
     assert r.stride() == s.stride() and not r.is_contiguous()
-    c, t = P.pick(r, s), P.TorchPasses(r, s)
-    assert isinstance(c, P.CPasses)
+    c, t = _both(r, s)
     assert c.max_pass() == t.max_pass()
     assert c.ratio32(1e-3) == t.ratio32(1e-3) and c.ratio64(1e-3, 1e-300) == t.ratio64(1e-3, 1e-300)
 
