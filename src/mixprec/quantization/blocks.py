@@ -401,10 +401,11 @@ def _quantize_blocks(
 
 
 #: Operands from this many elements up are rounded in compiled CPU graphs by the C kernel (an
-#: extern call, ~25 us of dispatch), smaller ones by the traced torch ops, which inductor fuses
+#: extern call, ~5 us of dispatch), smaller ones by the traced torch ops, which inductor fuses
 #: into the kernel that makes the operand but compiles to scalar bit casts and a division per
-#: element (benchmarked: at 32k elements the two cost the same for blocks along the last axis,
-#: the extern call half as much along other axes; at 512k, a fifth to a half)
+#: element (benchmarked alone: at 32k elements the extern call costs 0.8x the fused ops for
+#: blocks along the last axis, 0.4x along other axes; at 512k, 0.15-0.4x; at 8k, 1.3x and
+#: about even, and inside a graph the fused ops also save the operand a pass)
 _EXTERN_MIN = 1 << 15
 
 
@@ -426,15 +427,17 @@ def mx_round_to(
     without its argument checks, for callers that validated once (the emulated regions round
     every GEMM operand with it): the unchecked seam, as :func:`round_to` is for elements.
     ``x`` must have a dimension ``axis``; ``mx`` an MX format or element format. Autograd does
-    not see its float32 rounding (callers attach their own gradient). Unlike ``mx_quantize``, the
-    result keeps ``x``'s layout where ``x`` is a permutation of a contiguous one and the fused
-    kernel serves it (a transposed operand: no transposing copy, and the GEMM then sums in the
-    order it does in float32). While torch.compile traces a CPU graph, operands of 32k
-    elements or more are rounded by the custom op ``mixprec::mx_round``
-    (:func:`~.ops.mx_round_op`: the C kernel, an extern call); smaller ones, and every operand
-    off the CPU, by traced torch ops that inductor fuses."""
+    not see its float32 rounding: the result is detached on every path (callers attach their
+    own gradient). Unlike ``mx_quantize``, the result keeps ``x``'s layout where ``x`` is a
+    permutation of a contiguous one and the fused kernel serves it (a transposed operand: no
+    transposing copy, and the GEMM then sums in the order it does in float32). While
+    torch.compile traces a CPU graph, operands of 32k elements or more are rounded by the op
+    ``mixprec::mx_round`` (:func:`~.ops.mx_round_op`: the C kernel, an extern call); smaller
+    ones, and every operand off the CPU, by traced torch ops that inductor fuses."""
     fmt = get_mx_format(mx)
     ax = axis % x.dim() if x.dim() else 0
+    if x.requires_grad:  # every path's result detached, as the kernel's is
+        x = x.detach()
     if torch.compiler.is_compiling() and _extern_when_compiled(x):
         return ops.mx_round_op(x, fmt.element, block_size, ax, scale_rounding)
     if scale_rounding == "floor":

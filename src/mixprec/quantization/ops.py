@@ -157,11 +157,18 @@ _round_op.register_autograd(_backward, setup_context=_setup_context)
 # MX blocks: mixprec::mx_round
 # ----------------------------------------------------------------------------------------------
 
-_MX_OP = "mixprec::mx_round"
+# A plain registration (schema, CPU kernel, fake), not ``torch.library.custom_op``: the latter's
+# Python layers (autograd wrapper, redispatch, aliasing checks, dynamo guard) cost ~14 us a
+# call, this ~4 us, on every call a compiled graph makes. No autograd formula: callers pass a
+# detached tensor, as the eager kernel's result is detached too.
+_LIB = torch.library.Library("mixprec", "FRAGMENT")
+_LIB.define(
+    "mx_round(Tensor x, str name, int exponent_bits, int mantissa_bits, int bias, str encoding, "
+    "int block, int axis, str scale_rounding) -> Tensor"
+)
 
 
-@torch.library.custom_op(_MX_OP, mutates_args=())
-def _mx_round_op(
+def _mx_round_cpu(
     x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
     encoding: str, block: int, axis: int, scale_rounding: str,
 ) -> torch.Tensor:  # fmt: skip
@@ -173,11 +180,12 @@ def _mx_round_op(
 
     f = _format(name, exponent_bits, mantissa_bits, bias, encoding)
     res = mx_round_to(x, f, block, axis, scale_rounding)
+    if res.stride() == x.stride():
+        return res
     want = torch.empty_like(x)  # the fake's layout: x's strides where x is dense
     return res if res.stride() == want.stride() else want.copy_(res)
 
 
-@_mx_round_op.register_fake
 def _mx_round_fake(
     x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
     encoding: str, block: int, axis: int, scale_rounding: str,
@@ -185,22 +193,19 @@ def _mx_round_fake(
     return torch.empty_like(x)
 
 
-def _mx_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    return (torch.zeros_like(grad),) + (None,) * 8  # piecewise constant, as mixprec::round
-
-
-_mx_round_op.register_autograd(_mx_backward, setup_context=_setup_context)
+_LIB.impl("mx_round", _mx_round_cpu, "CPU")
+torch.library.register_fake("mixprec::mx_round", _mx_round_fake, lib=_LIB)
 
 
 def mx_round_op(
     x: torch.Tensor, element: FloatFormat, block: int, axis: int, scale_rounding: str
 ) -> torch.Tensor:
-    """``mixprec::mx_round`` on ``x``: what ``mx_round_to`` calls for a large operand while
-    torch.compile traces a CPU graph. Opaque to inductor, which calls it as an extern kernel:
-    the C kernel's one read and one write of ``x`` plus ~25 us of dispatch (the traced torch
-    ops compile, on the CPU, to scalar bit casts and a division per element: 2-6x the
-    kernel's time at 512k elements). Differentiable with gradient zero."""
-    return _mx_round_op(
+    """``mixprec::mx_round`` on ``x`` (a CPU tensor that needs no gradient): what
+    ``mx_round_to`` calls for a large operand while torch.compile traces a CPU graph. Opaque to
+    inductor, which calls it as an extern kernel: the C kernel's one read and one write of
+    ``x`` plus ~4 us of dispatch (the traced torch ops compile, on the CPU, to scalar bit casts
+    and a division per element: 2-6x the kernel's time at 512k elements)."""
+    return torch.ops.mixprec.mx_round.default(
         x, element.name, element.exponent_bits, element.mantissa_bits, element.bias,
         element.encoding, int(block), int(axis), scale_rounding,
     )  # fmt: skip
