@@ -62,6 +62,8 @@ cast back; the cast is exact except for products below that dtype's smallest sub
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mixprec.formats.float_format import FloatFormat, check_flag, check_rounding
@@ -359,17 +361,24 @@ def _round_in_views(
     fused = fused_mx_floor(x, mx.element, block, axis, *params, keep_layout=keep_layout)
     if fused is not None:
         return fused
-    n = x.shape[axis]
-    size = min(n, block)
-    whole = n - n % size
-    if whole == n:
+    size = min(x.shape[axis], block)
+    if x.shape[axis] % size == 0:
         return _views_round(x, mx, size, axis, params)
-    # a ragged axis: the whole blocks, then the last, short block on its own (no zero padding:
-    # inductor miscompiles a block reduction over a padded view whose narrowed result is
-    # returned, in torch 2.13 it reads past the data there)
-    head = _views_round(x.narrow(axis, 0, whole), mx, size, axis, params)
-    tail = _views_round(x.narrow(axis, whole, n - whole), mx, n - whole, axis, params)
-    return torch.cat([head, tail], axis)
+    return _ragged_apart(x, axis, size, lambda part, n: _views_round(part, mx, n, axis, params))
+
+
+def _ragged_apart(
+    x: torch.Tensor, axis: int, size: int, round_blocks: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """``x``, whose length along ``axis`` exceeds a multiple of ``size``, rounded as its whole
+    blocks of ``size`` and its short last block (a block of its own length), each part by
+    ``round_blocks(part, block size)``, then concatenated. No zero padding: inductor (torch
+    2.13) miscompiles a block reduction over a zero-padded view whose cut-back result is
+    returned, reading past the data. Cost: the two parts' copies and the concatenation."""
+    n = x.shape[axis]
+    whole = n - n % size
+    head = round_blocks(x.narrow(axis, 0, whole), size)
+    return torch.cat([head, round_blocks(x.narrow(axis, whole, n - whole), n - whole)], axis)
 
 
 def _quantize_blocks(
@@ -380,15 +389,13 @@ def _quantize_blocks(
     if x.numel() == 0:
         return x.clone()
     n = x.shape[axis] if x.dim() else 1
-    whole = n - n % block_size
-    if torch.compiler.is_compiling() and 0 < whole < n:
-        # the whole blocks and the short last one (a block of its own length) apart, with no
-        # zero padding, which inductor miscompiles (see _round_in_views); eager keeps one pass,
-        # whose stochastic draws follow the elements' order
+    if torch.compiler.is_compiling() and n > block_size and n % block_size:
+        # traced: no zero padding (_ragged_apart); eager keeps one pass, whose stochastic draws
+        # follow the elements' order
         rest = (axis, rounding, saturate, subnormals, generator, scale_rounding)
-        head = _quantize_blocks(x.narrow(axis, 0, whole), mx, block_size, *rest)
-        tail = _quantize_blocks(x.narrow(axis, whole, n - whole), mx, n - whole, *rest)
-        return torch.cat([head, tail], axis)
+        return _ragged_apart(
+            x, axis, block_size, lambda part, size: _quantize_blocks(part, mx, size, *rest)
+        )
     blocks, n, shared, bad = _blocked(x, mx, block_size, axis, scale_rounding)
     scaled = _scaled_elements(blocks, shared, bad, rounding)
     quantize_(
