@@ -143,6 +143,38 @@ def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
         assert abs(float(loss.detach()) - want) <= 1e-3 * abs(want)
 
 
+def test_compiled_fp8_region_scales_large_operands_by_the_kernel(monkeypatch) -> None:
+    """With every operand counted as large, each fp8 operand of the compiled step is one
+    ``mixprec::current_scaled_round`` call (the eager C kernel), forward and backward, and the
+    loss and gradients are eager's to float32 summation-order noise."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mixprec.quantization import elementwise, has_c_kernel
+
+    if not has_c_kernel():
+        pytest.skip("no C kernel: the traced ops round every operand")
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
+
+    def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast("e4m3", emulate=True):
+            loss = compiled(model, x)
+        loss.backward()
+        return loss
+
+    dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(8, 16)
+    compiled = torch.compile(_loss, fullgraph=True)
+    loss, code = run_and_get_code(step, model, x)
+    want, grad = _eager("e4m3")
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(model.fc1.weight.grad, grad, rtol=1e-5, atol=1e-7)
+    forward, backward = code
+    assert forward.count("torch.ops.mixprec.current_scaled_round.default(") == 4  # x, h, W1, W2
+    # the gradient of each linear's output, once for both of its gradient GEMMs
+    assert backward.count("torch.ops.mixprec.current_scaled_round.default(") == 2
+
+
 def test_compiled_mx_region_over_ragged_reduction_axes_is_eager() -> None:
     """Reduction lengths 48 and 40 (a whole block and a short one): the traced MX rounding
     once gave a NaN loss under inductor (it read past the data of a zero-padded block)."""

@@ -25,11 +25,6 @@ from mixprec.precision.emulated import (
 )
 from mixprec.precision.fp8 import (
     CurrentScaling,
-    _amax,
-    _amax_value,
-    _apply_scale,
-    _plain_scale,
-    _plain_scale_value,
     _scale_from_amax,
 )
 from mixprec.precision.policy import resolve_format
@@ -42,6 +37,13 @@ from mixprec.quantization import (
     kernel_isa,
     mx_round_to,
     register_rounding_observer,
+)
+from mixprec.quantization.scaled import (
+    amax_to_scale,
+    amax_to_scale_value,
+    amax_value,
+    scaled_round_to,
+    tensor_to_amax,
 )
 
 ELEMENTS = ["float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"]
@@ -245,7 +247,7 @@ def test_fused_scaled_rounding_keeps_a_permuted_layout() -> None:
     recipe = CurrentScaling("E4M3")
     for fmt in (get_format("float8_e4m3fn"), get_format("float8_e5m2")):
         for x, permuted in _layouts():
-            want = _apply_scale(x, _plain_scale(_amax(x), float(fmt.max)), fmt)
+            want = scaled_round_to(x, amax_to_scale(tensor_to_amax(x), float(fmt.max)), fmt)
             got = recipe.quantize(x, fmt, None)
             assert torch.equal(_bits(got), _bits(want)), (fmt.name, x.shape)
             if permuted:
@@ -288,7 +290,7 @@ def test_plain_scale_matches_the_general_scale() -> None:
     for fmax in (448.0, 57344.0):
         for a in amax:
             want = _scale_from_amax(a, fmax, 0, torch.ones_like(a), False)
-            assert torch.equal(_bits(_plain_scale(a, fmax)), _bits(want)), a
+            assert torch.equal(_bits(amax_to_scale(a, fmax)), _bits(want)), a
 
 
 def test_float_scale_matches_the_tensor_scale() -> None:
@@ -305,14 +307,14 @@ def test_float_scale_matches_the_tensor_scale() -> None:
     for fmt in ("float8_e4m3fn", "float8_e5m2", "e3m2", "e2m3", "e2m1"):
         fmax = float(get_format(fmt).max)
         for a in torch.cat((amax, specials)):
-            want = float(_plain_scale(a, fmax))
-            got = _plain_scale_value(float(a), fmax)
+            want = float(amax_to_scale(a, fmax))
+            got = amax_to_scale_value(float(a), fmax)
             assert got == want or (got != got and want != want), (fmt, float(a))
 
 
 @pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
 def test_fused_current_scaling_computes_the_float_scale() -> None:
-    """The C kernel's amax and scale are _plain_scale_value's (torch's float32 scale) bit for
+    """The C kernel's amax and scale are amax_to_scale_value's (torch's float32 scale) bit for
     bit, over every binade of amax and the specials (zero, inf and NaN amaxes: scale 1), at
     every SIMD level; the amax is the largest magnitude whatever the sign or the position."""
     binades = torch.arange(-149, 128, dtype=torch.float64)
@@ -332,7 +334,7 @@ def test_fused_current_scaling_computes_the_float_scale() -> None:
                     fmax = float(fmt.max)
                     got = elementwise.fused_current_scaled_round(x, fmax, fmt)
                     assert got is not None
-                    want = _plain_scale_value(_amax_value(x), fmax)
+                    want = amax_to_scale_value(amax_value(x), fmax)
                     assert got[1] == want, (level, a, name)
     finally:
         kernel_isa(best)
@@ -383,7 +385,7 @@ def test_eager_current_scaling_equals_the_tensor_path(
                 x = x.to(dtype)
                 for name in ("float8_e4m3fn", "float8_e5m2", "e2m1"):
                     fmt = get_format(name)
-                    want = _apply_scale(x, _plain_scale(_amax(x), float(fmt.max)), fmt)
+                    want = scaled_round_to(x, amax_to_scale(tensor_to_amax(x), float(fmt.max)), fmt)
                     got = recipe.quantize(x, fmt, None)
                     assert got.dtype == want.dtype == dtype
                     assert torch.equal(

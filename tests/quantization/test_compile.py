@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import mixprec
-from mixprec.quantization import has_c_kernel, round_to
+from mixprec.quantization import elementwise, has_c_kernel, round_to
 
 CASES = [
     ("bf16", {}),
@@ -258,9 +258,8 @@ def test_compiled_mx_blocks_are_the_eager_bits_in_one_op(rule: str, monkeypatch)
     """On CPU an MX rounding traces to one ``mixprec::mx_round`` call (the C kernel at run
     time) with eager's bits, in ``x``'s layout, for every element format and scale rule (every
     operand here: large ones only by default)."""
-    from mixprec.quantization import blocks
 
-    monkeypatch.setattr(blocks, "_EXTERN_MIN", 1)
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
     torch._dynamo.reset()  # _mx_round_all's compiles of other tests
     counters.clear()
     xs = [x for x, _ in _mx_cases()]
@@ -276,9 +275,8 @@ def test_compiled_mx_blocks_are_the_eager_bits_in_one_op(rule: str, monkeypatch)
 
 @needs_c
 def test_inductor_runs_mx_blocks_as_the_eager_kernel(monkeypatch) -> None:
-    from mixprec.quantization import blocks
 
-    monkeypatch.setattr(blocks, "_EXTERN_MIN", 1)
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
     torch._dynamo.reset()
     counters.clear()
     xs = [x for x, _ in _mx_cases()]
@@ -291,9 +289,8 @@ def test_inductor_runs_mx_blocks_as_the_eager_kernel(monkeypatch) -> None:
 def test_compiled_mx_blocks_without_the_c_kernel_trace_the_torch_ops(monkeypatch) -> None:
     """Where the C kernel does not serve (CUDA, the torch backend) the torch ops are traced
     and compiled: the same bits (run here on the CPU by hiding the kernel)."""
-    from mixprec.quantization import blocks
 
-    monkeypatch.setattr(blocks, "has_c_kernel", lambda: False)
+    monkeypatch.setattr(elementwise, "has_c_kernel", lambda: False)
     torch._dynamo.reset()
     xs = [x for x, _ in _mx_cases()]
     backend, seen = _graph_ops("inductor")
@@ -371,3 +368,99 @@ def test_in_place_quantize_compiles_in_one_graph() -> None:
     x = _x()
     assert torch.equal(_bits(torch.compile(f, fullgraph=True)(x)), _bits(f(x)))
     assert not counters["graph_break"]
+
+
+# ----------------------------------------------------------------------------------------------
+# fp8 current scaling: mixprec::current_scaled_round
+# ----------------------------------------------------------------------------------------------
+
+
+def _scaled_cases() -> list[torch.Tensor]:
+    """Operands of per-tensor scaling: a wide range of magnitudes, a transposed (gap-free)
+    one, all zeros (scale 1), an inf and a NaN (scale 1), an amax whose scale overflows (scale
+    1), subnormal results, and a strided slice (gaps: traced, never the op)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(24, 40, generator=g) * torch.logspace(-30, 30, 40)
+    tiny = torch.full((8, 8), 1e-44)
+    with_inf, with_nan = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    with_inf[2, 3], with_nan[5, 1] = float("inf"), float("nan")
+    sub = torch.randn(16, 16, generator=g)
+    sub[0, 0] = 1e4  # the rest lands near the format's subnormals after scaling
+    sliced = torch.randn(16, 40, generator=g)[:, ::2]
+    return [wide, wide.t(), torch.zeros(4, 8), with_inf, with_nan, tiny, sub, sliced]
+
+
+_FMAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+
+
+def _scaled_all(xs: list[torch.Tensor], fmt: str) -> list[torch.Tensor]:
+    from mixprec.quantization.scaled import current_scaled_round_to
+
+    f = mixprec.get_format(fmt)
+    return [current_scaled_round_to(x, _FMAX[f.name], f) for x in xs]
+
+
+def _scaled_by_definition(xs: list[torch.Tensor], fmt: str) -> list[torch.Tensor]:
+    """The oracle: amax, scale and scaled rounding as eager torch ops (no fused C call)."""
+    from mixprec.quantization.scaled import amax_to_scale, scaled_round_to, tensor_to_amax
+
+    f = mixprec.get_format(fmt)
+    return [scaled_round_to(x, amax_to_scale(tensor_to_amax(x), _FMAX[f.name]), f) for x in xs]
+
+
+@needs_c
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_current_scaling_is_the_eager_kernel_in_one_op(backend: str, monkeypatch) -> None:
+    """Every gap-free float32 operand traces to one ``mixprec::current_scaled_round`` call (all
+    sizes here) with eager's bits in ``x``'s layout, whatever the scale comes out as; a strided
+    operand keeps the traced ops. No graph break."""
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
+    torch._dynamo.reset()
+    counters.clear()
+    xs = _scaled_cases()
+    note, seen = _graph_ops(backend)
+    f = torch.compile(_scaled_all, backend=note, fullgraph=True)
+    for fmt in ("float8_e4m3fn", "float8_e5m2"):
+        for x, got, want in zip(xs, f(xs, fmt), _scaled_by_definition(xs, fmt), strict=True):
+            assert torch.equal(_bits(got), _bits(want)), (fmt, x.shape, x.stride())
+            assert got.stride() == torch.empty_like(x).stride()
+    assert seen.count("mixprec.current_scaled_round.default") == 2 * (len(xs) - 1)
+    assert not counters["graph_break"]
+
+
+@needs_c
+def test_compiled_current_scaling_op_takes_the_threaded_path_when_eager_would(
+    monkeypatch,
+) -> None:
+    """With several threads and an operand too large for one C call, the op runs what eager
+    code runs there (amax and scale as floats, the threaded rounding): the same bits."""
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
+    monkeypatch.setattr(elementwise, "_PARALLEL_MIN", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)) * 1e-3
+        e4m3 = "float8_e4m3fn"
+        assert elementwise.fused_current_scaled_round(x, 448.0, mixprec.get_format(e4m3)) is None
+        got = torch.compile(_scaled_all, backend="aot_eager", fullgraph=True)([x], e4m3)
+        assert torch.equal(_bits(got[0]), _bits(_scaled_by_definition([x], e4m3)[0]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_c
+def test_compiled_graphs_scale_only_large_fp8_operands_by_the_kernel() -> None:
+    """Below 32k elements the traced ops stay (inductor fuses them into the kernel making the
+    operand); from 32k, the op."""
+
+    def two(small: torch.Tensor, large: torch.Tensor) -> list[torch.Tensor]:
+        return _scaled_all([small, large], "float8_e4m3fn")
+
+    g = torch.Generator().manual_seed(5)
+    small, large = torch.randn(64, 64, generator=g), torch.randn(512, 64, generator=g)
+    torch._dynamo.reset()
+    note, seen = _graph_ops("inductor")
+    got = torch.compile(two, backend=note, fullgraph=True)(small, large)
+    want = _scaled_by_definition([small, large], "float8_e4m3fn")
+    assert torch.equal(_bits(got[1]), _bits(want[1]))
+    assert seen.count("mixprec.current_scaled_round.default") == 1

@@ -29,16 +29,18 @@ of :func:`mixprec.autocast` and :func:`mixprec.apply_policy`) means exactly that
 
 from __future__ import annotations
 
-import math
-from ctypes import c_float
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
 
 import torch
-from torch.compiler import is_compiling
 
 from mixprec.formats.float_format import FloatFormat, get_format
-from mixprec.quantization.elementwise import fused_current_scaled_round, round_to
+from mixprec.quantization.elementwise import round_to
+from mixprec.quantization.scaled import (
+    current_scaled_round_to,
+    scaled_round_to,
+    tensor_to_amax,
+)
 
 if TYPE_CHECKING:
     from mixprec.precision.policy import FormatSpec, Policy
@@ -91,41 +93,6 @@ def _scale_from_amax(
     return torch.where(ok, s, fallback)
 
 
-def _plain_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
-    """:func:`_scale_from_amax` for ``margin=0`` without power-of-two rounding (the default
-    recipe's case), bit for bit, in four tiny ops instead of nine: ``s = fmax / amax`` is in
-    (0, inf) exactly when amax is finite and positive and s does not overflow (amax = inf gives
-    0, amax = 0 gives inf, NaN stays NaN), else the scale is 1. On a small GEMM operand the
-    scalar ops cost as much as the passes over it."""
-    s = fmax / amax
-    return torch.where((s > 0) & (s < float("inf")), s, 1.0)
-
-
-def _plain_scale_value(amax: float, fmax: float) -> float:
-    """:func:`_plain_scale` on Python floats, bit for bit: torch computes ``fmax / amax`` as
-    ``reciprocal(amax) * fmax`` in float32. The double quotient rounded to float32 is the
-    float32 quotient (53 >= 2 * 24 + 2 bits), and the product of that 24-bit reciprocal and an
-    fmax of at most 8 significant bits is exact in double, so one rounding to float32 each
-    gives torch's values; ``c_float`` rounds (overflowing to inf) without raising."""
-    r = c_float(1.0 / amax).value if amax != 0.0 else math.inf
-    sc = c_float(r * fmax).value
-    return sc if 0.0 < sc < math.inf else 1.0
-
-
-def _amax_value(t: torch.Tensor) -> float:
-    """``max |t|`` as a Python float (NaN if any element is NaN): one pass (aminmax), no
-    temporary. Reading it is free on the CPU and a device sync elsewhere: CPU tensors only."""
-    lo, hi = torch.aminmax(t.detach())
-    a, b = float(lo), float(hi)
-    return math.nan if a != a or b != b else max(-a, b)
-
-
-def _amax(t: torch.Tensor) -> torch.Tensor:
-    """``max |t|`` as a float32 0-dim tensor (NaN if any element is NaN); no device sync."""
-    amax = t.detach().abs().amax()
-    return amax if amax.dtype == torch.float32 else amax.float()
-
-
 def _operand_format(name: str | None, default: str, what: str) -> FloatFormat:
     try:
         return get_format(name if name is not None else default)
@@ -140,15 +107,6 @@ def _unscaled(t: torch.Tensor, fmt: FloatFormat) -> torch.Tensor | None:
     return None
 
 
-def _apply_scale(t: torch.Tensor, s: torch.Tensor | float, fmt: FloatFormat) -> torch.Tensor:
-    # one temporary: (t * s) rounded in place, divided in place (a 0-dim tensor and a Python
-    # float are both scalar operands of the float32 kernels: the same bits)
-    work = t.detach().float() * s
-    round_to(work, fmt, saturate=True, out=work)
-    work.div_(s)
-    return work if work.dtype == t.dtype else work.to(t.dtype)
-
-
 @dataclass(frozen=True, eq=False)
 class CurrentScaling:
     """Per-tensor current ("just-in-time") scaling: the scale comes from the tensor's own amax.
@@ -160,10 +118,12 @@ class CurrentScaling:
         forward, backward: operand format names overriding ``fp8_format``'s (keyword only;
             e.g. ``forward="float8_e5m2"``); a format wider than 8 bits is rounded unscaled.
 
-    Cost per operand: one amax reduction, one scaled copy rounded and divided in place. In
-    eager CPU code (``margin=0``, no ``power_of_two``: the default recipe) a float32 operand's
+    Cost per operand: one amax reduction, one scaled copy rounded and divided in place. With
+    ``margin=0`` and no ``power_of_two`` (the default recipe) on the CPU, a float32 operand's
     amax, scale and scaled rounding are one C call (an amax pass, then one read and one write;
-    no sync: a CPU tensor), other dtypes read amax and scale as Python floats; the same bits.
+    no sync), in eager code and, for operands of 32k elements or more, in compiled graphs (the
+    op ``mixprec::current_scaled_round``); other dtypes read amax and scale as Python floats;
+    the same bits (:mod:`mixprec.quantization.scaled`).
     """
 
     fp8_format: Literal["HYBRID", "E4M3"] = "HYBRID"
@@ -208,25 +168,12 @@ class CurrentScaling:
         if plain is not None:
             return plain
         if self.margin or self.power_of_two:
-            amax = _amax(t)
+            amax = tensor_to_amax(t)
             s = _scale_from_amax(
                 amax, self._max_of(fmt), self.margin, torch.ones_like(amax), self.power_of_two
             )
-            return _apply_scale(t, s, fmt)
-        if t.is_cpu and t.numel() and not is_compiling():
-            # the default recipe in eager CPU code: a float32 operand's amax, scale and scaled
-            # rounding in one C call; else the scale as a Python float (no device to wait for),
-            # two tiny ops instead of eight. The same bits (_plain_scale_value) either way.
-            fmax = self._max_of(fmt)
-            fused = (
-                fused_current_scaled_round(t.detach(), fmax, fmt)
-                if t.dtype == torch.float32
-                else None
-            )
-            if fused is not None:
-                return fused[0]
-            return _apply_scale(t, _plain_scale_value(_amax_value(t), fmax), fmt)
-        return _apply_scale(t, _plain_scale(_amax(t), self._max_of(fmt)), fmt)
+            return scaled_round_to(t, s, fmt)
+        return current_scaled_round_to(t, self._max_of(fmt), fmt)
 
 
 @dataclass
@@ -284,9 +231,9 @@ class DelayedScaling(CurrentScaling):
                 torch.ones((), device=t.device),
             )
             self._state[slot] = st
-        q = _apply_scale(t, st.scale, fmt)
+        q = scaled_round_to(t, st.scale, fmt)
         # update after use: the next step's scale sees this step's amax
-        amax = _amax(t)
+        amax = tensor_to_amax(t)
         hist = torch.roll(st.history, 1)
         hist[0] = amax
         st.history = hist

@@ -1135,8 +1135,8 @@ MP_VARIANTS(DEFINE_ABSMAX, absmax32)
 typedef uint32_t (*absmax_fn)(const uint32_t *, int64_t);
 static const absmax_fn ABSMAX32[3] = MP_TABLE(absmax32);
 
-/* fp8.py's _plain_scale_value in C, the same IEEE operations: the float32 reciprocal of amax
- * (inf for 0) times fmax, rounded to float32; 1.0 unless that is positive and finite (NaN
+/* scaled.py's amax_to_scale_value in C, the same IEEE operations: the float32 reciprocal of
+ * amax (inf for 0) times fmax, rounded to float32; 1.0 unless that is positive and finite (NaN
  * amax included). */
 static float plain_scale(uint32_t amax_bits, double fmax) {
     if (amax_bits > 0x7f800000u) return 1.0f;

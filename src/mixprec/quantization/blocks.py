@@ -82,8 +82,8 @@ from mixprec.quantization.elementwise import (
     _pack_nibbles,
     decode,
     encode,
+    extern_when_compiled,
     fused_mx_floor,
-    has_c_kernel,
     quantize_,
     round_to,
 )
@@ -407,22 +407,6 @@ def _quantize_blocks(
     return _from_blocks(scaled, n, axis, x.shape, x.dtype)
 
 
-#: Operands from this many elements up are rounded in compiled CPU graphs by the C kernel (an
-#: extern call, ~5 us of dispatch), smaller ones by the traced torch ops, which inductor fuses
-#: into the kernel that makes the operand but compiles to scalar bit casts and a division per
-#: element (benchmarked alone: at 32k elements the extern call costs 0.8x the fused ops for
-#: blocks along the last axis, 0.4x along other axes; at 512k, 0.15-0.4x; at 8k, 1.3x and
-#: about even, and inside a graph the fused ops also save the operand a pass)
-_EXTERN_MIN = 1 << 15
-
-
-def _extern_when_compiled(x: torch.Tensor) -> bool:
-    """Does a compiled graph round ``x``'s MX blocks by the C kernel (``mixprec::mx_round``)?
-    On the CPU, with the kernel built, for operands of :data:`_EXTERN_MIN` elements or more
-    (a guard on ``x``'s size)."""
-    return x.is_cpu and has_c_kernel() and x.numel() >= _EXTERN_MIN
-
-
 def mx_round_to(
     x: torch.Tensor,
     mx: MXFormat | FloatFormat,
@@ -445,7 +429,7 @@ def mx_round_to(
     ax = axis % x.dim() if x.dim() else 0
     if x.requires_grad:  # every path's result detached, as the kernel's is
         x = x.detach()
-    if torch.compiler.is_compiling() and _extern_when_compiled(x):
+    if torch.compiler.is_compiling() and extern_when_compiled(x):
         return ops.mx_round_op(x, fmt.element, block_size, ax, scale_rounding)
     if scale_rounding == "floor":
         out = _round_in_views(x, fmt, block_size, ax, keep_layout=True)

@@ -13,8 +13,10 @@ times a 256-element rounding (see ``round_to``).
 Stochastic rounding under torch.compile draws its seed from torch's default generator (inside
 the op, at run time): a ``torch.Generator`` cannot be an op input.
 
-MX blocks have an op of their own, ``mixprec::mx_round`` (:func:`mx_round_op`), which compiled
-CPU graphs call for large operands (see ``mx_round_to``); it is always an extern call.
+MX blocks have an op of their own, ``mixprec::mx_round`` (:func:`mx_round_op`), and so has fp8
+current scaling, ``mixprec::current_scaled_round`` (:func:`current_scaled_round_op`): compiled
+CPU graphs call them for large operands (``elementwise.extern_when_compiled``); they are always
+extern calls.
 
 Inductor compiles ``mixprec::round`` in two ways (:func:`register_inductor_lowering`): float32
 roundings on the CPU that a torch dtype's casts make exactly (:func:`cast_dtype`: bf16 and
@@ -179,10 +181,15 @@ def _mx_round_cpu(
     from mixprec.quantization.blocks import mx_round_to
 
     f = _format(name, exponent_bits, mantissa_bits, bias, encoding)
-    res = mx_round_to(x, f, block, axis, scale_rounding)
+    return _in_fake_layout(mx_round_to(x, f, block, axis, scale_rounding), x)
+
+
+def _in_fake_layout(res: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``res`` (values for ``x``) laid out as the fakes say, ``torch.empty_like(x)``: x's
+    strides where x is dense. A copy only where the kernel chose another layout."""
     if res.stride() == x.stride():
         return res
-    want = torch.empty_like(x)  # the fake's layout: x's strides where x is dense
+    want = torch.empty_like(x)
     return res if res.stride() == want.stride() else want.copy_(res)
 
 
@@ -222,3 +229,52 @@ def round_op(
         x, f.name, f.exponent_bits, f.mantissa_bits, f.bias, f.encoding, rounding,
         bool(saturate), bool(subnormals),
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# fp8 current scaling: mixprec::current_scaled_round
+# ----------------------------------------------------------------------------------------------
+
+# Inductor hands an extern op's inputs over in whatever layout its buffers have unless the op
+# asks for the traced strides; the fake's output layout (empty_like) follows the traced ones
+_LIB.define(
+    "current_scaled_round(Tensor x, str name, int exponent_bits, int mantissa_bits, int bias, "
+    "str encoding, float fmax) -> Tensor",
+    tags=(torch.Tag.needs_exact_strides,),
+)
+
+
+def _current_scaled_round_cpu(
+    x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
+    encoding: str, fmax: float,
+) -> torch.Tensor:  # fmt: skip
+    """``current_scaled_round_to``'s values for ``x`` in a fresh tensor laid out like
+    ``torch.empty_like(x)`` (run eagerly: one C call on one thread, or the threaded path)."""
+    # imported here: scaled imports this module
+    from mixprec.quantization.scaled import current_scaled_round_to
+
+    f = _format(name, exponent_bits, mantissa_bits, bias, encoding)
+    return _in_fake_layout(current_scaled_round_to(x, fmax, f), x)
+
+
+def _current_scaled_round_fake(
+    x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
+    encoding: str, fmax: float,
+) -> torch.Tensor:  # fmt: skip
+    return torch.empty_like(x)
+
+
+_LIB.impl("current_scaled_round", _current_scaled_round_cpu, "CPU")
+torch.library.register_fake("mixprec::current_scaled_round", _current_scaled_round_fake, lib=_LIB)
+
+
+def current_scaled_round_op(x: torch.Tensor, fmt: FloatFormat, fmax: float) -> torch.Tensor:
+    """``mixprec::current_scaled_round`` on ``x`` (a float32 CPU tensor that needs no
+    gradient): what ``current_scaled_round_to`` calls for a large operand while torch.compile
+    traces a CPU graph. Inductor calls it as an extern kernel: the C kernel's amax pass, one
+    read and one write, plus ~4 us of dispatch (the traced ops compile to a vectorised amax
+    pass and a scaled fp8 cast pass that inductor fuses into the kernel making the operand,
+    which then computes that operand twice; alone they take ~4x the C call at 128k elements)."""
+    return torch.ops.mixprec.current_scaled_round.default(
+        x, fmt.name, fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.encoding, float(fmax)
+    )
