@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mixprec.sanitizer.convolution import SHADOW_KERNELS
+
 aten = torch.ops.aten
 
 VIEWISH = "view"  # output aliases input: shadow = same op on the shadow
@@ -165,7 +167,8 @@ def classify(func: Any) -> OpInfo:
     info.sum_results = _SUM_RESULTS.get(base, ())
     info.kind = _kind(func, info, base, tags)
     info.op = _entry(func)
-    info.shadow_op = _entry(info.functional or func)
+    # float64 kernels of our own where torch's are slow (convolutions: see convolution.py)
+    info.shadow_op = SHADOW_KERNELS.get(func) or _entry(info.functional or func)
     info.plain_view = info.kind == VIEWISH and packet in _PLAIN_VIEWS
     info.copy = info.kind == EXACT and packet in _COPIES and not info.written
     if info.kind not in (EXACT, COMPUTE):
