@@ -338,3 +338,59 @@ def test_e8m0_stochastic_same_bits_at_every_simd_level(saturate: bool) -> None:
                     assert torch.equal(got, ref), (offset, level, inplace)
     finally:
         kernel_isa(best)
+
+
+def _below_normal_patterns(f: str) -> torch.Tensor:
+    """float32 values where round to nearest works on the target's subnormal grid: every
+    multiple of half its smallest subnormal 2^q below its smallest normal (grid points and
+    ties), their float32 neighbours, random patterns in that range and float32 subnormals, both
+    signs, in 64-element blocks with and without normals among them."""
+    fmt = get_format(f)
+    q = fmt.emin - fmt.mantissa_bits
+    k = torch.arange(0, 1 << (fmt.mantissa_bits + 2), dtype=torch.float64)
+    grid = (k * 2.0 ** (q - 1)).float()
+    bits = grid.view(torch.int32)
+    near = torch.cat([bits, bits + 1, (bits - 1).clamp_min(0)])
+    g = torch.Generator().manual_seed(5)
+    top = int(torch.tensor(2.0**fmt.emin).view(torch.int32))
+    rand = torch.randint(0, top, (1 << 14,), generator=g, dtype=torch.int64).to(torch.int32)
+    sub = torch.randint(0, 1 << 23, (256,), generator=g, dtype=torch.int32)
+    pats = torch.cat([near, rand, sub])
+    pats = torch.cat([pats, pats | torch.tensor(-(1 << 31), dtype=torch.int32)])
+    normals = torch.full((128,), float(2.0**fmt.emin)).view(torch.int32)  # a block of normals
+    return torch.cat([normals, pats, normals, pats[:77]]).view(torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2", "float8_e3m4", "float16",
+                                 "float6_e3m2fn", "float6_e2m3fn", "float4_e2m1fn",
+                                 "float8_e4m3fnuz", "bfloat16"])  # fmt: skip
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_nearest_below_the_smallest_normal_matches_the_general_path(
+    fmt: str, flush_denormal: bool
+) -> None:
+    """Round to nearest rounds values below the target's smallest normal by a float sum on the
+    subnormal grid (formats with subnormals and -0 whose half-subnormal is a float32 normal):
+    every grid point and tie there, its neighbours and random values give the general
+    algorithm's bits at every SIMD level, also with the CPU flushing float32 subnormals
+    (``torch.set_flush_denormal``), which the float sum must not notice. (fnuz formats, without
+    -0, and bf16, whose subnormal grid is float32's own, keep the integer path: the same bits.)"""
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush float32 subnormals")
+    torch.set_flush_denormal(False)
+    x = _below_normal_patterns(fmt)
+    best = kernel_isa()
+    try:
+        for saturate, subnormals in [(False, True), (True, True), (False, False)]:
+            p = kernel_params(get_format(fmt), 32, saturate, subnormals, "nearest")
+            kernel_isa("portable")
+            ref = _raw(x, p, "nearest", 0, 0, False)
+            torch.set_flush_denormal(flush_denormal)
+            for level in _simd_levels():
+                kernel_isa(level)
+                for inplace in (False, True):
+                    got = _raw(x, p, "nearest", p.fast_lo, 0, inplace)
+                    assert torch.equal(got, ref), (saturate, subnormals, level, inplace)
+            torch.set_flush_denormal(False)
+    finally:
+        torch.set_flush_denormal(False)
+        kernel_isa(best)
