@@ -143,20 +143,13 @@ def test_compiled_fp8_and_mx_regions_stay_close_to_eager() -> None:
         assert abs(float(loss.detach()) - want) <= 1e-3 * abs(want)
 
 
-def test_compiled_fp8_region_scales_large_operands_by_the_kernel(monkeypatch) -> None:
-    """With every operand counted as large, each fp8 operand of the compiled step is one
-    ``mixprec::current_scaled_round`` call (the eager C kernel), forward and backward, and the
-    loss and gradients are eager's to float32 summation-order noise."""
+def _compiled_step(fmt: str) -> tuple[torch.Tensor, nn.Module, list[str]]:
+    """One training step of Tiny in a ``fmt`` region entered around a compiled loss function:
+    the loss, the model (its gradients set) and inductor's code (forward, backward)."""
     from torch._inductor.utils import run_and_get_code
 
-    from mixprec.quantization import elementwise, has_c_kernel
-
-    if not has_c_kernel():
-        pytest.skip("no C kernel: the traced ops round every operand")
-    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
-
     def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with autocast("e4m3", emulate=True):
+        with autocast(fmt, emulate=True):
             loss = compiled(model, x)
         loss.backward()
         return loss
@@ -166,10 +159,27 @@ def test_compiled_fp8_region_scales_large_operands_by_the_kernel(monkeypatch) ->
     model, x = Tiny(), torch.randn(8, 16)
     compiled = torch.compile(_loss, fullgraph=True)
     loss, code = run_and_get_code(step, model, x)
-    want, grad = _eager("e4m3")
+    return loss, model, code
+
+
+def _assert_eager(fmt: str, loss: torch.Tensor, model: nn.Module) -> None:
+    """Eager's loss and first-layer gradient, to float32 summation-order noise."""
+    want, grad = _eager(fmt)
     assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
     torch.testing.assert_close(model.fc1.weight.grad, grad, rtol=1e-5, atol=1e-7)
-    forward, backward = code
+
+
+def test_compiled_fp8_region_scales_large_operands_by_the_kernel(monkeypatch) -> None:
+    """With every operand counted as large, each fp8 operand of the compiled step is one
+    ``mixprec::current_scaled_round`` call (the eager C kernel), forward and backward, and the
+    loss and gradients are eager's to float32 summation-order noise."""
+    from mixprec.quantization import elementwise, has_c_kernel
+
+    if not has_c_kernel():
+        pytest.skip("no C kernel: the traced ops round every operand")
+    monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
+    loss, model, (forward, backward) = _compiled_step("e4m3")
+    _assert_eager("e4m3", loss, model)
     assert forward.count("torch.ops.mixprec.current_scaled_round.default(") == 4  # x, h, W1, W2
     # the gradient of each linear's output, once for both of its gradient GEMMs
     assert backward.count("torch.ops.mixprec.current_scaled_round.default(") == 2
@@ -199,23 +209,10 @@ def test_bf16_region_compiles_to_fused_roundings(keep_casts: bool) -> None:
     mixprec::round call is left), whatever ``emulate_precision_casts`` says, and the
     compiled step gives eager's loss and gradients."""
     import torch._inductor.config as inductor_config
-    from torch._inductor.utils import run_and_get_code
 
-    def step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with autocast("bf16", emulate=True):
-            loss = compiled(model, x)
-        loss.backward()
-        return loss
-
-    dynamo.reset()
-    torch.manual_seed(0)
-    model, x = Tiny(), torch.randn(8, 16)
-    compiled = torch.compile(_loss, fullgraph=True)
     with inductor_config.patch(emulate_precision_casts=keep_casts, force_disable_caches=True):
-        loss, code = run_and_get_code(step, model, x)
-    want, grad = _eager("bf16")
-    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
-    torch.testing.assert_close(model.fc1.weight.grad, grad, rtol=1e-5, atol=1e-7)
+        loss, model, code = _compiled_step("bf16")
+    _assert_eager("bf16", loss, model)
     assert len(code) == 2  # forward and backward kernels
     assert "torch.ops.mixprec.round.default(" not in "\n".join(code)
 
