@@ -217,8 +217,9 @@ needs_c = pytest.mark.skipif(not has_c_kernel(), reason="no C kernel: the torch 
 
 def _mx_cases() -> list[tuple[torch.Tensor, int]]:
     """(operand, axis): channels-last activations blocked along channels, rows along the last
-    axis and down the first, a transposed operand, a ragged (48) axis, a strided slice, and
-    blocks holding NaN, inf, zeros and subnormals."""
+    axis and down the first, a transposed operand, a ragged (48) axis, a strided slice, heads
+    of a fused projection (gapped, permuted; short blocks), and blocks holding NaN, inf, zeros
+    and subnormals."""
     g = torch.Generator().manual_seed(1)
     act = torch.randn(2, 64, 5, 3, generator=g).contiguous(memory_format=torch.channels_last)
     rows = torch.randn(6, 96, generator=g) * torch.logspace(-40, 30, 96)
@@ -227,7 +228,10 @@ def _mx_cases() -> list[tuple[torch.Tensor, int]]:
     rows[2, 32:64] = 1e-42  # a block of subnormals
     ragged = torch.randn(4, 48, generator=g)
     sliced = torch.randn(8, 64, generator=g)[::2]
-    return [(act, 1), (rows, -1), (rows.t(), 0), (rows.t(), 1), (ragged, -1), (sliced, 0)]
+    # attention heads split out of a fused QKV projection: gapped and permuted
+    heads = torch.randn(2, 16, 96, generator=g)[..., 32:64].unflatten(-1, (2, 16)).transpose(1, 2)
+    return [(act, 1), (rows, -1), (rows.t(), 0), (rows.t(), 1), (ragged, -1), (sliced, 0),
+            (heads, -1), (heads, 2)]  # fmt: skip
 
 
 def _mx_round_all(xs: list[torch.Tensor], elem: str, rule: str) -> list[torch.Tensor]:

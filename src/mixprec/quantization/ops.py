@@ -179,8 +179,13 @@ def _mx_round_cpu(
     ``torch.empty_like(x)``."""
     # imported here: blocks imports elementwise, which imports this module
     from mixprec.quantization.blocks import mx_round_to
+    from mixprec.quantization.elementwise import _gap_free
 
     f = _format(name, exponent_bits, mantissa_bits, bias, encoding)
+    if not _gap_free(x):
+        # a gapped operand (heads split out of a fused QKV projection): copied once into the
+        # fake's layout, which the kernel keeps, instead of made contiguous and copied back
+        x = torch.empty_like(x).copy_(x)
     return _in_fake_layout(mx_round_to(x, f, block, axis, scale_rounding), x)
 
 
