@@ -394,7 +394,8 @@ def _scaled_cases() -> list[torch.Tensor]:
     return [wide, wide.t(), torch.zeros(4, 8), with_inf, with_nan, tiny, sub, sliced]
 
 
-_FMAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+# read before tracing: FloatFormat.max is a cached_property, whose lock dynamo cannot trace
+_FMAX = {n: float(mixprec.get_format(n).max) for n in ("float8_e4m3fn", "float8_e5m2")}
 
 
 def _scaled_all(xs: list[torch.Tensor], fmt: str) -> list[torch.Tensor]:

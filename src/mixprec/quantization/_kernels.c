@@ -282,8 +282,13 @@ MP_INLINE uint32_t fast32(uint32_t u, const int mode, const fastp *f, uint32_t r
  * pays for formats whose normal range is wide (>= 2^8): in fp6/fp4 most blocks hold values
  * outside it. Same bits either way (tests compare in-range blocks, mixed ones and every
  * pattern with q32). */
+/* Is the target's normal range under 2^8 wide (most blocks then hold other values)? */
+MP_INLINE int narrow_range(const fastp *f, uint32_t lo) {
+    return (((uint32_t)f->maxb >> 23) - (lo >> 23)) < 8u;
+}
+
 MP_INLINE int normal_blocks_pay(const fastp *f, uint32_t lo, uint64_t flags) {
-    return f->mixed || (!(flags & F_NEG_NAN) && (((uint32_t)f->maxb >> 23) - (lo >> 23)) >= 8u);
+    return f->mixed || (!(flags & F_NEG_NAN) && !narrow_range(f, lo));
 }
 
 /* Round to nearest (ties to even) where the target's quantum is the last d0 bits of u's pattern:
@@ -357,15 +362,10 @@ MP_INLINE void nearest_block_mixed(const uint32_t *src, uint32_t *dst, const fas
     for (int i = 0; i < NBLOCK; i++) dst[i] = nearest_normal(src[i], d0);
 }
 
-/* nearest_mixed over a block, untested: for a normal range under 2^8 wide (fp6, fp4), where
- * most blocks hold other values than normals. */
+/* nearest_mixed on every element, without first looking for a block of normals: for a normal
+ * range under 2^8 wide (fp6, fp4), where most blocks hold other values. */
 MP_INLINE void mixed_block(const uint32_t *src, uint32_t *dst, const fastp *f, uint32_t lo) {
     for (int i = 0; i < NBLOCK; i++) dst[i] = nearest_mixed(src[i], f, lo);
-}
-
-/* Is the target's normal range under 2^8 wide (most blocks then hold other values)? */
-MP_INLINE int narrow_range(const fastp *f, uint32_t lo) {
-    return (((uint32_t)f->maxb >> 23) - (lo >> 23)) < 8u;
 }
 
 #define NEAREST_BLOCKS(BLOCK_FN)                                                                \
@@ -1009,7 +1009,8 @@ static const loop64_fn E8M0_64[6][3] = {
  * where every scaled element is a normal of the target or above its range (the smallest
  * magnitude scaled is >= lo: scaling is monotonic) and such blocks pay (nearest_block's rule),
  * fast32's steps for exactly those: nearest_normal on the magnitude, then the overflow rule
- * (fast32's `r > max`), then the sign (a non-zero result: no zero, flush or NaN rule applies).
+ * (fast32's `r > max`), then the sign (a non-zero result: no zero, flush or NaN rule applies);
+ * any other block of a format nearest_mixed serves takes nearest_mixed instead of fast32.
  * A block holding inf or NaN is NaN. */
 #define MX_ROW_BLOCK(X, Y, LEN)                                                                 \
     do {                                                                                        \
@@ -1118,11 +1119,12 @@ static int element_format(const qparams *p, const char *who) {
 /* Per-tensor current scaling (fp8 recipes): amax = max |x|, the scale s = fmax / amax as torch
  * computes it in float32 (1.0 where that is not a positive finite number), then
  * y = round(x * s) / s: the float32 product, the rounding loop quantize() runs and the float32
- * quotient, as mixprec.precision.fp8's torch ops compute them. With a fast path for the format
- * (lo != 0) the three steps run NBLOCK elements at a time in registers, one read and one write
- * per element, the block rounded as the rounding loop rounds it (nearest_block where normal
- * blocks pay, else fast32); otherwise (the general algorithm) a chunk at a time, so that three
- * passes stay in cache. The same bits either way. x and y must not overlap.
+ * quotient, as mixprec.quantization.scaled's torch ops compute them. With a fast path for the
+ * format (lo != 0) the three steps run NBLOCK elements at a time in registers, one read and one
+ * write per element, the block rounded as the rounding loop rounds it (mixed_block or
+ * nearest_block_mixed where nearest_mixed serves, nearest_block where normal blocks pay, else
+ * fast32); otherwise (the general algorithm) a chunk at a time, so that three passes stay in
+ * cache. The same bits either way. x and y must not overlap.
  *
  * The quotient without a division where the format has at most 3 mantissa bits (every fp8, fp6
  * and fp4 format): q / s is then q * (1 / s) in double, rounded to float32, the same bits. Proof:

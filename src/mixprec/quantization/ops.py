@@ -198,15 +198,14 @@ def _in_fake_layout(res: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return res if res.stride() == want.stride() else want.copy_(res)
 
 
-def _mx_round_fake(
-    x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
-    encoding: str, block: int, axis: int, scale_rounding: str,
-) -> torch.Tensor:  # fmt: skip
+def _fake_like_x(x: torch.Tensor, *fields: Any) -> torch.Tensor:
+    """The fake of the plainly registered ops: a fresh tensor laid out like ``x`` (its strides
+    where ``x`` is dense), whatever the format fields."""
     return torch.empty_like(x)
 
 
 _LIB.impl("mx_round", _mx_round_cpu, "CPU")
-torch.library.register_fake("mixprec::mx_round", _mx_round_fake, lib=_LIB)
+torch.library.register_fake("mixprec::mx_round", _fake_like_x, lib=_LIB)
 
 
 def mx_round_op(
@@ -262,15 +261,8 @@ def _current_scaled_round_cpu(
     return _in_fake_layout(current_scaled_round_to(x, fmax, f), x)
 
 
-def _current_scaled_round_fake(
-    x: torch.Tensor, name: str, exponent_bits: int, mantissa_bits: int, bias: int,
-    encoding: str, fmax: float,
-) -> torch.Tensor:  # fmt: skip
-    return torch.empty_like(x)
-
-
 _LIB.impl("current_scaled_round", _current_scaled_round_cpu, "CPU")
-torch.library.register_fake("mixprec::current_scaled_round", _current_scaled_round_fake, lib=_LIB)
+torch.library.register_fake("mixprec::current_scaled_round", _fake_like_x, lib=_LIB)
 
 
 def current_scaled_round_op(x: torch.Tensor, fmt: FloatFormat, fmax: float) -> torch.Tensor:

@@ -145,9 +145,14 @@ def _like_torch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _rows(g: torch.Tensor) -> torch.Tensor:
+    """The output gradient (N, O, Ho, Wo) as channels-last rows (N * Ho * Wo, O): a copy."""
+    return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+
 def _input_grad(
-    g: torch.Tensor, w: torch.Tensor, size: Sequence[int], stride: Sequence[int],
-    padding: Sequence[int],
+    g: torch.Tensor, g_rows: torch.Tensor | None, w: torch.Tensor, size: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int],
 ) -> torch.Tensor | None:  # fmt: skip
     """The gradient of a served convolution's input (N, C, H, W) from its output gradient.
 
@@ -155,7 +160,7 @@ def _input_grad(
     C swapped), padded to the input's size (None where the padding exceeds the kernel: no such
     correlation). Larger strides: each output pixel's window gradient (a GEMM) added into the
     padded input, one strided add per kernel offset (a correlation would first dilate ``g``
-    with zeros: stride^2 times the GEMM)."""
+    with zeros: stride^2 times the GEMM); ``g_rows``: :func:`_rows` of ``g``, if made already."""
     o, c, kh, kw = w.shape
     (sh, sw), (ph, pw) = stride, padding
     n, _, ho, wo = g.shape
@@ -166,7 +171,7 @@ def _input_grad(
         pads = (kh - 1 - ph, size[2] - ho + ph, kw - 1 - pw, size[3] - wo + pw)
         gi = _correlate(g, w.flip(2, 3).transpose(0, 1), stride, pads)
         return _like_torch(gi.permute(0, 3, 1, 2), g)
-    g_rows = g.permute(0, 2, 3, 1).reshape(-1, o)
+    g_rows = _rows(g) if g_rows is None else g_rows
     win_grads = (g_rows @ w.permute(0, 2, 3, 1).reshape(o, -1)).view(n, ho, wo, kh, kw, c)
     h, wd = size[2], size[3]
     gp = g.new_zeros(n, h + 2 * ph, wd + 2 * pw, c)  # padded, channels-last
@@ -178,15 +183,14 @@ def _input_grad(
 
 
 def _weight_grad(
-    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: Sequence[int],
+    g_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: Sequence[int],
     padding: Sequence[int],
 ) -> torch.Tensor:  # fmt: skip
     """The gradient of a served convolution's weight: the output gradient's channels-last rows
-    times the input windows, summed over the image groups."""
+    (:func:`_rows`) times the input windows, summed over the image groups."""
     o, c, kh, kw = w.shape
     ph, pw = padding
     win, ho, wo = _windows(x, (kh, kw), stride, (ph, ph, pw, pw))
-    g_rows = g.permute(0, 2, 3, 1).reshape(-1, o)
     rows = ho * wo
     gw = x.new_zeros(o, kh * kw * c)
     for n0, m, cols in _patch_groups(win):
@@ -202,15 +206,17 @@ def convolution_backward(
     """``aten.convolution_backward``'s values; served calls at GEMM speed."""
     gi = None
     served = _served(x, w, stride, padding, dilation, transposed, groups)
+    # the output gradient as rows, made once where both gradients use it
+    g_rows = _rows(g) if served and output_mask[1] else None
     if served and output_mask[0]:
-        gi = _input_grad(g, w, x.shape, stride, padding)
+        gi = _input_grad(g, g_rows, w, x.shape, stride, padding)
         served = gi is not None
     if not served:
         return aten.convolution_backward.default(
             g, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
             output_mask,
         )  # fmt: skip
-    gw = _weight_grad(g, x, w, stride, padding) if output_mask[1] else None
+    gw = _weight_grad(g_rows, x, w, stride, padding) if g_rows is not None else None
     gb = g.sum((0, 2, 3)) if output_mask[2] else None
     return gi, gw, gb
 
