@@ -16,11 +16,13 @@ One test per runnable fenced block, named ``FILE:LINE`` (the line of the opening
 * an untyped block preceded by ``<!-- doctest: copy-of PATH -->`` repeats an output block of
   PATH (the README quotes the docs' numbers): it must equal one of them.
 
-``<!-- doctest: cpu AVX512 -->`` before a python or console block says that the digits of its
-output depend on the CPU's float32 kernels and were made where
-``torch.backends.cpu.get_cpu_capability()`` is ``"AVX512"`` (the page says so in words too). On
-such a machine the output is compared as usual; on any other only the text around the numbers
-is (every number matches any number), and the update leaves the block alone.
+``<!-- doctest: cpu AVX512 GenuineIntel -->`` before a python or console block says that the
+digits of its output depend on the CPU's float32 kernels and were made where
+``torch.backends.cpu.get_cpu_capability()`` is ``"AVX512"`` on an Intel CPU (the page says so in
+words too; MKL runs other GEMM kernels on AMD CPUs of the same capability, and torch's fused
+attention differs there too). On such a machine the output is compared as usual; on any other
+only the text around the numbers is (every number matches any number), and the update leaves
+the block alone.
 
 Every other block (``text``, untyped blocks that are not output) is prose, never run. Pseudo-code
 and fragments are therefore written as ``text``, or given the few lines that make them run.
@@ -73,6 +75,8 @@ import numpy as np
 import pytest
 import torch
 
+from mixprec import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 UPDATE = os.environ.get("MIXPREC_UPDATE_DOCS", "") not in ("", "0")
@@ -98,9 +102,10 @@ _FILE_LINE = re.compile(r"^#\s*(?P<name>[\w.-]+\.py)\s*$")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 # outputs whose digits depend on the CPU's float32 kernels carry `<!-- doctest: cpu NAME -->`,
-# NAME being torch.backends.cpu.get_cpu_capability() where they were made; on other machines
-# only their text is compared, every number standing for any number
-MACHINE = torch.backends.cpu.get_cpu_capability()
+# NAME being "capability vendor" (torch.backends.cpu.get_cpu_capability(), mixprec.machine's
+# cpu_vendor()) where they were made; on other machines only their text is compared, every
+# number standing for any number
+MACHINE = f"{machine.cpu_capability()} {machine.cpu_vendor()}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +136,9 @@ class Block:
 
     @property
     def cpu(self) -> str | None:
-        """The machine the output's digits came from (``<!-- doctest: cpu AVX512 -->``)."""
-        return self.directive.split()[1] if self.directive.startswith("cpu ") else None
+        """The machine the output's digits came from (``<!-- doctest: cpu AVX512 GenuineIntel
+        -->``: capability and vendor)."""
+        return self.directive.split(None, 1)[1] if self.directive.startswith("cpu ") else None
 
     @property
     def exact_numbers(self) -> bool:
@@ -167,7 +173,7 @@ def parse_page(path: Path) -> list[Block]:
         while k >= 0 and not lines[k].strip():
             k -= 1
         d = _DIRECTIVE.match(lines[k]) if k >= 0 else None
-        if d and not re.fullmatch(r"(copy-of|cpu) \S+", d["text"]):
+        if d and not re.fullmatch(r"copy-of \S+|cpu \S+ \S+", d["text"]):
             raise ValueError(f"{path}:{k + 1}: unknown directive {d['text']!r}")
         blocks.append(Block(path, i + 1, j + 1, indent, info.split()[0] if info else "", body,
                             directive=d["text"] if d else ""))  # fmt: skip
@@ -589,7 +595,8 @@ def test_doc_block(block: Block, tmp_path_factory: pytest.TempPathFactory) -> No
     update = UPDATE
     if block.cpu is not None:
         hint += (
-            f"\n(The page's digits come from a CPU whose capability is {block.cpu}; here: {MACHINE}"
+            "\n(The page's digits come from a CPU whose capability and vendor are "
+            f"{block.cpu}; here: {MACHINE}"
         )
         if block.exact_numbers:
             hint += ".)"

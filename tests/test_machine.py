@@ -17,6 +17,32 @@ def test_cpu_flags_and_capability() -> None:
     line = machine.summary()
     assert f"capability {machine.cpu_capability()}" in line
     assert f"torch {torch.__version__}" in line
+    assert machine.cpu_vendor() in line
+
+
+def test_cpu_vendor_is_cpuinfo_vendor_id(tmp_path, monkeypatch) -> None:
+    """The vendor labels benchmark lines and keys recorded float results (MKL picks its GEMM
+    kernels by vendor): /proc/cpuinfo's vendor_id, else platform.processor()."""
+    real_open = open
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    machine.cpu_vendor.cache_clear()
+    machine.cpu_flags.cache_clear()
+    try:
+        assert machine.cpu_vendor() == "AuthenticAMD"
+        assert machine.cpu_flags() == frozenset({"fpu", "avx2"})
+        cpuinfo.write_text("processor\t: 0\n")
+        machine.cpu_vendor.cache_clear()
+        monkeypatch.setattr(machine.platform, "processor", lambda: "arm")
+        assert machine.cpu_vendor() == "arm"
+    finally:
+        machine.cpu_vendor.cache_clear()
+        machine.cpu_flags.cache_clear()
 
 
 def test_run_parallel_runs_every_task_on_pool_threads() -> None:

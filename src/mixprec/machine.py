@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 
-__all__ = ["cpu_capability", "cpu_flags", "run_parallel", "summary"]
+__all__ = ["cpu_capability", "cpu_flags", "cpu_vendor", "run_parallel", "summary"]
 
 # flags that decide mixprec's speed: vector width, bf16/fp16 dot products, matrix units
 _SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
@@ -25,17 +25,31 @@ _pool_size = 0
 _worker = threading.local()  # .active is True inside a pool thread's task
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none). Read once."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first value of field ``name`` in ``/proc/cpuinfo`` (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none). Read once."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+@lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU vendor (``GenuineIntel``, ``AuthenticAMD``, ...; ``platform.processor()`` where
+    ``/proc/cpuinfo`` has none). Floating-point results of the same program can differ between
+    vendors at the same torch capability: MKL runs other GEMM kernels (another summation order)
+    on AMD CPUs than on Intel ones."""
+    return _cpuinfo_field("vendor_id") or platform.processor() or "unknown"
 
 
 def cpu_capability() -> str:
@@ -51,7 +65,7 @@ def summary() -> str:
 
     flags = " ".join(f for f in _SPEED_FLAGS if f in cpu_flags())
     return (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{platform.machine()} {cpu_vendor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"capability {cpu_capability()}, threads {torch.get_num_threads()}, "
         f"flags: {flags or 'n/a'}"
     )

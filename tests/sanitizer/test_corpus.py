@@ -235,7 +235,12 @@ def test_fused_cpu_attention_is_checked_when_it_has_no_dropout() -> None:
         F.scaled_dot_product_attention(q * 1e20, k * 1e20, v)  # <sdpa-overflow>
     fs = only(report.findings, location=line_of("sdpa-overflow"))
     assert {f.op for f in fs} == {"aten._scaled_dot_product_flash_attention_for_cpu.default"}
-    assert "nan" in {f.kind for f in fs}  # the output; its logsumexp result loses bits too
+    # the output (its logsumexp result loses bits too). What torch's float32 kernel makes of
+    # the overflowing scores depends on the CPU: NaN (inf - inf) on some, all zeros on others
+    # (an AMD EPYC at AVX512); the float64 shadow is finite and nonzero either way
+    real = F.scaled_dot_product_attention(q * 1e20, k * 1e20, v)
+    assert bool(real.isnan().any()) or bool((real == 0).all())
+    assert ("nan" if real.isnan().any() else "precision_loss") in {f.kind for f in fs}
 
 
 def test_log_of_underflowed_softmax_names_its_cause() -> None:
