@@ -56,6 +56,7 @@ SHAPES_AXES = [
     ((2, 3, 64, 8), 1),
     ((3, 40), -1),  # ragged: mx_quantize itself
     ((96, 5), 0),
+    ((40, 24), 0),  # ragged along a non-last axis: a block of 32 rows and one of 8
     ((7,), 0),  # one short block
 ]
 
@@ -181,19 +182,25 @@ def test_fused_mx_rows_in_one_pass_are_the_general_path(element: str) -> None:
     scaled element is a normal of the element format or above it: the general path's bits at
     every SIMD level, ties, saturation and ragged or short rows included (a row's last block
     of 16, attention heads', has its own loop; other short blocks are padded with a copy of
-    their first element)."""
+    their first element). Blocks down 16 or more columns take the same steps a row of blocks
+    at a time, the columns in the vector lanes."""
     f = get_format(element)
     mx = get_mx_format(f)
     best = kernel_isa()
     try:
         for cols in (256, 200, 48, 47, 31, 17, 16, 15, 1):
-            x = _narrow_range_rows(8, cols, cols)
-            want = blocks._quantize_blocks(x, mx, 32, 1, "nearest", True, True, None, "floor")
-            for level in KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]:
-                kernel_isa(level)
-                got = elementwise.fused_mx_floor(x, f, 32, 1, 2.0**-mx.emax_elem, 2.0**-127)
-                assert got is not None
-                assert torch.equal(_bits(got), _bits(want)), (level, cols)
+            # rows of blocks; and the same blocks down the columns of its transpose (16 columns
+            # or more: the blocks of a row of blocks share the vector lanes)
+            x = _narrow_range_rows(24, cols, cols)
+            for t, axis in ((x, 1), (x.t().contiguous(), 0)):
+                want = blocks._quantize_blocks(
+                    t, mx, 32, axis, "nearest", True, True, None, "floor"
+                )
+                for level in KERNEL_ISAS[: KERNEL_ISAS.index(best) + 1]:
+                    kernel_isa(level)
+                    got = elementwise.fused_mx_floor(t, f, 32, axis, 2.0**-mx.emax_elem, 2.0**-127)
+                    assert got is not None
+                    assert torch.equal(_bits(got), _bits(want)), (level, cols, axis)
     finally:
         kernel_isa(best)
 

@@ -1046,16 +1046,83 @@ static const loop64_fn E8M0_64[6][3] = {
             }                                                                                   \
         }                                                                                       \
     } while (0)
+/* The blocks of one block row (rows j0..j0+R of a slab, R <= 32) across `inner` columns, for a
+ * non-last axis with inner >= 16 and formats with a fast path: MX_ROW_BLOCK's steps with the
+ * columns in the vector lanes. The per-column largest and smallest magnitudes (in `mx` and the
+ * `inv` slots), the scales, then every element divided (a multiply by the exact reciprocal),
+ * rounded and multiplied back in one pass: the same float32 operations and nearest rounding as
+ * the chunked passes below, so the same bits, in two reads and one write instead of five
+ * passes. One rounding for the whole row of blocks: nearest_normal where every column's block
+ * scales to normals of the target or above (and such blocks pay), else nearest_mixed where it
+ * serves, else fast32; columns holding inf or NaN are overwritten with NaN afterwards. */
+#define MX_COL_BLOCKS(XS, YS, R)                                                                \
+    do {                                                                                        \
+        uint32_t *restrict mx = bad, *restrict mn = (uint32_t *)inv;                            \
+        for (int64_t i = 0; i < inner; i++) {                                                   \
+            mx[i] = 0u;                                                                         \
+            mn[i] = 0x7fffffffu;                                                                \
+        }                                                                                       \
+        for (int64_t j = 0; j < (R); j++) {                                                     \
+            const uint32_t *restrict xr = (const uint32_t *)((XS) + j * inner);                 \
+            for (int64_t i = 0; i < inner; i++) {                                               \
+                const uint32_t a = xr[i] & 0x7fffffffu;                                         \
+                mx[i] = a > mx[i] ? a : mx[i];                                                  \
+                mn[i] = a < mn[i] ? a : mn[i];                                                  \
+            }                                                                                   \
+        }                                                                                       \
+        int all_normal = normal, any_bad = 0;                                                   \
+        for (int64_t i = 0; i < inner; i++) {                                                   \
+            const uint32_t m = mx[i], b_ = m >= 0x7f800000u;                                    \
+            const float sc0 = f32_of(m & 0x7f800000u) * down;                                   \
+            const float sc = b_ ? 1.0f : (sc0 < smallest ? smallest : sc0), r = 1.0f / sc;     \
+            all_normal &= b_ || f32_bits(f32_of(mn[i]) * r) >= lo; /* before inv[i] is set */ \
+            scale[i] = sc;                                                                      \
+            inv[i] = r;                                                                         \
+            bad[i] = b_;                                                                        \
+            any_bad |= (int)b_;                                                                 \
+        }                                                                                       \
+        for (int64_t j = 0; j < (R); j++) {                                                     \
+            const float *restrict xr = (XS) + j * inner;                                        \
+            float *restrict yr = (YS) + j * inner;                                              \
+            if (all_normal) {                                                                   \
+                for (int64_t i = 0; i < inner; i++) {                                           \
+                    const uint32_t t = f32_bits(xr[i] * inv[i]);                                \
+                    uint32_t q = nearest_normal(t & 0x7fffffffu, d0);                           \
+                    q = (int32_t)q > fp.maxb ? fp.ovfb : q;                                     \
+                    yr[i] = f32_of(q | (t & 0x80000000u)) * scale[i];                           \
+                }                                                                               \
+            } else if (fp.mixed) {                                                              \
+                for (int64_t i = 0; i < inner; i++)                                             \
+                    yr[i] = f32_of(nearest_mixed(f32_bits(xr[i] * inv[i]), &fp, lo)) * scale[i]; \
+            } else {                                                                            \
+                for (int64_t i = 0; i < inner; i++)                                             \
+                    yr[i] = f32_of(fast32(f32_bits(xr[i] * inv[i]), R_NEAREST, &fp, 0u)) *      \
+                            scale[i];                                                           \
+            }                                                                                   \
+            if (any_bad) {                                                                      \
+                uint32_t *yu = (uint32_t *)yr;                                                  \
+                for (int64_t i = 0; i < inner; i++) yu[i] = bad[i] ? 0x7fc00000u : yu[i];      \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
 #define DEFINE_MX_FLOOR(NAME, ATTR, ...)                                                        \
     ATTR static void NAME(const float *x, float *y, int64_t outer, int64_t n, int64_t inner,   \
                           int64_t block, int64_t per_chunk, const qparams *p, uint32_t lo,     \
                           float down, float smallest, float *scale, float *inv, uint32_t *bad, \
                           loop32_fn round) {                                                   \
+        const qparams pp = *p;                                                                  \
+        const fastp fp = make_fastp(&pp);                                                       \
+        const int normal = normal_blocks_pay(&fp, lo, pp.flags);                                \
+        const uint32_t d0 = (uint32_t)fp.d0;                                                    \
+        if (inner >= 16 && lo != 0u) {                                                         \
+            for (int64_t o = 0; o < outer; o++)                                                 \
+                for (int64_t j0 = 0; j0 < n; j0 += block) {                                     \
+                    const int64_t at = (o * n + j0) * inner;                                    \
+                    MX_COL_BLOCKS(x + at, y + at, (n - j0 < block ? n - j0 : block));           \
+                }                                                                               \
+            return;                                                                             \
+        }                                                                                       \
         if (inner == 1 && block == 32 && lo != 0u) {                                            \
-            const qparams pp = *p;                                                              \
-            const fastp fp = make_fastp(&pp);                                                   \
-            const int normal = normal_blocks_pay(&fp, lo, pp.flags);                            \
-            const uint32_t d0 = (uint32_t)fp.d0;                                                \
             for (int64_t o = 0; o < outer; o++) {                                               \
                 const float *restrict xr = x + o * n;                                           \
                 float *restrict yr = y + o * n;                                                 \
