@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "quantize", "quantize_isa", "autocast", "autocast_corpus", "autocast_compile",
+    "quantize", "quantize_isa", "quantize_mx", "autocast", "autocast_corpus", "autocast_compile",
     "autocast_drift", "overhead_sweep", "amp", "sanitize", "sanitize_corpus", "ulp",
     "stable_speed", "stabilize",
 ]  # fmt: skip
@@ -28,6 +28,7 @@ tables were measured at different times. Regenerate a table with its script, the
 | script | what it measures |
 |---|---|
 | `benchmarks/quantize.py`, `mixprec bench --slow` | quantize ÷ clone or copy_, torch, ml_dtypes |
+| `benchmarks/quantize.py --mx-only` | MX rounding (fused C kernel, torch path) ÷ clone |
 | `benchmarks/autocast.py` | transformer training step: fp32, emulated, torch.autocast |
 | `benchmarks/autocast_corpus.py` | emulated ÷ fp32 step on the corpus; `--compile`, `--drift` |
 | `benchmarks/overhead_sweep.py` | emulated bf16 and sanitize() ÷ fp32 against step size (plot) |

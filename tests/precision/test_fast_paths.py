@@ -205,6 +205,51 @@ def test_fused_mx_rows_in_one_pass_are_the_general_path(element: str) -> None:
         kernel_isa(best)
 
 
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize(
+    ("shape", "axis", "calls"),
+    [
+        ((6, 200), 1, 2),  # slabs of outer: 3 rows each
+        ((5, 40, 24), 1, 2),  # slabs, blocks down 24 columns
+        ((1, 1000), 1, 2),  # one slab: whole blocks along it (the last one ragged)
+        ((1000, 17), 0, 2),  # one slab blocked down 17 columns
+        ((1, 40), 1, 2),  # two blocks (the second ragged): one call each
+        ((1, 32), 1, 1),  # a single block is never split
+    ],
+)
+def test_large_mx_operands_split_among_threads_give_one_calls_bits(
+    shape: tuple[int, ...], axis: int, calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several torch threads a large operand's MX blocks are split among the shared
+    pool's threads (whole slabs, or whole blocks of a single slab; none straddles two calls):
+    the general path's bits, a kernel call per part. (The threshold is lowered here; it is 2M
+    elements.)"""
+    f = get_format("float8_e4m3fn")
+    mx = get_mx_format(f)
+    x = _special(shape, sum(shape))
+    seen: list[tuple[int, ...]] = []
+    kernel = elementwise._kernels.mx_floor
+    monkeypatch.setattr(
+        elementwise._kernels, "mx_floor", lambda *a: seen.append(a[2:4]) or kernel(*a)
+    )
+    monkeypatch.setattr(elementwise, "_MX_PARALLEL_MIN", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = mx_round_to(x, f, 32, axis)
+    finally:
+        torch.set_num_threads(threads)
+    want = blocks._quantize_blocks(x, mx, 32, axis, "nearest", True, True, None, "floor")
+    assert torch.equal(_bits(got), _bits(want))
+    assert len(seen) == calls
+    outer = math.prod(shape[:axis])
+    if outer > 1:  # (outer, n) of each call: slabs covering outer once
+        assert sum(k for k, _ in seen) == outer and all(n == shape[axis] for _, n in seen)
+    else:  # whole blocks along n, covering it once
+        assert sum(n for _, n in seen) == shape[axis]
+        assert all(n % 32 == 0 for _, n in seen[:-1])
+
+
 def _layouts() -> list[tuple[torch.Tensor, bool]]:
     """(x, is x a permutation of a contiguous layout) for the fused kernels' layout tests."""
     heads = _special((2, 17, 4, 64), 7).transpose(1, 2)  # attention heads: view + transpose

@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Callable
 from functools import lru_cache, partial
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
+_MX_PARALLEL_MIN = 1 << 20  # the same for MX blocks (see _mx_floor_c)
 _is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
 QUANTIZE_BACKENDS = ("auto", "torch", "torch-compiled")
 # the backend in use, read on every rounding (a global costs nothing, an os.environ lookup
@@ -321,12 +323,17 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
     run_parallel([partial(run, start, stop) for start, stop in bounds])
 
 
+def _c_serves(x: torch.Tensor) -> bool:
+    """Do C calls serve ``x``? Not under torch.compile, with no C kernel or a torch backend,
+    off the CPU, or with a rounding observer (it must see every element rounding). Compiling
+    is asked first: dynamo then adds no guard on ``x``."""
+    return not _is_compiling() and x.is_cpu and has_c_kernel() and not has_rounding_observers()
+
+
 def _one_c_call(x: torch.Tensor) -> bool:
-    """Does one single-threaded C call serve ``x``? Not under torch.compile, with no C kernel
-    or a torch backend, off the CPU, with a rounding observer (it must see every element
-    rounding), or for a large tensor with several threads (those take the threaded paths).
-    Compiling is asked first: dynamo then adds no guard on ``x``."""
-    if _is_compiling() or not (x.is_cpu and has_c_kernel()) or has_rounding_observers():
+    """Does one single-threaded C call serve ``x``? Where C calls serve it (:func:`_c_serves`),
+    except for a large tensor with several threads (those take the threaded paths)."""
+    if not _c_serves(x):
         return False
     return x.numel() < 2 * _PARALLEL_MIN or torch.get_num_threads() <= 1
 
@@ -399,8 +406,10 @@ def fused_mx_floor(
     permutation of a contiguous one (:func:`_memory_order`: a transposed GEMM operand is
     blocked in memory order, with no transposing copy). None where the kernel does not serve
     (:func:`_one_c_call`). Cost: one read and one write of ``x`` (plus a copy of a strided
-    ``x`` it cannot run over), the blocks in cache in between."""
-    if not _one_c_call(x):
+    ``x`` it cannot run over), the blocks in cache in between; a tensor of 2M elements or more
+    with several torch threads is split among the shared pool's threads (:func:`_mx_floor_c`).
+    """
+    if not _c_serves(x):
         return None
     # a contiguous x (most operands) is its own memory order: no permutation to work out
     order = _memory_order(x) if keep_layout and not x.is_contiguous() else None
@@ -413,11 +422,36 @@ def fused_mx_floor(
         axis = order.index(axis)
     shape = src.shape
     outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
-    _kernels.mx_floor(
-        src.data_ptr(), dst.data_ptr(), outer, shape[axis], inner, block, down, smallest,
-        *_element_args(element),
-    )  # fmt: skip
+    rest = (block, down, smallest, *_element_args(element))
+    _mx_floor_c(src.data_ptr(), dst.data_ptr(), outer, shape[axis], inner, rest)
     return out
+
+
+def _mx_floor_c(
+    in_ptr: int, out_ptr: int, outer: int, n: int, inner: int, rest: tuple[Any, ...]
+) -> None:
+    """The kernel's MX blocks of a contiguous float32 ``(outer, n, inner)`` buffer, one call or,
+    for 2M elements or more with several torch threads, a call per thread on the shared pool,
+    1M elements or more each: whole slabs of ``outer`` each, or, for a single slab, whole
+    blocks along ``n`` (blocks never straddle two calls, so the bits are one call's). Below
+    that, waking the pool (~0.1 ms here) costs more than the split saves (the kernel takes
+    ~0.25 ns an element)."""
+    total = outer * n * inner
+    threads = min(torch.get_num_threads(), total // _MX_PARALLEL_MIN)
+    if threads <= 1 or (outer == 1 and n <= rest[0]):
+        _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, *rest)
+        return
+    if outer > 1:  # slabs: [o0, o1) of outer
+        step = -(-outer // min(threads, outer))
+        slab = n * inner * 4
+        calls = [(in_ptr + o * slab, out_ptr + o * slab, min(step, outer - o), n)
+                 for o in range(0, outer, step)]  # fmt: skip
+    else:  # one slab: whole blocks [j0, j0 + step) along n
+        blocks = -(-n // rest[0])
+        step = -(-blocks // threads) * rest[0]
+        calls = [(in_ptr + j * inner * 4, out_ptr + j * inner * 4, 1, min(step, n - j))
+                 for j in range(0, n, step)]  # fmt: skip
+    run_parallel([partial(_kernels.mx_floor, i, o, k, m, inner, *rest) for i, o, k, m in calls])
 
 
 def _memory_order(x: torch.Tensor) -> list[int] | None:
