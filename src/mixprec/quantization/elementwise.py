@@ -405,7 +405,7 @@ def fused_mx_floor(
     contiguous tensor; with ``keep_layout``, a fresh tensor in ``x``'s layout where ``x`` is a
     permutation of a contiguous one (:func:`_memory_order`: a transposed GEMM operand is
     blocked in memory order, with no transposing copy). None where the kernel does not serve
-    (:func:`_one_c_call`). Cost: one read and one write of ``x`` (plus a copy of a strided
+    (:func:`_c_serves`). Cost: one read and one write of ``x`` (plus a copy of a strided
     ``x`` it cannot run over), the blocks in cache in between; a tensor of 2M elements or more
     with several torch threads is split among the shared pool's threads (:func:`_mx_floor_c`).
     """
@@ -422,36 +422,37 @@ def fused_mx_floor(
         axis = order.index(axis)
     shape = src.shape
     outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
-    rest = (block, down, smallest, *_element_args(element))
-    _mx_floor_c(src.data_ptr(), dst.data_ptr(), outer, shape[axis], inner, rest)
+    rest = (down, smallest, *_element_args(element))
+    _mx_floor_c(src.data_ptr(), dst.data_ptr(), outer, shape[axis], inner, block, rest)
     return out
 
 
 def _mx_floor_c(
-    in_ptr: int, out_ptr: int, outer: int, n: int, inner: int, rest: tuple[Any, ...]
+    in_ptr: int, out_ptr: int, outer: int, n: int, inner: int, block: int, rest: tuple[Any, ...]
 ) -> None:
-    """The kernel's MX blocks of a contiguous float32 ``(outer, n, inner)`` buffer, one call or,
-    for 2M elements or more with several torch threads, a call per thread on the shared pool,
-    1M elements or more each: whole slabs of ``outer`` each, or, for a single slab, whole
-    blocks along ``n`` (blocks never straddle two calls, so the bits are one call's). Below
-    that, waking the pool (~0.1 ms here) costs more than the split saves (the kernel takes
-    ~0.25 ns an element)."""
-    total = outer * n * inner
-    threads = min(torch.get_num_threads(), total // _MX_PARALLEL_MIN)
-    if threads <= 1 or (outer == 1 and n <= rest[0]):
-        _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, *rest)
+    """The kernel's MX blocks of a contiguous float32 ``(outer, n, inner)`` buffer (``rest``:
+    the kernel's arguments after the block size), one call or, for 2M elements or more with
+    several torch threads, a call per thread on the shared pool, 1M elements or more each:
+    whole slabs of ``outer`` each, or, for a single slab, whole blocks along ``n`` (blocks never
+    straddle two calls, so the bits are one call's). Below that, waking the pool (~0.1 ms here)
+    costs more than the split saves (the kernel takes ~0.25 ns an element)."""
+    threads = min(torch.get_num_threads(), outer * n * inner // _MX_PARALLEL_MIN)
+    if threads <= 1 or (outer == 1 and n <= block):
+        _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, block, *rest)
         return
-    if outer > 1:  # slabs: [o0, o1) of outer
+    if outer > 1:  # slabs [o, o + step) of outer
         step = -(-outer // min(threads, outer))
         slab = n * inner * 4
-        calls = [(in_ptr + o * slab, out_ptr + o * slab, min(step, outer - o), n)
-                 for o in range(0, outer, step)]  # fmt: skip
-    else:  # one slab: whole blocks [j0, j0 + step) along n
-        blocks = -(-n // rest[0])
-        step = -(-blocks // threads) * rest[0]
-        calls = [(in_ptr + j * inner * 4, out_ptr + j * inner * 4, 1, min(step, n - j))
-                 for j in range(0, n, step)]  # fmt: skip
-    run_parallel([partial(_kernels.mx_floor, i, o, k, m, inner, *rest) for i, o, k, m in calls])
+        parts = [(o * slab, min(step, outer - o), n) for o in range(0, outer, step)]
+    else:  # one slab: whole blocks [j, j + step) along n
+        step = math.ceil(math.ceil(n / block) / threads) * block
+        parts = [(j * inner * 4, 1, min(step, n - j)) for j in range(0, n, step)]
+    run_parallel(
+        [
+            partial(_kernels.mx_floor, in_ptr + at, out_ptr + at, k, m, inner, block, *rest)
+            for at, k, m in parts
+        ]
+    )
 
 
 def _memory_order(x: torch.Tensor) -> list[int] | None:
