@@ -232,7 +232,7 @@ def test_large_mx_operands_split_among_threads_give_one_calls_bits(
     monkeypatch.setattr(
         elementwise._kernels, "mx_floor", lambda *a: seen.append(a[2:4]) or kernel(*a)
     )
-    monkeypatch.setattr(elementwise, "_MX_PARALLEL_MIN", 16)
+    monkeypatch.setattr(elementwise, "_FUSED_PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -248,6 +248,40 @@ def test_large_mx_operands_split_among_threads_give_one_calls_bits(
     else:  # whole blocks along n, covering it once
         assert sum(n for _, n in seen) == shape[axis]
         assert all(n % 32 == 0 for _, n in seen[:-1])
+
+
+@pytest.mark.skipif(not has_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize("special", ["none", "inf", "nan", "zeros"])
+@pytest.mark.parametrize("n", [1000, 4096, 4099])
+def test_large_current_scaling_split_among_threads_gives_one_calls_bits(
+    n: int, special: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp8 current scaling of a large tensor with several threads: each part's largest
+    magnitude on the pool's threads, then each part rounded with the whole tensor's scale: the
+    scale and bits of one call, an inf or NaN in the last part included (the scale is then 1,
+    as for an all-zero tensor)."""
+    f = get_format("float8_e4m3fn")
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 300
+    if special == "zeros":
+        x.zero_()
+    elif special != "none":
+        x[-3] = float(special)
+    want, want_scale = elementwise.fused_current_scaled_round(x, 448.0, f)
+    parts: list[int] = []
+    kernel = elementwise._kernels.scaled_round_amax
+    monkeypatch.setattr(
+        elementwise._kernels, "scaled_round_amax", lambda *a: parts.append(a[2]) or kernel(*a)
+    )
+    monkeypatch.setattr(elementwise, "_FUSED_PARALLEL_MIN", 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, scale = elementwise.fused_current_scaled_round(x, 448.0, f)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(parts) == 2 and sum(parts) == n
+    assert scale == want_scale and (scale == 1.0) == (special != "none")
+    assert torch.equal(_bits_any_nan(got), _bits_any_nan(want))
 
 
 def _layouts() -> list[tuple[torch.Tensor, bool]]:

@@ -437,18 +437,24 @@ def test_compiled_current_scaling_is_the_eager_kernel_in_one_op(backend: str, mo
 def test_compiled_current_scaling_op_takes_the_threaded_path_when_eager_would(
     monkeypatch,
 ) -> None:
-    """With several threads and an operand too large for one C call, the op runs what eager
-    code runs there (amax and scale as floats, the threaded rounding): the same bits."""
+    """With several threads and an operand large enough to split, the op runs what eager code
+    runs there (the parts' maxima, then each part rounded with the whole's scale on the pool's
+    threads): the same bits."""
     monkeypatch.setattr(elementwise, "EXTERN_MIN", 1)
-    monkeypatch.setattr(elementwise, "_PARALLEL_MIN", 64)
+    monkeypatch.setattr(elementwise, "_FUSED_PARALLEL_MIN", 64)
+    calls: list[int] = []
+    kernel = elementwise._kernels.scaled_round_amax
+    monkeypatch.setattr(
+        elementwise._kernels, "scaled_round_amax", lambda *a: calls.append(a[2]) or kernel(*a)
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         x = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)) * 1e-3
         e4m3 = "float8_e4m3fn"
-        assert elementwise.fused_current_scaled_round(x, 448.0, mixprec.get_format(e4m3)) is None
         got = torch.compile(_scaled_all, backend="aot_eager", fullgraph=True)([x], e4m3)
         assert torch.equal(_bits(got[0]), _bits(_scaled_by_definition([x], e4m3)[0]))
+        assert sorted(calls) == [x.numel() // 2] * 2  # two parts, one per thread
     finally:
         torch.set_num_threads(threads)
 

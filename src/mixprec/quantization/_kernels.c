@@ -1298,17 +1298,23 @@ static float plain_scale(uint32_t amax_bits, double fmax) {
 
 /* current_scaled_round(in_ptr, out_ptr, n, fmax, M, emin, max_bits, ovf_bits, minnorm_bits,
  *                      zero_bits, flags, fast_lo) -> scale: see DEFINE_SCALED_ROUND; nearest,
- * with the format's parameters as quantize() gets them (saturating for fp8 recipes). */
-static PyObject *py_current_scaled_round(PyObject *self, PyObject *args) {
-    unsigned long long in_ptr, out_ptr, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, fast_lo;
+ * with the format's parameters as quantize() gets them (saturating for fp8 recipes).
+ * scaled_round_amax(in_ptr, out_ptr, n, fmax, amax_bits, M, ...): the same with the amax given
+ * (the largest absmax32 of a tensor's parts: a part rounds as the whole's call would). */
+static PyObject *scaled_round_call(PyObject *args, int given) {
+    unsigned long long in_ptr, out_ptr, amax_bits = 0, max_bits, ovf_bits, minnorm_bits,
+        zero_bits, flags, fast_lo;
     long long n, M, emin;
     double fmax;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKLdLLKKKKKK", &in_ptr, &out_ptr, &n, &fmax, &M, &emin,
-                          &max_bits, &ovf_bits, &minnorm_bits, &zero_bits, &flags, &fast_lo))
-        return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative element count");
+    const int ok = given ? PyArg_ParseTuple(args, "KKLdKLLKKKKKK", &in_ptr, &out_ptr, &n, &fmax,
+                                            &amax_bits, &M, &emin, &max_bits, &ovf_bits,
+                                            &minnorm_bits, &zero_bits, &flags, &fast_lo)
+                         : PyArg_ParseTuple(args, "KKLdLLKKKKKK", &in_ptr, &out_ptr, &n, &fmax,
+                                            &M, &emin, &max_bits, &ovf_bits, &minnorm_bits,
+                                            &zero_bits, &flags, &fast_lo);
+    if (!ok) return NULL;
+    if (n < 0 || amax_bits > 0xffffffffULL) {
+        PyErr_SetString(PyExc_ValueError, "negative element count or bad amax pattern");
         return NULL;
     }
     qparams p = {M, emin, max_bits, ovf_bits, minnorm_bits, zero_bits, flags, 0, 0};
@@ -1317,11 +1323,41 @@ static PyObject *py_current_scaled_round(PyObject *self, PyObject *args) {
     float scale;
     Py_BEGIN_ALLOW_THREADS
     const float *x = (const float *)(uintptr_t)in_ptr;
-    scale = plain_scale(ABSMAX32[level]((const uint32_t *)x, n), fmax);
+    scale = plain_scale(given ? (uint32_t)amax_bits : ABSMAX32[level]((const uint32_t *)x, n),
+                        fmax);
     SCALED_ROUND32[level](x, (float *)(uintptr_t)out_ptr, n, scale, &p, (uint32_t)fast_lo,
                           LOOPS32[R_NEAREST][level]);
     Py_END_ALLOW_THREADS
     return PyFloat_FromDouble((double)scale);
+}
+
+static PyObject *py_current_scaled_round(PyObject *self, PyObject *args) {
+    (void)self;
+    return scaled_round_call(args, 0);
+}
+
+static PyObject *py_scaled_round_amax(PyObject *self, PyObject *args) {
+    (void)self;
+    return scaled_round_call(args, 1);
+}
+
+/* absmax32(in_ptr, n) -> the largest |x| bit pattern (x & 0x7fffffff) of n float32 values: NaN
+ * patterns lie above inf's, so the largest of its parts' results is the whole tensor's */
+static PyObject *py_absmax32(PyObject *self, PyObject *args) {
+    unsigned long long in_ptr;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KL", &in_ptr, &n)) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative element count");
+        return NULL;
+    }
+    uint32_t m;
+    const int level = simd_level;
+    Py_BEGIN_ALLOW_THREADS
+    m = ABSMAX32[level]((const uint32_t *)(uintptr_t)in_ptr, n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong((unsigned long)m);
 }
 
 /* mx_floor(in_ptr, out_ptr, outer, n, inner, block, down, smallest, M, emin, max_bits, ovf_bits,
@@ -1440,6 +1476,10 @@ static PyMethodDef methods[] = {
     {"current_scaled_round", py_current_scaled_round, METH_VARARGS,
      "round(x * s) / s of n float32 values, s = fmax / max|x| (fp8 current scaling); returns s."
      " Internal to mixprec."},
+    {"scaled_round_amax", py_scaled_round_amax, METH_VARARGS,
+     "current_scaled_round with the amax bit pattern given. Internal to mixprec."},
+    {"absmax32", py_absmax32, METH_VARARGS,
+     "The largest |x| bit pattern of float32 values. Internal to mixprec."},
     {"simd", py_simd, METH_VARARGS,
      "simd([name]) -> the loops' instruction set; with a name, select it (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},

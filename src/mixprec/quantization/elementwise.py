@@ -45,7 +45,8 @@ except ImportError:  # pragma: no cover - exercised only where the build failed
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than it saves
-_MX_PARALLEL_MIN = 1 << 20  # the same for MX blocks (see _mx_floor_c)
+# the same for the fused kernels (MX blocks, current scaling: see _mx_floor_c)
+_FUSED_PARALLEL_MIN = 1 << 20
 _is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
 QUANTIZE_BACKENDS = ("auto", "torch", "torch-compiled")
 # the backend in use, read on every rounding (a global costs nothing, an os.environ lookup
@@ -436,7 +437,7 @@ def _mx_floor_c(
     whole slabs of ``outer`` each, or, for a single slab, whole blocks along ``n`` (blocks never
     straddle two calls, so the bits are one call's). Below that, waking the pool (~0.1 ms here)
     costs more than the split saves (the kernel takes ~0.25 ns an element)."""
-    threads = min(torch.get_num_threads(), outer * n * inner // _MX_PARALLEL_MIN)
+    threads = min(torch.get_num_threads(), outer * n * inner // _FUSED_PARALLEL_MIN)
     if threads <= 1 or (outer == 1 and n <= block):
         _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, block, *rest)
         return
@@ -476,16 +477,47 @@ def fused_current_scaled_round(
     ``round_to`` and the float32 quotient, the same bits as those torch ops. Returns the
     rounded tensor (fresh, in ``x``'s layout where that is a permutation of a contiguous one,
     as the torch ops give; else contiguous) and ``s``; None where the kernel does not serve
-    (:func:`_one_c_call`). Cost: two reads of ``x`` (the maximum, then the rounding) and one
-    write, no temporaries (plus a copy of a strided ``x`` it cannot run over)."""
-    if not _one_c_call(x):
+    (:func:`_c_serves`). Cost: two reads of ``x`` (the maximum, then the rounding) and one
+    write, no temporaries (plus a copy of a strided ``x`` it cannot run over); a tensor of 2M
+    elements or more with several torch threads is split among the shared pool's threads
+    (:func:`_current_scaled_round_c`)."""
+    if not _c_serves(x):
         return None
     src = x if _gap_free(x) else x.contiguous()
     out = torch.empty_like(src)  # src's strides: elementwise over the span in memory order
-    scale = _kernels.current_scaled_round(
-        src.data_ptr(), out.data_ptr(), src.numel(), fmax, *_element_args(fmt)
+    scale = _current_scaled_round_c(
+        src.data_ptr(), out.data_ptr(), src.numel(), fmax, _element_args(fmt)
     )
     return out, scale
+
+
+def _current_scaled_round_c(
+    in_ptr: int, out_ptr: int, n: int, fmax: float, args: tuple[Any, ...]
+) -> float:
+    """The kernel's current scaling of ``n`` contiguous float32 values (``args``: the element
+    format's kernel arguments); returns the scale. One call or, for 2M elements or more with
+    several torch threads, two rounds on the shared pool, a part of 1M elements or more per
+    thread: each part's largest magnitude pattern, then each part rounded with the scale of
+    the largest (NaN patterns lie above inf's, so it is the whole tensor's: the bits of one
+    call)."""
+    threads = min(torch.get_num_threads(), n // _FUSED_PARALLEL_MIN)
+    if threads <= 1:
+        return _kernels.current_scaled_round(in_ptr, out_ptr, n, fmax, *args)
+    step = math.ceil(n / threads / 16) * 16  # 64-byte aligned parts
+    parts = [(i, 4 * start, min(step, n - start)) for i, start in enumerate(range(0, n, step))]
+    maxima = [0] * len(parts)
+    scales = [1.0] * len(parts)
+
+    def amax(i: int, at: int, m: int) -> None:
+        maxima[i] = _kernels.absmax32(in_ptr + at, m)
+
+    def rounded(i: int, at: int, m: int) -> None:
+        scales[i] = _kernels.scaled_round_amax(in_ptr + at, out_ptr + at, m, fmax, top, *args)
+
+    run_parallel([partial(amax, *part) for part in parts])
+    top = max(maxima)
+    run_parallel([partial(rounded, *part) for part in parts])
+    return scales[0]
 
 
 def _quantize_work(
