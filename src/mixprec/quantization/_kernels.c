@@ -951,9 +951,10 @@ static const loop64_fn E8M0_64[6][3] = {
  * place on the block's contiguous slab), times scale. A block holding inf or NaN has a NaN
  * scale in torch, and torch's vectorised division and product leave its NaN, 0x7fc00000, in
  * every element, input NaNs with a payload included (its scalar kernels keep such a payload);
- * written here directly. `scale` and `bad` are
- * caller scratch of per_chunk * inner entries. One pass over the input for the maxima, one to
- * scale, the rounding loop, one to scale back, all on a chunk that stays in cache. */
+ * written here directly. `scale` and `bad` are caller scratch of per_chunk * inner entries
+ * (`bad` twice that: MX_COL_BLOCKS keeps minima in its second half). One pass over the input
+ * for the maxima, one to scale, the rounding loop, one to scale back, all on a chunk that stays
+ * in cache. */
 #define MX_CHUNK 8192 /* elements per chunk of the fused kernels (32 KiB: in L1/L2) */
 
 /* One pass over a chunk's blocks: for block b, rows j0..j1 (indices along n), BODY(k, c) for
@@ -1048,8 +1049,8 @@ static const loop64_fn E8M0_64[6][3] = {
     } while (0)
 /* The blocks of one block row (rows j0..j0+R of a slab, R <= 32) across `inner` columns, for a
  * non-last axis with inner >= 16 and formats with a fast path: MX_ROW_BLOCK's steps with the
- * columns in the vector lanes. The per-column largest and smallest magnitudes (in `mx` and the
- * `inv` slots), the scales, then every element divided (a multiply by the exact reciprocal),
+ * columns in the vector lanes. The per-column largest and smallest magnitudes (`bad` and its
+ * second half), the scales, then every element divided (a multiply by the exact reciprocal),
  * rounded and multiplied back in one pass: the same float32 operations and nearest rounding as
  * the chunked passes below, so the same bits, in two reads and one write instead of five
  * passes. One rounding for the whole row of blocks: nearest_normal where every column's block
@@ -1057,7 +1058,7 @@ static const loop64_fn E8M0_64[6][3] = {
  * serves, else fast32; columns holding inf or NaN are overwritten with NaN afterwards. */
 #define MX_COL_BLOCKS(XS, YS, R)                                                                \
     do {                                                                                        \
-        uint32_t *restrict mx = bad, *restrict mn = (uint32_t *)inv;                            \
+        uint32_t *restrict mx = bad, *restrict mn = bad + per_chunk * inner; /* 2nd half */    \
         for (int64_t i = 0; i < inner; i++) {                                                   \
             mx[i] = 0u;                                                                         \
             mn[i] = 0x7fffffffu;                                                                \
@@ -1075,7 +1076,7 @@ static const loop64_fn E8M0_64[6][3] = {
             const uint32_t m = mx[i], b_ = m >= 0x7f800000u;                                    \
             const float sc0 = f32_of(m & 0x7f800000u) * down;                                   \
             const float sc = b_ ? 1.0f : (sc0 < smallest ? smallest : sc0), r = 1.0f / sc;     \
-            all_normal &= b_ || f32_bits(f32_of(mn[i]) * r) >= lo; /* before inv[i] is set */ \
+            all_normal &= b_ || f32_bits(f32_of(mn[i]) * r) >= lo;                              \
             scale[i] = sc;                                                                      \
             inv[i] = r;                                                                         \
             bad[i] = b_;                                                                        \
@@ -1383,7 +1384,7 @@ static PyObject *py_mx_floor(PyObject *self, PyObject *args) {
     const int64_t per_block = block * inner;
     const int64_t per_chunk = per_block >= MX_CHUNK ? 1 : MX_CHUNK / per_block;
     float *scale = (float *)malloc((size_t)(2 * per_chunk * inner) * sizeof(float));
-    uint32_t *bad = (uint32_t *)malloc((size_t)(per_chunk * inner) * sizeof(uint32_t));
+    uint32_t *bad = (uint32_t *)malloc((size_t)(2 * per_chunk * inner) * sizeof(uint32_t));
     if (scale == NULL || bad == NULL) {
         free(scale);
         free(bad);

@@ -442,7 +442,7 @@ def _mx_floor_c(
         _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, block, *rest)
         return
     if outer > 1:  # slabs [o, o + step) of outer
-        step = -(-outer // min(threads, outer))
+        step = math.ceil(outer / min(threads, outer))
         slab = n * inner * 4
         parts = [(o * slab, min(step, outer - o), n) for o in range(0, outer, step)]
     else:  # one slab: whole blocks [j, j + step) along n
@@ -511,12 +511,11 @@ def _current_scaled_round_c(
     def amax(i: int, at: int, m: int) -> None:
         maxima[i] = _kernels.absmax32(in_ptr + at, m)
 
-    def rounded(i: int, at: int, m: int) -> None:
+    def rounded(top: int, i: int, at: int, m: int) -> None:
         scales[i] = _kernels.scaled_round_amax(in_ptr + at, out_ptr + at, m, fmax, top, *args)
 
     run_parallel([partial(amax, *part) for part in parts])
-    top = max(maxima)
-    run_parallel([partial(rounded, *part) for part in parts])
+    run_parallel([partial(rounded, max(maxima), *part) for part in parts])
     return scales[0]
 
 
