@@ -1003,6 +1003,13 @@ static const loop64_fn E8M0_64[6][3] = {
         if (bad[b])                                                                             \
             for (int64_t k = j0; k < j1; k++) yu[k] = 0x7fc00000u;                              \
     } while (0)
+/* An MX element scaled into its block's normals of the target or above: nearest_normal on the
+ * magnitude, fast32's overflow rule (r > max), then the sign (a non-zero result: no zero, flush
+ * or NaN rule applies). The blocks below take it where every element of a block is such. */
+MP_INLINE uint32_t mx_nearest_normal(uint32_t t, uint32_t d0, const fastp *f) {
+    const uint32_t q = nearest_normal(t & 0x7fffffffu, d0);
+    return ((int32_t)q > f->maxb ? f->ovfb : q) | (t & 0x80000000u);
+}
 /* One block of a row along the last axis in one pass, for formats with a fast path (lo != 0):
  * the block's largest magnitude, its scale, then each element divided (a multiply by the exact
  * reciprocal), rounded and multiplied back, in registers: the same float32 operations and the
@@ -1010,9 +1017,8 @@ static const loop64_fn E8M0_64[6][3] = {
  * one write per element instead of a read and a write per pass. The rounding is fast32's, or
  * where every scaled element is a normal of the target or above its range (the smallest
  * magnitude scaled is >= lo: scaling is monotonic) and such blocks pay (nearest_block's rule),
- * fast32's steps for exactly those: nearest_normal on the magnitude, then the overflow rule
- * (fast32's `r > max`), then the sign (a non-zero result: no zero, flush or NaN rule applies);
- * any other block of a format nearest_mixed serves takes nearest_mixed instead of fast32.
+ * fast32's steps for exactly those (mx_nearest_normal); any other block of a format
+ * nearest_mixed serves takes nearest_mixed instead of fast32.
  * A block holding inf or NaN is NaN. */
 #define MX_ROW_BLOCK(X, Y, LEN)                                                                 \
     do {                                                                                        \
@@ -1032,12 +1038,8 @@ static const loop64_fn E8M0_64[6][3] = {
             /* each element in one loop, its bits moved by value (no scratch array: gcc     */  \
             /* copied one with `rep movsq`, a third of the block's time)                    */  \
             if (normal && f32_bits(f32_of(mn) * r) >= lo) {                                     \
-                for (int64_t k = 0; k < (LEN); k++) {                                           \
-                    const uint32_t t = f32_bits((X)[k] * r);                                    \
-                    uint32_t q = nearest_normal(t & 0x7fffffffu, d0);                           \
-                    q = (int32_t)q > fp.maxb ? fp.ovfb : q;                                     \
-                    (Y)[k] = f32_of(q | (t & 0x80000000u)) * sc;                                \
-                }                                                                               \
+                for (int64_t k = 0; k < (LEN); k++)                                             \
+                    (Y)[k] = f32_of(mx_nearest_normal(f32_bits((X)[k] * r), d0, &fp)) * sc;     \
             } else if (fp.mixed) {                                                              \
                 for (int64_t k = 0; k < (LEN); k++)                                             \
                     (Y)[k] = f32_of(nearest_mixed(f32_bits((X)[k] * r), &fp, lo)) * sc;         \
@@ -1047,7 +1049,7 @@ static const loop64_fn E8M0_64[6][3] = {
             }                                                                                   \
         }                                                                                       \
     } while (0)
-/* The blocks of one block row (rows j0..j0+R of a slab, R <= 32) across `inner` columns, for a
+/* The blocks of one block row (rows j0..j0+R of a slab, R <= block) across `inner` columns, for a
  * non-last axis with inner >= 16 and formats with a fast path: MX_ROW_BLOCK's steps with the
  * columns in the vector lanes. The per-column largest and smallest magnitudes (`bad` and its
  * second half), the scales, then every element divided (a multiply by the exact reciprocal),
@@ -1086,12 +1088,9 @@ static const loop64_fn E8M0_64[6][3] = {
             const float *restrict xr = (XS) + j * inner;                                        \
             float *restrict yr = (YS) + j * inner;                                              \
             if (all_normal) {                                                                   \
-                for (int64_t i = 0; i < inner; i++) {                                           \
-                    const uint32_t t = f32_bits(xr[i] * inv[i]);                                \
-                    uint32_t q = nearest_normal(t & 0x7fffffffu, d0);                           \
-                    q = (int32_t)q > fp.maxb ? fp.ovfb : q;                                     \
-                    yr[i] = f32_of(q | (t & 0x80000000u)) * scale[i];                           \
-                }                                                                               \
+                for (int64_t i = 0; i < inner; i++)                                             \
+                    yr[i] = f32_of(mx_nearest_normal(f32_bits(xr[i] * inv[i]), d0, &fp)) *      \
+                            scale[i];                                                           \
             } else if (fp.mixed) {                                                              \
                 for (int64_t i = 0; i < inner; i++)                                             \
                     yr[i] = f32_of(nearest_mixed(f32_bits(xr[i] * inv[i]), &fp, lo)) * scale[i]; \

@@ -297,6 +297,13 @@ def _seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
 
 
+def _ranges(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(n)`` in at most ``parts`` pieces, every one but
+    the last a multiple of ``align`` long (the threaded kernels' split)."""
+    step = -(-n // (parts * align)) * align
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, seed: int) -> None:
     """Run the C kernel over contiguous CPU buffers src -> dst (which may alias)."""
     n = src.numel()
@@ -318,9 +325,7 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
         )  # fmt: skip
 
     threads = min(torch.get_num_threads(), n // _PARALLEL_MIN)
-    chunk = -(-n // threads)
-    chunk = -(-chunk // 64) * 64  # cache-line aligned chunks
-    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    bounds = _ranges(n, threads, 64)  # cache-line aligned chunks
     run_parallel([partial(run, start, stop) for start, stop in bounds])
 
 
@@ -441,13 +446,11 @@ def _mx_floor_c(
     if threads <= 1 or (outer == 1 and n <= block):
         _kernels.mx_floor(in_ptr, out_ptr, outer, n, inner, block, *rest)
         return
-    if outer > 1:  # slabs [o, o + step) of outer
-        step = math.ceil(outer / min(threads, outer))
+    if outer > 1:  # slabs [o0, o1) of outer
         slab = n * inner * 4
-        parts = [(o * slab, min(step, outer - o), n) for o in range(0, outer, step)]
-    else:  # one slab: whole blocks [j, j + step) along n
-        step = math.ceil(math.ceil(n / block) / threads) * block
-        parts = [(j * inner * 4, 1, min(step, n - j)) for j in range(0, n, step)]
+        parts = [(o0 * slab, o1 - o0, n) for o0, o1 in _ranges(outer, threads)]
+    else:  # one slab: whole blocks [j0, j1) along n
+        parts = [(j0 * inner * 4, 1, j1 - j0) for j0, j1 in _ranges(n, threads, block)]
     run_parallel(
         [
             partial(_kernels.mx_floor, in_ptr + at, out_ptr + at, k, m, inner, block, *rest)
@@ -503,8 +506,8 @@ def _current_scaled_round_c(
     threads = min(torch.get_num_threads(), n // _FUSED_PARALLEL_MIN)
     if threads <= 1:
         return _kernels.current_scaled_round(in_ptr, out_ptr, n, fmax, *args)
-    step = math.ceil(n / threads / 16) * 16  # 64-byte aligned parts
-    parts = [(i, 4 * start, min(step, n - start)) for i, start in enumerate(range(0, n, step))]
+    bounds = _ranges(n, threads, 16)  # 64-byte aligned parts
+    parts = [(i, 4 * start, stop - start) for i, (start, stop) in enumerate(bounds)]
     maxima = [0] * len(parts)
     scales = [1.0] * len(parts)
 
