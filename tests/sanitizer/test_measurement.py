@@ -1,4 +1,5 @@
-"""The sums of |terms| that judge a sum of products, computed in float32 for the fast test."""
+"""The sums of |terms| that judge a sum of products (computed in float32 for the fast test), and
+the normalizations whose means and gradients are such sums."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from sanitizer_helpers import only
 
 from mixprec.sanitizer import measurement, sanitize
-from mixprec.sanitizer.measurement import abs_terms, terms_lower_bound
+from mixprec.sanitizer.terms import abs_terms, sums_of_terms, terms_lower_bound
 
 aten = torch.ops.aten
 
@@ -101,11 +103,11 @@ def _spy_on_sums_of_terms(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, An
     """The (op, dtype) of every sums-of-|terms| computation the sanitizer makes from now on."""
     seen: list[tuple[Any, Any]] = []
 
-    def spy(func: Any, args: Any, kwargs: dict[str, Any], dtype: Any = None) -> Any:
-        seen.append((func, dtype))
-        return abs_terms(func, args, kwargs, dtype)
+    def spy(packet: str, func: Any, args: Any, kwargs: dict[str, Any], *rest: Any) -> Any:
+        seen.append((func, rest[0] if rest else None))
+        return sums_of_terms(packet, func, args, kwargs, *rest)
 
-    monkeypatch.setattr(measurement, "abs_terms", spy)
+    monkeypatch.setattr(measurement, "sums_of_terms", spy)
     return seen
 
 
@@ -144,3 +146,174 @@ def test_an_inherited_error_is_not_judged_against_sums_of_terms(
     assert [f.op for f in report.findings] == ["aten.sub.Tensor"]
     assert report.stats["ops_shadowed"] == 3
     assert aten.mm.default not in [f for f, _ in seen]
+
+
+# ----------------------------------------------------------------------------------------------
+# normalizations: means and gradients that are sums
+# ----------------------------------------------------------------------------------------------
+
+
+def _norm_case(kind: str, train: bool = True) -> tuple[Any, tuple[Any, ...], torch.Tensor, Any]:
+    """(backward op, its float64 arguments, |xhat| from the forward op, |w|): statistics made by
+    the forward op itself, so the written-out sums are checked against an independent xhat."""
+    torch.manual_seed(1)
+    g, w = _f64(4, 6, 5, 5), _f64(6) + 0.5
+    x = 3.0 + _f64(4, 6, 5, 5)
+    mask = [True, True, True]
+    if kind == "batch":
+        rm, rv = _f64(6), _f64(6).abs() + 0.5
+        out, mean, invstd = aten.native_batch_norm(x, None, None, rm, rv, train, 0.0, 1e-5)
+        if not train:
+            out = (x - rm.view(1, -1, 1, 1)) * torch.rsqrt(rv + 1e-5).view(1, -1, 1, 1)
+        args = (g, x, w, rm, rv, mean, invstd, train, 1e-5, mask)
+        return aten.native_batch_norm_backward.default, args, out.abs(), w.view(1, -1, 1, 1)
+    if kind == "layer":
+        wl = _f64(5, 5) + 0.5
+        out, mean, rstd = aten.native_layer_norm(x, [5, 5], None, None, 1e-5)
+        args = (g, x, [5, 5], mean, rstd, wl, _f64(5, 5), mask)
+        return aten.native_layer_norm_backward.default, args, out.abs(), wl
+    out, mean, rstd = aten.native_group_norm(x, None, None, 4, 6, 25, 3, 1e-5)
+    args = (g, x, mean, rstd, w, 4, 6, 25, 3, mask)
+    return aten.native_group_norm_backward.default, args, out.abs(), w.view(1, -1, 1, 1)
+
+
+_NORMS = [("batch", True), ("batch", False), ("layer", True), ("group", True)]
+
+
+@pytest.mark.parametrize(("kind", "train"), _NORMS)
+def test_norm_backward_sums_of_terms_are_written_out(kind: str, train: bool) -> None:
+    """The gradients of batch / layer / group norm subtract means (``g - mean(g)``,
+    ``x - mean``): run on |arguments| they would cancel as before, so their sums are written
+    out. Checked against sums built from the forward op's own |xhat|: grad_bias sums |g|,
+    grad_weight |g| |xhat| (each bounds |the op's result|); grad_input (training statistics)
+    gets its reductions' error scale ``rstd (mean|w g| + |xhat| mean|w g xhat|)`` where its
+    elementwise subtraction does not cancel (nearly everywhere on random data), and nothing
+    from a float32 bound (the float64 test decides)."""
+    func, args, axhat, aw = _norm_case(kind, train)
+    packet = func.overloadpacket.__name__
+    got = sums_of_terms(packet, func, args, {})
+    assert got is not None and len(got) == 3
+    g = args[0].abs()
+    if kind == "layer":
+        group, params, rstd = (2, 3), (0, 1), args[4]
+    elif kind == "batch":
+        group = params = (0, 2, 3)
+        rstd = args[6] if train else torch.rsqrt(args[4] + 1e-5)
+        rstd = rstd.view(1, -1, 1, 1)
+    else:
+        group, params = None, (0, 2, 3)
+        rstd = args[3].repeat_interleave(2, dim=1).view(4, 6, 1, 1)
+
+    def gm(t: torch.Tensor) -> torch.Tensor:  # the mean over each normalized group
+        if group is not None:
+            return t.mean(group, keepdim=True)
+        return t.view(4, 3, -1).mean(-1).repeat_interleave(2, dim=1).view(4, 6, 1, 1)
+
+    wg = g * aw.abs()
+    want_in = rstd * wg if not train else rstd * (gm(wg) + axhat * gm(wg * axhat))
+    want = [want_in, (g * axhat).sum(params), g.sum(params)]
+    exact = func(*args)
+    granted = got[0] > 0
+    assert granted.double().mean() > 0.95
+    torch.testing.assert_close(got[0][granted], want_in.expand_as(got[0])[granted])
+    for t, w_, e in zip(got[1:], want[1:], exact[1:], strict=True):
+        assert t.shape == e.shape
+        torch.testing.assert_close(t, w_.reshape(e.shape), rtol=1e-9, atol=1e-12)
+        assert bool((t >= e.abs() * (1 - 1e-9)).all())  # a sum of |terms| bounds the sum
+    low = sums_of_terms(packet, func, args, {}, torch.float32)
+    assert low is not None
+    if train:
+        assert not bool(low[0].any())
+    for t64, t32 in zip(got, low, strict=True):
+        bound = terms_lower_bound(t32)
+        assert t32.dtype == torch.float32 and bound is not None
+        assert bool((bound.double() <= t64).all())
+
+
+def test_a_norm_backward_with_unexpected_arguments_has_no_bound() -> None:
+    assert sums_of_terms("native_layer_norm_backward", None, (_f64(3),), {}) is None
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda: torch.nn.BatchNorm2d(8),
+        lambda: torch.nn.BatchNorm2d(8).eval(),
+        lambda: torch.nn.GroupNorm(2, 8),
+        lambda: torch.nn.Sequential(torch.nn.Flatten(2), torch.nn.LayerNorm(36)),
+    ],
+    ids=["batch", "batch-eval", "group", "layer"],
+)
+@pytest.mark.parametrize("loss", ["sum", "mean"])
+def test_a_norm_whose_gradient_cancels_exactly_is_no_finding(norm: Any, loss: str) -> None:
+    """The usual smoke test after a normalization (``bn(conv(x)).sum()``, or ``.mean()`` over
+    3 x 8 x 6 x 6 elements, whose 1/N is inexact): the gradient reaching the input is exactly
+    zero (``g - mean(g) = 0``) and float32 gives rounding noise of its reductions (``mean(g
+    xhat)``), as do the parameters' gradient sums. Backward-stable: no finding (they were
+    24-bit precision losses when judged against the ~0 results)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), norm())
+    x = torch.randn(3, 3, 8, 8) + 1.0
+    with sanitize() as report:
+        getattr(model(x), loss)().backward()
+    assert report.findings == []
+
+
+def test_batch_norm_of_channels_with_an_exactly_zero_mean_is_no_finding() -> None:
+    """MobileViT's pattern: a 1x1 convolution of batch-normed channels (each of mean 0, so the
+    mixture is of mean 0 too) with small weights, normed again. The saved batch mean is
+    rounding noise (~1e-15 against a shadow ~1e-24) but ~2^-24 of the mean |x|: no finding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16),
+        torch.nn.Conv2d(16, 32, 1, bias=False), torch.nn.BatchNorm2d(32),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[2].weight.mul_(1e-6)
+    x = torch.randn(2, 3, 16, 16)
+    with sanitize(track_grads=False) as report:
+        model(x)
+    assert report.findings == []
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean"])
+def test_a_softmax_whose_gradient_cancels_exactly_is_no_finding(loss: str) -> None:
+    """``softmax(x).sum()``: the gradient is y (g - sum(g y)) with g constant along each row,
+    exactly 0; float32 gives the rounding noise of the reduction (sum(y) = 1 to an ulp): no
+    finding (a 24-bit precision loss when judged against the ~0 result)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, requires_grad=True)
+    with sanitize() as report:
+        getattr(torch.softmax(3 * x, -1), loss)().backward()
+    assert report.findings == []
+
+
+def test_a_softmax_gradient_that_cancels_elementwise_is_found() -> None:
+    """The same gradient where ``g - sum(g y)`` cancels by itself: g = 1 + 1e-6 noise, whose
+    float32 values carry ~3 significant bits of the noise. The subtraction loses the rest: a
+    finding at the softmax (its backward), however cheap the reduction's error is."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 50, requires_grad=True)
+    g = 1.0 + 1e-6 * torch.randn(6, 50)
+    with sanitize() as report:
+        torch.softmax(3 * x, -1).backward(g)
+    found = only(report.findings, kind="precision_loss", phase="backward")
+    assert [f.op for f in found] == ["aten._softmax_backward_data.default"]
+    assert found[0].bits_lost > 15
+
+
+def test_softmax_backward_error_scale_is_written_out() -> None:
+    """|y| sum|g y| along the row where the subtraction does not cancel (random data:
+    everywhere), nothing from a float32 bound."""
+    torch.manual_seed(0)
+    y = torch.softmax(_f64(5, 40), -1)
+    g = _f64(5, 40)
+    args = (g, y, -1, torch.float64)
+    got = sums_of_terms("_softmax_backward_data", None, args, {})
+    assert got is not None
+    want = y * (g.abs() * y).sum(-1, keepdim=True)
+    granted = got[0] > 0
+    assert granted.double().mean() > 0.95
+    torch.testing.assert_close(got[0][granted], want[granted])
+    low = sums_of_terms("_softmax_backward_data", None, args, {}, torch.float32)
+    assert low is not None and not bool(low[0].any())

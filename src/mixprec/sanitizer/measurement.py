@@ -38,13 +38,12 @@ from mixprec.sanitizer.findings import CAUSE_KINDS, FindingLog, Hit, Site, Stats
 from mixprec.sanitizer.ops import OpInfo, RealCall
 from mixprec.sanitizer.passes import Passes, pick
 from mixprec.sanitizer.shadows import LOW, ShadowInputs, Shadows
+from mixprec.sanitizer.terms import sums_of_terms, terms_lower_bound
 from mixprec.sanitizer.tolerances import FmtInfo, bits_lost, make_fmt_info
 from mixprec.trees import (
     leaves,
     map_pair_kwargs,
     map_pairs,
-    map_tensor_kwargs,
-    map_tensors,
     tensors,
 )
 
@@ -187,14 +186,21 @@ class _SlowPath:
 
     @cached_property
     def abs_outputs(self) -> list[Any] | None:
-        """The op on |shadow inputs| (|alpha|, |beta|): for a multilinear op, the sum of the
-        absolute values of its terms, element by element. None if the op refuses."""
-        return abs_terms(self.call.func, self.call.sargs, self.call.skwargs)
+        """Each result's sum of |terms|, element by element (:func:`.terms.sums_of_terms`: the
+        op on |shadow inputs|, or a normalization backward's written-out sums). None if the
+        op refuses."""
+        return self._sums(None)
 
     @cached_property
     def abs_outputs32(self) -> list[Any] | None:
-        """:attr:`abs_outputs` computed in float32 (:func:`abs_terms` with ``dtype``)."""
-        return abs_terms(self.call.func, self.call.sargs, self.call.skwargs, torch.float32)
+        """:attr:`abs_outputs` computed in float32 (narrowed shadows: a bound needs no more)."""
+        return self._sums(torch.float32)
+
+    def _sums(self, dtype: torch.dtype | None) -> list[Any] | None:
+        call = self.call
+        first = call.args[0] if call.args else None  # a norm backward's real gradient
+        real = first.dtype if isinstance(first, torch.Tensor) else torch.float32
+        return sums_of_terms(call.info.packet, call.func, call.sargs, call.skwargs, dtype, real)
 
     def terms(self, i: int, s: torch.Tensor) -> torch.Tensor | None:
         """Result ``i``'s sum of |terms| element by element (:attr:`abs_outputs`), or None when
@@ -206,49 +212,6 @@ class _SlowPath:
         :meth:`terms` itself. Cost: the op in float32, one float32 reduction and a sync."""
         t = terms_lower_bound(_result_like(self.abs_outputs32, i, s))
         return self.terms(i, s) if t is None else t
-
-
-def abs_terms(
-    func: Callable[..., Any], args: Any, kwargs: dict[str, Any], dtype: torch.dtype | None = None
-) -> list[Any] | None:
-    """``func`` on |args| (|alpha|, |beta|), float64 tensors first cast to ``dtype`` if given:
-    for a multilinear op, the sum of the absolute values of its terms, element by element.
-    None if the op refuses. Why ``dtype=torch.float32``: a float64 convolution runs 4-8x
-    slower than a float32 one on CPUs (no oneDNN kernels); a bound needs no more."""
-
-    def ab(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t
-        if dtype is not None and dtype != t.dtype and t.dtype == torch.float64:
-            # rounding commutes with abs: narrow first, then abs in place on the narrow copy
-            return t.to(dtype).abs_()
-        return t.abs()  # a fresh tensor: the caller's shadow is never written
-
-    kw = map_tensor_kwargs(ab, kwargs)
-    # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
-    kw.update({k: abs(v) for k, v in kwargs.items() if k in ("alpha", "beta")})
-    try:
-        return leaves(func(*map_tensors(ab, args), **kw))
-    except Exception:
-        return None
-
-
-#: A float32 sum of K non-negative terms errs by at most ~(K + 2) * 2^-24 relative to the exact
-#: sum of the float64 terms (inputs rounded to float32 included; far less in torch's pairwise
-#: sums and blocked GEMMs), ~2^-8 where float32 GEMMs run through bf16: below 1/2 for any
-#: K < 2^23. Halved, the float32 sums bound the exact ones from below, so the fast test that
-#: uses them stays sufficient: it can only send more results to the slow path, where the
-#: float64 sums decide. Underflow and flushed subnormals only make the bound smaller.
-_TERMS32_MARGIN = 0.5
-
-
-def terms_lower_bound(t32: torch.Tensor | None) -> torch.Tensor | None:
-    """Float32 sums of |terms| (:func:`abs_terms`) made a lower bound of the float64 sums
-    (times :data:`_TERMS32_MARGIN`); None where they are not all finite (a product or a sum
-    beyond float32's range: the float64 sums must decide)."""
-    if t32 is None or (t32.numel() and not math.isfinite(float(t32.amax()))):
-        return None
-    return t32 * _TERMS32_MARGIN
 
 
 def _result_like(outs: list[Any] | None, i: int, s: torch.Tensor) -> torch.Tensor | None:

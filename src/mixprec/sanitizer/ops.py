@@ -66,9 +66,15 @@ _MULTILINEAR = {
     "mv", "dot", "vdot", "convolution", "convolution_backward", "_convolution",
     "embedding_dense_backward", "trace", "_trilinear", "addr", "outer",
 }  # fmt: skip
-# ops with some results that are sums (means) of their first input: those results are judged
-# like a multilinear op's (layer norm's saved mean: a row mean that cancels to ~0 is no finding)
-_SUM_RESULTS = {"native_layer_norm": (1,), "native_group_norm": (1,)}
+# ops with some results that are sums (means) of their inputs: those results are judged like a
+# multilinear op's (a norm's saved mean: a mean that cancels to ~0 is no finding; a norm's
+# gradients, which subtract means: sums of |terms| written out in .terms)
+_SUM_RESULTS = {
+    "native_layer_norm": (1,), "native_group_norm": (1,), "native_batch_norm": (1,),
+    "_native_batch_norm_legit": (1,), "_native_batch_norm_legit_functional": (1,),
+    "native_layer_norm_backward": (0, 1, 2), "native_group_norm_backward": (0, 1, 2),
+    "native_batch_norm_backward": (0, 1, 2), "_softmax_backward_data": (0,),
+}  # fmt: skip
 _INDEX_DECISIONS = {  # packet -> (input position, dim position, default dim); None dim = flat
     "argmax": (0, 1, None),
     "argmin": (0, 1, None),
