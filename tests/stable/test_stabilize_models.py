@@ -71,6 +71,33 @@ def test_corpus_model_captured_unchanged(name: str) -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+def test_an_encoder_decoder_model_with_its_cache_is_captured() -> None:
+    """T5 returns an EncoderDecoderCache (two DynamicCaches), which transformers does not
+    register as a pytree node: torch.export refused the output until stabilize registered it.
+    The captured model gives the same loss and cache tensors."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=64,
+        decoder_start_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    kwargs = {
+        "input_ids": torch.randint(0, 64, (2, 8), generator=g),
+        "labels": torch.randint(0, 64, (2, 4), generator=g),
+    }
+    gm, changes = stabilize(model, (), kwargs)
+    assert changes == []
+    with torch.no_grad():
+        ref, out = model(**kwargs), gm(**kwargs)
+    assert type(out.past_key_values) is type(ref.past_key_values)
+    refs, outs = _tensors(ref), _tensors(out)
+    assert len(outs) == len(refs) > 2  # the loss, the logits and the cached keys and values
+    for a, b in zip(refs, outs, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_captured_model_trains_the_original_parameters() -> None:
     entry = corpus.get("nanogpt")
     model, args, kwargs = entry.example(0)

@@ -151,14 +151,28 @@ def _auto_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _register_output_pytrees(module: nn.Module) -> None:
     # transformers' models return a DynamicCache, which torch.export can only flatten once
-    # transformers has registered it as a pytree node (its own export helper; idempotent)
+    # transformers has registered it as a pytree node (its own export helper; idempotent);
+    # encoder-decoder models (T5, ...) return an EncoderDecoderCache of two, which it does not
+    # register: registered here (once, unless transformers has since done it itself)
     if not type(module).__module__.startswith("transformers."):
         return
     try:
+        from transformers.cache_utils import EncoderDecoderCache
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError:
         return
     register_dynamic_cache_export_support()
+    if EncoderDecoderCache not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(
+            EncoderDecoderCache,
+            _flatten_encoder_decoder_cache,
+            lambda children, _: EncoderDecoderCache(*children),
+            serialized_type_name="transformers.cache_utils.EncoderDecoderCache",
+        )
+
+
+def _flatten_encoder_decoder_cache(cache: Any) -> tuple[list[Any], None]:
+    return [cache.self_attention_cache, cache.cross_attention_cache], None
 
 
 @contextlib.contextmanager
