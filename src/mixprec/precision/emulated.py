@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -112,6 +113,8 @@ def _version_of(t: torch.Tensor) -> int | None:
 def get_tag(t: torch.Tensor) -> str | None:
     """The logical format a tensor was tagged with, if its storage is unchanged since."""
     tag = getattr(t, TAG, None)
+    if tag is None and _MIRROR.depth:
+        tag = _mirrored(t)
     if tag is None:
         return None
     version = _version_of(t)
@@ -121,11 +124,67 @@ def get_tag(t: torch.Tensor) -> str | None:
 
 
 def set_tag(t: torch.Tensor, fmt_name: str | None) -> None:
+    if _MIRROR.depth and not is_compiling():
+        _mirror(t, fmt_name)
     if fmt_name is None:
         if getattr(t, TAG, None) is not None:
             setattr(t, TAG, None)
         return
     setattr(t, TAG, (fmt_name, _version_of(t)))
+
+
+# Inside activation checkpointing a tag also lives on the tensor's storage. torch's checkpoint
+# hands the recomputation tensors it saved through saved-tensor hooks (a nested checkpoint's
+# inputs, saved by the outer one): each unpacked tensor is a new Python object over the same
+# storage and version counter, without the attribute, so the recomputed ops would take it for
+# float32 and round differently from the forward. The storage's Python object is kept as long
+# as the storage lives; its table is keyed by the view's geometry (offset, shape, strides) and
+# checked against the version like the attribute. Only while a checkpointed segment runs
+# (:func:`mirrored_tags`, entered by ``checkpoint_context``): elsewhere no cost.
+
+
+class _Mirroring(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_MIRROR = _Mirroring()
+_STORAGE_TAGS = "_mixprec_fmts"
+
+
+@contextlib.contextmanager
+def mirrored_tags() -> Iterator[None]:
+    """Tags set inside also live on their tensors' storages (see above); restored on exit."""
+    _MIRROR.depth += 1
+    try:
+        yield
+    finally:
+        _MIRROR.depth -= 1
+
+
+def _geometry(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return t.storage_offset(), tuple(t.shape), t.stride()
+
+
+def _mirror(t: torch.Tensor, fmt_name: str | None) -> None:
+    storage = t.untyped_storage()
+    table = getattr(storage, _STORAGE_TAGS, None)
+    if fmt_name is None:
+        if table:
+            table.pop(_geometry(t), None)
+        return
+    if table is None:
+        table = {}
+        setattr(storage, _STORAGE_TAGS, table)
+    table[_geometry(t)] = (fmt_name, _version_of(t))
+
+
+def _mirrored(t: torch.Tensor) -> tuple[str, int | None] | None:
+    """The tag kept on ``t``'s storage for its geometry (None: none), unchecked."""
+    if is_compiling() or not t.is_floating_point():
+        return None
+    table = getattr(t.untyped_storage(), _STORAGE_TAGS, None)
+    return None if not table else table.get(_geometry(t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +440,8 @@ def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
         if not t.is_floating_point():
             continue
         tag = getattr(t, TAG, None)
+        if tag is None and _MIRROR.depth:
+            tag = _mirrored(t)
         if tag is not None and tag[1] != _version_of(t):
             tag = None  # written to since it was tagged
         if tag is None:

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from mixprec.formats.float_format import FloatFormat
 from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, AccumulateLike
-from mixprec.precision.emulated import EmulatedExecutor, round_output
+from mixprec.precision.emulated import EmulatedExecutor, mirrored_tags, round_output
 from mixprec.precision.executor import Executor
 from mixprec.precision.fp8 import DEFAULT_RECIPE, RecipeLike, resolve_recipe
 from mixprec.precision.native import (
@@ -234,14 +234,23 @@ def checkpoint_context() -> tuple[
 
     Without it the recomputation runs outside any region, in plain fp32, and the gradients
     differ from the same step without checkpointing. Called by torch at the forward, it
-    captures the regions (outermost first) and returns ``(nullcontext(), re-entry)``; each
-    region is entered again as a fresh entry (see :class:`Autocast`). HF transformers:
+    captures the regions (outermost first) and returns ``(forward, re-entry)``; each region is
+    entered again as a fresh entry (see :class:`Autocast`). Both keep the format tags of the
+    segment's tensors on their storages too (:func:`~.emulated.mirrored_tags`), so tensors torch
+    hands back through saved-tensor hooks, as nested checkpoints' inputs are (Swin checkpoints
+    its stages and their layers), keep their formats. HF transformers:
     ``model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant":
     False, "context_fn": mixprec.checkpoint_context})``. Exact for every stateless setting;
     fp8 delayed scaling advances its amax history during the recomputation too, so its
     recomputed values can differ.
     """
-    return contextlib.nullcontext(), _entered(tuple(_LOCAL.regions))
+    return mirrored_tags(), _recomputed(tuple(_LOCAL.regions))
+
+
+@contextlib.contextmanager
+def _recomputed(regions: tuple[Autocast, ...]) -> Iterator[None]:
+    with mirrored_tags(), _entered(regions):
+        yield
 
 
 def _forget(region: Autocast) -> None:
