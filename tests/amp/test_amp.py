@@ -604,3 +604,49 @@ def test_mx_compute_needs_o1(level: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"block-scaled MX format.*opt_level='O1'.*float8_e4m3fn"):
         mixprec.initialize(model, opt, opt_level=level, compute="mxfp8")
+
+
+@pytest.mark.parametrize(
+    ("compute", "scale"),
+    [
+        ("float16", 2.0**16),  # torch's and apex's default: a unit gradient at fp16's max
+        ("bfloat16", 2.0**16),
+        ("float8_e5m2", 2.0**16),
+        ("float8_e4m3fn", 2.0**9),  # largest 448
+        ("float6_e3m2fn", 2.0**5),  # largest 28
+        ("float4_e2m1fn", 2.0**3),  # largest 6
+    ],
+)
+def test_the_dynamic_scale_starts_where_a_unit_gradient_fits_the_format(
+    compute: str, scale: float
+) -> None:
+    _, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute=compute, emulate=True)
+    assert amp.get_scaler(opt, 0).get_scale() == scale
+
+
+def test_o2_in_e4m3_takes_its_first_steps() -> None:
+    """From 2^16, O2 in e4m3 (gradients stored in e4m3, largest 448) skipped its first steps,
+    halving the scale each time; from 2^9 the first step is taken."""
+    skipped: list[SkippedStep] = []
+    model, opt = _setup(
+        torch.optim.SGD, 0.1, opt_level="O2", compute="float8_e4m3fn", emulate=True,
+        on_skip=skipped.append,
+    )  # fmt: skip
+    x, y = _data()
+    for _ in range(3):
+        loss = F.mse_loss(model(x), y)
+        with mixprec.scale_loss(loss, opt) as scaled:
+            scaled.backward()
+        opt.step()
+        opt.zero_grad()
+    assert skipped == []
+
+
+def test_loss_scale_bounds_given_explicitly_hold_the_default_start() -> None:
+    _, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute="float16", max_loss_scale=2.0**10)
+    assert amp.get_scaler(opt, 0).get_scale() == 2.0**10
+    _, opt = _setup(
+        torch.optim.SGD, 0.1, opt_level="O2", compute="float8_e4m3fn", emulate=True,
+        min_loss_scale=2.0**12,
+    )  # fmt: skip
+    assert amp.get_scaler(opt, 0).get_scale() == 2.0**12

@@ -169,6 +169,28 @@ def _check_loss_scale(spec: object, num_losses: int, callbacks: bool) -> None:
         raise ValueError(f"loss_scale must be {LOSS_SCALE_CHOICES}; got {spec!r}")
 
 
+def initial_loss_scale(fmt: FloatFormat) -> float:
+    """The first scale of ``initialize``'s dynamic scalers for compute format ``fmt``.
+
+    2^16, torch's and apex's default, maps a unit gradient onto float16's largest value
+    (65504, about 2^16). A narrower format gets the power of two nearest its largest value,
+    so that a unit gradient still fits where O2 stores gradients in it: e4m3 2^9 (largest 448),
+    e3m2 2^5, e2m1 2^3; from 2^16 it would first skip steps, halving the scale each time, until
+    the gradients fit (five steps for e4m3 on a small transformer). Wider formats keep 2^16.
+    """
+    return float(2.0 ** min(16, round(math.log2(fmt.max))))
+
+
+def _clamped(scale: float, options: AmpOptions) -> float:
+    """``scale`` within the user's ``min_loss_scale`` / ``max_loss_scale``: a derived default
+    must not contradict bounds given explicitly."""
+    if options.max_loss_scale is not None:
+        scale = min(scale, options.max_loss_scale)
+    if options.min_loss_scale is not None:
+        scale = max(scale, options.min_loss_scale)
+    return scale
+
+
 def build_scalers(options: AmpOptions) -> list[LossScaler]:
     """The ``num_losses`` scalers of a validated ``loss_scale``: the given instances, or fresh
     ones."""
@@ -181,11 +203,13 @@ def build_scalers(options: AmpOptions) -> list[LossScaler]:
     out: list[LossScaler] = []
     for _ in range(options.num_losses):
         if spec == "dynamic":
-            out.append(
-                DynamicLossScaler(
-                    min_scale=options.min_loss_scale, max_scale=options.max_loss_scale, **kw
-                )
+            scaler = DynamicLossScaler(
+                init_scale=_clamped(initial_loss_scale(options.compute_format), options),
+                min_scale=options.min_loss_scale,
+                max_scale=options.max_loss_scale,
+                **kw,
             )
+            out.append(scaler)
         elif spec is None or spec == "none":
             out.append(NoOpLossScaler(**kw))
         else:
