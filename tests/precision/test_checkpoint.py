@@ -143,8 +143,8 @@ def _swin_step(fmt: str, ckpt: bool) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = transformers.SwinForImageClassification(cfg).train()
     if ckpt:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={
                 "use_reentrant": False, "context_fn": mixprec.checkpoint_context,
             }
         )  # fmt: skip
