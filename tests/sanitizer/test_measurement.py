@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from sanitizer_helpers import only
 
+from mixprec.formats import get_format
 from mixprec.sanitizer import measurement, sanitize
 from mixprec.sanitizer.terms import abs_terms, sums_of_terms, terms_lower_bound
+from mixprec.sanitizer.tolerances import make_fmt_info
 
 aten = torch.ops.aten
+_F32 = make_fmt_info(get_format("float32"), None)  # float32 results, default threshold
 
 
 def _f64(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -191,7 +194,7 @@ def test_norm_backward_sums_of_terms_are_written_out(kind: str, train: bool) -> 
     from a float32 bound (the float64 test decides)."""
     func, args, axhat, aw = _norm_case(kind, train)
     packet = func.overloadpacket.__name__
-    got = sums_of_terms(packet, func, args, {})
+    got = sums_of_terms(packet, func, args, {}, None, _F32)
     assert got is not None and len(got) == 3
     g = args[0].abs()
     if kind == "layer":
@@ -231,7 +234,13 @@ def test_norm_backward_sums_of_terms_are_written_out(kind: str, train: bool) -> 
 
 
 def test_a_norm_backward_with_unexpected_arguments_has_no_bound() -> None:
-    assert sums_of_terms("native_layer_norm_backward", None, (_f64(3),), {}) is None
+    assert sums_of_terms("native_layer_norm_backward", None, (_f64(3),), {}, None, _F32) is None
+
+
+def test_without_a_real_format_a_fused_input_gradient_is_granted_nothing() -> None:
+    func, args, _, _ = _norm_case("layer")
+    got = sums_of_terms("native_layer_norm_backward", func, args, {})
+    assert got is not None and not bool(got[0].any()) and bool(got[2].all())
 
 
 @pytest.mark.parametrize(
@@ -309,7 +318,7 @@ def test_softmax_backward_error_scale_is_written_out() -> None:
     y = torch.softmax(_f64(5, 40), -1)
     g = _f64(5, 40)
     args = (g, y, -1, torch.float64)
-    got = sums_of_terms("_softmax_backward_data", None, args, {})
+    got = sums_of_terms("_softmax_backward_data", None, args, {}, None, _F32)
     assert got is not None
     want = y * (g.abs() * y).sum(-1, keepdim=True)
     granted = got[0] > 0

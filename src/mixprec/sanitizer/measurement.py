@@ -116,8 +116,9 @@ def _over_tol(
 class _SlowPath:
     """What the slow path of one op call computes at most once, and only if needed."""
 
-    def __init__(self, call: ShadowedCall) -> None:
+    def __init__(self, call: ShadowedCall, fmts: dict[torch.dtype, FmtInfo]) -> None:
         self.call = call
+        self.fmts = fmts  # the real formats' tolerances (the measurer's)
 
     def _input_args(self) -> list[Any]:
         """The real positional arguments; mutated ones: their shadows (the old values)."""
@@ -198,9 +199,9 @@ class _SlowPath:
 
     def _sums(self, dtype: torch.dtype | None) -> list[Any] | None:
         call = self.call
-        first = call.args[0] if call.args else None  # a norm backward's real gradient
-        real = first.dtype if isinstance(first, torch.Tensor) else torch.float32
-        return sums_of_terms(call.info.packet, call.func, call.sargs, call.skwargs, dtype, real)
+        first = call.args[0] if call.args else None  # a fused backward's real gradient
+        fi = self.fmts.get(first.dtype) if isinstance(first, torch.Tensor) else None
+        return sums_of_terms(call.info.packet, call.func, call.sargs, call.skwargs, dtype, fi)
 
     def terms(self, i: int, s: torch.Tensor) -> torch.Tensor | None:
         """Result ``i``'s sum of |terms| element by element (:attr:`abs_outputs`), or None when
@@ -362,7 +363,7 @@ class Measurer:
         """Check the results of a rounding op; the slow path for the suspicious ones."""
         slow, extra = self._fast_path(call, reals, souts)
         if slow:
-            self._slow_path(call, slow, extra or _SlowPath(call))
+            self._slow_path(call, slow, extra or _SlowPath(call, self.fmts))
 
     # -- fast path -----------------------------------------------------------------------------
     def _fast_path(
@@ -387,7 +388,7 @@ class Measurer:
                 if not suspicious:
                     continue
                 if suspicious is _AGREEING:  # new inf / NaN only: the slow path, always
-                    extra = extra or _SlowPath(call)
+                    extra = extra or _SlowPath(call, self.fmts)
                     if _new_nonfinite(extra, i, r):
                         slow.append((i, r, s))
                     continue
@@ -400,7 +401,7 @@ class Measurer:
                 if not _worse(call, e_out):
                     continue
                 if _sum_of_terms(call, i):
-                    extra = extra or _SlowPath(call)
+                    extra = extra or _SlowPath(call, self.fmts)
                     if _fine_against_terms(extra, i, r, s, fi):
                         continue
                 slow.append((i, r, s))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mixprec.sanitizer.tolerances import FmtInfo
 from mixprec.trees import leaves, map_tensor_kwargs, map_tensors
 
 
@@ -69,7 +70,7 @@ def _narrow(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 # its result (its cancellation is a finding: batch norm over two values per channel). So the
 # reductions' error scale, rstd (mean|w g| + |xhat| mean|w g xhat|), is granted to an element
 # only where a bound of the subtraction's own error (its inputs w g, m1, xhat m2 rounded to the
-# real format) stays below a quarter of the threshold: where the subtraction loses nothing.
+# real format) stays below a quarter of the result's threshold: where it loses nothing.
 # Batch norm in eval mode uses its running statistics as constants: grad_input = rstd w g, a
 # product, whose |terms| are its magnitude.
 
@@ -83,30 +84,34 @@ _SAME = 2.0**-40
 
 
 def _granted(
-    scale: torch.Tensor, a: torch.Tensor, size: torch.Tensor, b: torch.Tensor, real: Any
+    scale: torch.Tensor, a: torch.Tensor, size: torch.Tensor, b: torch.Tensor, fi: FmtInfo
 ) -> torch.Tensor:
     """``scale`` where the elementwise ``a - b`` (``a`` a difference of operands of total
     magnitude ``size``, ``b`` a product of four roundings) loses nothing by itself, else 0.
-    A bound of its own error, in units of ``real``: one per operand of ``a`` (none where they
-    are equal), four for ``b``."""
+    A bound of its own error, in units of the real format ``fi`` (the hinted one for float32
+    containers): one per operand of ``a`` (none where they are equal), four for ``b``; the
+    threshold is the one the result is judged by."""
     own = torch.where(a.abs() > _SAME * size, size, 0.0).add_(b.abs(), alpha=4.0)
-    unit = torch.finfo(real).eps / 2
-    tol = torch.finfo(real).eps ** 0.5  # the default threshold: half the mantissa bits
-    return torch.where(own * unit <= _SUBTRACTION_MARGIN * tol * (a - b).abs(), scale, 0.0)
+    unit = fi.eps / 2
+    return torch.where(own * unit <= _SUBTRACTION_MARGIN * fi.tol * (a - b).abs(), scale, 0.0)
 
 
 def _grad_input_terms(
-    wg: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, group: Sequence[int], real: Any
+    wg: torch.Tensor,
+    xhat: torch.Tensor,
+    rstd: torch.Tensor,
+    group: Sequence[int],
+    fi: FmtInfo | None,
 ) -> torch.Tensor:
     """grad_input's error scale (see above); zero where the elementwise subtraction is to be
-    judged on its own (always with ``real`` None: a float32 bound grants nothing)."""
+    judged on its own (always with ``fi`` None: a float32 bound grants nothing)."""
     awg, axh = wg.abs(), xhat.abs()
     scale = rstd * (awg.mean(group, keepdim=True) + axh * (awg * axh).mean(group, keepdim=True))
-    if real is None:
+    if fi is None:
         return torch.zeros_like(scale)
     m1 = wg.mean(group, keepdim=True)
     b = xhat * (wg * xhat).mean(group, keepdim=True)
-    return _granted(scale, wg - m1, awg + m1.abs(), b, real)
+    return _granted(scale, wg - m1, awg + m1.abs(), b, fi)
 
 
 def _norm_terms(
@@ -116,17 +121,17 @@ def _norm_terms(
     wg: torch.Tensor,
     dims: tuple[Sequence[int], Sequence[int]],
     train: bool,
-    real: Any,
+    fi: FmtInfo | None,
 ) -> list[torch.Tensor]:
     """The three results' sums of |terms| from signed g, xhat, w g (broadcast to the input's
     shape) and rstd; ``dims``: the normalized dims, and those the parameters are shared over."""
     group, params = dims
     ag, axh = g.abs(), xhat.abs()
-    grad_input = _grad_input_terms(wg, xhat, rstd, group, real) if train else rstd * wg.abs()
+    grad_input = _grad_input_terms(wg, xhat, rstd, group, fi) if train else rstd * wg.abs()
     return [grad_input, (ag * axh).sum(params), ag.sum(params)]
 
 
-def _batch_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> list[Any]:
+def _batch_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
     g, x, w, run_mean, run_var, save_mean, save_invstd, train, eps = args[:9]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if train:
@@ -138,10 +143,10 @@ def _batch_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> li
     xhat = (x - mean).mul_(rstd)
     wg = g if w is None else g * _narrow(w, dtype).reshape(shape)
     dims = [d for d in range(x.dim()) if d != 1]
-    return _norm_terms(g, xhat, rstd, wg, (dims, dims), bool(train), real)
+    return _norm_terms(g, xhat, rstd, wg, (dims, dims), bool(train), fi)
 
 
-def _layer_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> list[Any]:
+def _layer_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
     g, x, normalized_shape, mean, rstd, w = args[:6]
     k = len(normalized_shape)
     g, x = _narrow(g, dtype), _narrow(x, dtype)
@@ -149,10 +154,10 @@ def _layer_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> li
     xhat = (x - mean).mul_(rstd)
     wg = g if w is None else g * _narrow(w, dtype)
     dims = (list(range(x.dim() - k, x.dim())), list(range(x.dim() - k)))
-    return _norm_terms(g, xhat, rstd, wg, dims, True, real)
+    return _norm_terms(g, xhat, rstd, wg, dims, True, fi)
 
 
-def _group_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> list[Any]:
+def _group_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
     g, x, mean, rstd, w, n, c, _hxw, groups = args[:9]
     # (N, C, *) viewed as (N, groups, C / groups, rest): statistics per (N, group)
     shape = (int(n), int(groups), int(c) // int(groups), -1)
@@ -161,25 +166,25 @@ def _group_norm_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> li
     rstd = _narrow(rstd, dtype).reshape(*shape[:2], 1, 1)
     xhat = (x - mean).mul_(rstd)
     wg = g if w is None else g * _narrow(w, dtype).reshape(1, *shape[1:3], 1)
-    gi, gw, gb = _norm_terms(g, xhat, rstd, wg, ((2, 3), (0, 3)), True, real)
+    gi, gw, gb = _norm_terms(g, xhat, rstd, wg, ((2, 3), (0, 3)), True, fi)
     return [gi.reshape(args[1].shape), gw.reshape(-1), gb.reshape(-1)]
 
 
-def _softmax_backward_terms(args: Sequence[Any], dtype: Any, real: Any) -> list[Any]:
+def _softmax_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
     """``_softmax_backward_data``: grad_input = y (g - m), m = sum(g y) along ``dim``; as a
     norm's grad_input, the reduction's error scale |y| sum|g y| where ``g - m`` does not cancel
     by itself (a gradient constant along the row, as after ``softmax(x).sum()``, is exact)."""
     g, y, dim = _narrow(args[0], dtype), _narrow(args[1], dtype), args[2]
     ay = y.abs()
     scale = ay * (g.abs() * ay).sum(dim, keepdim=True)
-    if real is None:
+    if fi is None:
         return [torch.zeros_like(scale)]
     m = (g * y).sum(dim, keepdim=True)
-    return [_granted(scale, g - m, g.abs() + m.abs(), torch.zeros_like(g), real)]
+    return [_granted(scale, g - m, g.abs() + m.abs(), torch.zeros_like(g), fi)]
 
 
 #: backward packet -> its results' error scales from its (shadow) arguments, the dtype to
-#: compute them in (None: as they are) and the real gradient's dtype (None: a float32 bound)
+#: compute them in (None: as they are) and the real result's format (None: a float32 bound)
 NORM_BACKWARD_TERMS: dict[str, Callable[[Sequence[Any], Any, Any], list[Any]]] = {
     "native_batch_norm_backward": _batch_norm_backward_terms,
     "native_layer_norm_backward": _layer_norm_backward_terms,
@@ -194,17 +199,18 @@ def sums_of_terms(
     args: Sequence[Any],
     kwargs: dict[str, Any],
     dtype: torch.dtype | None = None,
-    real: torch.dtype = torch.float32,
+    fi: FmtInfo | None = None,
 ) -> list[Any] | None:
     """The results' sums of |terms| of op ``packet`` (``func`` run on the shadow ``args``):
     the written-out rule of a normalization's backward, else :func:`abs_terms`. ``dtype``:
-    compute them in it (float32: a lower bound for the fast test); ``real``: the format of the
-    real results. None where neither applies (the op refuses, or arguments are missing)."""
+    compute them in it (float32: a lower bound for the fast test); ``fi``: the format the real
+    results are judged in (a fused op's reductions get their error scale only with it). None
+    where neither applies (the op refuses, or arguments are missing)."""
     rule = NORM_BACKWARD_TERMS.get(packet)
     if rule is None:
         return abs_terms(func, args, kwargs, dtype)
     try:
-        return rule(args, dtype, None if dtype is not None else real)
+        return rule(args, dtype, None if dtype is not None else fi)
     except Exception:  # an unexpected argument layout: no bound, the plain test decides
         return None
 
