@@ -37,7 +37,9 @@ def abs_terms(
     def ab(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        return _narrow(t, dtype).abs()  # a fresh tensor: the caller's shadow is never written
+        narrow = _narrow(t, dtype)
+        # a fresh tensor: the caller's shadow is never written (a narrowed copy in place)
+        return narrow.abs() if narrow is t else narrow.abs_()
 
     kw = map_tensor_kwargs(ab, kwargs)
     # scalar multipliers (addmm's alpha, beta) enter by their magnitude too
@@ -105,10 +107,10 @@ def _grad_input_terms(
 ) -> torch.Tensor:
     """grad_input's error scale (see above); zero where the elementwise subtraction is to be
     judged on its own (always with ``fi`` None: a float32 bound grants nothing)."""
+    if fi is None:
+        return torch.zeros_like(wg)
     awg, axh = wg.abs(), xhat.abs()
     scale = rstd * (awg.mean(group, keepdim=True) + axh * (awg * axh).mean(group, keepdim=True))
-    if fi is None:
-        return torch.zeros_like(scale)
     m1 = wg.mean(group, keepdim=True)
     b = xhat * (wg * xhat).mean(group, keepdim=True)
     return _granted(scale, wg - m1, awg + m1.abs(), b, fi)
@@ -175,10 +177,10 @@ def _softmax_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None)
     norm's grad_input, the reduction's error scale |y| sum|g y| where ``g - m`` does not cancel
     by itself (a gradient constant along the row, as after ``softmax(x).sum()``, is exact)."""
     g, y, dim = _narrow(args[0], dtype), _narrow(args[1], dtype), args[2]
+    if fi is None:
+        return [torch.zeros_like(g)]
     ay = y.abs()
     scale = ay * (g.abs() * ay).sum(dim, keepdim=True)
-    if fi is None:
-        return [torch.zeros_like(scale)]
     m = (g * y).sum(dim, keepdim=True)
     return [_granted(scale, g - m, g.abs() + m.abs(), torch.zeros_like(g), fi)]
 
