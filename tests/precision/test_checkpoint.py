@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 import mixprec
+from mixprec.precision import emulated
 from mixprec.precision.region import _LOCAL
 from mixprec.testing import corpus
 
@@ -168,3 +169,76 @@ def test_nested_checkpoints_keep_formats_through_saved_tensor_hooks(fmt: str) ->
     assert len(plain) == len(nested) > 10
     assert all(torch.equal(a, b) for a, b in zip(plain, nested, strict=True))
     assert _LOCAL.regions == []
+
+
+def test_a_float32_cast_inside_a_checkpointed_segment_reads_as_float32() -> None:
+    """``x.float()`` of a float32 tensor tagged bf16 returns ``x`` itself; the region hands back
+    a view of it that is float32 logically. Inside a checkpointed segment tags also live on the
+    storage, keyed by the view's geometry, which that view shares with ``x``: it must still read
+    as float32 (it read as bf16, so the recomputed ``x.float().pow(2)`` of an RMSNorm rounded
+    where the forward had not), while ``x`` keeps its tag."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    with mixprec.autocast("bf16", emulate=True), emulated.mirrored_tags():
+        x = lin(torch.randn(4, 8))  # tagged, on the tensor and on its storage
+        assert emulated.get_tag(x) == "bfloat16"
+        y = x.float()
+        assert y is not x and emulated.get_tag(y) is None
+        assert emulated.get_tag(x) == "bfloat16"
+        assert emulated.get_tag(y.pow(2)) is None  # float32 arithmetic: no rounding
+
+
+def test_an_empty_float32_tensor_does_not_decide_a_result_format() -> None:
+    """HF's caches start empty (``torch.tensor([], dtype=key.dtype)``: float32 under
+    emulation) and grow by ``cat``: natively in bf16 the cache is bf16, and under emulation the
+    concatenation keeps its values' format instead of falling back to float32 (an empty tensor
+    holds no value). A non-empty untagged tensor still mixes."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    with mixprec.autocast("bf16", emulate=True):
+        x = lin(torch.randn(2, 4, 8))
+        grown = torch.cat([torch.tensor([]).reshape(2, 0, 8), x], dim=1)
+        mixed = torch.cat([torch.randn(2, 1, 8), x], dim=1)
+    assert emulated.get_tag(grown) == "bfloat16"
+    assert emulated.get_tag(mixed) is None
+
+
+def _hf_causal_lm(name: str) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "mamba":
+        cfg = transformers.MambaConfig(
+            hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4, expand=2
+        )
+        return transformers.MambaForCausalLM(cfg).train()
+    cfg = transformers.Gemma2Config(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=2, intermediate_size=64, vocab_size=64, max_position_embeddings=32,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(cfg).train()
+
+
+@pytest.mark.parametrize("name", ["mamba", "gemma2"])
+def test_hf_checkpointing_is_exact_where_models_cast_to_float32(name: str) -> None:
+    """HF Mamba and Gemma2 (small configs, random init) with and without HF's gradient
+    checkpointing under emulated bf16: the same loss and gradients. Their norms compute in
+    ``hidden.float()`` (the float32 cast above: the gradients differed by up to 6e-4), and
+    Gemma2 without checkpointing grows a cache from an empty tensor (the second rule: its
+    keys and values were float32 there and bf16 when checkpointed, HF's cache being off)."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    steps = []
+    for ckpt in (False, True):
+        model = _hf_causal_lm(name)
+        if ckpt:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={
+                    "use_reentrant": False, "context_fn": mixprec.checkpoint_context,
+                }
+            )  # fmt: skip
+        with mixprec.autocast("bf16", emulate=True):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        steps.append([loss.detach(), *_grads(model)])
+    assert len(steps[0]) == len(steps[1]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))

@@ -179,7 +179,18 @@ def _mirror(t: torch.Tensor, fmt_name: str | None) -> None:
     table[_geometry(t)] = (fmt_name, _version_of(t))
 
 
-def _mirrored(t: torch.Tensor) -> tuple[str, int | None] | None:
+def untagged_view(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` that reads as float32 (untagged): what a cast to float32 of a tagged
+    float32 tensor returns (torch returns ``t`` itself). Where tags are mirrored, the view has
+    ``t``'s storage and geometry, so the storage table would answer with ``t``'s tag: an
+    explicit ``(None, version)`` attribute stops that lookup."""
+    v = t.view_as(t)
+    if _MIRROR.depth and not is_compiling():
+        setattr(v, TAG, (None, _version_of(v)))
+    return v
+
+
+def _mirrored(t: torch.Tensor) -> tuple[str | None, int | None] | None:
     """The tag kept on ``t``'s storage for its geometry (None: none), unchecked."""
     if is_compiling() or not t.is_floating_point():
         return None
@@ -431,8 +442,11 @@ def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
     """(any floating tensor is tagged, the one tag they share or None when formats mix).
 
     An untagged floating tensor of one or more dimensions mixes (fp32 wins, as in torch's
-    promotion); 0-dim tensors do not promote (torch's rule). Runs on every op: tags are read
-    inline (:func:`get_tag`'s rule).
+    promotion); 0-dim tensors do not promote (torch's rule), and neither do empty ones: they
+    hold no value, and one made with an emulated tensor's dtype (float32) stands for that
+    tensor's format (HF's caches start from ``torch.tensor([], dtype=key.dtype)`` and grow by
+    ``cat``; natively in bf16). Runs on every op: tags are read inline (:func:`get_tag`'s
+    rule).
     """
     target: str | None = None
     tagged = mixed = False
@@ -442,10 +456,10 @@ def _common_tag(tensors: list[torch.Tensor]) -> tuple[bool, str | None]:
         tag = getattr(t, TAG, None)
         if tag is None and _MIRROR.depth:
             tag = _mirrored(t)
-        if tag is not None and tag[1] != _version_of(t):
-            tag = None  # written to since it was tagged
+        if tag is not None and (tag[0] is None or tag[1] != _version_of(t)):
+            tag = None  # written to since it was tagged, or marked float32 (untagged_view)
         if tag is None:
-            mixed = mixed or t.dim() > 0
+            mixed = mixed or (t.dim() > 0 and t.numel() > 0)
         elif target is None:
             tagged, target = True, tag[0]
         elif tag[0] != target:
@@ -668,7 +682,7 @@ class EmulatedExecutor:
             out = func(*args, **kwargs)
             # the result is whatever dtype was asked for: logically that dtype, untagged
             if isinstance(out, torch.Tensor) and any(out is t for t in ins):
-                out = out.view_as(out)
+                out = untagged_view(out)
             return out
         if target is None:  # mixed formats: fp32, as torch's type promotion
             return func(*args, **kwargs)
