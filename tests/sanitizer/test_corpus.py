@@ -413,3 +413,62 @@ def test_resnet_batch_norm_over_two_values_is_found_in_its_backward() -> None:
     with sanitize() as clean:
         entry.loss(model, *entry.inputs(torch.Generator().manual_seed(0))).backward()
     assert clean.findings == []
+
+
+def test_clip_step_has_no_findings() -> None:
+    """HF CLIP from a small config (random init, no download): its text encoder's attention
+    gets a score gradient that is exactly 0 (the contrastive loss reads one position), and the
+    CPU flash kernel's backward leaves rounding noise in the query and key gradients, judged
+    against the kernel's reductions (24-bit precision losses before)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "vocab_size": 256,
+        "max_position_embeddings": 64,
+    }
+    vision = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "intermediate_size": 128, "image_size": 32, "patch_size": 8}  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    model = transformers.CLIPModel(config).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    with sanitize() as report:
+        model(input_ids=ids, pixel_values=pixels, return_loss=True).loss.backward()
+    assert report.findings == [], [f.label for f in report.findings]
+    assert report.stats["internal_errors"] == {}
+
+
+def _ctc_step(input_len: int) -> list[Finding]:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 2, 8, generator=g, requires_grad=True)
+    targets = torch.randint(1, 8, (2, 6), generator=g)
+    with sanitize() as report:
+        loss = F.ctc_loss(
+            logits.log_softmax(-1), targets, torch.tensor([input_len, 20]), torch.tensor([6, 5])
+        )
+        if math.isfinite(float(loss)):
+            loss.backward()
+    assert report.stats["internal_errors"] == {}
+    return report.findings
+
+
+def test_ctc_loss_alignment_table_is_no_finding() -> None:
+    """CTC's second result, log_alpha, is the op's own state for its backward: log 0 = -inf for
+    every alignment state no path reaches, on every step, exactly as in float64 (wav2vec2 and
+    HuBERT reported an ``inf`` at their loss before), and for a target shorter than the longest
+    its last states are never written (uninitialized memory: a 2^200 "precision loss" before).
+    It is not judged; the loss and the backward are checked as before."""
+    assert [f for f in _ctc_step(20) if f.phase == "forward"] == []
+
+
+def test_an_infeasible_ctc_target_is_still_found() -> None:
+    """An input shorter than its target has no alignment: the loss itself is inf (no
+    ``zero_infinity``), a finite input producing inf, at the loss's line."""
+    found = only(_ctc_step(4), kind="inf")
+    assert [f.op for f in found] == ["aten._ctc_loss.Tensor"]
+    assert found[0].shape == (2,)  # the loss per sample, not the alignment table

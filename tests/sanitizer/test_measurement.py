@@ -3,6 +3,7 @@ the normalizations whose means and gradients are such sums."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -326,3 +327,103 @@ def test_softmax_backward_error_scale_is_written_out() -> None:
     torch.testing.assert_close(got[0][granted], want[granted])
     low = sums_of_terms("_softmax_backward_data", None, args, {}, torch.float32)
     assert low is not None and not bool(low[0].any())
+
+
+# -- fused attention (the CPU flash kernel) ------------------------------------------------------
+
+
+def _attention_case(mask: str) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """Float64 arguments of the CPU flash attention backward, as the sanitizer's shadows, and
+    the attention probabilities built independently (softmax of the masked scores)."""
+    torch.manual_seed(0)
+    q, k, v, g = (_f64(2, 3, 6, 8) for _ in range(4))
+    scale = 0.3
+    kwargs: dict[str, Any] = {"scale": scale}
+    scores = scale * q @ k.transpose(-2, -1)
+    causal = mask == "causal"
+    if mask == "float":
+        kwargs["attn_mask"] = torch.where(torch.rand(6, 6) < 0.3, -1e9, 0.0).double()
+        scores = scores + kwargs["attn_mask"]
+    elif mask == "rows":  # additive -inf, the first query row fully masked
+        kwargs["attn_mask"] = torch.zeros(6, 6, dtype=torch.float64)
+        kwargs["attn_mask"][0] = -math.inf
+        scores = scores + kwargs["attn_mask"]
+    elif causal:
+        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=kwargs.get("attn_mask"), scale=scale
+    )
+    return (g, q, k, v, out, lse, 0.0, causal), kwargs, torch.softmax(scores, -1).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "float", "rows"])
+def test_attention_backward_error_scales_are_written_out(mask: str) -> None:
+    """grad_value's sums are P^T |g|; grad_query and grad_key sum |dS| |k| and |dS^T| |q|
+    (times the scale) plus, where dP - D does not cancel by itself (random data: nearly
+    everywhere), the error scale of the kernel's reductions P (|g| |v|^T + rowsum|g out|); a
+    float32 bound grants nothing and stays below the float64 sums."""
+    args, kwargs, p = _attention_case(mask)
+    g, q, k, v, out = args[:5]
+    func = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    packet = "_scaled_dot_product_flash_attention_for_cpu_backward"
+    got = sums_of_terms(packet, func, args, kwargs, None, _F32)
+    assert got is not None and len(got) == 3
+    dp, d = g @ v.transpose(-2, -1), (g * out).sum(-1, keepdim=True)
+    plain = p * (dp - d).abs()
+    err = p * (g.abs() @ v.abs().transpose(-2, -1) + (g.abs() * out.abs()).sum(-1, keepdim=True))
+    torch.testing.assert_close(got[2], p.transpose(-2, -1) @ g.abs())
+    lo_q, hi_q = 0.3 * plain @ k.abs(), 0.3 * (plain + err) @ k.abs()
+    lo_k = 0.3 * plain.transpose(-2, -1) @ q.abs()
+    hi_k = 0.3 * (plain + err).transpose(-2, -1) @ q.abs()
+    for t, lo, hi in ((got[0], lo_q, hi_q), (got[1], lo_k, hi_k)):
+        assert bool((t >= lo * (1 - 1e-9)).all() and (t <= hi * (1 + 1e-9)).all())
+        assert torch.isclose(t, hi, rtol=1e-9).double().mean() > 0.9  # granted nearly everywhere
+    exact = func(*args, **kwargs)
+    for t, e in zip(got, exact, strict=True):
+        assert t.shape == e.shape and bool((t >= e.abs() * (1 - 1e-9)).all())
+    low = sums_of_terms(packet, func, args, kwargs, torch.float32)
+    assert low is not None
+    torch.testing.assert_close(low[0].double(), lo_q, rtol=1e-5, atol=1e-6)
+    for t64, t32 in zip(got, low, strict=True):
+        bound = terms_lower_bound(t32)
+        assert t32.dtype == torch.float32 and bound is not None
+        assert bool((bound.double() <= t64).all())
+
+
+def test_attention_backward_with_dropout_has_no_written_out_bound() -> None:
+    args, kwargs, _ = _attention_case("none")
+    args = (*args[:6], 0.1, args[7])
+    packet = "_scaled_dot_product_flash_attention_for_cpu_backward"
+    assert sums_of_terms(packet, None, args, kwargs, None, _F32) is None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_an_attention_whose_score_gradient_cancels_exactly_is_no_finding(causal: bool) -> None:
+    """Attention over identical values (each position's value vector the same): the gradient
+    reaching the scores, dS = P (dP - D), is exactly 0 in every row (dP constant over the keys,
+    D its P-weighted mean) and float32 gives the rounding noise of D, which the query and key
+    gradients carry (24-bit precision losses when judged against their ~0 shadows). As for
+    softmax: no finding. HF CLIP's text attention meets this at random init."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 4, 1, 16).expand(2, 4, 16, 16).clone().requires_grad_()
+    with sanitize() as report:
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    assert report.findings == []
+
+
+def test_an_attention_gradient_that_cancels_elementwise_is_found() -> None:
+    """The same with values differing by 1e-6: dP - D now cancels by itself (20 bits), and the
+    float32 values carry ~3 significant bits of the differences: a finding at the attention's
+    backward, however cheap its reductions' error is."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(2))
+    base = torch.randn(2, 4, 1, 16).expand(2, 4, 16, 16)
+    v = (base * (1 + 1e-6 * torch.randn(2, 4, 16, 16))).requires_grad_()
+    with sanitize() as report:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    found = only(report.findings, kind="precision_loss", phase="backward")
+    assert [f.op for f in found] == [
+        "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"
+    ]
+    assert found[0].bits_lost > 15

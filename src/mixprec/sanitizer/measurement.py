@@ -381,9 +381,12 @@ class Measurer:
                 if r.numel() == 0:
                     continue
                 s = s if s.dtype == sdt else s.to(sdt)
+                origin = (call.info.name, call.phase, call.site)
+                if i in call.info.internal_results:  # carried to the backward, not judged
+                    self.shadows.store.put(r, s, 0.0, None, call.inputs.cause, origin)
+                    continue
                 fi = self.fmts[r.dtype]
                 suspicious, e_out, smax = self._suspicious(r, s, fi)
-                origin = (call.info.name, call.phase, call.site)
                 self.shadows.store.put(r, s, e_out, smax, call.inputs.cause, origin)
                 if not suspicious:
                     continue

@@ -74,7 +74,13 @@ _SUM_RESULTS = {
     "_native_batch_norm_legit": (1,), "_native_batch_norm_legit_functional": (1,),
     "native_layer_norm_backward": (0, 1, 2), "native_group_norm_backward": (0, 1, 2),
     "native_batch_norm_backward": (0, 1, 2), "_softmax_backward_data": (0,),
+    "_scaled_dot_product_flash_attention_for_cpu_backward": (0, 1, 2),
 }  # fmt: skip
+# results that are the op's own state for its backward, which the program never reads: their
+# shadows are carried to the backward op, they are not judged. CTC's log_alpha holds log 0 =
+# -inf for every alignment state no path reaches (on every step: not news), and its rows
+# beyond a shorter target's states are never written (torch.empty: whatever memory held)
+_INTERNAL_RESULTS = {"_ctc_loss": (1,)}
 _INDEX_DECISIONS = {  # packet -> (input position, dim position, default dim); None dim = flat
     "argmax": (0, 1, None),
     "argmin": (0, 1, None),
@@ -101,6 +107,7 @@ class OpInfo:
     addsub: bool = False
     multilinear: bool = False  # a sum of products of its tensor inputs (see Measurer._abs_run)
     sum_results: tuple[int, ...] = ()  # results that are sums of the inputs, if not multilinear
+    internal_results: tuple[int, ...] = ()  # state kept for its backward (_INTERNAL_RESULTS)
     index_decision: tuple[int, int, int | None] | None = None
     half_to_float: int | None = None  # position of _softmax's half_to_float flag
     plain_view: bool = False  # a view whose backward cannot round (see _PLAIN_VIEWS)
@@ -171,6 +178,7 @@ def classify(func: Any) -> OpInfo:
     info.addsub = base in _ADDSUB
     info.multilinear = base in _MULTILINEAR
     info.sum_results = _SUM_RESULTS.get(base, ())
+    info.internal_results = _INTERNAL_RESULTS.get(base, ())
     info.kind = _kind(func, info, base, tags)
     info.op = _entry(func)
     # float64 kernels of our own where torch's are slow (convolutions: see convolution.py)

@@ -7,11 +7,11 @@ summed as well as the format allows. The measurement judges such a result agains
 
 * A multilinear op (``mm``, ``convolution``, ``sum``, ...) gives its sums of |terms| when run on
   the absolute values of its inputs (:func:`abs_terms`).
-* The backward ops of the normalizations and of softmax subtract a mean inside (``x - mean``,
-  ``g - mean(g)``, ``g - sum(g y)``): run on absolute values they cancel as before, so their
-  error scales are written out here (:data:`NORM_BACKWARD_TERMS`), from the same saved
-  statistics the op uses. The forward ops' means are sums of the input and take the first
-  rule (``native_batch_norm`` on ``|x|``).
+* The backward ops of the normalizations, of softmax and of the fused CPU attention subtract
+  a mean inside (``x - mean``, ``g - mean(g)``, ``g - sum(g y)``, ``dP - rowsum(g out)``): run
+  on absolute values they cancel as before, so their error scales are written out here
+  (:data:`NORM_BACKWARD_TERMS`), from the same saved statistics the op uses. The forward
+  ops' means are sums of the input and take the first rule (``native_batch_norm`` on ``|x|``).
 """
 
 from __future__ import annotations
@@ -133,7 +133,9 @@ def _norm_terms(
     return [grad_input, (ag * axh).sum(params), ag.sum(params)]
 
 
-def _batch_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
+def _batch_norm_backward_terms(
+    args: Sequence[Any], _kwargs: dict[str, Any], dtype: Any, fi: FmtInfo | None
+) -> list[Any]:
     g, x, w, run_mean, run_var, save_mean, save_invstd, train, eps = args[:9]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if train:
@@ -148,7 +150,9 @@ def _batch_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | No
     return _norm_terms(g, xhat, rstd, wg, (dims, dims), bool(train), fi)
 
 
-def _layer_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
+def _layer_norm_backward_terms(
+    args: Sequence[Any], _kwargs: dict[str, Any], dtype: Any, fi: FmtInfo | None
+) -> list[Any]:
     g, x, normalized_shape, mean, rstd, w = args[:6]
     k = len(normalized_shape)
     g, x = _narrow(g, dtype), _narrow(x, dtype)
@@ -159,7 +163,9 @@ def _layer_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | No
     return _norm_terms(g, xhat, rstd, wg, dims, True, fi)
 
 
-def _group_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
+def _group_norm_backward_terms(
+    args: Sequence[Any], _kwargs: dict[str, Any], dtype: Any, fi: FmtInfo | None
+) -> list[Any]:
     g, x, mean, rstd, w, n, c, _hxw, groups = args[:9]
     # (N, C, *) viewed as (N, groups, C / groups, rest): statistics per (N, group)
     shape = (int(n), int(groups), int(c) // int(groups), -1)
@@ -172,7 +178,9 @@ def _group_norm_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | No
     return [gi.reshape(args[1].shape), gw.reshape(-1), gb.reshape(-1)]
 
 
-def _softmax_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None) -> list[Any]:
+def _softmax_backward_terms(
+    args: Sequence[Any], _kwargs: dict[str, Any], dtype: Any, fi: FmtInfo | None
+) -> list[Any]:
     """``_softmax_backward_data``: grad_input = y (g - m), m = sum(g y) along ``dim``; as a
     norm's grad_input, the reduction's error scale |y| sum|g y| where ``g - m`` does not cancel
     by itself (a gradient constant along the row, as after ``softmax(x).sum()``, is exact)."""
@@ -185,13 +193,73 @@ def _softmax_backward_terms(args: Sequence[Any], dtype: Any, fi: FmtInfo | None)
     return [_granted(scale, g - m, g.abs() + m.abs(), torch.zeros_like(g), fi)]
 
 
-#: backward packet -> its results' error scales from its (shadow) arguments, the dtype to
-#: compute them in (None: as they are) and the real result's format (None: a float32 bound)
-NORM_BACKWARD_TERMS: dict[str, Callable[[Sequence[Any], Any, Any], list[Any]]] = {
+# ----------------------------------------------------------------------------------------------
+# fused attention backward (the CPU flash kernel)
+# ----------------------------------------------------------------------------------------------
+# With S = scale q k^T (+ mask), P = exp(S - lse) and O = P v, the kernel computes
+#   dP = g v^T,  D = rowsum(g O),  dS = P (dP - D),
+#   grad_query = scale dS k,  grad_key = scale dS^T q,  grad_value = P^T g.
+# dS is softmax's backward inside the kernel: a row whose gradient is constant over the keys it
+# attends (a single attended key, as in a causal mask's first row; or no gradient through the
+# scores at all) has dS = 0 exactly and float32 leaves the rounding noise of D. As for
+# _softmax_backward_data, dS gets the error scale of its reductions, P (|g| |v|^T +
+# rowsum|g O|), where dP - D does not cancel by itself; the GEMMs around it add their |terms|.
+
+
+def _attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """P = exp(scale q k^T + mask - lse), 0 where a key is masked out (a fully masked row's
+    lse is -inf: its P is 0, not NaN). The kernel takes additive masks only (SDPA converts a
+    boolean one before)."""
+    s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if mask is not None:
+        s = s + mask
+    if causal:  # top-left aligned, as torch's is_causal
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril_()
+        s = s.masked_fill(~keep, -math.inf)
+    return torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(nan=0.0)
+
+
+def _attention_backward_terms(
+    args: Sequence[Any], kwargs: dict[str, Any], dtype: Any, fi: FmtInfo | None
+) -> list[Any]:
+    """``_scaled_dot_product_flash_attention_for_cpu_backward``'s three results (see above)."""
+    g, q, k, v, out, lse, dropout_p, causal = args[:8]
+    if dropout_p or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError("dropout or grouped heads: no written-out bound")
+    g, q, k, v, out, lse = (_narrow(t, dtype) for t in (g, q, k, v, out, lse))
+    mask = kwargs.get("attn_mask")
+    mask = _narrow(mask, dtype) if isinstance(mask, torch.Tensor) else None
+    scale = kwargs.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    p = _attention_probabilities(q, k, lse, mask, bool(causal), scale)
+    ag = g.abs()
+    dp = torch.matmul(g, v.transpose(-2, -1))
+    d = (g * out).sum(-1, keepdim=True)
+    e_s = p * (dp - d).abs()  # |dS|: the GEMMs' terms
+    if fi is not None:
+        err = torch.matmul(ag, v.abs().transpose(-2, -1)).add_((ag * out.abs()).sum(-1, True))
+        e_s += _granted(p * err, dp - d, dp.abs() + d.abs(), torch.zeros_like(dp), fi)
+    grad_q = torch.matmul(e_s, k.abs()).mul_(abs(scale))
+    grad_k = torch.matmul(e_s.transpose(-2, -1), q.abs()).mul_(abs(scale))
+    return [grad_q, grad_k, torch.matmul(p.transpose(-2, -1), ag)]
+
+
+#: backward packet -> its results' error scales from its (shadow) arguments and keyword
+#: arguments, the dtype to compute them in (None: as they are) and the real result's format
+#: (None: a float32 bound)
+NORM_BACKWARD_TERMS: dict[str, Callable[[Sequence[Any], dict[str, Any], Any, Any], list[Any]]] = {
     "native_batch_norm_backward": _batch_norm_backward_terms,
     "native_layer_norm_backward": _layer_norm_backward_terms,
     "native_group_norm_backward": _group_norm_backward_terms,
     "_softmax_backward_data": _softmax_backward_terms,
+    "_scaled_dot_product_flash_attention_for_cpu_backward": _attention_backward_terms,
 }
 
 
@@ -212,7 +280,7 @@ def sums_of_terms(
     if rule is None:
         return abs_terms(func, args, kwargs, dtype)
     try:
-        return rule(args, dtype, None if dtype is not None else fi)
+        return rule(args, kwargs, dtype, None if dtype is not None else fi)
     except Exception:  # an unexpected argument layout: no bound, the plain test decides
         return None
 
