@@ -71,6 +71,48 @@ def test_corpus_model_captured_unchanged(name: str) -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+class _CheckedLabels(nn.Module):
+    """transformers' CTC heads check their labels with a Python branch on a tensor's value."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.max() >= 10:  # <value branch>
+            raise ValueError("label out of range")
+        return x.exp().sum()
+
+
+def test_a_branch_on_a_tensor_value_is_named_with_the_fix() -> None:
+    """torch.export cannot capture a Python branch on a tensor's value (wav2vec2 and HuBERT
+    check their labels so): the error names the line and says how to capture around it."""
+    x, labels = torch.randn(2, 4), torch.tensor([1, 2])
+    with pytest.raises(CaptureError) as info:
+        stabilize(_CheckedLabels(), (x, labels))
+    msg = str(info.value)
+    assert f"{HERE.name}:{_line_of('<value branch>')}" in msg
+    assert "branches on a tensor's value" in msg and "no labels" in msg
+
+
+def test_a_hybrid_cache_error_says_use_cache_false() -> None:
+    """HF Jamba returns a hybrid (Mamba + attention) cache that transformers' pytree helper
+    refuses: the error says to pass use_cache=False, and with it the model is captured."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.JambaConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=64, vocab_size=64, num_experts=2, num_experts_per_tok=1,
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        mamba_d_state=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.JambaForCausalLM(cfg).eval()
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator())}
+    with pytest.raises(CaptureError, match="pass use_cache=False in example_kwargs"):
+        stabilize(model, (), kwargs)
+    gm, changes = stabilize(model, (), {**kwargs, "use_cache": False})
+    assert changes == []
+    with torch.no_grad():
+        ref, out = model(**kwargs, use_cache=False), gm(**kwargs, use_cache=False)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+
+
 def test_an_encoder_decoder_model_with_its_cache_is_captured() -> None:
     """T5 returns an EncoderDecoderCache (two DynamicCaches), which transformers does not
     register as a pytree node: torch.export refused the output until stabilize registered it.

@@ -228,6 +228,33 @@ def export_graph(
         return gm
     raise CaptureError(
         f"torch.export could not capture {name} with the example inputs given "
-        f"({_reason(errors[-1])}); check that {name_hint(module_or_fn)}(*example_args, "
-        "**example_kwargs) runs eagerly and that the example inputs match its forward"
+        f"({_reason(errors[-1])}); {_export_fix(errors[-1], name_hint(module_or_fn))}"
     ) from errors[-1]
+
+
+def _export_fix(exc: BaseException, hint: str) -> str:
+    """What to do about an export failure: the cases seen on transformers' models, else the
+    general advice."""
+    text = str(exc)
+    if "DataDependent" in type(exc).__name__ or "data-dependent" in text:
+        # torch's message ends with the frame of the call that branched ("The following call
+        # raised this error:"): the user's line, when one is outside torch and mixprec
+        frames = [f for f in _FRAME.finditer(text) if not _internal(f["file"])]
+        where = ""
+        if frames:
+            f = frames[-1]
+            where = f" at {Path(f['file']).name}:{f['line']} ({f['code'].strip()})"
+        return (
+            f"the model branches on a tensor's value{where}, which torch.export cannot "
+            "capture: give example inputs that do not take that branch (e.g. no labels, with "
+            "the loss computed outside the captured model)"
+        )
+    if "DynamicCache" in text:
+        return (
+            "its output holds a cache torch.export cannot flatten: pass use_cache=False in "
+            "example_kwargs (a graph for training needs no cache)"
+        )
+    return (
+        f"check that {hint}(*example_args, **example_kwargs) runs eagerly and that the "
+        "example inputs match its forward"
+    )
