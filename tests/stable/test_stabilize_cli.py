@@ -154,3 +154,35 @@ def test_init_arguments_and_inputs_build_a_class(tmp_path: Path, capsys) -> None
 def test_bad_options(gpt_file: Path, capsys, extra: list[str], message: str) -> None:
     assert cli.main(["stabilize", str(gpt_file), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_file_inside_a_package_is_imported_with_its_package(tmp_path: Path, capsys) -> None:
+    """A model file of a package (transformers' ``modeling_*.py``) imports its neighbours
+    relatively: it is imported as ``pkg.sub.module`` with the package's root on the path (it
+    failed with "attempted relative import with no known parent package")."""
+    sub = tmp_path / "stabpkg" / "heads"
+    sub.mkdir(parents=True)
+    (tmp_path / "stabpkg" / "__init__.py").write_text("")
+    (sub / "__init__.py").write_text("")
+    (tmp_path / "stabpkg" / "config.py").write_text("WIDTH = 4\n")
+    path = sub / "head.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\nfrom ..config import WIDTH\n\n\n"
+        "class Head(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = nn.Linear(WIDTH, WIDTH)\n\n    def forward(self, x):\n"
+        "        return torch.log(1 + torch.exp(self.lin(x)))\n"
+    )
+    rc = cli.main(["stabilize", str(path), "--check"])
+    out = capsys.readouterr().out
+    assert rc == EXIT_FOUND, out
+    assert f"{path}:13: Head: softplus" in out
+
+
+def test_a_package_file_shadowed_by_another_copy_is_refused(tmp_path: Path, capsys) -> None:
+    """``json/__init__.py`` of a copy is not the ``json`` Python imports: said, not mixed up."""
+    pkg = tmp_path / "json"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    assert cli.main(["stabilize", str(pkg / "__init__.py")]) == 2
+    err = capsys.readouterr().err
+    assert "is module json of a package, but json is imported from" in err

@@ -153,6 +153,9 @@ def _load(path: Path) -> ModuleType:
         raise FileNotFoundError(f"{path} is not a file")
     if path.suffix != ".py":
         raise ValueError(f"{path} is not a .py file")
+    package = _package_name(path)
+    if package is not None:
+        return _load_from_package(path, *package)
     name = f"_mixprec_stabilize_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -165,6 +168,37 @@ def _load(path: Path) -> ModuleType:
     except Exception as exc:  # the user's file failed to import: report it as bad input
         sys.modules.pop(name, None)
         raise ValueError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _package_name(path: Path) -> tuple[Path, str] | None:
+    """(root folder, dotted module name) of a file inside a package (its folder holds an
+    ``__init__.py``), imported as such so that its relative imports resolve (a model file of
+    transformers, ``from ...modeling_utils import ...``); None for a plain script."""
+    parts = [] if path.name == "__init__.py" else [path.stem]
+    folder = path.resolve().parent
+    while (folder / "__init__.py").is_file():
+        parts.append(folder.name)
+        folder = folder.parent
+    if path.name != "__init__.py" and len(parts) == 1:
+        return None
+    return folder, ".".join(reversed(parts))
+
+
+def _load_from_package(path: Path, root: Path, dotted: str) -> ModuleType:
+    try:
+        with _on_path(root):
+            module = importlib.import_module(dotted)
+    except Exception as exc:  # the user's file failed to import: report it as bad input
+        raise ValueError(
+            f"importing {path} (as {dotted}) failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    found = getattr(module, "__file__", None)
+    if found is None or Path(found).resolve() != path.resolve():
+        raise ValueError(
+            f"{path} is module {dotted} of a package, but {dotted} is imported from "
+            f"{found}: run from where that package is the one you mean"
+        )
     return module
 
 
