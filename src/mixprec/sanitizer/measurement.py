@@ -188,7 +188,7 @@ class _SlowPath:
     @cached_property
     def abs_outputs(self) -> list[Any] | None:
         """Each result's sum of |terms|, element by element (:func:`.terms.sums_of_terms`: the
-        op on |shadow inputs|, or a normalization backward's written-out sums). None if the
+        op on |shadow inputs|, or a fused backward's written-out sums). None if the
         op refuses."""
         return self._sums(None)
 

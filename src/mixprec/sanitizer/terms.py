@@ -10,7 +10,7 @@ summed as well as the format allows. The measurement judges such a result agains
 * The backward ops of the normalizations, of softmax and of the fused CPU attention subtract
   a mean inside (``x - mean``, ``g - mean(g)``, ``g - sum(g y)``, ``dP - rowsum(g out)``): run
   on absolute values they cancel as before, so their error scales are written out here
-  (:data:`NORM_BACKWARD_TERMS`), from the same saved statistics the op uses. The forward
+  (:data:`FUSED_BACKWARD_TERMS`), from the same saved statistics the op uses. The forward
   ops' means are sums of the input and take the first rule (``native_batch_norm`` on ``|x|``).
 """
 
@@ -254,7 +254,7 @@ def _attention_backward_terms(
 #: backward packet -> its results' error scales from its (shadow) arguments and keyword
 #: arguments, the dtype to compute them in (None: as they are) and the real result's format
 #: (None: a float32 bound)
-NORM_BACKWARD_TERMS: dict[str, Callable[[Sequence[Any], dict[str, Any], Any, Any], list[Any]]] = {
+FUSED_BACKWARD_TERMS: dict[str, Callable[[Sequence[Any], dict[str, Any], Any, Any], list[Any]]] = {
     "native_batch_norm_backward": _batch_norm_backward_terms,
     "native_layer_norm_backward": _layer_norm_backward_terms,
     "native_group_norm_backward": _group_norm_backward_terms,
@@ -272,11 +272,12 @@ def sums_of_terms(
     fi: FmtInfo | None = None,
 ) -> list[Any] | None:
     """The results' sums of |terms| of op ``packet`` (``func`` run on the shadow ``args``):
-    the written-out rule of a normalization's backward, else :func:`abs_terms`. ``dtype``:
-    compute them in it (float32: a lower bound for the fast test); ``fi``: the format the real
-    results are judged in (a fused op's reductions get their error scale only with it). None
-    where neither applies (the op refuses, or arguments are missing)."""
-    rule = NORM_BACKWARD_TERMS.get(packet)
+    the written-out rule of a fused backward (normalizations, softmax, attention), else
+    :func:`abs_terms`. ``dtype``: compute them in it (float32: a lower bound for the fast
+    test); ``fi``: the format the real results are judged in (a fused op's reductions get
+    their error scale only with it). None where neither applies (the op refuses, or
+    arguments are missing)."""
+    rule = FUSED_BACKWARD_TERMS.get(packet)
     if rule is None:
         return abs_terms(func, args, kwargs, dtype)
     try:
