@@ -332,6 +332,7 @@ def test_compiled_module_runs_eagerly_and_is_checked() -> None:
 _FRESH = """
 import sys, torch
 from mixprec.sanitizer import sanitize
+torch.manual_seed(0)
 lin = torch.nn.Linear(4, 4)
 with sanitize() as first:
     lin(torch.randn(2, 4)).sum().backward()
@@ -342,8 +343,10 @@ def f(x):
     print("graph break")
     return y.sum()
 
+# each feature of opposite signs in the two rows: the weight gradient sums +inf and -inf
+x = torch.tensor([[1.0, -2.0, 0.5, -1.0], [-1.0, 2.0, -0.5, 1.0]])
 with sanitize() as report:  # torch.compile first used inside the region
-    torch.compile(f, backend="eager")(torch.randn(2, 4)).backward()
+    torch.compile(f, backend="eager")(x).backward()
 print(sorted({(x.op, x.kind, x.location.split(":")[0]) for x in report.findings}))
 """
 
@@ -358,7 +361,8 @@ def test_fresh_process_sanitizes_without_dynamo_and_checks_code_compiled_inside(
     out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dynamo after a sanitized step: False" in out.stdout
-    # the overflow, and the NaN its inf makes in the weight gradient (inf - inf in the GEMM)
+    # the overflow, and the NaN its inf makes in the weight gradient (inf - inf in the GEMM;
+    # with random inputs of the same sign in a column, 1 run in 16 had no NaN)
     found = "[('aten.exp.default', 'overflow', '<string>'), ('aten.mm.default', 'nan', '<string>')]"
     assert found in out.stdout, out.stdout
 

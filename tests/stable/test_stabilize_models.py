@@ -103,7 +103,7 @@ def test_a_hybrid_cache_error_says_use_cache_false() -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.JambaForCausalLM(cfg).eval()
-    kwargs = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator())}
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
     with pytest.raises(CaptureError, match="pass use_cache=False in example_kwargs"):
         stabilize(model, (), kwargs)
     gm, changes = stabilize(model, (), {**kwargs, "use_cache": False})
