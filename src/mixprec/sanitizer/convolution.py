@@ -219,10 +219,3 @@ def convolution_backward(
     gw = _weight_grad(g_rows, x, w, stride, padding) if g_rows is not None else None
     gb = g.sum((0, 2, 3)) if output_mask[2] else None
     return gi, gw, gb
-
-
-#: The float64 kernels the sanitizer runs on shadows instead of the ops themselves.
-SHADOW_KERNELS = {
-    aten.convolution.default: convolution,
-    aten.convolution_backward.default: convolution_backward,
-}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mixprec.sanitizer.convolution import SHADOW_KERNELS
+from mixprec.sanitizer.kernels import SHADOW_KERNELS
 
 aten = torch.ops.aten
 
