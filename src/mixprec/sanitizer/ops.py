@@ -105,7 +105,7 @@ class OpInfo:
     written: tuple[int | str, ...] = ()  # positions / kwarg names of mutated tensor args
     functional: Any = None  # out-of-place variant for in-place ops
     addsub: bool = False
-    multilinear: bool = False  # a sum of products of its tensor inputs (see Measurer._abs_run)
+    multilinear: bool = False  # a sum of products of its tensor inputs (see .terms.abs_terms)
     sum_results: tuple[int, ...] = ()  # results that are sums of the inputs, if not multilinear
     internal_results: tuple[int, ...] = ()  # state kept for its backward (_INTERNAL_RESULTS)
     index_decision: tuple[int, int, int | None] | None = None
@@ -181,7 +181,7 @@ def classify(func: Any) -> OpInfo:
     info.internal_results = _INTERNAL_RESULTS.get(base, ())
     info.kind = _kind(func, info, base, tags)
     info.op = _entry(func)
-    # float64 kernels of our own where torch's are slow (convolutions: see convolution.py)
+    # float64 kernels of our own where torch's are slow or missing (see .kernels)
     info.shadow_op = SHADOW_KERNELS.get(func) or _entry(info.functional or func)
     info.plain_view = info.kind == VIEWISH and packet in _PLAIN_VIEWS
     info.copy = info.kind == EXACT and packet in _COPIES and not info.written

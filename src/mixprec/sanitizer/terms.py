@@ -242,10 +242,11 @@ def _attention_backward_terms(
     ag = g.abs()
     dp = torch.matmul(g, v.transpose(-2, -1))
     d = (g * out).sum(-1, keepdim=True)
-    e_s = p * (dp - d).abs()  # |dS|: the GEMMs' terms
+    diff = dp - d
+    e_s = p * diff.abs()  # |dS|: the GEMMs' terms
     if fi is not None:
         err = torch.matmul(ag, v.abs().transpose(-2, -1)).add_((ag * out.abs()).sum(-1, True))
-        e_s += _granted(p * err, dp - d, dp.abs() + d.abs(), torch.zeros_like(dp), fi)
+        e_s += _granted(p * err, diff, dp.abs() + d.abs(), torch.zeros_like(dp), fi)
     grad_q = torch.matmul(e_s, k.abs()).mul_(abs(scale))
     grad_k = torch.matmul(e_s.transpose(-2, -1), q.abs()).mul_(abs(scale))
     return [grad_q, grad_k, torch.matmul(p.transpose(-2, -1), ag)]

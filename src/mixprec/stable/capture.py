@@ -45,11 +45,19 @@ def source_location(node: fx.Node) -> tuple[str, str]:
     """
     trace = node.meta.get("stack_trace")
     if trace:
-        frames = list(_FRAME.finditer(trace))
-        user = [f for f in frames if not _internal(f["file"])]
-        for f in reversed(user or frames):
+        f = _innermost_frame(trace, user_only=False)
+        if f is not None:
             return f"{f['file']}:{f['line']}", f["code"].strip()
     return f"<graph>:{node.name}", ""
+
+
+def _innermost_frame(trace: str, *, user_only: bool) -> re.Match[str] | None:
+    """The innermost frame of a traceback text outside torch and mixprec; where there is
+    none, the innermost frame at all, or None with ``user_only``."""
+    frames = list(_FRAME.finditer(trace))
+    user = [f for f in frames if not _internal(f["file"])]
+    last = user or ([] if user_only else frames)
+    return last[-1] if last else None
 
 
 class _Tracer(fx.Tracer):
@@ -239,11 +247,8 @@ def _export_fix(exc: BaseException, hint: str) -> str:
     if "DataDependent" in type(exc).__name__ or "data-dependent" in text:
         # torch's message ends with the frame of the call that branched ("The following call
         # raised this error:"): the user's line, when one is outside torch and mixprec
-        frames = [f for f in _FRAME.finditer(text) if not _internal(f["file"])]
-        where = ""
-        if frames:
-            f = frames[-1]
-            where = f" at {Path(f['file']).name}:{f['line']} ({f['code'].strip()})"
+        f = _innermost_frame(text, user_only=True)
+        where = "" if f is None else f" at {Path(f['file']).name}:{f['line']} ({f['code'].strip()})"
         return (
             f"the model branches on a tensor's value{where}, which torch.export cannot "
             "capture: give example inputs that do not take that branch (e.g. no labels, with "
