@@ -210,6 +210,48 @@ def test_follow_ops_keep_input_format() -> None:
     assert not rep(mixed, torch.bfloat16)
 
 
+@pytest.mark.parametrize(
+    ("name", "op"),
+    [
+        ("vdot", lambda a, b: torch.vdot(a.flatten(), b.flatten())),
+        ("dot", lambda a, b: torch.dot(a.flatten(), b.flatten())),
+        ("inner", lambda a, b: torch.inner(a[0], b[0])),
+        ("linalg_cross", lambda a, b: torch.linalg.cross(a[:, :3], b[:, :3])),
+        ("linalg_vecdot", torch.linalg.vecdot),
+        ("lerp", lambda a, b: torch.lerp(a, b, 0.25)),
+        ("index_add", lambda a, b: a.index_add(0, torch.tensor([0, 2]), b[:2])),
+        ("scatter_add", lambda a, b: a.scatter_add(0, torch.zeros_like(b, dtype=torch.long), b)),
+        ("masked_scatter", lambda a, b: a.masked_scatter(a > 0, b)),
+    ],
+)
+def test_native_promotes_ops_that_refuse_mixed_dtypes(name: str, op: object) -> None:
+    # a low op's bf16 result meeting a float32 tensor: torch refuses these ops outright (no
+    # type promotion); the region widens the bf16 operand, exactly, as emulation's float32
+    # containers and "widest input wins" make it
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 4), torch.randn(4, 4).bfloat16()
+    with pytest.raises(RuntimeError):
+        op(a, b)  # type: ignore[operator]
+    with autocast("bf16", emulate=False, device_type="cpu"):
+        got = op(a, b)  # type: ignore[operator]
+    want = op(a, b.float())  # type: ignore[operator]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_native_spectral_norm_trains() -> None:
+    # torch's spectral_norm: sigma = vdot(u, mv(W, v)); mv is a low op, u a float32 buffer
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 1))
+    x = torch.randn(4, 8)
+    with autocast("bf16", emulate=False, device_type="cpu"):
+        out = model(x)
+    out.float().sum().backward()
+    w = model[0].parametrizations.weight.original
+    assert w.grad is not None and bool(torch.isfinite(w.grad).all())
+
+
 def test_follow_in_place_keeps_format_and_casts_untag() -> None:
     lin, x = seeded_linear(7, 8, 8, batch=3)
     with autocast("fp16", emulate=True):

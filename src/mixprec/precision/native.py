@@ -10,7 +10,10 @@ instead of torch's built-in lists:
 * ``fp32`` ops: low-dtype arguments are cast to float32 and the op runs with torch.autocast
   switched off (torch's CPU list, for one, leaves softmax and layer_norm in bf16);
 * other ops: unchanged, except ops torch.autocast would cast to low precision although the
-  policy does not call them low (the user moved them): those run with torch.autocast off.
+  policy does not call them low (the user moved them): those run with torch.autocast off, and
+  the ops of :data:`PROMOTE`, which demand one dtype of their floating operands: where those
+  mix (a low op's low result meets float32: spectral_norm's ``vdot(u, mv(W, v))``), they are
+  cast to the widest, as type promotion and emulation's "widest input wins" would have it.
 
 Also here: :func:`cpu_has_fast_bf16` / :func:`native_is_fast`, the rule ``emulate=None`` uses.
 """
@@ -18,6 +21,7 @@ Also here: :func:`cpu_has_fast_bf16` / :func:`native_is_fast`, the rule ``emulat
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +39,19 @@ from mixprec.precision.policy import (
     Policy,
     resolve_format,
 )
-from mixprec.trees import map_args
+from mixprec.trees import iter_tensors, map_args
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
+#: Follow ops whose kernels refuse floating operands of different dtypes instead of promoting
+#: them (torch.autocast's "promote" lists, CUDA and CPU, and the like). In a native region a
+#: low op's result is low while other tensors stay float32, so these would fail where the same
+#: code runs under emulation (float32 containers throughout); the region promotes their
+#: operands to the widest dtype among them first (exact: a widening cast).
+PROMOTE: frozenset[str] = frozenset({
+    "dot", "vdot", "inner", "cross", "linalg_cross", "tensordot", "linalg_vecdot", "lerp",
+    "index_put", "index_add", "index_copy", "scatter", "scatter_add", "scatter_reduce",
+    "masked_scatter", "grid_sample", "prelu", "polar", "complex",
+})  # fmt: skip
 _NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -172,10 +186,26 @@ class NativeExecutor:
             args, kwargs = map_args(self._cast_fp32, args, kwargs)
             with _autocast_off(self.device_type):
                 return func(*args, **kwargs)
+        if name in PROMOTE:
+            args, kwargs = _promote(args, kwargs)
         if name in TORCH_AUTOCAST_LOW and self.dtype in _LOW_DTYPES:
             with _autocast_off(self.device_type):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _promote(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with floating tensors cast to the widest floating dtype among
+    them (torch's promotion: bfloat16 with float16 gives float32). Unchanged where they agree."""
+    dtypes = {t.dtype for t in iter_tensors(args, kwargs) if t.is_floating_point()}
+    if len(dtypes) < 2:
+        return args, kwargs
+    wide = functools.reduce(torch.promote_types, dtypes)
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return t.to(wide) if t.is_floating_point() else t
+
+    return map_args(widen, args, kwargs)
 
 
 def cast_output(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
