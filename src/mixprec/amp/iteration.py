@@ -119,7 +119,7 @@ def _direct_grads(st: AmpOptimizerState, direct: list[torch.Tensor]) -> list[tor
             g = g.coalesce()
             p.grad = g
             g = g._values()
-        elif cfg.emulate and cfg.opt_level == "O3" and id(p) in st.handle.lowered:
+        if cfg.emulate and cfg.opt_level == "O3" and id(p) in st.handle.lowered:
             round_(g, cfg.compute)  # the gradient is stored in compute, like the weight
         grads.append(g)
     return grads
@@ -127,19 +127,31 @@ def _direct_grads(st: AmpOptimizerState, direct: list[torch.Tensor]) -> list[tor
 
 def _master_grads(st: AmpOptimizerState) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """O2: the model's new gradients, stored in compute like the weights and then as float32,
-    taken off the model: ``(master, float32 gradient)`` pairs, still scaled."""
+    taken off the model: ``(master, float32 gradient)`` pairs, still scaled. A sparse gradient
+    (``nn.Embedding(sparse=True)``) is coalesced in its own dtype first (duplicate rows summed
+    where the model keeps them, as torch's GradScaler does for float16 before its check) and
+    stays sparse: the master's gradient is a float32 sparse tensor."""
     cfg = st.handle.config
     out = []
     for model_p, master in st.pairs():
         g = model_p.grad
         if g is None:
             continue
-        g32 = g.detach().to(torch.float32, copy=True)
+        if g.is_sparse:
+            g32 = g.detach().coalesce().to(torch.float32, copy=True)
+            dense = g32._values()
+        else:
+            g32 = dense = g.detach().to(torch.float32, copy=True)
         if cfg.emulate:
-            round_(g32, cfg.compute)  # stored in compute, like the weight
+            round_(dense, cfg.compute)  # stored in compute, like the weight
         model_p.grad = None
         out.append((master, g32))
     return out
+
+
+def _to_unscale(g: torch.Tensor) -> torch.Tensor:
+    """The dense tensor holding ``g``'s values: a coalesced sparse gradient's values."""
+    return g._values() if g.is_sparse else g
 
 
 def _unscale_new(st: AmpOptimizerState, scaler: LossScaler) -> None:
@@ -149,7 +161,8 @@ def _unscale_new(st: AmpOptimizerState, scaler: LossScaler) -> None:
         direct = st.direct()
         new = _direct_grads(st, direct)
         masters_new = _master_grads(st)
-        scaler.unscale_grads_(st.optimizer, new + [g for _, g in masters_new], all_reduce=False)
+        master_vals = [_to_unscale(g) for _, g in masters_new]
+        scaler.unscale_grads_(st.optimizer, new + master_vals, all_reduce=False)
         for master, g32 in masters_new:
             if master.grad is None:
                 master.grad = g32

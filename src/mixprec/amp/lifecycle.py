@@ -88,8 +88,8 @@ def initialize(
     Returns ``(models, optimizers)`` shaped as given (just ``models`` if ``optimizers`` is None).
 
     Raises ``ValueError`` for an unknown opt level/format/loss_scale, ``TypeError`` for
-    non-float parameters (or non-float32 ones at O2/O3), an unsupported optimizer (LBFGS,
-    SparseAdam) or wrong argument types, ``RuntimeError`` when a model or optimizer was already
+    non-float parameters (or non-float32 ones at O2/O3), an unsupported optimizer (LBFGS)
+    or wrong argument types, ``RuntimeError`` when a model or optimizer was already
     initialized; nothing is changed then. Cost: O2 one float32 copy of the lowered parameters.
     """
     options = AmpOptions(

@@ -44,7 +44,6 @@ from mixprec.precision import native_is_fast, resolve_format
 
 _UNSUPPORTED_OPTIMIZERS = {
     "LBFGS": "it re-evaluates the loss through a closure, which bypasses scale_loss",
-    "SparseAdam": "it needs sparse gradients, which amp does not unscale into masters",
 }
 
 
