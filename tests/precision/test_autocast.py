@@ -252,6 +252,64 @@ def test_native_spectral_norm_trains() -> None:
     assert w.grad is not None and bool(torch.isfinite(w.grad).all())
 
 
+def _func_model() -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
+    return m, {k: v.detach() for k, v in m.named_parameters()}, torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "e4m3", "mxfp8_e4m3"])
+def test_torch_func_grad_equals_autograd_in_emulated_regions(fmt: str) -> None:
+    # torch.func's wrappers hold no memory (the C kernels cannot take them) and forbid .data
+    # writes: the region rounds them out of place, through the autograd Function
+    from torch.func import functional_call, grad
+
+    m, params, x = _func_model()
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, p, (xi,)).sum()
+
+    with autocast(fmt, emulate=True):
+        got = grad(loss)(params, x)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    with autocast(fmt, emulate=True):
+        loss(leaves, x).backward()
+    for k, v in leaves.items():
+        assert torch.equal(got[k], v.grad), k
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp8_e4m3"])
+def test_per_sample_gradients_with_vmap_equal_a_loop(fmt: str) -> None:
+    from torch.func import functional_call, grad, vmap
+
+    m, params, x = _func_model()
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, p, (xi,)).sum()
+
+    with autocast(fmt, emulate=True):
+        got = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        with autocast(fmt, emulate=True):
+            loss(leaves, x[i]).backward()
+        for k, v in leaves.items():
+            assert torch.equal(got[k][i], v.grad), (k, i)
+
+
+def test_vmapped_current_scaling_scales_each_sample() -> None:
+    # vmap's semantics: each sample is a tensor of its own, with its own amax and scale
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64) * torch.tensor([[1.0], [1e-3], [30.0], [1e2]])
+    with autocast("e4m3", emulate=True):
+        got = vmap(lambda r: F.linear(r, torch.eye(64)))(x)
+    s = 448.0 / x.abs().amax(dim=1, keepdim=True)  # oracle: torch's saturating fp8 cast
+    want = (x * s).to(torch.float8_e4m3fn).float() / s
+    assert torch.equal(got, want)
+
+
 def test_follow_in_place_keeps_format_and_casts_untag() -> None:
     lin, x = seeded_linear(7, 8, 8, batch=3)
     with autocast("fp16", emulate=True):

@@ -368,6 +368,36 @@ def test_gradient_histogram_against_float16() -> None:
     assert h.total("activation") + h.zeros["activation"] == 64 * (32 + 32 + 4)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap(grad)"])
+def test_torch_func_transforms_are_checked(transform: str) -> None:
+    from torch.func import functional_call, grad, vmap
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x * 100.0).sum()
+
+    run = grad(f) if transform == "grad" else vmap(grad(f))
+    x = torch.tensor([[0.1, 1.0], [0.2, 0.3]])
+    with sanitize() as report:
+        run(x)
+    assert [(f.kind, f.op, f.phase) for f in report.findings][:1] == [
+        ("overflow", "aten.exp.default", "forward")
+    ]
+    # per-sample gradients of a clean model: nothing found, and the gradient statistics (taken
+    # from the values under vmap's wrapper, every sample at once) are there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (xi,)).sum()
+
+    per = grad(loss) if transform == "grad" else vmap(grad(loss), in_dims=(None, 0))
+    with sanitize() as report:
+        per(params, torch.randn(4, 8))
+    assert report.findings == [] and report.stats["internal_errors"] == {}
+    assert report.stats["ops_shadowed"] > 0 and report.grad_histogram().total("activation") > 0
+
+
 def test_grad_histogram_needs_a_backward_pass() -> None:
     with sanitize() as report:
         torch.ones(3) * 2

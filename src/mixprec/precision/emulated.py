@@ -239,7 +239,7 @@ def ste_in_handler(
     tensor hook (~3 us), which runs before the user's own hooks and ``retain_grad``, so those
     see the rounded gradient.
     """
-    if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or is_compiling():
+    if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or _functional(t):
         return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
@@ -258,6 +258,17 @@ def ste_in_handler(
         else:
             out.grad_fn.register_prehook(_GradRounding(bwd))
     return out
+
+
+def _functional(t: torch.Tensor) -> bool:
+    """Must roundings of ``t`` be functional (out of place, through the autograd Function,
+    no ``.data`` writes or hooks)? While torch.compile traces, and for a torch.func
+    transform's wrapper (``grad``, ``vmap``, ``jacrev``: functorch forbids ``.data`` writes
+    and has its own autograd levels)."""
+    return is_compiling() or _is_functorch_wrapped(t)
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 class _GradRounding:
@@ -289,7 +300,7 @@ def round_result(
     """
     if not y.is_floating_point():
         return y
-    if is_compiling():
+    if _functional(y):
         return _round_result_traced(y, fmt, bwd)
     if not _fresh(y, inputs):
         r = element_rounder(fmt) if fmt is not None else None

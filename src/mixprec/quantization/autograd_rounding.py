@@ -23,14 +23,23 @@ Rounder = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _StraightThrough(torch.autograd.Function):
-    """forward: ``forward(x)``; backward: ``backward(grad)``, or ``grad`` itself when None."""
+    """forward: ``forward(x)``; backward: ``backward(grad)``, or ``grad`` itself when None.
+
+    In torch.func's style (``setup_context`` apart from ``forward``, a generated vmap rule),
+    so that ``grad``, ``vmap`` and ``jacrev`` can transform code that rounds: the rounders are
+    elementwise or blockwise functions written in torch ops, which vmap batches as they are."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, forward: Rounder, backward: Rounder | None
+        x: torch.Tensor, forward: Rounder, backward: Rounder | None
     ) -> torch.Tensor:
-        ctx.backward_fn = backward
         return forward(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.backward_fn = inputs[2]
 
     @staticmethod
     def backward(  # type: ignore[override]

@@ -48,6 +48,7 @@ _PARALLEL_MIN = 1 << 18  # below this, one thread: dispatch would cost more than
 # the same for the fused kernels (MX blocks, current scaling: see _mx_floor_c)
 _FUSED_PARALLEL_MIN = 1 << 20
 _is_compiling = torch.compiler.is_compiling  # bound once: checked on every eager call
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 QUANTIZE_BACKENDS = ("auto", "torch", "torch-compiled")
 # the backend in use, read on every rounding (a global costs nothing, an os.environ lookup
 # ~0.6 us); unknown values of the variable have always meant the default
@@ -331,9 +332,16 @@ def _run_c(src: torch.Tensor, dst: torch.Tensor, p: KernelParams, mode: int, see
 
 def _c_serves(x: torch.Tensor) -> bool:
     """Do C calls serve ``x``? Not under torch.compile, with no C kernel or a torch backend,
-    off the CPU, or with a rounding observer (it must see every element rounding). Compiling
-    is asked first: dynamo then adds no guard on ``x``."""
-    return not _is_compiling() and x.is_cpu and has_c_kernel() and not has_rounding_observers()
+    off the CPU, for a torch.func transform's wrapper (``grad``, ``vmap``: no memory of its
+    own to hand to C), or with a rounding observer (it must see every element rounding).
+    Compiling is asked first: dynamo then adds no guard on ``x``."""
+    return (
+        not _is_compiling()
+        and x.is_cpu
+        and not _is_functorch_wrapped(x)
+        and has_c_kernel()
+        and not has_rounding_observers()
+    )
 
 
 def _one_c_call(x: torch.Tensor) -> bool:
@@ -530,7 +538,12 @@ def _quantize_work(
     dst: torch.Tensor | None,
 ) -> torch.Tensor:
     """Round a float32/float64 tensor ``work``; write into dst (same dtype) when given."""
-    use_c = work.is_cpu and has_c_kernel() and (dst is None or dst.is_contiguous())
+    use_c = (
+        work.is_cpu
+        and not _is_functorch_wrapped(work)
+        and has_c_kernel()
+        and (dst is None or (dst.is_contiguous() and not _is_functorch_wrapped(dst)))
+    )
     if use_c:
         src = work if dst is None and _in_own_layout(work, rounding) else work.contiguous()
         # a strided ``work`` was just copied: round that fresh copy in place (no second buffer)

@@ -12,7 +12,8 @@ three the cheapest exact way there is where it runs:
 * a compiled CPU graph: an operand of 32k elements or more (float32, laid out without gaps)
   becomes one call of the op ``mixprec::current_scaled_round``, which runs that C call; smaller
   ones stay traced tensor ops that inductor fuses with their neighbours;
-* elsewhere (CUDA): tensor ops, with no device sync.
+* elsewhere (CUDA; a torch.func transform's wrapper, which has no memory of its own and whose
+  values vmap batches: one amax per sample): tensor ops, with no device sync.
 
 Every path gives the same bits, but one: inductor may compile the traced ``x / s`` as
 ``x * (1 / s)``, so a small operand in a compiled graph can land one step away in an element.
@@ -31,6 +32,7 @@ from mixprec.formats.float_format import FloatFormat
 from mixprec.quantization import ops
 from mixprec.quantization.elementwise import (
     _gap_free,
+    _is_functorch_wrapped,
     extern_when_compiled,
     fused_current_scaled_round,
     round_to,
@@ -90,7 +92,7 @@ def current_scaled_round_to(t: torch.Tensor, fmax: float, fmt: FloatFormat) -> t
     if torch.compiler.is_compiling():
         if t.dtype == torch.float32 and _gap_free(t) and extern_when_compiled(t):
             return ops.current_scaled_round_op(t.detach(), fmt, fmax)
-    elif t.is_cpu and t.numel():
+    elif t.is_cpu and t.numel() and not _is_functorch_wrapped(t):
         fused = (
             fused_current_scaled_round(t.detach(), fmax, fmt) if t.dtype == torch.float32 else None
         )

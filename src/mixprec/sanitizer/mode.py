@@ -46,6 +46,7 @@ from mixprec.sanitizer.ops import (
     RealOpError,
     classify,
 )
+from mixprec.sanitizer.passes import is_functorch_wrapped, unwrap_functorch
 from mixprec.sanitizer.shadows import ShadowInputs, Shadows
 from mixprec.sanitizer.tolerances import real_formats
 from mixprec.trees import leaves, tensors
@@ -258,22 +259,31 @@ class ShadowMode(TorchDispatchMode):
                 return
             eng._internal = True  # our own ops (the shadow's as_strided) pass through
             try:
-                # a gradient covering its storage is binned from the flat shadow, without
-                # building a view (an op through this mode: ~6 us)
-                store = eng.shadows.store
-                ent = store.whole(grad)
-                if ent is None:
-                    view = store.get(grad)
-                    ent = (grad if view is None else view[0], None)
-                shadow, smax = ent
-                if not eng.grads.add_fast(kind, shadow, smax):  # the C kernel: no torch op
-                    # the torch binning is a handful of small ops: run them outside the mode
-                    with _disable_current_modes():
-                        eng.grads.add(kind, shadow, smax)
+                if is_functorch_wrapped(grad):
+                    # torch.func (grad, vmap): the values under the wrappers, all samples at
+                    # once, and our own tensors outside the transform
+                    with torch._C._DisableFuncTorch():
+                        eng._bin_gradient(kind, unwrap_functorch(grad))
+                else:
+                    eng._bin_gradient(kind, grad)
             finally:
                 eng._internal = False
 
         return hook
+
+    def _bin_gradient(self, kind: str, grad: torch.Tensor) -> None:
+        # a gradient covering its storage is binned from the flat shadow, without building a
+        # view (an op through this mode: ~6 us)
+        store = self.shadows.store
+        ent = store.whole(grad)
+        if ent is None:
+            view = store.get(grad)
+            ent = (grad if view is None else view[0], None)
+        shadow, smax = ent
+        if not self.grads.add_fast(kind, shadow, smax):  # the C kernel: no torch op
+            # the torch binning is a handful of small ops: run them outside the mode
+            with _disable_current_modes():
+                self.grads.add(kind, shadow, smax)
 
     # -- cooperation with non-aten rounding (mixprec.quantize) ---------------------------------
     def _observe_rounding(self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat) -> None:

@@ -32,6 +32,21 @@ except ImportError:  # built without a C compiler: the torch passes serve
 _C_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 # tensors whose data_ptr is their data (not wrapper subclasses: DTensor, fake, functional)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# ... nor torch.func's wrappers (grad, vmap), which are of the plain type but hold no memory
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in _PLAIN and not is_functorch_wrapped(t)
+
+
+def unwrap_functorch(t: torch.Tensor) -> torch.Tensor:
+    """The tensor under torch.func's wrappers of ``t`` (``t`` itself when unwrapped): under
+    ``vmap`` the whole batch, values the gradient statistics can read without a per-sample
+    ``.item()`` (which vmap refuses)."""
+    while is_functorch_wrapped(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def has_c_passes() -> bool:
@@ -133,8 +148,8 @@ def pick(r: torch.Tensor, s: torch.Tensor) -> Passes:
     the torch ones."""
     if (
         _checks is not None
-        and type(r) in _PLAIN
-        and type(s) in _PLAIN
+        and _plain(r)
+        and _plain(s)
         and r.dtype in _C_KINDS
         and s.dtype == torch.float64
         and r.is_cpu
@@ -172,7 +187,7 @@ def grad_stats(g: torch.Tensor, counts: torch.Tensor, step: int) -> float | None
     the kernel does not apply."""
     if not (
         _checks is not None
-        and type(g) in _PLAIN
+        and _plain(g)
         and g.dtype in (torch.float32, torch.float64)
         and g.is_cpu
         and counts.is_cpu
