@@ -6,9 +6,11 @@ Oracles are independent of the code under test: torch's own dtype casts (``.to(b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,6 +310,86 @@ def test_vmapped_current_scaling_scales_each_sample() -> None:
     s = 448.0 / x.abs().amax(dim=1, keepdim=True)  # oracle: torch's saturating fp8 cast
     want = (x * s).to(torch.float8_e4m3fn).float() / s
     assert torch.equal(got, want)
+
+
+def _penalty_grads(ctx: Any, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> list:
+    # a gradient penalty (WGAN-GP, R1): the input gradient is built with create_graph=True
+    # and differentiated again
+    a, b = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+    xi = x.clone().requires_grad_()
+    with ctx:
+        h = F.linear(xi, a)
+        out = F.linear(h * h, b)
+    (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+    (g * g).sum().backward()
+    return [a.grad, b.grad]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_second_order_gradients_pass_the_roundings(fmt: str) -> None:
+    # Small integers: every value of every order is exact in the format, so the emulated
+    # gradients must equal float32's. The gradient roundings used to be plain roundings of
+    # a tensor in the second-order graph, whose derivative is zero: the penalty's gradient
+    # lost its path through them (bf16: 100% off on a real discriminator).
+    w1 = torch.tensor([[1.0, -1.0], [2.0, 1.0], [0.0, 1.0]])
+    w2 = torch.tensor([[1.0, -2.0, 1.0]])
+    x = torch.tensor([[1.0, 2.0], [-1.0, 1.0]])
+    want = _penalty_grads(contextlib.nullcontext(), w1, w2, x)
+    got = _penalty_grads(autocast(fmt, emulate=True), w1, w2, x)
+    for w in want:  # the premise: nonzero, and exact in the format
+        assert bool(w.abs().sum() > 0) and torch.equal(w, w.to(DT[fmt]).float())
+    for gw, ww in zip(got, want, strict=True):
+        assert torch.equal(gw, ww)
+
+
+def test_second_order_gradients_are_rounded_too() -> None:
+    # what flows back through a gradient rounding in the next order is rounded alike: an
+    # input gradient built under create_graph, differentiated again, reaches x rounded
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    with autocast("bf16", emulate=True):
+        y = F.linear(x, w)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad((g * 1.1).sum(), x)
+    assert bool(gx.abs().sum() > 0)
+    assert torch.equal(gx, gx.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_tangents_pass_the_roundings(api: str) -> None:
+    # Tangents used to be dropped (forward_ad: None; jvp: zero) or refused (.data writes in a
+    # transform). Small integers: every value is exact in bf16, so the emulated tangent must
+    # equal float32's; with values that round, it stays close to float32's
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    w1 = torch.tensor([[1.0, -1.0], [2.0, 1.0], [0.0, 1.0]])
+    w2 = torch.tensor([[1.0, -2.0, 1.0]])
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        h = F.linear(t, w1)
+        return F.linear(h * h, w2)
+
+    def tangent(ctx: Any, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if api == "torch.func.jvp":
+            with ctx:
+                return jvp(f, (x,), (v,))[1]
+        with fwAD.dual_level(), ctx:
+            out = fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent
+        assert out is not None
+        return out
+
+    x, v = torch.tensor([[1.0, 2.0], [-1.0, 1.0]]), torch.tensor([[1.0, 0.0], [2.0, -1.0]])
+    want = tangent(contextlib.nullcontext(), x, v)
+    assert bool(want.abs().sum() > 0)
+    assert torch.equal(tangent(autocast("bf16", emulate=True), x, v), want)
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 2), torch.randn(4, 2)
+    want = tangent(contextlib.nullcontext(), x, v)
+    got = tangent(autocast("bf16", emulate=True), x, v)
+    assert not torch.equal(got, want)
+    assert torch.allclose(got, want, rtol=0.05, atol=1e-2 * float(want.abs().max()))
 
 
 def test_follow_in_place_keeps_format_and_casts_untag() -> None:

@@ -383,6 +383,25 @@ def test_fake_quantize_grad_rounding(backend):
     assert x.grad.tolist() == [2.0**-24, 0.0]
 
 
+def test_fake_quantize_gradient_rounding_is_straight_through_in_the_next_order(backend):
+    # L = sum(g * x) with g = dL1/dx built under create_graph: g = round(2y), y = fq(x).
+    # dL/dx = g + x * dg/dx, and the rounding of g is straight-through in that order, the
+    # gradient reaching it rounded alike: g + 2 round(x). A plain rounding would cut that
+    # path (derivative zero): g alone.
+    x = torch.tensor([0.3, -1.7, 2.5], requires_grad=True)
+    y = fake_quantize(x, "bfloat16", grad_format="bfloat16")
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    assert torch.equal(g, (2 * y).detach().bfloat16().float())
+    (h,) = torch.autograd.grad((g * x).sum(), x)
+    want = g.detach() + 2 * x.detach().bfloat16().float()
+    assert torch.equal(h, want)
+    # quantize's rounding has derivative zero in every order
+    q = quantize(x, "bfloat16")
+    (gq,) = torch.autograd.grad((q * x).sum(), x, create_graph=True)
+    (hq,) = torch.autograd.grad((gq * x).sum(), x)
+    assert torch.equal(hq, gq.detach())
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,12 @@ from mixprec.precision.accumulate import Accumulate, accumulated
 from mixprec.precision.fp8 import Fp8Recipe
 from mixprec.precision.ops import op_category
 from mixprec.precision.policy import FormatSpec, OpLists, Policy, resolve_format
-from mixprec.quantization.autograd_rounding import Rounder, straight_through
+from mixprec.quantization.autograd_rounding import (
+    GradientRounding,
+    Rounder,
+    forward_mode,
+    straight_through,
+)
 from mixprec.quantization.blocks import mx_round_to
 from mixprec.quantization.elementwise import round_data_, round_to
 from mixprec.trees import iter_tensors, map_args, map_outputs
@@ -211,8 +216,8 @@ def ste(t: torch.Tensor, fwd: Rounder | None, bwd: Rounder | None) -> torch.Tens
     """
     if fwd is None:
         return t
-    if t.requires_grad and torch.is_grad_enabled():
-        return straight_through(t, fwd, bwd)
+    if (t.requires_grad and torch.is_grad_enabled()) or forward_mode():
+        return straight_through(t, fwd, bwd)  # (forward mode: the Function carries tangents)
     return fwd(t)
 
 
@@ -239,7 +244,7 @@ def ste_in_handler(
     tensor hook (~3 us), which runs before the user's own hooks and ``retain_grad``, so those
     see the rounded gradient.
     """
-    if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or _functional(t):
+    if fwd is None or not (t.requires_grad and torch.is_grad_enabled()) or _functional():
         return ste(t, fwd, bwd)  # compiled: the Function traces; hooks on intermediates do not
     if not t.is_floating_point():
         return t
@@ -254,34 +259,19 @@ def ste_in_handler(
         out.data = q
     if bwd is not None:
         if visible:
-            out.register_hook(bwd)
+            out.register_hook(GradientRounding(bwd))
         else:
-            out.grad_fn.register_prehook(_GradRounding(bwd))
+            out.grad_fn.register_prehook(GradientRounding(bwd, node=True))
     return out
 
 
-def _functional(t: torch.Tensor) -> bool:
-    """Must roundings of ``t`` be functional (out of place, through the autograd Function,
-    no ``.data`` writes or hooks)? While torch.compile traces, and for a torch.func
-    transform's wrapper (``grad``, ``vmap``, ``jacrev``: functorch forbids ``.data`` writes
-    and has its own autograd levels)."""
-    return is_compiling() or _is_functorch_wrapped(t)
-
-
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-class _GradRounding:
-    """A one-output node's pre-hook rounding the gradient that reaches it."""
-
-    __slots__ = ("bwd",)
-
-    def __init__(self, bwd: Rounder) -> None:
-        self.bwd = bwd
-
-    def __call__(self, grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor] | None:
-        g = grads[0]
-        return None if g is None else (self.bwd(g),)
+def _functional() -> bool:
+    """Must roundings be functional (out of place, through the autograd Function, no
+    ``.data`` writes or hooks)? While torch.compile traces, and where forward mode may be on
+    (:func:`~mixprec.quantization.autograd_rounding.forward_mode`: functorch forbids
+    ``.data`` writes in its transforms, even to plain tensors; a ``.data`` write or a plain
+    rounding would drop a dual tensor's tangent)."""
+    return is_compiling() or forward_mode()
 
 
 def round_result(
@@ -300,18 +290,18 @@ def round_result(
     """
     if not y.is_floating_point():
         return y
-    if _functional(y):
+    if _functional():
         return _round_result_traced(y, fmt, bwd)
     if not _fresh(y, inputs):
         r = element_rounder(fmt) if fmt is not None else None
         out = ste_in_handler(y, r, bwd, visible=True) if r is not None else y.view_as(y)
         if bwd is not None and r is None and out.requires_grad:
-            out.register_hook(bwd)
+            out.register_hook(GradientRounding(bwd))
         return out
     if fmt is not None:
         round_data_(y, fmt)
     if bwd is not None and y.requires_grad:
-        y.register_hook(bwd)
+        y.register_hook(GradientRounding(bwd))
     return y
 
 

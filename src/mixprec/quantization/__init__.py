@@ -8,6 +8,8 @@ from mixprec.formats.mx_format import (  # MX names live in formats; re-exported
     get_mx_format,
 )
 from mixprec.quantization.autograd_rounding import (
+    GradientRounding,
+    round_gradient,
     straight_through,
 )
 from mixprec.quantization.blocks import (
@@ -43,6 +45,7 @@ __all__ = [
     "MX_FORMATS",
     "QUANTIZE_BACKENDS",
     "ROUNDING_MODES",
+    "GradientRounding",
     "MXFormat",
     "code_dtype",
     "decode",
@@ -60,6 +63,7 @@ __all__ = [
     "quantize_",
     "quantize_backend",
     "register_rounding_observer",
+    "round_gradient",
     "round_to",
     "straight_through",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 #: A tensor-to-tensor function: a rounding, a gradient rounding, a recorder.
 Rounder = Callable[[torch.Tensor], torch.Tensor]
@@ -25,8 +26,8 @@ Rounder = Callable[[torch.Tensor], torch.Tensor]
 class _StraightThrough(torch.autograd.Function):
     """forward: ``forward(x)``; backward: ``backward(grad)``, or ``grad`` itself when None.
 
-    In torch.func's style (``setup_context`` apart from ``forward``, a generated vmap rule),
-    so that ``grad``, ``vmap`` and ``jacrev`` can transform code that rounds: the rounders are
+    In torch.func's style (``setup_context`` apart from ``forward``, a generated vmap rule), so
+    that ``grad``, ``vmap`` and ``jacrev`` can transform code that rounds: the rounders are
     elementwise or blockwise functions written in torch ops, which vmap batches as they are."""
 
     generate_vmap_rule = True
@@ -46,7 +47,32 @@ class _StraightThrough(torch.autograd.Function):
         ctx: Any, grad: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, None, None]:
         backward = ctx.backward_fn
-        return (grad if backward is None or grad is None else backward(grad)), None, None
+        return (
+            (grad if backward is None or grad is None else round_gradient(grad, backward)),
+            None,
+            None,
+        )
+
+
+class _StraightThroughTangent(_StraightThrough):
+    """:class:`_StraightThrough` with a forward-mode rule (``torch.func.jvp``, forward_ad): the
+    tangent takes the backward's rule (straight through, rounded, or zero for quantize), as
+    the gradient would. Used only in forward mode: dynamo refuses Functions with a ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        backward = ctx.backward_fn
+        return x_t if backward is None else backward(x_t)
+
+
+def forward_mode() -> bool:
+    """Is forward-mode differentiation possible here: inside a torch.func transform
+    (``jvp``, and ``grad``/``vmap``, which nest), or with forward_ad's dual level on? Cost: two
+    flag reads."""
+    return _transforms_active() or forward_ad._current_level >= 0
+
+
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def straight_through(
@@ -59,4 +85,37 @@ def straight_through(
     it). The result is part of the autograd graph whenever ``x`` requires grad. Cost: one
     autograd node; no copy beyond what ``forward`` and ``backward`` do.
     """
+    if forward_mode():
+        return _StraightThroughTangent.apply(x, forward, backward)
     return _StraightThrough.apply(x, forward, backward)
+
+
+def round_gradient(grad: torch.Tensor, rounder: Rounder) -> torch.Tensor:
+    """``rounder(grad)``: a gradient rounded on its way back (a hook, a backward).
+
+    Where the backward builds a graph of its own (``create_graph=True``: gradient penalties,
+    Hessian-vector products, second-order meta-learning), ``grad`` requires grad, and a plain
+    rounding would cut that graph (a rounding's derivative is zero). There the rounding is
+    straight-through too, and what flows back through it in the next order is rounded by the
+    same ``rounder``: every order sees its gradients rounded, none loses its path. Cost: one
+    autograd node, only under ``create_graph=True``."""
+    if grad.requires_grad and torch.is_grad_enabled():
+        return straight_through(grad, rounder, rounder)
+    return rounder(grad)
+
+
+class GradientRounding:
+    """``round_gradient`` as a tensor hook (``t.register_hook(GradientRounding(r))``) or, with
+    ``node=True``, as an autograd node's pre-hook (its one incoming gradient rounded)."""
+
+    __slots__ = ("node", "rounder")
+
+    def __init__(self, rounder: Rounder, *, node: bool = False) -> None:
+        self.rounder = rounder
+        self.node = node
+
+    def __call__(self, grad: Any) -> Any:
+        if not self.node:
+            return round_gradient(grad, self.rounder)
+        g = grad[0]
+        return None if g is None else (round_gradient(g, self.rounder),)
