@@ -9,13 +9,14 @@ activation checkpointing; a hand-written block).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 import mixprec
-from mixprec.precision import emulated
+from mixprec.precision import CheckpointPrecisionWarning, emulated
 from mixprec.precision.region import _LOCAL
 from mixprec.testing import corpus
 
@@ -46,11 +47,39 @@ def test_checkpointed_block_is_bit_exact_with_the_context(fmt: str) -> None:
 
 
 def test_without_the_context_the_recomputation_runs_in_fp32() -> None:
-    """Why the context exists: torch recomputes outside the region, and gradients differ."""
+    """Why the context exists: torch recomputes outside the region, and gradients differ:
+    a CheckpointPrecisionWarning says so, and how to fix it."""
     plain = _block_step("bf16", False, None)
-    bare = _block_step("bf16", True, None)
+    with pytest.warns(CheckpointPrecisionWarning, match="context_fn=mixprec.checkpoint_context"):
+        bare = _block_step("bf16", True, None)
     assert torch.equal(plain[0], bare[0])  # the forward itself ran in the region
     assert not all(torch.equal(a, b) for a, b in zip(plain[1:], bare[1:], strict=True))
+
+
+def test_reentrant_checkpointing_in_a_region_warns() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8, requires_grad=True)
+    with (
+        pytest.warns(CheckpointPrecisionWarning, match="use_reentrant=True"),
+        mixprec.autocast("bf16", emulate=True),
+    ):
+        checkpoint(net, x, use_reentrant=True).sum().backward()
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_no_warning_with_the_context_or_outside_checkpoints(emulate: bool) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointPrecisionWarning)
+        with mixprec.autocast("bf16", emulate=emulate):
+            y = checkpoint(net, x, use_reentrant=False, context_fn=mixprec.checkpoint_context)
+            with torch.no_grad():  # a no_grad block of the user's own
+                net(x)
+        y.sum().backward()
+        checkpoint(net, x, use_reentrant=False).sum().backward()  # no region: nothing to say
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "e4m3"])
@@ -71,9 +100,13 @@ def test_hf_gradient_checkpointing_is_bit_exact_with_the_context(fmt: str) -> No
     bare.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     results = []
     for m in (model, checkpointed, bare):
-        with mixprec.autocast(fmt, emulate=True):
-            loss = entry.loss(m, args, kwargs)
-        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with mixprec.autocast(fmt, emulate=True):
+                loss = entry.loss(m, args, kwargs)
+            loss.backward()
+        warned = any(w.category is CheckpointPrecisionWarning for w in caught)
+        assert warned == (m is bare)  # the bare checkpoints are named, the others not
         results.append([loss.detach(), *_grads(m)])
     assert len(results[0]) == len(results[1]) > 10
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
@@ -125,7 +158,11 @@ def test_initialize_o2_step_is_bit_exact_with_the_context() -> None:
         model, opt = mixprec.initialize(
             model, opt, opt_level="O2", compute="bfloat16", emulate=True
         )
-        loss = model(x).square().mean()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = model(x).square().mean()
+        warned = any(w.category is CheckpointPrecisionWarning for w in caught)
+        assert warned == (context_fn is noop_context_fn)
         with mixprec.scale_loss(loss, opt) as scaled:
             scaled.backward()
         opt.step()

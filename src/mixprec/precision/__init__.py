@@ -34,6 +34,7 @@ from mixprec.precision.policy import (
 )
 from mixprec.precision.region import (
     Autocast,
+    CheckpointPrecisionWarning,
     PolicyHandle,
     apply_policy,
     autocast,
@@ -51,6 +52,7 @@ __all__ = [
     "REASONS",
     "Accumulate",
     "Autocast",
+    "CheckpointPrecisionWarning",
     "CurrentScaling",
     "DelayedScaling",
     "Executor",

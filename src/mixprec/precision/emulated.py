@@ -167,6 +167,12 @@ def mirrored_tags() -> Iterator[None]:
         _MIRROR.depth -= 1
 
 
+def tags_mirrored() -> bool:
+    """Is a checkpointed segment made with ``checkpoint_context`` running (its forward or its
+    recomputation)?"""
+    return _MIRROR.depth > 0
+
+
 def _geometry(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return t.storage_offset(), tuple(t.shape), t.stride()
 

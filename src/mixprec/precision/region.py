@@ -26,19 +26,21 @@ import functools
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch._ops import OpOverload, OpOverloadPacket
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats.float_format import FloatFormat
 from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, AccumulateLike
-from mixprec.precision.emulated import EmulatedExecutor, mirrored_tags, round_output
+from mixprec.precision.emulated import EmulatedExecutor, mirrored_tags, round_output, tags_mirrored
 from mixprec.precision.executor import Executor
 from mixprec.precision.fp8 import DEFAULT_RECIPE, RecipeLike, resolve_recipe
 from mixprec.precision.native import (
@@ -81,6 +83,8 @@ class _PolicyMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entries = _LOCAL.entries
+        if func is _SET_GRAD_ENABLED and entries and args and args[0] is False:
+            _check_reentrant_checkpoint(sys._getframe(1))
         name = _region_op(func) if entries else None
         if name is None:
             return func(*args, **kwargs)
@@ -170,6 +174,8 @@ def _inductor_cache_dir(env: str | None) -> str:
 def _dispatch(
     executor: Executor, func: Callable[..., Any], name: str, args: tuple, kwargs: dict
 ) -> Any:
+    if not torch.compiler.is_compiling():  # (a traced graph has no checkpoint forward)
+        _check_checkpoint()
     if kwargs.get("out") is not None:
         return _into_out(executor, func, name, args, kwargs)
     return executor.handle(func, name, args, kwargs)
@@ -245,6 +251,56 @@ def checkpoint_context() -> tuple[
     recomputed values can differ.
     """
     return mirrored_tags(), _recomputed(tuple(_LOCAL.regions))
+
+
+class CheckpointPrecisionWarning(UserWarning):
+    """``torch.utils.checkpoint`` inside a region without ``context_fn=
+    mixprec.checkpoint_context``: its recomputation in backward runs outside the region, so
+    the gradients differ from the same step without checkpointing."""
+
+
+_SET_GRAD_ENABLED = torch._C._set_grad_enabled
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+_CHECKPOINT_ADVICE = (
+    "torch.utils.checkpoint inside a mixprec.autocast region{how}: the recomputation in "
+    "backward runs outside the region (plain float32 where the region emulates), so the "
+    "gradients differ from the same step without checkpointing. Pass use_reentrant=False, "
+    "context_fn=mixprec.checkpoint_context (HF transformers: "
+    "model.activation_checkpointing_enable(activation_checkpointing_kwargs="
+    "{{'use_reentrant': False, 'context_fn': mixprec.checkpoint_context}}))"
+)
+
+
+def _check_checkpoint() -> None:
+    """Warn when an op of a region runs in the forward of a non-reentrant checkpoint made
+    without :func:`checkpoint_context` (torch's saved-tensor hooks are on top; ours mirror
+    tags). Cost: one C call per op (~0.2 us)."""
+    hooks = _top_saved_tensors_hooks(False)
+    if (
+        hooks is not None
+        and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+        and not tags_mirrored()
+    ):
+        _warn_checkpoint(" without context_fn=mixprec.checkpoint_context")
+
+
+def _check_reentrant_checkpoint(frame: FrameType | None) -> None:
+    """Warn when grad mode is switched off by a reentrant checkpoint's forward (it takes no
+    ``context_fn``). Runs only on ``torch.no_grad()`` entries in a region: a few frames."""
+    if torch.compiler.is_compiling():  # (dynamo does not trace frame objects)
+        return
+    for _ in range(4):
+        if frame is None:
+            return
+        if frame.f_code is _REENTRANT_FORWARD:
+            _warn_checkpoint(" with use_reentrant=True")
+            return
+        frame = frame.f_back
+
+
+def _warn_checkpoint(how: str) -> None:
+    warnings.warn(_CHECKPOINT_ADVICE.format(how=how), CheckpointPrecisionWarning, stacklevel=4)
 
 
 @contextlib.contextmanager
