@@ -195,6 +195,26 @@ def test_fp32_ops_run_in_fp32_native() -> None:
     assert probe2.find("_softmax")[0][1][0].dtype == torch.bfloat16
 
 
+def test_native_region_honours_torch_autocast_switched_off_inside() -> None:
+    # HF's "force float32" blocks (GPT-2's upcast attention, MoE routers): torch.autocast(
+    # device, enabled=False) inside the region; the region used to cast the GEMM to bf16
+    # anyway. The oracle: plain torch.autocast, which runs the block as written
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 8), torch.randn(2, 8, 5)
+
+    def scores() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", enabled=False):
+            inner = torch.baddbmm(torch.empty(2, 5, 5), q.float(), k.float(), beta=0, alpha=0.5)
+        return inner, torch.bmm(q, k)
+
+    with torch.autocast("cpu", torch.bfloat16):
+        want_inner, want_outer = scores()
+    with autocast("bf16", emulate=False, device_type="cpu"):
+        got_inner, got_outer = scores()
+    assert got_inner.dtype == torch.float32 and torch.equal(got_inner, want_inner)
+    assert got_outer.dtype == torch.bfloat16 and torch.equal(got_outer, want_outer)
+
+
 def test_follow_ops_keep_input_format() -> None:
     lin, x = seeded_linear(6, 16, 16, batch=4)
     with autocast("bf16", emulate=True):

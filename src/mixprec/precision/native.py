@@ -9,6 +9,8 @@ instead of torch's built-in lists:
   covers ops torch.autocast does not list (e.g. ``einsum`` on CPU);
 * ``fp32`` ops: low-dtype arguments are cast to float32 and the op runs with torch.autocast
   switched off (torch's CPU list, for one, leaves softmax and layer_norm in bf16);
+* inside a block of the region where code switched torch.autocast off (``torch.autocast(
+  device, enabled=False)``: HF's "force float32" blocks), every op runs as written;
 * other ops: unchanged, except ops torch.autocast would cast to low precision although the
   policy does not call them low (the user moved them): those run with torch.autocast off, and
   the ops of :data:`PROMOTE`, which demand one dtype of their floating operands: where those
@@ -172,6 +174,11 @@ class NativeExecutor:
         return t
 
     def handle(self, func: Callable[..., Any], name: str, args: tuple, kwargs: dict) -> Any:
+        if self.dtype in _LOW_DTYPES and not torch.is_autocast_enabled(self.device_type):
+            # code inside the region switched torch.autocast off (``torch.autocast(device,
+            # enabled=False)``: HF's "force float32" blocks, GPT-2's upcast attention, MoE
+            # routers): ops run as written, as under plain torch.autocast
+            return func(*args, **kwargs)
         if self.params_dtype is not None:
             args, kwargs = map_args(self._read_param, args, kwargs)
         # in-place ops ("inplace") keep their tensor's dtype: they run as they are, below
