@@ -300,7 +300,21 @@ def _check_reentrant_checkpoint(frame: FrameType | None) -> None:
 
 
 def _warn_checkpoint(how: str) -> None:
-    warnings.warn(_CHECKPOINT_ADVICE.format(how=how), CheckpointPrecisionWarning, stacklevel=4)
+    warnings.warn(
+        _CHECKPOINT_ADVICE.format(how=how), CheckpointPrecisionWarning, stacklevel=_user_level()
+    )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of the innermost caller outside torch and mixprec (the user's line
+    that called the checkpoint), for :func:`warnings.warn` called by our caller."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _PACKAGE_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager
