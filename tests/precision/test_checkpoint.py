@@ -50,8 +50,11 @@ def test_without_the_context_the_recomputation_runs_in_fp32() -> None:
     """Why the context exists: torch recomputes outside the region, and gradients differ:
     a CheckpointPrecisionWarning says so, and how to fix it."""
     plain = _block_step("bf16", False, None)
-    with pytest.warns(CheckpointPrecisionWarning, match="context_fn=mixprec.checkpoint_context"):
+    with pytest.warns(
+        CheckpointPrecisionWarning, match="context_fn=mixprec.checkpoint_context"
+    ) as caught:
         bare = _block_step("bf16", True, None)
+    assert caught[0].filename == __file__
     assert torch.equal(plain[0], bare[0])  # the forward itself ran in the region
     assert not all(torch.equal(a, b) for a, b in zip(plain[1:], bare[1:], strict=True))
 
@@ -61,10 +64,11 @@ def test_reentrant_checkpointing_in_a_region_warns() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     x = torch.randn(3, 8, requires_grad=True)
     with (
-        pytest.warns(CheckpointPrecisionWarning, match="use_reentrant=True"),
+        pytest.warns(CheckpointPrecisionWarning, match="use_reentrant=True") as caught,
         mixprec.autocast("bf16", emulate=True),
     ):
         checkpoint(net, x, use_reentrant=True).sum().backward()
+    assert caught[0].filename == __file__  # the user's line, not torch's or mixprec's
 
 
 @pytest.mark.parametrize("emulate", [True, False])
