@@ -398,6 +398,26 @@ def test_torch_func_transforms_are_checked(transform: str) -> None:
     assert report.stats["ops_shadowed"] > 0 and report.grad_histogram().total("activation") > 0
 
 
+def test_forward_mode_ad_is_checked_without_internal_errors() -> None:
+    # forward-mode AD runs torch's reference decompositions on meta tensors (shape checks):
+    # nothing to shadow there, and no internal error (there were two per linear)
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(4, 8)
+    with sanitize() as report:
+        with fwAD.dual_level():
+            out = model(fwAD.make_dual(x, torch.ones_like(x)))
+            assert fwAD.unpack_dual(out).tangent is not None
+        jvp(model, (x,), (torch.ones_like(x),))
+    assert report.findings == [] and report.stats["internal_errors"] == {}
+    with sanitize() as report, fwAD.dual_level():
+        torch.exp(fwAD.make_dual(torch.tensor([100.0, 1.0]), torch.ones(2)) * 2)
+    assert [(f.kind, f.op) for f in report.findings][:1] == [("overflow", "aten.exp.default")]
+
+
 def test_grad_histogram_needs_a_backward_pass() -> None:
     with sanitize() as report:
         torch.ones(3) * 2
