@@ -145,6 +145,52 @@ def test_gradgradcheck_float64(name: str) -> None:
     assert torch.autograd.gradgradcheck(fn, args)
 
 
+@pytest.mark.parametrize("name", sorted(GRADCHECK_CASES))
+def test_forward_mode_and_batched_gradcheck_float64(name: str) -> None:
+    # forward mode (the jvp rules) and the vmap rules, against finite differences: the
+    # Functions are in torch.func's style, so jvp, forward_ad, vmap and hessian take them
+    fn, args = GRADCHECK_CASES[name]
+    assert torch.autograd.gradcheck(
+        fn, args, check_forward_ad=True, check_batched_grad=True,
+        check_batched_forward_grad=True,
+    )  # fmt: skip
+
+
+TORCH_TWINS = {
+    "softplus": (stable.softplus, lambda t: torch.nn.functional.softplus(t, threshold=100.0)),
+    "log_sigmoid": (stable.log_sigmoid, torch.nn.functional.logsigmoid),
+    "logcosh": (stable.logcosh, lambda t: torch.log(torch.cosh(t))),
+    "logaddexp": (
+        lambda t: stable.logaddexp(t, t[0].cos()), lambda t: torch.logaddexp(t, t[0].cos())
+    ),
+    "xlogy": (lambda t: stable.xlogy(t, t.abs() + 0.5), lambda t: torch.xlogy(t, t.abs() + 0.5)),
+    "logsumexp": (lambda t: stable.logsumexp(t, dim=-1), lambda t: torch.logsumexp(t, dim=-1)),
+    "log_softmax": (lambda t: stable.log_softmax(t, 0), lambda t: torch.log_softmax(t, 0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_TWINS))
+def test_torch_func_transforms_match_torch(name: str) -> None:
+    from torch.func import grad, hessian, jacrev, jvp, vmap
+
+    f, ref = TORCH_TWINS[name]
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def loss(fn):
+        return lambda t: fn(t).sum()
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+    assert close(grad(loss(f))(x), grad(loss(ref))(x))
+    assert close(vmap(f)(x), torch.stack([f(r) for r in x]))  # each row on its own
+    assert close(vmap(grad(loss(f)))(x), vmap(grad(loss(ref)))(x))
+    v = torch.randn_like(x)
+    assert close(jvp(f, (x,), (v,))[1], jvp(ref, (x,), (v,))[1])
+    assert close(jacrev(f)(x[0]), jacrev(ref)(x[0]))
+    assert close(hessian(loss(f))(x[0]), hessian(loss(ref))(x[0]))
+
+
 def test_gradients_finite_where_true_gradient_is() -> None:
     big = _f64(-1e4, -800.0, 800.0, 1e4)
     for fn in (stable.softplus, stable.log_sigmoid, stable.logcosh):

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mixprec.quantization.autograd_rounding import forward_mode
 from mixprec.stable.core import (
     LN2,
     WIDE,
@@ -430,6 +431,90 @@ def _lambertw_k(ws: Workspace, z: Tensor, branch: int, precise: bool) -> Tensor:
 # autograd Functions: forward = kernel via the chunked engine, backward = float64 torch ops on
 # the saved inputs (so double backward works through them)
 # --------------------------------------------------------------------------------------------
+# In torch.func's style (``setup_context`` apart from ``forward``), with vmap rules of their
+# own (the chunked kernels take plain tensors: an elementwise function maps a batched tensor
+# as it is, a reduction shifts its dims past the batch dim), so ``grad``, ``vmap``, ``jacrev``
+# and ``hessian`` transform them. Forward mode (``jvp``, forward_ad) takes a subclass with a
+# ``jvp`` rule (``_Stable.with_tangent``; dynamo refuses Functions that define one): the
+# tangent through the derivative the backward uses.
+
+
+def _save(ctx: Any, *tensors: Tensor) -> None:
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+class _Stable(torch.autograd.Function):
+    """The stable functions' base: ``forward(*args)`` on tensors first (two where ``binary``,
+    broadcast against each other, else one) then constants; elementwise unless a subclass
+    says otherwise (its own ``setup_context``, ``tangent`` and ``vmap``)."""
+
+    binary = False
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        tensors = [a for a in inputs if isinstance(a, Tensor)]
+        _save(ctx, *tensors)
+        ctx.args = inputs
+
+    @classmethod
+    def tangent(cls, ctx: Any, *tangents: Any) -> Tensor:
+        """The jvp: each tensor input's tangent through its partial derivative (the backward's
+        formula with the tangent as the incoming gradient; elementwise, so no transpose)."""
+        if not cls.binary:
+            out = cls.backward(ctx, tangents[0])
+            return out[0] if isinstance(out, tuple) else out
+        total = None
+        for i, t in enumerate(tangents[:2]):
+            if t is not None:
+                part = cls.backward(ctx, t)[i]
+                total = part if total is None else total + part
+        return total
+
+    @classmethod
+    def vmap(cls, info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Tensor, int | None]:
+        if not cls.binary:
+            return _apply(cls, *args), in_dims[0]
+        x, y = args[0], args[1]
+        rank = max(_logical_rank(x, in_dims[0]), _logical_rank(y, in_dims[1]))
+        xb, yb = _batch_first(x, in_dims[0], rank), _batch_first(y, in_dims[1], rank)
+        return _apply(cls, xb, yb, *args[2:]), 0
+
+
+def _logical_rank(t: Tensor, bdim: int | None) -> int:
+    return t.dim() - (bdim is not None)
+
+
+def _batch_first(t: Tensor, bdim: int | None, rank: int) -> Tensor:
+    """``t`` with its vmapped dim first (size 1 if unbatched) and its logical dims padded on the
+    left to ``rank`` (right-aligned broadcasting, as the unbatched call would)."""
+    t = t.unsqueeze(0) if bdim is None else t.movedim(bdim, 0)
+    return t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+
+
+_TANGENT_CLASSES: dict[type, type] = {}
+
+
+def _with_tangent(cls: type) -> type:
+    """``cls`` with a ``jvp`` rule (made once per class)."""
+    sub = _TANGENT_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__ + "Tangent", (cls,), {"jvp": staticmethod(cls.tangent)})
+        _TANGENT_CLASSES[cls] = sub
+    return sub
+
+
+def _apply(cls: Any, *args: Any) -> Tensor:
+    """``cls.apply(*args)``; in forward mode through its subclass with a ``jvp``, binary
+    functions with their tensors broadcast first (the jvp adds partials of the output's
+    shape)."""
+    if not forward_mode():
+        return cls.apply(*args)
+    if cls.binary:
+        args = (*torch.broadcast_tensors(args[0], args[1]), *args[2:])
+    return _with_tangent(cls).apply(*args)
+
+
 def _wide(t: Tensor) -> Tensor:
     return t.to(WIDE)
 
@@ -441,24 +526,21 @@ def _sigmoid_f64(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0 / (1.0 + torch.exp(-x.clamp_min(0.0))), e / (1.0 + e))
 
 
-class _Softplus(torch.autograd.Function):
+class _Softplus(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, beta: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.beta = beta
+    def forward(x: Tensor, beta: float) -> Tensor:
         kernel = partial(_softplus_k, beta=beta, exact=x.dtype == torch.float64)
         return map_elementwise(kernel, (x,), x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        return (_wide(g) * _sigmoid_f64(_wide(x) * ctx.beta)).to(x.dtype), None
+        return (_wide(g) * _sigmoid_f64(_wide(x) * ctx.args[1])).to(x.dtype), None
 
 
-class _LogSigmoid(torch.autograd.Function):
+class _LogSigmoid(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         kernel = partial(_log_sigmoid_k, exact=x.dtype == torch.float64)
         return map_elementwise(kernel, (x,), x.dtype)
 
@@ -468,10 +550,9 @@ class _LogSigmoid(torch.autograd.Function):
         return (_wide(g) * _sigmoid_f64(-_wide(x))).to(x.dtype)
 
 
-class _Log1mexp(torch.autograd.Function):
+class _Log1mexp(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         kernel = partial(_log1mexp_k, exact=x.dtype == torch.float64)
         return map_elementwise(kernel, (x,), x.dtype)
 
@@ -488,10 +569,11 @@ class _Log1mexp(torch.autograd.Function):
         return (_wide(g) * d).to(x.dtype)
 
 
-class _LogAddExp(torch.autograd.Function):
+class _LogAddExp(_Stable):
+    binary = True
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor) -> Tensor:
-        ctx.save_for_backward(x, y)
+    def forward(x: Tensor, y: Tensor) -> Tensor:
         kernel = partial(_logaddexp_k, exact=x.dtype == torch.float64)
         return map_elementwise(kernel, (x, y), x.dtype)
 
@@ -558,12 +640,33 @@ def _softmax_f64(xw: Tensor, dims: int | tuple[int, ...]) -> Tensor:
     return torch.where(dead, 0.0, p)
 
 
-class _LogSumExp(torch.autograd.Function):
+class _LogSumExp(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.dims = dims
+    def forward(x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
         return _lse_forward(x, dims, keepdim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _save(ctx, inputs[0])
+        ctx.dims, ctx.keepdim = inputs[1], inputs[2]
+
+    @staticmethod
+    def tangent(ctx: Any, x_t: Tensor, *_: Any) -> Tensor:
+        (x,) = ctx.saved_tensors
+        dims = ctx.dims
+        if not dims:
+            return x_t
+        p = _softmax_f64(_wide(x), dims)
+        return (p * _wide(x_t)).sum(dim=dims, keepdim=ctx.keepdim).to(x.dtype)
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, dims: tuple[int, ...], keepdim: bool
+    ) -> tuple[Tensor, int | None]:
+        if in_dims[0] is None:
+            return _apply(_LogSumExp, x, dims, keepdim), None
+        moved = x.movedim(in_dims[0], 0)
+        return _apply(_LogSumExp, moved, tuple(d + 1 for d in dims), keepdim), 0
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
@@ -575,11 +678,29 @@ class _LogSumExp(torch.autograd.Function):
         return (gw * p).to(x.dtype), None, None
 
 
-class _LogSoftmax(torch.autograd.Function):
+class _LogSoftmax(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.dim = dim
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _save(ctx, inputs[0])
+        ctx.dim = inputs[1]
+
+    @staticmethod
+    def tangent(ctx: Any, x_t: Tensor, *_: Any) -> Tensor:
+        (x,) = ctx.saved_tensors
+        dim = ctx.dim
+        xw, tw = _wide(x), _wide(x_t)
+        dead = (xw == -math.inf).all(dim=dim, keepdim=True)
+        t = tw - (_softmax_f64(xw, dim) * tw).sum(dim=dim, keepdim=True)
+        return torch.where(dead, 0.0, t).to(x.dtype)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, dim: int) -> tuple[Tensor, int | None]:
+        if in_dims[0] is None:
+            return _apply(_LogSoftmax, x, dim), None
+        return _apply(_LogSoftmax, x.movedim(in_dims[0], 0), dim + 1), 0
+
+    @staticmethod
+    def forward(x: Tensor, dim: int) -> Tensor:
         x2, moved_shape = rows_view(x, dim)
         if x2.numel() == 0:
             return torch.empty_like(x)
@@ -600,10 +721,11 @@ class _LogSoftmax(torch.autograd.Function):
         return torch.where(dead, 0.0, grad).to(x.dtype), None
 
 
-class _XLogY(torch.autograd.Function):
+class _XLogY(_Stable):
+    binary = True
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor) -> Tensor:
-        ctx.save_for_backward(x, y)
+    def forward(x: Tensor, y: Tensor) -> Tensor:
         return map_elementwise(partial(_xlogy_k, log=torch.log), (x, y), x.dtype)
 
     @staticmethod
@@ -619,10 +741,11 @@ class _XLogY(torch.autograd.Function):
         return gx.to(x.dtype).sum_to_size(x.shape), gy.to(y.dtype).sum_to_size(y.shape)
 
 
-class _XLog1pY(torch.autograd.Function):
+class _XLog1pY(_Stable):
+    binary = True
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor) -> Tensor:
-        ctx.save_for_backward(x, y)
+    def forward(x: Tensor, y: Tensor) -> Tensor:
         log1p = _log1p_f64_out if x.dtype == torch.float64 else torch.log1p
         return map_elementwise(partial(_xlogy_k, log=log1p), (x, y), x.dtype)
 
@@ -638,10 +761,9 @@ class _XLog1pY(torch.autograd.Function):
         return gx.to(x.dtype).sum_to_size(x.shape), gy.to(y.dtype).sum_to_size(y.shape)
 
 
-class _LogCosh(torch.autograd.Function):
+class _LogCosh(_Stable):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         if x.dtype == torch.float64 or x.device.type != "cpu":
             kernel = partial(_logcosh_k, exact=x.dtype == torch.float64)
             return map_elementwise(kernel, (x,), x.dtype)
@@ -655,24 +777,22 @@ class _LogCosh(torch.autograd.Function):
         return (_wide(g) * torch.tanh(_wide(x))).to(x.dtype)
 
 
-class _LambertW(torch.autograd.Function):
+class _LambertW(_Stable):
     @staticmethod
-    def forward(ctx: Any, z: Tensor, branch: int) -> Tensor:
-        ctx.save_for_backward(z)
-        ctx.branch = branch
+    def forward(z: Tensor, branch: int) -> Tensor:
         kernel = partial(_lambertw_k, branch=branch, precise=z.dtype == torch.float64)
         return map_elementwise(kernel, (z,), z.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (z,) = ctx.saved_tensors
-        branch = ctx.branch
+        branch = ctx.args[1]
         zw = _wide(z)
-        w = _LambertW.apply(zw, branch)  # float64 recompute, differentiable
+        w = _apply(_LambertW, zw, branch)  # float64 recompute, differentiable
         # 1 + W to full relative accuracy near the branch point (value from the series, gradient
         # that of W, so double backward stays right)
         with torch.no_grad():
-            u_acc = lambertw_and_1p(zw, branch, precise=True)[1]
+            u_acc = _apply(_LambertW1p, zw.detach(), branch)
         u = (1.0 + w) + (u_acc - (1.0 + w)).detach()
         # W' = W / (z (1 + W)), evaluated as (W / (1 + W)) / z so that W-1 near 0- (z ~ 1e-323,
         # W ~ -745) neither overflows nor underflows; limits: W0'(0) = 1, W0'(inf) = 0,
@@ -685,6 +805,19 @@ class _LambertW(torch.autograd.Function):
         at_zero = 1.0 if branch == 0 else -math.inf
         d = torch.where(zw == 0, at_zero, torch.where(torch.isinf(zw), 0.0, d))
         return (_wide(g) * d).to(z.dtype), None
+
+
+class _LambertW1p(_Stable):
+    """``1 + W(z)`` to full relative accuracy near the branch point, for :class:`_LambertW`'s
+    backward (used detached; a Function for its vmap rule: the kernel writes into buffers)."""
+
+    @staticmethod
+    def forward(z: Tensor, branch: int) -> Tensor:
+        return lambertw_and_1p(z, branch, precise=True)[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[None, None]:
+        return None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,7 +835,7 @@ def softplus(x: Tensor, beta: float = 1.0) -> Tensor:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta!r}")
-    return _Softplus.apply(x, float(beta))
+    return _apply(_Softplus, x, float(beta))
 
 
 def log1pexp(x: Tensor) -> Tensor:
@@ -715,7 +848,7 @@ def log_sigmoid(x: Tensor) -> Tensor:
 
     Gradient ``sigmoid(-x)``.
     """
-    return _LogSigmoid.apply(as_float(x, "x"))
+    return _apply(_LogSigmoid, as_float(x, "x"))
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -726,7 +859,7 @@ def log1mexp(x: Tensor) -> Tensor:
     (non-positive) exponent itself; Maechler's R function and TFP's ``log1mexp`` take ``a = -x``
     (``log(1 - exp(-|a|))``). Gradient ``-1 / expm1(-x)``.
     """
-    return _Log1mexp.apply(as_float(x, "x"))
+    return _apply(_Log1mexp, as_float(x, "x"))
 
 
 def logaddexp(x: Tensor | float, y: Tensor | float) -> Tensor:
@@ -736,7 +869,7 @@ def logaddexp(x: Tensor | float, y: Tensor | float) -> Tensor:
     NaN). Gradients ``sigmoid(x - y)`` and ``sigmoid(y - x)``.
     """
     xt, yt = float_pair(x, y)
-    return _LogAddExp.apply(xt, yt)
+    return _apply(_LogAddExp, xt, yt)
 
 
 def _normalise_dims(dim: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
@@ -787,7 +920,7 @@ def logsumexp(
     """
     x = as_float(x, "x")
     dims = _normalise_dims(dim, x.dim())
-    return _LogSumExp.apply(_apply_mask(x, mask), dims, bool(keepdim))
+    return _apply(_LogSumExp, _apply_mask(x, mask), dims, bool(keepdim))
 
 
 def log_softmax(x: Tensor, dim: int = -1, *, mask: Tensor | None = None) -> Tensor:
@@ -800,8 +933,8 @@ def log_softmax(x: Tensor, dim: int = -1, *, mask: Tensor | None = None) -> Tens
     d = check_dim(dim, x.dim())
     xm = _apply_mask(x, mask)
     if x.dim() == 0:
-        return _LogSoftmax.apply(xm.reshape(1), 0).reshape(())
-    return _LogSoftmax.apply(xm, d)
+        return _apply(_LogSoftmax, xm.reshape(1), 0).reshape(())
+    return _apply(_LogSoftmax, xm, d)
 
 
 def xlogy(x: Tensor | float, y: Tensor | float) -> Tensor:
@@ -810,7 +943,7 @@ def xlogy(x: Tensor | float, y: Tensor | float) -> Tensor:
     Partial derivatives ``log(y)`` and ``x / y`` (0 where ``x == 0``).
     """
     xt, yt = float_pair(x, y)
-    return _XLogY.apply(xt, yt)
+    return _apply(_XLogY, xt, yt)
 
 
 def xlog1py(x: Tensor | float, y: Tensor | float) -> Tensor:
@@ -819,14 +952,14 @@ def xlog1py(x: Tensor | float, y: Tensor | float) -> Tensor:
     Partial derivatives ``log1p(y)`` and ``x / (1 + y)`` (0 where ``x == 0``).
     """
     xt, yt = float_pair(x, y)
-    return _XLog1pY.apply(xt, yt)
+    return _apply(_XLog1pY, xt, yt)
 
 
 def logcosh(x: Tensor) -> Tensor:
     """``log(cosh(x))`` without overflow (``|x| - ln 2`` for large ``|x|``) or cancellation
     (``x^2 / 2`` digits kept near 0). Gradient ``tanh(x)``.
     """
-    return _LogCosh.apply(as_float(x, "x"))
+    return _apply(_LogCosh, as_float(x, "x"))
 
 
 def lambertw(z: Tensor, branch: int = 0) -> Tensor:
@@ -840,4 +973,4 @@ def lambertw(z: Tensor, branch: int = 0) -> Tensor:
     """
     if isinstance(branch, bool) or branch not in (0, -1):
         raise ValueError(f"branch must be 0 or -1, got {branch!r}")
-    return _LambertW.apply(as_float(z, "z"), int(branch))
+    return _apply(_LambertW, as_float(z, "z"), int(branch))
