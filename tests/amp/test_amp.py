@@ -264,6 +264,51 @@ def test_gradient_accumulation_equals_plain_fp32():
         assert torch.equal(p.grad, e)
 
 
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_delay_unscale_accumulation_equals_plain_fp32(level):
+    # the window's gradients accumulate scaled in .grad (a power of two: exact) and are
+    # unscaled once by the last block, for DDP's no_sync (tested in test_distributed.py)
+    x, y = _data(96)
+    batches = [(x[:32], y[:32]), (x[32:64], y[32:64]), (x[64:], y[64:])]
+    expected = _plain_grads(_model(), batches)
+    model, opt = _setup(torch.optim.SGD, 0.0, opt_level=level, compute="float32")
+    opt.zero_grad()
+    for i, (xb, yb) in enumerate(batches):
+        delay = i < len(batches) - 1
+        with mixprec.scale_loss(F.mse_loss(model(xb), yb), opt, delay_unscale=delay) as scaled:
+            scaled.backward()
+        if delay:
+            scale = amp.get_scaler(opt).get_scale()
+            first = model[0].weight.grad
+            assert first is not None and scale > 1  # still scaled, still on the model
+    grads = mixprec.master_params(opt) if level == "O2" else model.parameters()
+    for g, e in zip((p.grad for p in grads), expected, strict=True):
+        assert torch.equal(g, e)
+
+
+def test_delay_unscale_overflow_is_found_by_the_last_block():
+    x, y = _data(64)
+    model, opt = _setup(torch.optim.SGD, 0.1, opt_level="O2", compute="fp16", emulate=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    with mixprec.scale_loss(F.mse_loss(model(x), y), opt, delay_unscale=True) as scaled:
+        scaled.backward()
+        model[0].weight.grad[0, 0] = math.inf
+    with pytest.raises(RuntimeError, match="without a"):
+        opt.step()  # a delayed block alone is not a finished window
+    with mixprec.scale_loss(F.mse_loss(model(x), y), opt) as scaled:
+        scaled.backward()
+    opt.step()
+    assert amp.last_step_skipped(opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    loss = F.mse_loss(model(x), y)
+    with (
+        pytest.raises(TypeError, match="delay_unscale"),
+        mixprec.scale_loss(loss, opt, delay_unscale="yes"),
+    ):
+        pass
+
+
 def test_o2_accumulation_and_clipping_on_masters():
     """Masters accumulate unscaled float32 gradients; clipping them works like fp32 clipping."""
     x, y = _data(64)

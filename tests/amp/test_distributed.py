@@ -216,3 +216,71 @@ def test_fsdp2_fully_shard_o1_o2_on_two_gloo_ranks(tmp_path):
             assert r0[case]["masters_sharded"], case  # float32 masters are shards too
             expect = torch.float32 if emulate else torch.bfloat16
             assert r0[case]["dtypes"][0] == expect, case
+
+
+# ---------------------------------------------------------------------------- DDP no_sync
+
+
+NO_SYNC_CASES = (("O1", True), ("O2", True), ("O2", False))  # (opt_level, emulate)
+
+
+def _no_sync_run(level: str, emulate: bool, rank: int, delay: bool) -> dict:
+    """Three micro-batches per step, the first two under DDP's no_sync()."""
+    import warnings
+
+    import mixprec
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = mixprec.initialize(model, opt, opt_level=level, compute="bf16", emulate=emulate)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for it in range(2):
+            opt.zero_grad()
+            for micro in range(3):
+                last = micro == 2
+                x, y = _batch(rank, 3 * it + micro)
+                with ddp.no_sync() if not last else torch.enable_grad():
+                    loss = torch.nn.functional.mse_loss(ddp(x).float(), y) / 3
+                    delay_unscale = (not last) if delay else None
+                    with mixprec.scale_loss(loss, opt, delay_unscale=delay_unscale) as scaled:
+                        scaled.backward()
+            opt.step()
+    return {
+        "params": [p.detach().float().clone() for p in model.parameters()],
+        "warned": sum("no_sync" in str(w.message) for w in caught),
+    }
+
+
+def _no_sync_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {
+            (level, emulate, delay): _no_sync_run(level, emulate, rank, delay)
+            for level, emulate in NO_SYNC_CASES
+            for delay in (True, False)
+        }
+        torch.save(result, os.path.join(out, f"nosync{rank}.pt"))
+        _quiesce()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter finalization (see _quiesce)
+
+
+def test_ddp_no_sync_accumulation_needs_delay_unscale(tmp_path):
+    # each scale_loss unscales its own backward: the no_sync micro-batches' gradients never
+    # reached the all-reduce and the ranks diverged, silently. With delay_unscale=True they
+    # accumulate scaled in .grad and the last backward's all-reduce covers them
+    mp.spawn(_no_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"nosync{r}.pt") for r in (0, 1))
+    for level, emulate in NO_SYNC_CASES:
+        for delay in (True, False):
+            a, b = r0[level, emulate, delay], r1[level, emulate, delay]
+            equal = all(torch.equal(u, v) for u, v in zip(a["params"], b["params"], strict=True))
+            # delay_unscale: the ranks agree; the default diverges ... and says so, once
+            assert equal == delay, (level, emulate, delay)
+            assert a["warned"] == (0 if delay else 1), (level, emulate, delay)

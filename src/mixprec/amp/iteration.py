@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,7 +73,11 @@ def install_step(st: AmpOptimizerState) -> None:
 
 
 def _begin(st: AmpOptimizerState) -> None:
-    """Before a backward: set accumulated (already unscaled) gradients aside."""
+    """Before a backward: set accumulated (already unscaled) gradients aside. After
+    ``delay_unscale`` blocks nothing moves: their gradients stay in ``.grad``, scaled, and the
+    new ones add to them (what DDP's ``no_sync`` accumulation needs)."""
+    if st.delayed:
+        return
     cfg = st.handle.config
     with torch.no_grad():
         if cfg.master_weights:
@@ -203,11 +208,51 @@ def _loss_states(
     return states, handle.scalers[loss_id]
 
 
+def _store_delayed(st: AmpOptimizerState) -> None:
+    """After a ``delay_unscale`` block, emulated: the lowered parameters' gradients (scaled)
+    are stored in compute, as a native model's ``.grad`` of that dtype holds them while they
+    accumulate."""
+    cfg = st.handle.config
+    if not cfg.emulate or cfg.opt_level not in ("O2", "O3"):
+        return
+    with torch.no_grad():
+        if cfg.master_weights:
+            grads = [m.grad for m, _ in st.pairs()]
+        else:
+            grads = [p.grad for p in st.direct() if id(p) in st.handle.lowered]
+        for g in grads:
+            if g is not None and not g.is_sparse:
+                round_(g, cfg.compute)
+
+
+def _warn_distributed_accumulation(states: list[AmpOptimizerState]) -> None:
+    """Once per optimizer: accumulation under torch.distributed without ``delay_unscale``
+    (DDP's ``no_sync`` blocks would leave their gradients unreduced: ranks diverge)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for st in states:
+        if st.pending and not st.warned_sync:  # a second block before the step
+            st.warned_sync = True
+            warnings.warn(
+                "gradient accumulation with mixprec.scale_loss under torch.distributed: each "
+                "scale_loss unscales its own backward's gradients, so gradients of micro-batches "
+                "run under DistributedDataParallel.no_sync() are never all-reduced and the ranks "
+                "diverge. Pass delay_unscale=True to every scale_loss of the window but the "
+                "last (their gradients then accumulate scaled, and the last backward's "
+                "all-reduce covers them), or delay_unscale=False where every backward syncs.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
 @contextlib.contextmanager
 def scale_loss(
     loss: torch.Tensor,
     optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     loss_id: int = 0,
+    *,
+    delay_unscale: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Context manager yielding ``loss * scale``; call ``.backward()`` on it inside.
 
@@ -218,10 +263,22 @@ def scale_loss(
     is updated. An overflow makes the next ``optimizer.step()`` of the optimizers whose
     gradients overflowed a no-op (recorded in :func:`last_step_skipped`).
 
+    ``delay_unscale=True`` (apex's name) leaves the backward's gradients in ``.grad``, scaled,
+    and does nothing on exit (no check, no unscale, no scale update): the next ``scale_loss``
+    without it adds its gradients to them and unscales and checks them all. Use it for every
+    micro-batch of an accumulation window but the last when they run under DDP's ``no_sync()``:
+    the last backward's all-reduce then covers the whole window. (Without it each block is
+    unscaled on its own and the ``no_sync`` gradients never reach the all-reduce; under
+    torch.distributed, accumulating with the default ``None`` warns once.)
+
     Raises :class:`~mixprec.amp.DivergenceError` on exit for a NaN/inf loss at scale <= 1
     (after recording the skip). Cost: one fused pass over the new gradients and one device sync.
     """
+    if delay_unscale is not None and not isinstance(delay_unscale, bool):
+        raise TypeError(f"delay_unscale must be a bool or None, got {delay_unscale!r}")
     states, scaler = _loss_states(loss, optimizers, loss_id)
+    if delay_unscale is None:
+        _warn_distributed_accumulation(states)
     for st in states:
         _begin(st)
     try:
@@ -230,6 +287,13 @@ def scale_loss(
         for st in states:
             _abort(st)
         raise
+    if delay_unscale:
+        for st in states:
+            st.delayed = True
+            _store_delayed(st)
+        return
+    for st in states:
+        st.delayed = False
     for st in states:
         _unscale_new(st, scaler)
     flags = scaler.read_found_infs([st.optimizer for st in states])

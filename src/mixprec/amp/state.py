@@ -77,6 +77,8 @@ class AmpOptimizerState(_NotCopied):
     pending: bool = False  # a scale_loss exited since the last step()
     found: bool = False  # some gradient of this optimizer overflowed since the last step()
     window_open: bool = False  # masters' grads belong to the current accumulation window
+    delayed: bool = False  # .grad holds scaled gradients of delay_unscale blocks, still scaled
+    warned_sync: bool = False  # the distributed accumulation warning was given
     skipped_steps: int = 0
     last_step_skipped: bool = False
     hooks: list[Removable] = field(default_factory=list)
