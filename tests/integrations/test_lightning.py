@@ -305,3 +305,32 @@ def test_other_opt_levels(tmp_path: Path, level: str) -> None:
         assert all(torch.equal(mixprec.quantize(h, "bf16"), h) for h in module.hidden)
     else:
         assert not all(torch.equal(mixprec.quantize(h, "bf16"), h) for h in module.hidden)
+
+
+class SavesWeights(Regression):
+    """Writes its parameters to ``out/w{rank}.pt`` when training ends (spawned ranks)."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+
+    def on_train_end(self) -> None:
+        w = torch.cat([p.detach().float().flatten() for p in self.parameters()])
+        torch.save(w, Path(self.out) / f"w{self.global_rank}.pt")
+
+
+def test_ddp_gradient_accumulation_keeps_the_ranks_equal(tmp_path: Path) -> None:
+    # Lightning runs every micro-batch of accumulate_grad_batches but the last inside DDP's
+    # no_sync(): the plugin passes delay_unscale there, so the last backward's all-reduce
+    # covers the window (before, each micro-batch was unscaled on its own and the ranks
+    # diverged)
+    plugin = MixprecPrecision(opt_level="O2", compute="bfloat16", emulate=True)
+    run = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3,
+        accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, plugins=[plugin],
+        num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    run.fit(SavesWeights(str(tmp_path)), data(64))
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt") for r in (0, 1))
+    assert torch.equal(w0, w1)

@@ -175,7 +175,8 @@ class MixprecPrecision(Precision):
         if not optimizers:
             super().backward(tensor, model, optimizer, *args, **kwargs)
             return
-        with mixprec.scale_loss(tensor, optimizers) as scaled:
+        delay = _in_no_sync(model)
+        with mixprec.scale_loss(tensor, optimizers, delay_unscale=delay) as scaled:
             super().backward(scaled, model, optimizer, *args, **kwargs)
 
     def _optimizers_for(self, optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -260,3 +261,15 @@ def _step_region(model: torch.nn.Module) -> Autocast | None:
     return mixprec.autocast(
         policy, emulate=cfg.emulate, op_lists=op_lists, device_type=cfg.device_type
     )
+
+
+def _in_no_sync(model: pl.LightningModule) -> bool | None:
+    """Does this backward run inside DDP's ``no_sync()`` (Lightning runs every micro-batch of
+    ``accumulate_grad_batches`` but the last there)? Then its gradients must stay scaled in
+    ``.grad`` for the last backward's all-reduce (``scale_loss(delay_unscale=True)``). False
+    where the strategy's model is DDP and syncs; None (undecided) under other strategies."""
+    trainer = getattr(model, "_trainer", None)
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return not wrapped.require_backward_grad_sync
+    return None
