@@ -92,27 +92,36 @@ def _amp_run(rank: int) -> list[tuple[float, bool]]:
     return trace
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _skips_job(rank: int) -> dict:
+    return {
+        "scaler": _scaler_run(rank, distributed=None),
+        "local": _scaler_run(rank, distributed=False),
+        "amp": _amp_run(rank),
+    }
+
+
+def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
+    """One rank: the results of ``JOBS[job](rank)`` saved to ``out/{job}{rank}.pt``."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {
-            "scaler": _scaler_run(rank, distributed=None),
-            "local": _scaler_run(rank, distributed=False),
-            "amp": _amp_run(rank),
-        }
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        torch.save(JOBS[job](rank), os.path.join(out, f"{job}{rank}.pt"))
         _quiesce()
     finally:
         dist.destroy_process_group()
     os._exit(0)  # done: no interpreter finalization (see _quiesce)
 
 
+def _spawn(job: str, tmp_path) -> tuple[dict, dict]:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), job), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{job}{r}.pt") for r in (0, 1))
+    return r0, r1
+
+
 def test_two_gloo_ranks_skip_the_same_steps(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = _spawn("skips", tmp_path)
     expected_skips = [it in BAD for it in range(STEPS)]
     for kind in ("scaler", "amp"):
         assert r0[kind] == r1[kind], kind
@@ -253,30 +262,22 @@ def _no_sync_run(level: str, emulate: bool, rank: int, delay: bool) -> dict:
     }
 
 
-def _no_sync_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = {
-            (level, emulate, delay): _no_sync_run(level, emulate, rank, delay)
-            for level, emulate in NO_SYNC_CASES
-            for delay in (True, False)
-        }
-        torch.save(result, os.path.join(out, f"nosync{rank}.pt"))
-        _quiesce()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # done: no interpreter finalization (see _quiesce)
+def _no_sync_job(rank: int) -> dict:
+    return {
+        (level, emulate, delay): _no_sync_run(level, emulate, rank, delay)
+        for level, emulate in NO_SYNC_CASES
+        for delay in (True, False)
+    }
+
+
+JOBS = {"skips": _skips_job, "nosync": _no_sync_job}
 
 
 def test_ddp_no_sync_accumulation_needs_delay_unscale(tmp_path):
     # each scale_loss unscales its own backward: the no_sync micro-batches' gradients never
     # reached the all-reduce and the ranks diverged, silently. With delay_unscale=True they
     # accumulate scaled in .grad and the last backward's all-reduce covers them
-    mp.spawn(_no_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"nosync{r}.pt") for r in (0, 1))
+    r0, r1 = _spawn("nosync", tmp_path)
     for level, emulate in NO_SYNC_CASES:
         for delay in (True, False):
             a, b = r0[level, emulate, delay], r1[level, emulate, delay]
