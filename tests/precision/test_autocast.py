@@ -319,6 +319,31 @@ def test_per_sample_gradients_with_vmap_equal_a_loop(fmt: str) -> None:
             assert torch.equal(got[k][i], v.grad), (k, i)
 
 
+def test_in_place_ops_inside_torch_func_transforms() -> None:
+    # an in-place op keeps its tensor's format: rounded through .data eagerly, which vmap
+    # refuses; inside transforms an in-place straight-through copy, the same values
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 8), torch.randn(4, 8)
+
+    def f(r: torch.Tensor) -> torch.Tensor:
+        h = F.linear(r, w)
+        h.mul_(1.1)
+        return h
+
+    with autocast("bf16", emulate=True):
+        batched = vmap(f)(x)
+        loop = torch.stack([f(r) for r in x])
+        g = grad(lambda r: f(r).sum())(x[0])
+        leaf = x[0].clone().requires_grad_()
+        f(leaf).sum().backward()
+        tangent = jvp(f, (x[0],), (torch.ones(8),))[1]
+    assert torch.equal(batched, loop) and torch.equal(batched, batched.bfloat16().float())
+    assert torch.equal(g, leaf.grad)
+    assert bool(tangent.abs().sum() > 0)
+
+
 def test_vmapped_current_scaling_scales_each_sample() -> None:
     # vmap's semantics: each sample is a tensor of its own, with its own amax and scale
     from torch.func import vmap

@@ -726,7 +726,11 @@ class EmulatedExecutor:
         out = func(*args, **kwargs)
         if tag is not None and self_t is not None:
             spec = resolve_format(tag)
-            if not spec.is_mx:  # an in-place op keeps its tensor's format
+            if spec.is_mx:
+                pass
+            elif forward_mode():  # no .data under vmap: an in-place copy, straight through
+                self_t.copy_(ste(self_t, element_rounder(spec.element), None))
+            else:  # an in-place op keeps its tensor's format
                 round_data_(self_t, spec.element)
             set_tag(self_t, tag)
         return out
