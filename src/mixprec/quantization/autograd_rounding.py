@@ -9,6 +9,12 @@ Every rounding of the package that autograd must see goes through :func:`straigh
   the gradient into ``grad_format``;
 * the emulated precision regions (:mod:`mixprec.precision`): operand and result roundings whose
   backward rounds the incoming gradient into the policy's gradient format.
+
+A gradient is rounded on its way back through :func:`round_gradient` (the Function's backward,
+and the regions' hooks as :class:`GradientRounding`): under ``create_graph=True`` that rounding
+is itself straight-through, so higher orders keep their path. In forward mode (torch.func
+transforms, forward_ad: :func:`forward_mode`) the Function's subclass with a ``jvp`` rule
+serves, the tangent taking the gradient's rule.
 """
 
 from __future__ import annotations
