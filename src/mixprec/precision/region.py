@@ -174,7 +174,8 @@ def _inductor_cache_dir(env: str | None) -> str:
 def _dispatch(
     executor: Executor, func: Callable[..., Any], name: str, args: tuple, kwargs: dict
 ) -> Any:
-    if not torch.compiler.is_compiling():  # (a traced graph has no checkpoint forward)
+    # saved-tensor hooks on top (rare): a checkpoint's forward? (a traced graph has none)
+    if not torch.compiler.is_compiling() and _top_saved_tensors_hooks(False) is not None:
         _check_checkpoint()
     if kwargs.get("out") is not None:
         return _into_out(executor, func, name, args, kwargs)

@@ -121,7 +121,9 @@ class GradientRounding:
         self.node = node
 
     def __call__(self, grad: Any) -> Any:
-        if not self.node:
-            return round_gradient(grad, self.rounder)
-        g = grad[0]
-        return None if g is None else (round_gradient(g, self.rounder),)
+        if self.node:
+            g = grad[0]
+            return None if g is None else (round_gradient(g, self.rounder),)
+        if grad.requires_grad and torch.is_grad_enabled():  # (round_gradient, inlined)
+            return straight_through(grad, self.rounder, self.rounder)
+        return self.rounder(grad)
