@@ -225,6 +225,12 @@ def _store_delayed(st: AmpOptimizerState) -> None:
                 round_(g, cfg.compute)
 
 
+def _sharded(st: AmpOptimizerState) -> bool:
+    """Are the optimizer's parameters DTensor shards (FSDP2)?"""
+    params = st.optimizer.param_groups[0]["params"] if st.optimizer.param_groups else []
+    return bool(params) and hasattr(params[0], "to_local")
+
+
 def _warn_distributed_accumulation(states: list[AmpOptimizerState]) -> None:
     """Once per optimizer: accumulation under torch.distributed without ``delay_unscale``
     (DDP's ``no_sync`` blocks would leave their gradients unreduced: ranks diverge)."""
@@ -232,7 +238,9 @@ def _warn_distributed_accumulation(states: list[AmpOptimizerState]) -> None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for st in states:
-        if st.pending and not st.warned_sync:  # a second block before the step
+        # a second block before the step; sharded (FSDP2) parameters get their gradients
+        # only from the last backward's reduce-scatter, which covers the window
+        if st.pending and not st.warned_sync and not _sharded(st):
             st.warned_sync = True
             warnings.warn(
                 "gradient accumulation with mixprec.scale_loss under torch.distributed: each "
