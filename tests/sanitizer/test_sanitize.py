@@ -398,6 +398,18 @@ def test_torch_func_transforms_are_checked(transform: str) -> None:
     assert report.stats["ops_shadowed"] > 0 and report.grad_histogram().total("activation") > 0
 
 
+def test_emulated_roundings_under_vmap_are_checked() -> None:
+    # the quantize observer checks a rounding's overflow and underflow with reads of counts,
+    # which vmap refuses: it checks the values under the wrapper, every sample at once
+    from torch.func import vmap
+
+    rows = torch.tensor([[1e5, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    with sanitize() as report, mixprec.autocast("fp16", emulate=True):
+        vmap(lambda r: F.linear(r, torch.eye(4)) * 1.0)(rows)
+    assert ("overflow", "mixprec.quantize") in [(f.kind, f.op) for f in report.findings]
+    assert report.stats["internal_errors"] == {}
+
+
 def test_forward_mode_ad_is_checked_without_internal_errors() -> None:
     # forward-mode AD runs torch's reference decompositions on meta tensors (shape checks):
     # nothing to shadow there, and no internal error (there were two per linear)

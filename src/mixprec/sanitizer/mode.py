@@ -287,9 +287,18 @@ class ShadowMode(TorchDispatchMode):
 
     # -- cooperation with non-aten rounding (mixprec.quantize) ---------------------------------
     def _observe_rounding(self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat) -> None:
-        """mixprec.quantize's observer: dst holds src rounded to fmt (e.g. emulated autocast)."""
-        if not self.measurer.rounding:  # not our own rounding of shadows
-            self.note_rounding(src, dst, fmt, "mixprec.quantize")
+        """mixprec.quantize's observer: dst holds src rounded to fmt (e.g. emulated autocast).
+        Under torch.func (vmap), the values under the wrappers, all samples at once, checked
+        outside the transform (it refuses the checks' reads of counts)."""
+        if self.measurer.rounding:  # our own rounding of shadows
+            return
+        if is_functorch_wrapped(src) or is_functorch_wrapped(dst):
+            with torch._C._DisableFuncTorch():
+                self.note_rounding(
+                    unwrap_functorch(src), unwrap_functorch(dst), fmt, "mixprec.quantize"
+                )
+            return
+        self.note_rounding(src, dst, fmt, "mixprec.quantize")
 
     def note_rounding(
         self, src: torch.Tensor, dst: torch.Tensor, fmt: FloatFormat, op: str
