@@ -21,7 +21,13 @@ DOTTED = re.compile(r"\bmixprec(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 # subpackages in layer order: a package may import those before it, never those after it
 LAYERS = ["formats", "quantization", "precision", "amp", "integrations", "demo", "cli"]
 BESIDE = {"sanitizer": "precision", "stable": "precision"}  # same rank as precision
-ALWAYS_OK = {"machine", "schema", "testing", "trees"}  # bottom-layer utilities and test helpers
+ALWAYS_OK = {
+    "frames",
+    "machine",
+    "schema",
+    "testing",
+    "trees",
+}  # bottom-layer utilities and test helpers
 
 
 def _resolve(dotted: str) -> object:

@@ -121,9 +121,8 @@ def _direct_grads(st: AmpOptimizerState, direct: list[torch.Tensor]) -> list[tor
         if g is None:
             continue
         if g.is_sparse:
-            g = g.coalesce()
-            p.grad = g
-            g = g._values()
+            p.grad = g = g.coalesce()
+            g = _to_unscale(g)
         if cfg.emulate and cfg.opt_level == "O3" and id(p) in st.handle.lowered:
             round_(g, cfg.compute)  # the gradient is stored in compute, like the weight
         grads.append(g)
@@ -302,7 +301,6 @@ def scale_loss(
         return
     for st in states:
         st.delayed = False
-    for st in states:
         _unscale_new(st, scaler)
     flags = scaler.read_found_infs([st.optimizer for st in states])
     for st, found in zip(states, flags, strict=True):

@@ -38,6 +38,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.overrides import TorchFunctionMode
 
 from mixprec.formats.float_format import FloatFormat
+from mixprec.frames import is_internal
 from mixprec.precision._tracing import trace_cache
 from mixprec.precision.accumulate import Accumulate, AccumulateLike
 from mixprec.precision.emulated import EmulatedExecutor, mirrored_tags, round_output, tags_mirrored
@@ -175,8 +176,10 @@ def _dispatch(
     executor: Executor, func: Callable[..., Any], name: str, args: tuple, kwargs: dict
 ) -> Any:
     # saved-tensor hooks on top (rare): a checkpoint's forward? (a traced graph has none)
-    if not torch.compiler.is_compiling() and _top_saved_tensors_hooks(False) is not None:
-        _check_checkpoint()
+    if not torch.compiler.is_compiling():
+        hooks = _top_saved_tensors_hooks(False)
+        if hooks is not None:
+            _check_checkpoint(hooks)
     if kwargs.get("out") is not None:
         return _into_out(executor, func, name, args, kwargs)
     return executor.handle(func, name, args, kwargs)
@@ -273,16 +276,12 @@ _CHECKPOINT_ADVICE = (
 )
 
 
-def _check_checkpoint() -> None:
+def _check_checkpoint(hooks: tuple[Any, Any]) -> None:
     """Warn when an op of a region runs in the forward of a non-reentrant checkpoint made
-    without :func:`checkpoint_context` (torch's saved-tensor hooks are on top; ours mirror
-    tags). Cost: one C call per op (~0.2 us)."""
-    hooks = _top_saved_tensors_hooks(False)
-    if (
-        hooks is not None
-        and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
-        and not tags_mirrored()
-    ):
+    without :func:`checkpoint_context`: ``hooks``, the saved-tensor hooks on top (read by
+    :func:`_dispatch`, one C call per op), are torch's checkpoint's, and ours do not mirror
+    tags."""
+    if getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint" and not tags_mirrored():
         _warn_checkpoint(" without context_fn=mixprec.checkpoint_context")
 
 
@@ -306,14 +305,11 @@ def _warn_checkpoint(how: str) -> None:
     )
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
 def _user_level() -> int:
     """The ``stacklevel`` of the innermost caller outside torch and mixprec (the user's line
     that called the checkpoint), for :func:`warnings.warn` called by our caller."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _PACKAGE_DIR)):
+    while frame is not None and is_internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
 

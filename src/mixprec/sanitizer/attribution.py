@@ -3,47 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 import weakref
 from collections.abc import Callable
-from types import CodeType
 from typing import Any
 
 import torch
 
-# frames in these directories are not the user's: torch's and all of mixprec's (not only the
-# sanitizer's: a rounding reported from mixprec.quantize belongs to the line that called it)
-_MIXPREC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, _MIXPREC_DIR + os.sep)
-#: source file name -> not the user's? Keyed by the name, whose hash Python caches, not by the
-#: code object, whose hash is recomputed from its bytecode and constants on every lookup
-#: (0.1-0.4 us for a model's forward, ~10 frames an op).
-_file_internal: dict[str, bool] = {}
-
-Where = tuple[CodeType, int]
-
-
-def _is_internal(filename: str) -> bool:
-    v = _file_internal.get(filename)
-    if v is None:
-        v = filename.startswith(_INTERNAL_DIRS) or filename.startswith("<frozen")
-        _file_internal[filename] = v
-    return v
-
-
-def user_frame() -> Where | None:
-    """(code, line) of the innermost stack frame outside torch and mixprec. Cost: a few µs."""
-    f = sys._getframe(1)
-    known = _file_internal.get  # the cache inline: a call less per frame (~10 frames an op)
-    while f is not None:
-        code = f.f_code
-        internal = known(code.co_filename)
-        if internal is None:
-            internal = _is_internal(code.co_filename)
-        if not internal:
-            return code, f.f_lineno
-        f = f.f_back
-    return None
+from mixprec.frames import Where
 
 
 def format_location(where: Where | None) -> tuple[str | None, str | None]:

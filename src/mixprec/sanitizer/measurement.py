@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from mixprec.formats import FloatFormat
+from mixprec.frames import user_frame
 from mixprec.quantization import quantize
-from mixprec.sanitizer.attribution import user_frame
 from mixprec.sanitizer.findings import CAUSE_KINDS, FindingLog, Hit, Site, Stats
 from mixprec.sanitizer.ops import OpInfo, RealCall
 from mixprec.sanitizer.passes import Passes, pick

@@ -28,8 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils.hooks import RemovableHandle
 
 from mixprec.formats import FloatFormat, get_format
+from mixprec.frames import user_frame
 from mixprec.quantization import register_rounding_observer
-from mixprec.sanitizer.attribution import ModuleTracker, user_frame
+from mixprec.sanitizer.attribution import ModuleTracker
 from mixprec.sanitizer.findings import Finding, FindingLog, Site, Stats
 from mixprec.sanitizer.gradients import GradCollector
 from mixprec.sanitizer.measurement import Measurer, ShadowedCall
