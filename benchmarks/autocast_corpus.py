@@ -8,10 +8,12 @@ per op dominates; the larger batches show the arithmetic taking over, as in real
 benchmarks/overhead_sweep.py follows bf16 over the whole range). Step = forward, the entry's loss,
 backward (no optimizer: it is the same in every mode). Modes: fp32; ``mixprec.autocast(fmt,
 emulate=True)`` for bf16, fp16, e4m3 (the default fp8 recipe: per-tensor current scaling, e5m2...
-gradients as the policy says) and mxfp8_e4m3. Time: minimum process CPU time over ``--steps``
-interleaved rounds after a warm-up round, at 1 and 2 torch threads (CPU time, not wall-clock: the
-machine is shared, and a preempted step's CPU time does not grow; ``OMP_WAIT_POLICY=PASSIVE`` unless
-set, so that waiting threads do not count).
+gradients as the policy says) and mxfp8_e4m3; and "function mode only", a pass-through
+``TorchFunctionMode`` (every call forwarded unchanged): the floor any function-level emulation
+starts from, since the region sees each op as a Python call. Time: minimum process CPU time over
+``--steps`` interleaved rounds after a warm-up round, at 1 and 2 torch threads (CPU time, not
+wall-clock: the machine is shared, and a preempted step's CPU time does not grow;
+``OMP_WAIT_POLICY=PASSIVE`` unless set, so that waiting threads do not count).
 
 ``--compile``: instead, the same step of each model under ``torch.compile(fullgraph=True)``
 (fp32, emulated bf16, e4m3 and mxfp8_e4m3 with the region entered inside the compiled function,
@@ -46,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import mixprec
 from _common import publish
@@ -53,8 +56,17 @@ from mixprec.testing import corpus
 
 Ctx = Callable[[], contextlib.AbstractContextManager[Any]]
 
+
+class FunctionModeOnly(TorchFunctionMode):
+    """Forwards every call unchanged: the cost of a Python function mode alone."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 MODES: dict[str, Ctx] = {
     "fp32": contextlib.nullcontext,
+    "function mode only": FunctionModeOnly,
     "bf16": lambda: mixprec.autocast("bf16", emulate=True),
     "fp16": lambda: mixprec.autocast("fp16", emulate=True),
     "e4m3": lambda: mixprec.autocast("e4m3", emulate=True),
@@ -305,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         "after a warm-up round; step = forward, loss, backward. Modes: "
         "`mixprec.autocast(fmt, emulate=True)`; e4m3 = the default fp8 recipe (per-tensor "
         "current scaling); mxfp8 = mxfp8_e4m3 (32-element blocks along each GEMM's reduction "
-        "axis). Targets (issue 15): <= 1.3x for bf16, fp16, e4m3; <= 1.5x for MX formats. The "
-        "machine is shared: expect noise.",
+        "axis); function mode only = a pass-through TorchFunctionMode, the floor of a "
+        "function-level emulation. Targets (issue 15): <= 1.3x for bf16, fp16, e4m3; "
+        "<= 1.5x for MX formats. The machine is shared: expect noise.",
     ]
     publish("autocast_corpus", title, header, rows, *notes)
     return 0

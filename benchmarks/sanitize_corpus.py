@@ -8,7 +8,12 @@ Python, not by arithmetic). Step = forward, the entry's loss, backward. Time: mi
 time over ``--steps`` interleaved rounds after a warm-up step, one torch thread (CPU time, not
 wall-clock: the machine is shared, and a preempted step's CPU time does not grow). "dispatch only":
 the same step under a pass-through ``TorchDispatchMode`` (every op forwarded unchanged), the floor
-any dispatch-based checker starts from. Memory: one step per (model, mode) in a fresh subprocess
+any dispatch-based checker starts from. "bare shadow": the shadow mechanism alone, in its
+simplest form (``BareShadow``: every non-view op with a float32 argument run again on float64
+shadows, compared with the sanitizer's C pass, its shadow kept), none of the sanitizer's
+features (findings, attribution, in-place and view bookkeeping, gradient hooks) and none of its
+savings (copies sharing their source's shadow, its own float64 convolutions): the cost of the
+design, not a strict lower bound. Memory: one step per (model, mode) in a fresh subprocess
 after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step (MiB; plain steps
 reuse their allocator's blocks, so their growth is near 0 and no ratio is given).
 
@@ -35,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import publish
 from mixprec.sanitizer import sanitize
+from mixprec.sanitizer.passes import pick
 from mixprec.testing import corpus
 
 
@@ -65,6 +71,58 @@ class PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class BareShadow(TorchDispatchMode):
+    """The float64 shadow mechanism in its simplest form, and nothing else: skip view ops and
+    ops without a float32 argument; look up each float32 input's shadow by its storage (a view
+    of it, as the input views the storage; an upcast copy where none); run the op in float64;
+    compare the result with its shadow (the sanitizer's C pass); keep the shadow of a result
+    that covers its storage. Not a checker (no findings, no in-place or view bookkeeping, no
+    gradient hooks): what the design costs before its features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shadows: dict[int, torch.Tensor] = {}
+        self.views: dict[Any, bool] = {}
+
+    def _shadow(self, a: torch.Tensor) -> torch.Tensor:
+        st = a.untyped_storage()
+        s = self.shadows.get(st._cdata)
+        if s is None or 2 * st.nbytes() != s.untyped_storage().nbytes():
+            return a.to(torch.float64)
+        # stored shadows are laid out like their storage: a view's shadow is the same view
+        return s.as_strided(a.shape, a.stride(), a.storage_offset())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        view = self.views.get(func)
+        if view is None:
+            view = self.views[func] = func.is_view or func is torch.ops.aten.detach.default
+        if view:
+            return func(*args, **kwargs)
+        floats = [type(a) is torch.Tensor and a.dtype == torch.float32 for a in args]
+        if not any(floats):  # integer ops, factories: nothing to shadow
+            return func(*args, **kwargs)
+        sargs = [self._shadow(a) if f else a for a, f in zip(args, floats, strict=True)]
+        out = func(*args, **kwargs)
+        try:
+            sout = func(*sargs, **kwargs)
+        except Exception:  # no float64 kernel, or a list argument: unshadowed
+            return out
+        if (
+            type(out) is torch.Tensor
+            and out.dtype == torch.float32
+            and type(sout) is torch.Tensor
+            and sout.dtype == torch.float64
+            and sout.shape == out.shape
+            and out.numel()
+        ):
+            pick(out, sout).max_pass()
+            st = out.untyped_storage()
+            if out.is_contiguous() and 4 * out.numel() == st.nbytes():  # covers its storage
+                self.shadows[st._cdata] = sout.contiguous()
+        return out
+
+
 def _mode(sanitized: bool) -> contextlib.AbstractContextManager[Any]:
     return sanitize() if sanitized else contextlib.nullcontext()
 
@@ -73,6 +131,7 @@ _MODES: dict[str, Any] = {
     "plain": contextlib.nullcontext,
     "float64": contextlib.nullcontext,  # the same step with a float64 model
     "dispatch": PassThrough,
+    "bare": BareShadow,
     "sanitize": sanitize,
 }
 
@@ -134,6 +193,7 @@ def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
         f"{1e3 * san:.1f}",
         f"{san / plain:.1f}",
         f"{t['dispatch'] / plain:.1f}",
+        f"{t['bare'] / plain:.1f}",
         f"{t['float64'] / plain:.1f}",
     ]
     if memory:
@@ -162,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in corpus.available()
     ]
     header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain", "dispatch only ÷ plain"]
+    header.append("bare shadow ÷ plain")
     header.append("float64 step ÷ plain")
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
@@ -170,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     note = (
         f"CPU time, minimum of {args.steps} interleaved rounds after a warm-up, 1 torch thread; "
         "dispatch only: a pass-through TorchDispatchMode (the floor of any dispatch-based "
-        "checker); float64 step: the same step with the model in float64, the arithmetic a "
-        "float64 shadow of every op repeats (so 1 + that ratio, times the dispatch cost, is "
-        "the floor of shadow execution); memory "
+        "checker); bare shadow: a mode that only runs every non-view op with a float32 argument "
+        "again on float64 shadows, compares and keeps them (BareShadow: the shadow mechanism "
+        "alone, without the sanitizer's features or savings); float64 step: the same step "
+        "with the model in float64, the arithmetic a float64 shadow of every op repeats (so 1 "
+        "+ that ratio, times the dispatch cost, is the floor of shadow execution); memory "
         "from one step per (model, mode) in a fresh process after a warm-up step. Target "
         "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )
