@@ -99,7 +99,7 @@ class BareShadow(TorchDispatchMode):
             view = self.views[func] = func.is_view or func is torch.ops.aten.detach.default
         if view:
             return func(*args, **kwargs)
-        floats = [type(a) is torch.Tensor and a.dtype == torch.float32 for a in args]
+        floats = [isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args]
         if not any(floats):  # integer ops, factories: nothing to shadow
             return func(*args, **kwargs)
         sargs = [self._shadow(a) if f else a for a, f in zip(args, floats, strict=True)]
