@@ -13,9 +13,11 @@ simplest form (``BareShadow``: every non-view op with a float32 argument run aga
 shadows, compared with the sanitizer's C pass, its shadow kept), none of the sanitizer's
 features (findings, attribution, in-place and view bookkeeping, gradient hooks) and none of its
 savings (copies sharing their source's shadow, its own float64 convolutions): the cost of the
-design, not a strict lower bound. Memory: one step per (model, mode) in a fresh subprocess
-after a warm-up step in the same mode, peak RSS (VmHWM) minus RSS before the step (MiB; plain steps
-reuse their allocator's blocks, so their growth is near 0 and no ratio is given).
+design, not a strict lower bound. "forward only": ``sanitize(track_grads=False)``, the sanitizer
+with the backward pass run unchecked (no gradient shadows, no histograms). Memory: one step per
+(model, mode) in a fresh subprocess after a warm-up step in the same mode, peak RSS (VmHWM) minus
+RSS before the step (MiB; plain steps reuse their allocator's blocks, so their growth is near 0
+and no ratio is given).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sanitize_corpus.py [--steps N]
 [--repeat N ...] [--no-memory]`` (writes benchmarks/results/sanitize_corpus.md). Targets
@@ -133,6 +135,7 @@ _MODES: dict[str, Any] = {
     "dispatch": PassThrough,
     "bare": BareShadow,
     "sanitize": sanitize,
+    "forward": lambda: sanitize(track_grads=False),
 }
 
 
@@ -195,6 +198,7 @@ def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
         f"{t['dispatch'] / plain:.1f}",
         f"{t['bare'] / plain:.1f}",
         f"{t['float64'] / plain:.1f}",
+        f"{t['forward'] / plain:.1f}",
     ]
     if memory:
         mp, ms = _memory(name, repeat, False), _memory(name, repeat, True)
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["model", "batch", "plain (ms)", "sanitize (ms)", "÷ plain", "dispatch only ÷ plain"]
     header.append("bare shadow ÷ plain")
     header.append("float64 step ÷ plain")
+    header.append("forward only ÷ plain")
     if not args.no_memory:
         header.append("step RSS growth MiB, plain / sanitize")
     header.append("ops / shadowed / slow path / findings")
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "again on float64 shadows, compares and keeps them (BareShadow: the shadow mechanism "
         "alone, without the sanitizer's features or savings); float64 step: the same step "
         "with the model in float64, the arithmetic a float64 shadow of every op repeats (so 1 "
-        "+ that ratio, times the dispatch cost, is the floor of shadow execution); memory "
+        "+ that ratio, times the dispatch cost, is the floor of shadow execution); forward only: "
+        "sanitize(track_grads=False), the backward run unchecked; memory "
         "from one step per (model, mode) in a fresh process after a warm-up step. Target "
         "(issue 13): <= 3x, never above 5x. The machine is shared: expect noise."
     )
