@@ -13,8 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     "quantize", "quantize_isa", "quantize_mx", "autocast", "autocast_corpus", "autocast_compile",
-    "autocast_drift", "overhead_sweep", "amp", "sanitize", "sanitize_corpus", "ulp",
-    "stable_speed", "stabilize",
+    "autocast_drift", "overhead_sweep", "amp", "sanitize", "sanitize_corpus",
+    "sanitize_cxx_floor", "ulp", "stable_speed", "stabilize",
 ]  # fmt: skip
 
 INTRO = """# Benchmarks
@@ -35,6 +35,7 @@ tables were measured at different times. Regenerate a table with its script, the
 | `benchmarks/amp.py` | O0–O3 step times and the loss scaler's overhead |
 | `benchmarks/sanitize.py` | a training step under the float64 shadow sanitizer ÷ plain step |
 | `benchmarks/sanitize_corpus.py` | the same on the real-model corpus (HF models, nanoGPT) |
+| `benchmarks/sanitize_cxx_floor.py` | experiment: dispatch and bare shadow in C++ vs Python |
 | `benchmarks/ulp_audit.py` | ULP errors of the stable functions vs mpmath, and their speed |
 | `benchmarks/stabilize.py` | stabilize: capture + rewrite time on the real-model corpus |
 """
