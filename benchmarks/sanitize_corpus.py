@@ -165,17 +165,21 @@ def _memory(name: str, repeat: int, sanitized: bool) -> float:
     return (d["peak"] - d["before"]) / 1024
 
 
-def _times(name: str, repeat: int, steps: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """(CPU seconds per mode, the sanitized run's stats and finding count)."""
+def times(
+    name: str, repeat: int, steps: int, modes: dict[str, Any] = _MODES
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(CPU seconds per mode, the sanitized run's stats and finding count): one runner per mode
+    (mode "float64": the model in float64), the modes interleaved in each round, the minimum
+    of ``steps`` rounds after a warm-up one."""
     runs = {
         mode: Runner(name, repeat, torch.float64 if mode == "float64" else torch.float32)
-        for mode in _MODES
+        for mode in modes
     }
-    best = dict.fromkeys(_MODES, float("inf"))
+    best = dict.fromkeys(modes, float("inf"))
     info: dict[str, Any] = {}
     for i in range(steps + 1):  # round 0 warms up
         for mode, r in runs.items():
-            with _MODES[mode]() as report:
+            with modes[mode]() as report:
                 t0 = time.process_time()
                 r.step()
                 dt = time.process_time() - t0
@@ -187,7 +191,7 @@ def _times(name: str, repeat: int, steps: int) -> tuple[dict[str, float], dict[s
 
 
 def _row(name: str, repeat: int, steps: int, memory: bool) -> list[str]:
-    t, info = _times(name, repeat, steps)
+    t, info = times(name, repeat, steps)
     plain, san = t["plain"], t["sanitize"]
     row = [
         name,

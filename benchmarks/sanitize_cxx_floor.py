@@ -33,7 +33,7 @@ import torch
 from _common import publish
 from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
-from sanitize_corpus import BareShadow, PassThrough, Runner
+from sanitize_corpus import BareShadow, PassThrough, times
 
 SOURCE = Path(__file__).resolve().parent / "cxx" / "shadow_floor.cpp"
 
@@ -72,16 +72,7 @@ def _modes(ext: Any) -> dict[str, Callable[[], Any]]:
 
 
 def _row(name: str, repeat: int, steps: int, modes: dict[str, Callable[[], Any]]) -> list[str]:
-    runs = {mode: Runner(name, repeat) for mode in modes}
-    best = dict.fromkeys(modes, float("inf"))
-    for i in range(steps + 1):  # round 0 warms up
-        for mode, r in runs.items():
-            with modes[mode]():
-                t0 = time.process_time()
-                r.step()
-                dt = time.process_time() - t0
-            if i:
-                best[mode] = min(best[mode], dt)
+    best, _ = times(name, repeat, steps, modes)
     plain = best["plain"]
     ratios = [f"{best[m] / plain:.2f}" for m in modes if m != "plain"]
     return [name, corpus.get(name).batch(repeat), f"{1e3 * plain:.1f}", *ratios]
