@@ -77,17 +77,21 @@ MODES: dict[str, Ctx] = {
 class Runner:
     """One corpus model in one mode, its example batch repeated ``repeat`` times."""
 
-    def __init__(self, name: str, repeat: int, ctx: Ctx) -> None:
+    def __init__(
+        self, name: str, repeat: int, ctx: Ctx, backward_ctx: Ctx = contextlib.nullcontext
+    ) -> None:
         self.entry = corpus.get(name)
         self.model, self.args, self.kwargs = self.entry.example(0, repeat)
-        self.ctx = ctx
+        self.ctx = ctx  # around the forward and the loss
+        self.backward_ctx = backward_ctx  # around the backward (regions round it by hooks)
         self.best = float("inf")
         self.first_loss = float("nan")
 
     def step(self) -> float:
         with self.ctx():
             loss = self.entry.loss(self.model, self.args, self.kwargs)
-        loss.backward()
+        with self.backward_ctx():
+            loss.backward()
         self.model.zero_grad(set_to_none=True)
         return float(loss.detach())
 
@@ -99,14 +103,19 @@ class Runner:
             self.first_loss = loss
 
 
-def _times(name: str, repeat: int, steps: int) -> dict[str, Runner]:
-    runs = {mode: Runner(name, repeat, ctx) for mode, ctx in MODES.items()}
+def interleave(runs: dict[str, Runner], steps: int) -> dict[str, Runner]:
+    """Time ``runs`` (a warm-up step each, then ``steps`` rounds, one step of each run per
+    round, so every mode sees the same machine load); returns them, their ``best`` set."""
     for run in runs.values():
         run.step()  # warm-up: oneDNN primitives, lazy imports, caches
-    for _ in range(steps):  # interleaved: every mode sees the same machine load
+    for _ in range(steps):
         for run in runs.values():
             run.timed_step()
     return runs
+
+
+def _times(name: str, repeat: int, steps: int) -> dict[str, Runner]:
+    return interleave({mode: Runner(name, repeat, ctx) for mode, ctx in MODES.items()}, steps)
 
 
 def _row(name: str, repeat: int, steps: int, threads: int) -> list[str]:

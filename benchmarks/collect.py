@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     "quantize", "quantize_isa", "quantize_mx", "autocast", "autocast_corpus", "autocast_compile",
-    "autocast_drift", "overhead_sweep", "amp", "sanitize", "sanitize_corpus",
+    "autocast_drift", "autocast_cxx_floor", "overhead_sweep", "amp", "sanitize", "sanitize_corpus",
     "sanitize_cxx_floor", "ulp", "stable_speed", "stabilize",
 ]  # fmt: skip
 
@@ -31,6 +31,7 @@ tables were measured at different times. Regenerate a table with its script, the
 | `benchmarks/quantize.py --mx-only` | MX rounding (fused C kernel, torch path) ÷ clone |
 | `benchmarks/autocast.py` | transformer training step: fp32, emulated, torch.autocast |
 | `benchmarks/autocast_corpus.py` | emulated ÷ fp32 step on the corpus; `--compile`, `--drift` |
+| `benchmarks/autocast_cxx_floor.py` | experiment: bf16 rounding as a C++ fallback vs Python |
 | `benchmarks/overhead_sweep.py` | emulated bf16 and sanitize() ÷ fp32 against step size (plot) |
 | `benchmarks/amp.py` | O0–O3 step times and the loss scaler's overhead |
 | `benchmarks/sanitize.py` | a training step under the float64 shadow sanitizer ÷ plain step |

@@ -1,6 +1,6 @@
 """Benchmark: what the sanitizer's floor would be with its per-op path in C++ (an experiment).
 
-``benchmarks/cxx/shadow_floor.cpp`` is the benchmark's ``BareShadow`` (see
+``benchmarks/cxx/floors.cpp`` (mode SHADOW) is the benchmark's ``BareShadow`` (see
 ``sanitize_corpus.py``: every non-view op with a float32 argument run again on float64 shadows
 looked up by storage, compared, its shadow kept) written as a C++ dispatcher fallback. This
 script compiles it against the installed torch (``torch.utils.cpp_extension``: a C++ compiler
@@ -35,7 +35,7 @@ from mixprec.sanitizer import sanitize
 from mixprec.testing import corpus
 from sanitize_corpus import BareShadow, PassThrough, times
 
-SOURCE = Path(__file__).resolve().parent / "cxx" / "shadow_floor.cpp"
+SOURCE = Path(__file__).resolve().parent / "cxx" / "floors.cpp"
 
 
 def load_extension() -> Any:
@@ -45,28 +45,53 @@ def load_extension() -> Any:
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         raise SystemExit("sanitize_cxx_floor needs a C++ compiler and ninja on PATH")
     flags = ["-O3", "-ffast-math"] + (["-march=native"] if sys.platform == "linux" else [])
-    return cpp_extension.load("mixprec_shadow_floor", [str(SOURCE)], extra_cflags=flags)
+    return cpp_extension.load("mixprec_cxx_floors", [str(SOURCE)], extra_cflags=flags)
 
 
-def _cxx(ext: Any, shadow: bool) -> Callable[[], contextlib.AbstractContextManager[None]]:
+def start(doc: str | None, argv: list[str] | None) -> tuple[argparse.Namespace, Any, float]:
+    """The C++ floor benchmarks' start: their command line (``--steps``, ``--repeat``), one
+    torch thread, the extension, and the seconds its loading took."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--steps", type=int, default=7, help="timed rounds (minimum is reported)")
+    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    ext = load_extension()
+    return args, ext, time.time() - t0
+
+
+def experiment_note(built: float, issue: int) -> str:
+    """The closing sentences of a C++ floor table's note."""
+    return (
+        f"Loading the extension took {built:.0f} s (a first build compiles it, about a "
+        "minute). An experiment, not part of mixprec: it measures what moving the per-op "
+        f"path out of Python would buy (issue {issue}). The machine is shared: expect noise."
+    )
+
+
+def cxx_mode(ext: Any, mode: int) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context manager factory: ``ext``'s fallback in ``mode`` (ext.PASS, ext.SHADOW,
+    ext.ROUND_BF16) for the ops of this thread inside it."""
+
     @contextlib.contextmanager
-    def mode() -> Iterator[None]:
-        ext.enable(True, shadow)
+    def region() -> Iterator[None]:
+        ext.enable(True, mode)
         try:
             yield
         finally:
-            ext.enable(False, shadow)
+            ext.enable(False, mode)
 
-    return mode
+    return region
 
 
 def _modes(ext: Any) -> dict[str, Callable[[], Any]]:
     return {
         "plain": contextlib.nullcontext,
         "dispatch, Python": PassThrough,
-        "dispatch, C++": _cxx(ext, False),
+        "dispatch, C++": cxx_mode(ext, ext.PASS),
         "bare shadow, Python": BareShadow,
-        "bare shadow, C++": _cxx(ext, True),
+        "bare shadow, C++": cxx_mode(ext, ext.SHADOW),
         "sanitize": sanitize,
     }
 
@@ -79,14 +104,7 @@ def _row(name: str, repeat: int, steps: int, modes: dict[str, Callable[[], Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=7, help="timed rounds (minimum is reported)")
-    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    t0 = time.time()
-    ext = load_extension()
-    built = time.time() - t0
+    args, ext, built = start(__doc__, argv)
     modes = _modes(ext)
     rows = [_row(n, k, args.steps, modes) for k in args.repeat for n in corpus.available()]
     header = ["model", "batch", "plain (ms)", *(f"{m} ÷ plain" for m in modes if m != "plain")]
@@ -96,11 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "C++ fallback; bare shadow: every non-view op with a float32 argument run again on "
         "float64 shadows looked up by storage, compared with its result and kept, by "
         "sanitize_corpus.py's BareShadow (Python, comparing in the sanitizer's C pass) or by "
-        "benchmarks/cxx/shadow_floor.cpp (a C++ dispatcher fallback on a borrowed dispatch "
+        "benchmarks/cxx/floors.cpp (a C++ dispatcher fallback on a borrowed dispatch "
         "key, its own vectorised comparison loop); neither has the sanitizer's features. "
-        f"Loading the extension took {built:.0f} s (a first build compiles it, about a "
-        "minute). An experiment, not part of mixprec: it measures what moving the per-op "
-        "path out of Python would buy (issue 13). The machine is shared: expect noise."
+        + experiment_note(built, 13)
     )
     title = "the sanitizer's floor with its per-op path in C++: one training step ÷ plain fp32"
     publish("sanitize_cxx_floor", title, header, rows, note)
