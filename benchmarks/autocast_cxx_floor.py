@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 from _common import publish
 from autocast_corpus import MODES, Ctx, Runner, interleave
@@ -29,7 +29,7 @@ from mixprec.testing import corpus
 from sanitize_cxx_floor import cxx_mode, experiment_note, start
 
 
-def _row(name: str, repeat: int, steps: int, ext: object) -> list[str]:
+def _row(name: str, repeat: int, steps: int, ext: Any) -> list[str]:
     forward: dict[str, Ctx] = {m: MODES[m] for m in ("fp32", "function mode only", "bf16")}
     whole = {"C++ pass": cxx_mode(ext, ext.PASS), "C++ bf16": cxx_mode(ext, ext.ROUND_BF16)}
     runs = {m: Runner(name, repeat, ctx) for m, ctx in forward.items()}

@@ -43,7 +43,7 @@ def load_extension() -> Any:
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise SystemExit("sanitize_cxx_floor needs a C++ compiler and ninja on PATH")
+        raise SystemExit("the C++ floor benchmarks need a C++ compiler and ninja on PATH")
     flags = ["-O3", "-ffast-math"] + (["-march=native"] if sys.platform == "linux" else [])
     return cpp_extension.load("mixprec_cxx_floors", [str(SOURCE)], extra_cflags=flags)
 
