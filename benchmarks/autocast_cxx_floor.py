@@ -2,12 +2,12 @@
 
 ``benchmarks/cxx/floors.cpp`` (mode ROUND_BF16) does the emulation's rounding work as a C++
 dispatcher fallback below autograd: every float32 argument not known to hold bf16 values is
-rounded out of place, every float32 result in place, gradients included (backward ops are
-ops too); no op policy, no straight-through bookkeeping. This script compiles it against the
-installed torch (as ``sanitize_cxx_floor.py`` does) and times one training step of each corpus
-model (CPU time, minimum of ``--steps`` interleaved rounds after a warm-up, one torch thread):
-fp32; a pass-through Python ``TorchFunctionMode`` (the floor of mixprec's regions); the same
-fallback forwarding every op; the C++ rounding; and ``mixprec.autocast("bf16",
+rounded out of place, every float32 result of such an op in place, gradients included (backward
+ops are ops too); no op policy, no straight-through bookkeeping. This script compiles it against
+the installed torch (as ``sanitize_cxx_floor.py`` does) and times one training step of each
+corpus model (CPU time, minimum of ``--steps`` interleaved rounds after a warm-up, one torch
+thread): fp32; a pass-through Python ``TorchFunctionMode`` (the floor of mixprec's regions); the
+same fallback forwarding every op; the C++ rounding; and ``mixprec.autocast("bf16",
 emulate=True)``. mixprec has no C++ build against torch's headers (see docs/design.md); this
 measures what one would buy.
 
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         "function mode only: a pass-through TorchFunctionMode around the forward; C++ pass: "
         "the fallback of benchmarks/cxx/floors.cpp forwarding every op of the step, backward "
         "included; C++ bf16 rounding: the same fallback rounding every float32 argument not "
-        "yet in bf16 (out of place) and every float32 result (in place), no op policy; mixprec "
-        'bf16: `mixprec.autocast("bf16", emulate=True)` around the forward (its gradient '
-        "roundings run in the backward). " + experiment_note(built, 15)
+        "yet in bf16 (out of place) and the float32 results of such ops (in place), no op "
+        'policy; mixprec bf16: `mixprec.autocast("bf16", emulate=True)` around the forward '
+        "(its gradient roundings run in the backward). " + experiment_note(built, 15)
     )
     title = "emulated bf16 with its per-op path in C++: one training step ÷ fp32"
     publish("autocast_cxx_floor", title, header, rows, note)

@@ -51,7 +51,7 @@ def load_extension() -> Any:
 def start(doc: str | None, argv: list[str] | None) -> tuple[argparse.Namespace, Any, float]:
     """The C++ floor benchmarks' start: their command line (``--steps``, ``--repeat``), one
     torch thread, the extension, and the seconds its loading took."""
-    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap = argparse.ArgumentParser(description=(doc or "").partition("\n")[0])
     ap.add_argument("--steps", type=int, default=7, help="timed rounds (minimum is reported)")
     ap.add_argument("--repeat", type=int, nargs="+", default=[1, 16], help="batch repeats")
     args = ap.parse_args(argv)

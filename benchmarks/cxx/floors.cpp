@@ -22,7 +22,8 @@
 // * kRoundBf16: the emulation's rounding work, bf16: every float32 argument not known to hold
 //   bf16 values is rounded out of place (one pass), the op runs on the rounded arguments, and
 //   every float32 result is rounded in place (one pass) and known from then on to hold bf16
-//   values (by storage). Backward ops are ops too, so gradients are rounded where produced.
+//   values (by storage). Ops without a float32 argument (factories) pass through, their
+//   results rounded where they are first used. Backward ops are ops too, so gradients are rounded where produced.
 //   No policy (every op rounds, reductions and norms included), no straight-through
 //   bookkeeping, no formats but bf16.
 #include <torch/extension.h>
